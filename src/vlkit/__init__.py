@@ -1,0 +1,11 @@
+"""vlkit: the modern vision-language lineage built from one small set of composable parts.
+
+Public API: ``create_model``, ``list_models``, ``from_pretrained``; every model has ``save_pretrained``.
+"""
+
+from vlkit.hub import from_pretrained
+from vlkit.registry import create_model, get_config, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_model", "from_pretrained", "get_config", "list_models"]

@@ -1,0 +1,1 @@
+"""Data: synthetic ShapesWorld generation, dataset readers, and image/text processors."""

@@ -1,0 +1,127 @@
+"""The evaluation sets recipes report on: ShapesWorld zero-shot (seen and held-out colour x shape combinations)
+and retrieval, and zero-shot classification of scikit-learn's scanned digits.
+
+Sets are built once (images rendered and transformed up front) and reused at every periodic evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlkit.data import shapes
+from vlkit.eval.retrieval import RetrievalResult, retrieval_metrics
+from vlkit.eval.zero_shot import ZeroShotResult, class_embeddings, encode_images, zero_shot_classify
+from vlkit.models import DualEncoder
+from vlkit.text import Tokenizer
+
+SHAPES_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image with a {}.")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = ("a handwritten digit {}.", "the number {}.", "a scan of the digit {}.")
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class ZeroShotSet:
+    name: str
+    pixels: torch.Tensor  # (N, 3, H, W)
+    labels: torch.Tensor  # (N,)
+    class_names: list[str]
+    templates: tuple[str, ...]
+
+
+@dataclass
+class RetrievalSet:
+    pixels: torch.Tensor  # (N, 3, H, W)
+    images: list[Image.Image]
+    texts: list[str]
+    text_to_image: list[int]
+
+
+@dataclass
+class EvalSuite:
+    """Zero-shot sets keyed by metric name (``zero_shot_top1``, ...) and an optional retrieval set."""
+
+    zero_shot: dict[str, ZeroShotSet]
+    retrieval: RetrievalSet | None = None
+    batch_size: int = 256
+    last_details: dict[str, ZeroShotResult | RetrievalResult] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, model: DualEncoder, tokenizer: Tokenizer) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for key, zero_shot_set in self.zero_shot.items():
+            classes = class_embeddings(model, tokenizer, zero_shot_set.class_names, zero_shot_set.templates)
+            images = encode_images(model, zero_shot_set.pixels.split(self.batch_size))
+            result = zero_shot_classify(images, classes, zero_shot_set.labels)
+            # "zero_shot_heldout" -> zero_shot_top1_heldout: the suffix names the image set, not the metric.
+            prefix, _, suffix = key.partition("_heldout")
+            metrics[f"{prefix}_top1{'_heldout' if _ else ''}"] = result.top1
+            metrics[f"{prefix}_top5{'_heldout' if _ else ''}"] = result.top5
+            self.last_details[key] = result
+        if self.retrieval is not None:
+            device = next(model.parameters()).device
+            images = encode_images(model, self.retrieval.pixels.split(self.batch_size))
+            texts = []
+            for start in range(0, len(self.retrieval.texts), self.batch_size):
+                batch = tokenizer(self.retrieval.texts[start : start + self.batch_size])
+                ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+                texts.append(model.encode_text(ids, mask, normalize=True).float().cpu())
+            result = retrieval_metrics(images, torch.cat(texts), self.retrieval.text_to_image)
+            metrics.update(result.as_dict())
+            self.last_details["retrieval"] = result
+        return metrics
+
+
+def _stack(images: Sequence[Image.Image], transform: Transform) -> torch.Tensor:
+    return torch.stack([transform(image) for image in images])
+
+
+def shapes_suite(
+    config: shapes.ShapesConfig, transform: Transform, size: int = 400, retrieval_size: int = 500
+) -> EvalSuite:
+    """Zero-shot over all colour x shape classes on seen (``test``) and held-out (``test_heldout``) combinations,
+    and image<->text retrieval of canonical captions on multi-object ``test`` scenes."""
+    names = shapes.class_names(config)
+    sets = {}
+    for key, split in (("zero_shot", "test"), ("zero_shot_heldout", "test_heldout")):
+        samples = [shapes.single_object(config, split, index) for index in range(size)]
+        labels = [shapes.class_index(config, s.objects[0].colour, s.objects[0].shape) for s in samples]
+        sets[key] = ZeroShotSet(key, _stack([s.image for s in samples], transform), torch.tensor(labels), names,
+                                SHAPES_TEMPLATES)  # fmt: skip
+    scenes = [shapes.generate(config, "test", index) for index in range(retrieval_size)]
+    retrieval = RetrievalSet(
+        pixels=_stack([s.image for s in scenes], transform),
+        images=[s.image for s in scenes],
+        texts=[s.captions[0] for s in scenes],
+        text_to_image=list(range(len(scenes))),
+    )
+    return EvalSuite(sets, retrieval)
+
+
+def digits_images() -> tuple[list[Image.Image], np.ndarray]:
+    """scikit-learn's 1,797 scanned 8x8 handwritten digits as 8-bit grey images, and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((image * (255.0 / 16.0)).round().astype(np.uint8), mode="L") for image in digits.images]
+    return images, digits.target.astype(np.int64)
+
+
+def digits_split(split: str) -> tuple[list[Image.Image], np.ndarray]:
+    """A fixed split: every fifth image is test, the rest train."""
+    images, labels = digits_images()
+    keep = [index for index in range(len(images)) if (index % 5 == 0) == (split == "test")]
+    return [images[index] for index in keep], labels[keep]
+
+
+def digits_suite(transform: Transform) -> EvalSuite:
+    images, labels = digits_split("test")
+    zero_shot = ZeroShotSet("digits", _stack(images, transform), torch.as_tensor(labels), list(DIGIT_WORDS),
+                            DIGIT_TEMPLATES)  # fmt: skip
+    return EvalSuite({"zero_shot": zero_shot})

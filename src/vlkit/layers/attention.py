@@ -1,0 +1,103 @@
+"""Multi-head attention on ``F.scaled_dot_product_attention``.
+
+``Attention``: self-attention with one fused QKV projection, (B, N, D) -> (B, N, D), optional boolean or additive
+mask and causal flag (Vaswani et al., 2017). ``CrossAttention``: queries from one sequence, fused KV from another.
+``AttentionPool``: multi-head attention pooling with learned probe queries — the MAP head of SigLIP / big_vision
+(Zhai et al., 2023) and the pooling bridge of Molmo.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.layers.mlp import build_mlp
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, num_heads, -1).transpose(1, 2)  # (B, heads, L, head_dim)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)  # (B, L, heads * head_dim)
+
+
+class Attention(nn.Module):
+    """Self-attention with fused QKV. ``mask``: bool (True = attend) or additive float, broadcast to (B, h, N, N)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int | None = None, qkv_bias: bool = True, proj_bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return self.proj(_merge_heads(out))
+
+
+class CrossAttention(nn.Module):
+    """Queries (B, M, D_q) attend to a context (B, N, D_kv); output (B, M, D_q)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        inner = self.num_heads * self.head_dim
+        self.q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = context.shape
+        q = _split_heads(self.q(x), self.num_heads)  # (B, heads, M, head_dim)
+        kv = self.kv(context).view(batch, length, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(_merge_heads(out))
+
+
+class AttentionPool(nn.Module):
+    """MAP head: ``num_queries`` learned probes cross-attend to the tokens, then a residual MLP.
+
+    (B, N, D) -> (B, num_queries, D). SigLIP uses one probe and takes its output as the pooled embedding.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        num_queries: int = 1,
+        act: str = "gelu_tanh",
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, num_queries, dim))
+        nn.init.trunc_normal_(self.probe, std=0.02)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = build_mlp(dim, mlp_dim, act)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (B, M, D)
+        pooled = self.attn(probe, x, mask=mask)
+        return pooled + self.mlp(self.norm(pooled))

@@ -1,0 +1,65 @@
+"""Feed-forward blocks: two-layer MLP (GELU, tanh-GELU, QuickGELU, ReLU) and SwiGLU (Shazeer, 2020).
+
+(B, N, D) -> (B, N, D).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "swiglu"]
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (its weights expect it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class Mlp(nn.Module):
+    def __init__(
+        self, dim: int, mlp_dim: int, act: str = "gelu", bias: bool = True, out_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, mlp_dim, bias=bias)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(mlp_dim, out_dim or dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), then W_down. Gate and up projections are fused into one matmul."""
+
+    def __init__(self, dim: int, mlp_dim: int, bias: bool = False, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * mlp_dim, bias=bias)
+        self.down = nn.Linear(mlp_dim, out_dim or dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def build_mlp(dim: int, mlp_dim: int, act: str, bias: bool = True) -> nn.Module:
+    return SwiGLU(dim, mlp_dim, bias=bias) if act == "swiglu" else Mlp(dim, mlp_dim, act, bias=bias)

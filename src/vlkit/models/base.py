@@ -1,0 +1,77 @@
+"""Saving and loading for every vlkit model: a directory with ``config.json`` + ``model.safetensors``
+(+ ``tokenizer.json``). Each model class names its config class; the config's ``kind`` picks the class on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlkit.config import config_from_dict
+
+MODEL_CLASSES: dict[str, type[PretrainedModel]] = {}
+FORMAT_VERSION = 1
+
+
+class PretrainedModel(nn.Module):
+    config_class: ClassVar[type]
+    config: Any
+    tokenizer: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            MODEL_CLASSES[cls.config_class.kind] = cls
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config = {"vlkit_format": FORMAT_VERSION, **self.config.to_dict()}
+        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        if self.tokenizer is not None:
+            _atomic_write(path / "tokenizer.json", self.tokenizer.save)
+        return path
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_model(config: Any) -> PretrainedModel:
+    if config.kind not in MODEL_CLASSES:
+        raise ValueError(f"no model class for config kind {config.kind!r}")
+    return MODEL_CLASSES[config.kind](config)
+
+
+def load_vlkit_directory(path: Path) -> PretrainedModel:
+    data = json.loads((path / "config.json").read_text())
+    data.pop("vlkit_format", None)
+    config = config_from_dict(object, data)
+    model = build_model(config)
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.exists() and hasattr(config, "text"):
+        from vlkit.text import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=config.text.max_seq_len)
+    return model

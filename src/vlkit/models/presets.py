@@ -1,0 +1,182 @@
+"""Named presets: the exact public architectures, tiny ``test_*`` models, and the small ShapesWorld models.
+
+Real-size presets mirror the published configs of their checkpoints (parameter names aside, shapes and counts
+match: see tests/test_presets.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from vlkit.encoders import ConvNeXtConfig, ViTConfig
+from vlkit.models.classifier import ImageClassifierConfig
+from vlkit.models.dual_encoder import DualEncoderConfig
+from vlkit.registry import register_preset
+from vlkit.text import TextConfig
+
+# --- CLIP (Radford et al., 2021): OpenAI's towers use QuickGELU, no patch bias, ln_pre, and a norm on the pooled
+# class token only; the text tower is causal and pooled at the end-of-text token (legacy argmax of the ids).
+
+
+def _clip_vision(patch_size: int, dim: int, depth: int, num_heads: int, image_size: int = 224) -> ViTConfig:
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        dim=dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=4 * dim,
+        act="quick_gelu",
+        norm_eps=1e-5,
+        patch_bias=False,
+        pre_norm=True,
+        final_norm="pooled",
+        pool="cls",
+    )
+
+
+def _clip_text(dim: int, depth: int, num_heads: int) -> TextConfig:
+    return TextConfig(
+        vocab_size=49408, max_seq_len=77, dim=dim, depth=depth, num_heads=num_heads, mlp_dim=4 * dim,
+        act="quick_gelu", norm_eps=1e-5, causal=True, pool="argmax", eos_token_id=49407, pad_token_id=49407,
+    )  # fmt: skip
+
+
+def _clip(vision: ViTConfig, text: TextConfig, embed_dim: int) -> DualEncoderConfig:
+    return DualEncoderConfig(vision=vision, text=text, embed_dim=embed_dim, logit_scale_init=math.log(1 / 0.07))
+
+
+@register_preset
+def clip_vit_base_patch32() -> DualEncoderConfig:
+    return _clip(_clip_vision(32, 768, 12, 12), _clip_text(512, 12, 8), 512)
+
+
+@register_preset
+def clip_vit_base_patch16() -> DualEncoderConfig:
+    return _clip(_clip_vision(16, 768, 12, 12), _clip_text(512, 12, 8), 512)
+
+
+@register_preset
+def clip_vit_large_patch14() -> DualEncoderConfig:
+    return _clip(_clip_vision(14, 1024, 24, 16), _clip_text(768, 12, 12), 768)
+
+
+@register_preset
+def clip_vit_large_patch14_336() -> DualEncoderConfig:
+    return _clip(_clip_vision(14, 1024, 24, 16, image_size=336), _clip_text(768, 12, 12), 768)
+
+
+# --- SigLIP (Zhai et al., 2023): no class token, a MAP head, tanh-GELU, a bidirectional text tower pooled at the
+# last position with a biased linear head; logits start at scale 10 and bias -10.
+
+
+def _siglip(image_size: int, patch_size: int, dim: int, depth: int, num_heads: int, mlp_dim: int) -> DualEncoderConfig:
+    vision = ViTConfig(
+        image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+        act="gelu_tanh", norm_eps=1e-6, class_token=False, final_norm="tokens", pool="map",
+    )  # fmt: skip
+    text = TextConfig(
+        vocab_size=32000, max_seq_len=64, dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+        act="gelu_tanh", norm_eps=1e-6, causal=False, pool="last", eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    return DualEncoderConfig(
+        vision=vision, text=text, embed_dim=dim, image_projection="none", text_projection="linear",
+        projection_bias=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
+    )  # fmt: skip
+
+
+@register_preset
+def siglip_base_patch16_224() -> DualEncoderConfig:
+    return _siglip(224, 16, 768, 12, 12, 3072)
+
+
+@register_preset
+def siglip_so400m_patch14_384() -> DualEncoderConfig:
+    return _siglip(384, 14, 1152, 27, 16, 4304)
+
+
+# --- Image classifiers (ImageNet-1k heads).
+
+
+@register_preset
+def vit_base_patch16_224() -> ImageClassifierConfig:
+    vision = ViTConfig(image_size=224, patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072, norm_eps=1e-12)
+    return ImageClassifierConfig(vision=vision, num_classes=1000)
+
+
+@register_preset
+def convnext_tiny() -> ImageClassifierConfig:
+    return ImageClassifierConfig(vision=ConvNeXtConfig(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), num_classes=1000)
+
+
+@register_preset
+def convnext_base() -> ImageClassifierConfig:
+    return ImageClassifierConfig(
+        vision=ConvNeXtConfig(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), num_classes=1000
+    )
+
+
+# --- Tiny models for tests: every option path at a size that runs in milliseconds.
+
+
+@register_preset
+def test_clip() -> DualEncoderConfig:
+    vision = _clip_vision(8, 32, 2, 2, image_size=32).replace(mlp_dim=64)
+    text = TextConfig(vocab_size=100, max_seq_len=16, dim=32, depth=2, num_heads=2, mlp_dim=64, eos_token_id=2)
+    return DualEncoderConfig(vision=vision, text=text, embed_dim=24)
+
+
+@register_preset
+def test_siglip() -> DualEncoderConfig:
+    return _siglip(32, 8, 32, 2, 2, 64).replace(text=TextConfig(
+        vocab_size=100, max_seq_len=16, dim=32, depth=2, num_heads=2, mlp_dim=64, act="gelu_tanh", norm_eps=1e-6,
+        causal=False, pool="last",
+    ))  # fmt: skip
+
+
+@register_preset
+def test_convnext_clip() -> DualEncoderConfig:
+    vision = ConvNeXtConfig(image_size=32, depths=(1, 1), dims=(16, 32), patch_size=4)
+    text = TextConfig(vocab_size=100, max_seq_len=16, dim=32, depth=1, num_heads=2, mlp_dim=64, eos_token_id=2)
+    return DualEncoderConfig(vision=vision, text=text, embed_dim=24)
+
+
+@register_preset
+def test_vit() -> ImageClassifierConfig:
+    vision = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, num_heads=2, mlp_dim=64, pool="mean")
+    return ImageClassifierConfig(vision=vision, num_classes=10)
+
+
+@register_preset
+def test_convnext() -> ImageClassifierConfig:
+    vision = ConvNeXtConfig(image_size=32, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), drop_path=0.1)
+    return ImageClassifierConfig(vision=vision, num_classes=10)
+
+
+# --- ShapesWorld models: sized so a recipe trains in minutes on a laptop CPU (64x64 images, 8x8 patches).
+
+
+def _shapes_vision(**changes: object) -> ViTConfig:
+    base = ViTConfig(image_size=64, patch_size=8, dim=192, depth=4, num_heads=3, mlp_dim=768, class_token=False,
+                     pool="mean", final_norm="tokens", act="gelu")  # fmt: skip
+    return base.replace(**changes)
+
+
+def _shapes_text(**changes: object) -> TextConfig:
+    base = TextConfig(vocab_size=1024, max_seq_len=32, dim=192, depth=3, num_heads=3, mlp_dim=768, act="gelu",
+                      causal=True, pool="eos", eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return base.replace(**changes)
+
+
+@register_preset
+def shapes_clip() -> DualEncoderConfig:
+    return DualEncoderConfig(vision=_shapes_vision(), text=_shapes_text(), embed_dim=128)
+
+
+@register_preset
+def shapes_siglip() -> DualEncoderConfig:
+    return DualEncoderConfig(
+        vision=_shapes_vision(pool="map", act="gelu_tanh"),
+        text=_shapes_text(causal=False, pool="last", act="gelu_tanh"),
+        embed_dim=128, projection_bias=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
+    )  # fmt: skip

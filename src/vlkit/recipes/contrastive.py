@@ -1,0 +1,48 @@
+"""Contrastive recipes on ShapesWorld and scanned digits.
+
+``clip_shapes`` and ``siglip_shapes`` share model size, data, batch and budget and differ only in the loss (and
+the logit scale/bias initialisation the SigLIP paper pairs with it), so they compare the two losses directly.
+"""
+
+from __future__ import annotations
+
+from vlkit.data.shapes import ShapesConfig
+from vlkit.recipes.base import Recipe, register_recipe
+from vlkit.train import TrainConfig
+
+SHAPES_BUDGET = TrainConfig(steps=600, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=50, eval_every=200)
+
+
+@register_recipe
+def clip_shapes() -> Recipe:
+    return Recipe(
+        name="clip_shapes",
+        description="CLIP (softmax contrastive loss) trained from scratch on ShapesWorld.",
+        model="shapes_clip",
+        train=SHAPES_BUDGET,
+        shapes=ShapesConfig(),
+    )
+
+
+@register_recipe
+def siglip_shapes() -> Recipe:
+    return Recipe(
+        name="siglip_shapes",
+        description="SigLIP (pairwise sigmoid loss) trained from scratch on ShapesWorld.",
+        model="shapes_siglip",
+        train=SHAPES_BUDGET,
+        shapes=ShapesConfig(),
+    )
+
+
+@register_recipe
+def clip_digits() -> Recipe:
+    return Recipe(
+        name="clip_digits",
+        description="CLIP on scikit-learn's scanned digits with digit captions; zero-shot on the held-out fifth.",
+        model="shapes_clip",
+        data="digits",
+        train=TrainConfig(steps=300, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=30, eval_every=100),
+        train_size=1437,
+        model_overrides={"vision.image_size": 32, "vision.patch_size": 4},
+    )

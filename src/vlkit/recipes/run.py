@@ -1,0 +1,228 @@
+"""Run a recipe end to end: data -> tokenizer -> model -> trainer -> evaluation -> model directory + report.
+
+Outputs (the contract other parts rely on): ``out/metrics.json``, ``out/log.jsonl``, ``out/report.html``,
+checkpoints under ``out/checkpoints``, and the final model in ``out/model`` (loadable with ``vlkit.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlkit.data import shapes
+from vlkit.data.readers import (
+    ImageTextDataset,
+    ImageTextRecord,
+    ReadResult,
+    ResumableSampler,
+    collate_image_text,
+    read_records,
+)
+from vlkit.data.transforms import ImageTransform
+from vlkit.eval.benchmarks import (
+    DIGIT_TEMPLATES,
+    DIGIT_WORDS,
+    SHAPES_TEMPLATES,
+    EvalSuite,
+    digits_split,
+    digits_suite,
+    shapes_suite,
+)
+from vlkit.losses import ClipLoss, SigLipLoss
+from vlkit.models import DualEncoder
+from vlkit.models.base import build_model
+from vlkit.recipes.base import Recipe
+from vlkit.registry import apply_overrides, get_config
+from vlkit.text import Tokenizer, train_tokenizer
+from vlkit.train import StepOutput, Trainer, plot_confusion_matrix, plot_retrieval_grid, write_report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, Any]
+    out_dir: Path
+    model: DualEncoder
+
+
+def _shapes_records(recipe: Recipe, data_dir: Path, progress: bool) -> list[ImageTextRecord]:
+    """Render the recipe's ShapesWorld training split once; later runs with the same config reuse it."""
+    config_file = data_dir / "shapes_config.json"
+    wanted = {**recipe.shapes.to_dict(), "sizes": {"train": recipe.train_size}}
+    if not (config_file.exists() and json.loads(config_file.read_text()) == wanted):
+        shapes.write_shapes(data_dir, recipe.shapes, {"train": recipe.train_size}, progress=progress)
+        config_file.write_text(json.dumps(wanted, indent=2, sort_keys=True))
+    result = read_records(data_dir / "train.jsonl")
+    assert isinstance(result, ReadResult)
+    return result.records
+
+
+def _digits_records(data_dir: Path) -> list[ImageTextRecord]:
+    images, labels = digits_split("train")
+    (data_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        path = data_dir / "images" / f"{index:05d}.png"
+        if not path.exists():
+            image.save(path)
+        word = DIGIT_WORDS[int(label)]
+        captions = [template.format(word) for template in DIGIT_TEMPLATES] + [f"a {word}.", f"the digit {label}."]
+        records.append(ImageTextRecord(str(path), captions, f"digits:{index}"))
+    return records
+
+
+def training_records(recipe: Recipe, out_dir: Path, train_data: str | None, skip_bad: bool, progress: bool) -> list:
+    if train_data is not None:
+        result = read_records(train_data, skip_bad=skip_bad)
+        if not isinstance(result, ReadResult):
+            raise ValueError(f"{train_data}: WebDataset shards need the streaming trainer; give a manifest or CSV")
+        if not result.records:
+            raise ValueError(f"{train_data}: no usable records")
+        return result.records
+    if recipe.data == "digits":
+        return _digits_records(out_dir / "data")
+    return _shapes_records(recipe, out_dir / "data", progress)
+
+
+def build_tokenizer(recipe: Recipe, records: list[ImageTextRecord], out_dir: Path, max_len: int) -> Tokenizer:
+    """A BPE fitted on the training captions and the evaluation prompts, saved in the run folder so a resumed
+    run tokenizes exactly as the interrupted one did."""
+    saved = out_dir / "tokenizer.json"
+    if saved.exists():
+        return Tokenizer.from_file(saved, max_len=max_len)
+    texts = [caption for record in records[:20_000] for caption in record.captions]
+    if recipe.data == "shapes":
+        names = shapes.class_names(recipe.shapes)
+        texts += [template.format(name) for name in names for template in SHAPES_TEMPLATES]
+    else:
+        texts += [template.format(word) for word in DIGIT_WORDS for template in DIGIT_TEMPLATES]
+    tokenizer = train_tokenizer(texts, vocab_size=recipe.tokenizer_vocab_size, max_len=max_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def build_recipe_model(recipe: Recipe, tokenizer: Tokenizer | None, init: str | None) -> DualEncoder:
+    if init is not None:
+        from vlkit.hub import from_pretrained
+
+        model = from_pretrained(init)
+        if not isinstance(model, DualEncoder):
+            raise ValueError(f"--init {init}: a {type(model).__name__}, but recipe {recipe.name} trains a dual encoder")
+        return model
+    config = get_config(recipe.model)
+    overrides = dict(recipe.model_overrides)
+    if tokenizer is not None:
+        overrides.setdefault("text.vocab_size", tokenizer.vocab_size)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(apply_overrides(config, overrides))
+    assert isinstance(model, DualEncoder)
+    return model
+
+
+def contrastive_step(loss_fn: torch.nn.Module):
+    def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        metrics = {"logit_scale": float(out.logit_scale.detach())}
+        if out.logit_bias is not None:
+            metrics["logit_bias"] = float(out.logit_bias.detach())
+        return StepOutput(loss=loss, metrics=metrics)
+
+    return step
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    train_data: str | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    init: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(_recipe_json(recipe), indent=2) + "\n")
+
+    records = training_records(recipe, out_dir, train_data, skip_bad, progress)
+    init_model = build_recipe_model(recipe, None, init) if init else None
+    if init_model is not None and init_model.tokenizer is not None:
+        tokenizer = init_model.tokenizer
+        model = init_model
+    else:
+        max_len = (
+            get_config(recipe.model).text.max_seq_len if init_model is None else init_model.config.text.max_seq_len
+        )
+        tokenizer = build_tokenizer(recipe, records, out_dir, max_len)
+        model = init_model or build_recipe_model(recipe, tokenizer, None)
+    model.tokenizer = tokenizer
+
+    image_size = model.config.vision.image_size
+    transform = ImageTransform(image_size=image_size)
+    dataset = ImageTextDataset(
+        records, transform, tokenizer.encode, tokenizer.max_len, seed=recipe.train.seed, skip_bad=skip_bad,
+        pad_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    suite: EvalSuite = (
+        digits_suite(transform) if recipe.data == "digits" else shapes_suite(recipe.shapes, transform, recipe.eval_size)
+    )
+    loss_fn = SigLipLoss() if model.config.loss == "siglip" else ClipLoss()
+    train_config = (
+        recipe.train.replace(param_groups=recipe.param_group_rules()) if recipe.lock != "none" else recipe.train
+    )
+    trainer = Trainer(
+        model,
+        train_config,
+        dataset,
+        collate_image_text,
+        contrastive_step(loss_fn),
+        out_dir,
+        evaluate=lambda m: suite(m, tokenizer),
+        sampler_factory=lambda length, seed: ResumableSampler(range(length), seed=seed),
+    )
+    result = trainer.fit(resume=resume)
+
+    metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
+                               "skipped": result.skipped, "recipe": recipe.name}  # fmt: skip
+    model.save_pretrained(out_dir / "model")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    figures = write_figures(suite, out_dir)
+    write_report(out_dir, f"vlkit · {recipe.name}", metrics, out_dir / "log.jsonl", figures, [recipe.description])
+    return RunResult(metrics, out_dir, model)
+
+
+def write_figures(suite: EvalSuite, out_dir: Path) -> list[tuple[str, Path]]:
+    figures = []
+    for key, zero_shot_set in suite.zero_shot.items():
+        details = suite.last_details.get(key)
+        if details is None:
+            continue
+        path = out_dir / f"confusion_{key}.png"
+        plot_confusion_matrix(details.confusion, zero_shot_set.class_names, path, f"{key}: true vs predicted class")
+        figures.append((f"Confusion matrix, {key} (top-1 {details.top1:.1%}).", path))
+    retrieval = suite.last_details.get("retrieval")
+    if suite.retrieval is not None and retrieval is not None:
+        rows = range(min(8, len(suite.retrieval.images)))
+        top = retrieval.similarity.topk(3, dim=1).indices
+        captions = [[(suite.retrieval.texts[j], suite.retrieval.text_to_image[j] == i) for j in top[i].tolist()]
+                    for i in rows]  # fmt: skip
+        path = out_dir / "retrieval.png"
+        plot_retrieval_grid([suite.retrieval.images[i] for i in rows], [f"image {i}" for i in rows], captions, path)
+        figures.append(("Image -> text retrieval: the top 3 captions for test scenes (green = correct).", path))
+    return figures
+
+
+def _recipe_json(recipe: Recipe) -> dict[str, Any]:
+    import dataclasses
+
+    data = dataclasses.asdict(recipe)
+    data["train"] = recipe.train.to_dict()
+    return data

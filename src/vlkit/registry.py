@@ -1,0 +1,66 @@
+"""Preset name -> config, in one place. ``create_model(name, **overrides)`` builds the model of a preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_PRESETS: dict[str, Callable[[], Any]] = {}
+
+F = TypeVar("F", bound=Callable[[], Any])
+
+
+def register_preset(function: F) -> F:
+    """Register a zero-argument function returning a config under its function name."""
+    name = function.__name__
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} is registered twice")
+    _PRESETS[name] = function
+    return function
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    import fnmatch
+
+    _load_presets()
+    return sorted(name for name in _PRESETS if fnmatch.fnmatch(name, pattern))
+
+
+def get_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    _load_presets()
+    if name not in _PRESETS:
+        close = [n for n in _PRESETS if name.split("_")[0] in n][:8]
+        raise KeyError(f"unknown model preset {name!r}" + (f"; did you mean one of {close}?" if close else ""))
+    return apply_overrides(_PRESETS[name](), overrides or {})
+
+
+def create_model(name: str, **overrides: Any) -> Any:
+    """Build a preset with random weights. Overrides use dotted paths: ``create_model(n, **{"vision.depth": 2})``."""
+    from vlkit.models.base import build_model
+
+    return build_model(get_config(name, overrides))
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of a (nested) frozen config with ``{"a.b": value}`` fields replaced.
+
+    All changes to one sub-config are applied in one ``replace`` so validation sees the final combination.
+    """
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if not any(f.name == head for f in dataclasses.fields(config)):
+            raise KeyError(f"{type(config).__name__} has no field {head!r} (in override {key!r})")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, changes in nested.items():
+        direct[head] = apply_overrides(direct.get(head, getattr(config, head)), changes)
+    return dataclasses.replace(config, **direct) if direct else config
+
+
+def _load_presets() -> None:
+    import vlkit.models.presets  # noqa: F401  (registers on import)

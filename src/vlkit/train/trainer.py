@@ -1,0 +1,471 @@
+"""One model-agnostic trainer for every vlkit recipe.
+
+A recipe supplies a model, a map-style dataset with a collate function that returns a dict of tensors, and a
+``step_fn(model, batch) -> StepOutput`` that computes the loss; the trainer owns everything else: AdamW over
+regex parameter groups (``optim.py``), warmup + cosine schedule, gradient accumulation, bf16 autocast, gradient
+clipping, a resumable data order, JSONL + TensorBoard logs, periodic evaluation and atomic checkpoints
+(``checkpoint.py``). A run killed after a checkpoint and resumed with ``fit(resume=True)`` finishes
+bit-identical (on CPU) to one that was never interrupted: weights, optimizer, scheduler, data position and every
+RNG state are restored.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from vlkit.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, write_text_atomic
+from vlkit.train.optim import ParamGroupRule, build_param_groups, lr_lambda
+
+__all__ = ["ResumableSamplerProtocol", "StepOutput", "TrainConfig", "TrainResult", "Trainer"]
+
+# Fields that may change between an interrupted run and its resumption without changing the trajectory.
+_RESUME_SAFE_FIELDS = {"eval_every", "save_every", "keep_checkpoints", "num_workers", "progress"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run; ``batch_size`` is the number of samples per optimizer step."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "bf16"
+    param_groups: tuple[ParamGroupRule, ...] = ()
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Normalise sequences so that a config read back from JSON compares equal to the one that wrote it.
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(
+            self,
+            "param_groups",
+            tuple(rule if isinstance(rule, ParamGroupRule) else ParamGroupRule(**rule) for rule in self.param_groups),
+        )
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            problems.append(f"grad_accum ({self.grad_accum}) must be >= 1 and divide batch_size ({self.batch_size})")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            problems.append(f"betas must be two values in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            problems.append(f"eps must be > 0, got {self.eps}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            problems.append(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.precision not in ("fp32", "bf16"):
+            problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 or None, got {value}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return cls(**data)
+
+
+@dataclass
+class StepOutput:
+    """What a ``step_fn`` returns: the scalar loss to minimise and extra per-step scalars to log."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    final_eval: dict[str, Any]
+    skipped: int
+    log_path: Path
+
+
+class ResumableSamplerProtocol(Protocol):
+    """A sampler whose order is a function of (seed, epoch) and that can start mid-epoch.
+
+    ``position`` is the number of samples of the epoch already consumed; ``vlkit.data.readers.ResumableSampler``
+    implements it (with sharding across ranks).
+    """
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Mixing (rather than adding) keeps (seed=0, epoch=1) and (seed=1, epoch=0) from sharing an order.
+    return (seed * 0x9E3779B97F4A7C15 + epoch) % (1 << 63)
+
+
+class _SeededSampler(Sampler[int]):
+    """Fallback single-process sampler: a fresh permutation per (seed, epoch), read from ``position`` on."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        for index in torch.randperm(self.length, generator=generator)[self.position :].tolist():
+            self.position += 1
+            yield index
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_device(item, device) for item in value]
+    return value
+
+
+def _flatten_scalars(values: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten_scalars(value, f"{prefix}/{key}")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}/{key}", float(value)
+
+
+def _make_adamw(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    options = {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay}
+    if device.type in ("cpu", "cuda"):
+        try:
+            # add_param_group fills defaults into the dicts it gets, so a failed attempt must not see the originals.
+            return torch.optim.AdamW([dict(group) for group in groups], fused=True, **options)
+        except RuntimeError:
+            pass
+    return torch.optim.AdamW([dict(group) for group in groups], foreach=device.type != "cpu", **options)
+
+
+class Trainer:
+    """Train ``model`` with ``step_fn`` on ``dataset`` following ``config``; write logs and checkpoints to ``out_dir``.
+
+    ``collate_fn`` turns a list of samples into a dict of tensors; it may add ``"skipped": int`` for bad samples
+    it dropped, which the trainer counts and logs. ``sampler_factory(dataset_len, seed)`` builds the data order
+    (a ``ResumableSamplerProtocol``); by default a private seeded permutation sampler is used.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        dataset: Dataset,
+        collate_fn: Callable[[list[Any]], dict[str, Any]] | None,
+        step_fn: Callable[[nn.Module, dict[str, Any]], StepOutput],
+        out_dir: Path,
+        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        device: torch.device | str = "cpu",
+        sampler_factory: Callable[[int, int], Sampler[int]] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.config = config
+        self.step_fn = step_fn
+        self.evaluate = evaluate
+        self.out_dir = Path(out_dir)
+        self.log_path = self.out_dir / "log.jsonl"
+        dataset_length = len(dataset)
+        if dataset_length < config.micro_batch_size:
+            raise ValueError(
+                f"dataset has {dataset_length} samples, fewer than one micro-batch ({config.micro_batch_size})"
+            )
+
+        groups = build_param_groups(model, config.param_groups, config.lr, config.weight_decay)
+        if not groups:
+            raise ValueError("the model has no trainable parameters after applying the param group rules")
+        self.optimizer = _make_adamw(groups, config, self.device)
+        self.lr_factor = partial(
+            lr_lambda,
+            total_steps=config.steps,
+            warmup_steps=config.warmup_steps,
+            schedule=config.schedule,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.scheduler = LambdaLR(self.optimizer, self.lr_factor)
+
+        self.dataset = dataset
+        self.sampler = (sampler_factory or _SeededSampler)(dataset_length, config.seed)
+        # Extra keys a sampler saves (seed, dataset size...) let it refuse a resume whose data order would differ.
+        self.sampler_state: dict[str, Any] = {}
+        # A private generator seeds the workers, so building a loader never consumes the global RNG stream.
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=config.micro_batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_fn,
+            drop_last=True,
+            num_workers=config.num_workers,
+            generator=self.generator,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.skipped = 0
+        self.train_seconds = 0.0
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``config.steps``; with ``resume`` continue from the latest checkpoint in ``out_dir`` if any."""
+        config = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = load_latest(self.out_dir)
+        if checkpoint is not None and not resume:
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints (latest {checkpoint.name}); "
+                "pass resume=True to continue that run or choose a new out_dir"
+            )
+        self.model.train()
+        if checkpoint is None:
+            self._seed_everything()
+            write_text_atomic(self.log_path, "")
+        else:
+            # Restores the RNG states too, so nothing that draws random numbers may run between here and the loop.
+            self._load_state(load_checkpoint(checkpoint, self.model, self.optimizer))
+            self._truncate_log()
+
+        writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1 if checkpoint else None)
+        progress = tqdm(total=config.steps, initial=self.step, disable=not config.progress, desc="train")
+        batches = self._micro_batches()
+        final_eval: dict[str, Any] | None = None
+        try:
+            with open(self.log_path, "a", encoding="utf-8", buffering=1) as log:
+                while self.step < config.steps:
+                    record = self._train_step(batches)
+                    log.write(json.dumps(record) + "\n")
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(f"train/{key}", value, self.step)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}")
+                    is_last = self.step == config.steps
+                    due = config.eval_every is not None and self.step % config.eval_every == 0
+                    if self.evaluate is not None and (due or is_last):
+                        final_eval = self._run_evaluation()
+                        log.write(json.dumps({"step": self.step, "eval": final_eval}) + "\n")
+                        for key, value in _flatten_scalars(final_eval, "eval"):
+                            writer.add_scalar(key, value, self.step)
+                    if config.save_every is not None and (self.step % config.save_every == 0 or is_last):
+                        self._save()
+            if self.evaluate is not None and final_eval is None:
+                # Resumed from a finished run: report the evaluation without logging a duplicate line.
+                final_eval = self._run_evaluation()
+        finally:
+            progress.close()
+            writer.close()
+        return TrainResult(self.step, self.train_seconds, final_eval or {}, self.skipped, self.log_path)
+
+    def _seed_everything(self) -> None:
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        micro_batch_size = self.config.micro_batch_size
+        while True:
+            # A checkpoint taken right after an epoch's last full micro-batch resumes with nothing left to read.
+            if len(self.sampler) - self.position >= micro_batch_size:
+                self.sampler.set_epoch(self.epoch)
+                # The trainer's own count is the truth: worker prefetching runs the sampler's counter ahead.
+                self.sampler.load_state_dict({**self.sampler_state, "epoch": self.epoch, "position": self.position})
+                # Readers pick per-epoch random captions; workers fork from here, so they see the new epoch.
+                dataset_set_epoch = getattr(self.dataset, "set_epoch", None)
+                if callable(dataset_set_epoch):
+                    dataset_set_epoch(self.epoch)
+                # Worker seeds derive from (seed, epoch) so a resumed epoch's workers match the uninterrupted run's.
+                self.generator.manual_seed(_epoch_seed(self.config.seed, self.epoch))
+                for batch in self.loader:
+                    self.position += micro_batch_size
+                    yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        config = self.config
+        started = time.perf_counter()
+        learning_rate = config.lr * self.lr_factor(self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, float] = {}
+        for micro_index in range(config.grad_accum):
+            batch = next(batches)
+            if not isinstance(batch, dict):
+                raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
+            self.skipped += int(batch.pop("skipped", 0))
+            batch = _to_device(batch, self.device)
+            # DistributedDataParallel would all-reduce after every micro-batch; only the last one needs it.
+            no_sync = getattr(self.model, "no_sync", None)
+            is_last = micro_index == config.grad_accum - 1
+            with no_sync() if no_sync is not None and not is_last else contextlib.nullcontext():
+                with self._autocast():
+                    output = self.step_fn(self.model, batch)
+                (output.loss / config.grad_accum).backward()
+            loss_sum += output.loss.detach().float()
+            for key, value in output.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+
+        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        # An infinite limit measures the norm for the log and scales gradients by exactly 1.0.
+        max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        loss = loss_sum.item() / config.grad_accum
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1}; "
+                "the weights were not updated, resume from the last checkpoint with a lower lr or fp32"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+
+        record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": learning_rate, "grad_norm": grad_norm}
+        record |= {"samples_per_second": config.batch_size / elapsed, "skipped": self.skipped, "epoch": self.epoch}
+        clashes = record.keys() & metric_sums.keys()
+        if clashes:
+            raise ValueError(f"step_fn metrics {sorted(clashes)} clash with the trainer's own log fields")
+        record |= {key: value / config.grad_accum for key, value in metric_sums.items()}
+        return record
+
+    def _run_evaluation(self) -> dict[str, Any]:
+        assert self.evaluate is not None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return self.evaluate(self.model)
+        finally:
+            self.model.train(was_training)
+
+    def _save(self) -> None:
+        scheduler_state = {key: value for key, value in self.scheduler.state_dict().items() if key != "lr_lambdas"}
+        state = {
+            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
+            "skipped": self.skipped,
+            "train_seconds": self.train_seconds,
+            "scheduler": scheduler_state,
+            "config": self.config.to_dict(),
+        }
+        save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        saved_config = state["config"]
+        current_config = self.config.to_dict()
+        changed = sorted(
+            key
+            for key in current_config
+            if key not in _RESUME_SAFE_FIELDS and json.dumps(saved_config.get(key)) != json.dumps(current_config[key])
+        )
+        if changed:
+            warnings.warn(
+                f"resuming with a config that differs from the checkpoint in {changed}; "
+                "the run will not reproduce an uninterrupted one",
+                stacklevel=3,
+            )
+        self.step = int(state["step"])
+        self.sampler_state = state["sampler"]
+        self.epoch = int(self.sampler_state["epoch"])
+        self.position = int(self.sampler_state["position"])
+        self.skipped = int(state["skipped"])
+        self.train_seconds = float(state["train_seconds"])
+        lr_lambdas = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lr_lambdas})
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint, so the resumed log equals an uninterrupted one."""
+        kept = []
+        if self.log_path.exists():
+            for line in self.log_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line, cut short by the kill
+                if record.get("step", 0) <= self.step:
+                    kept.append(line + "\n")
+        write_text_atomic(self.log_path, "".join(kept))
