@@ -42,6 +42,13 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        if is_causal and mask is not None:
+            # SDPA takes a mask or is_causal, not both: fold the causal pattern into the mask instead of dropping it.
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()  # (N, N)
+            if mask.dtype == torch.bool:
+                mask = mask & causal
+            else:
+                mask = mask + torch.zeros_like(causal, dtype=mask.dtype).masked_fill(~causal, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         return self.proj(_merge_heads(out))
 

@@ -52,10 +52,12 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         bias: torch.Tensor,
         chunk_size: int,
     ) -> torch.Tensor:
-        total = image.new_zeros((), dtype=torch.float32)
+        # Accumulate in at least fp32 (bf16 sums lose too many bits), but keep fp64 inputs in fp64.
+        accumulate = torch.promote_types(image.dtype, torch.float32)
+        total = image.new_zeros((), dtype=accumulate)
         for start in range(0, text.shape[0], chunk_size):
             logits, signs = _sigmoid_chunk_terms(image, text[start : start + chunk_size], scale, bias, start)
-            total = total - F.logsigmoid(signs * logits).float().sum()
+            total = total - F.logsigmoid(signs * logits).to(accumulate).sum()
         ctx.save_for_backward(image, text, scale, bias)
         ctx.chunk_size = chunk_size
         return total / image.shape[0]
@@ -66,8 +68,9 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         chunk_size: int = ctx.chunk_size
         grad_image = torch.zeros_like(image)
         grad_text = torch.zeros_like(text)
-        grad_scale = torch.zeros_like(scale, dtype=torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32)
+        accumulate = torch.promote_types(image.dtype, torch.float32)
+        grad_scale = torch.zeros_like(scale, dtype=accumulate)
+        grad_bias = torch.zeros_like(bias, dtype=accumulate)
         factor = grad_output / image.shape[0]
         for start in range(0, text.shape[0], chunk_size):
             chunk = text[start : start + chunk_size]
@@ -76,8 +79,8 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
             grad_logits = (-signs * torch.sigmoid(-signs * logits)) * factor  # (B, c)
             grad_image += scale * grad_logits @ chunk
             grad_text[start : start + chunk_size] = scale * grad_logits.T @ image
-            grad_scale += (grad_logits * (image @ chunk.T)).sum().float()
-            grad_bias += grad_logits.sum().float()
+            grad_scale += (grad_logits * (image @ chunk.T)).sum().to(accumulate)
+            grad_bias += grad_logits.sum().to(accumulate)
         return grad_image, grad_text, grad_scale.to(scale.dtype), grad_bias.to(bias.dtype), None
 
 

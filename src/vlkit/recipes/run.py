@@ -172,7 +172,9 @@ def run_recipe(
         pad_id=tokenizer.pad_token_id,
     )  # fmt: skip
     suite: EvalSuite = (
-        digits_suite(transform) if recipe.data == "digits" else shapes_suite(recipe.shapes, transform, recipe.eval_size)
+        digits_suite(transform)
+        if recipe.data == "digits"
+        else shapes_suite(recipe.shapes, transform, recipe.eval_size, recipe.eval_size)
     )
     loss_fn = SigLipLoss() if model.config.loss == "siglip" else ClipLoss()
     train_config = (

@@ -1,0 +1,134 @@
+"""End-to-end checks of the ``vlkit`` command: the output contract, bad input, resume, eval and data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import vlkit
+
+TINY = [
+    "--set", "train_size=48", "eval_size=16", "train.batch_size=16", "train.eval_every=null",
+    "model.vision.depth=1", "model.text.depth=1", "model.vision.dim=32", "model.vision.num_heads=2",
+    "model.vision.mlp_dim=64", "model.text.dim=32", "model.text.num_heads=2", "model.text.mlp_dim=64",
+    "model.embed_dim=16",
+]  # fmt: skip
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "vlkit", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"vlkit {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "siglip"
+    run_cli("train", "--recipe", "siglip_shapes", "--out", str(out), "--steps", "4", "--save-every", "2", "--quiet",
+            *TINY)  # fmt: skip
+    return out
+
+
+def test_train_writes_the_output_contract(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("zero_shot_top1", "zero_shot_top1_heldout", "retrieval_i2t_r1", "retrieval_t2i_r1", "train_seconds"):
+        assert isinstance(metrics[key], float), key
+    log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in log if "loss" in record]
+    assert steps == [1, 2, 3, 4]
+    assert all({"step", "loss", "lr"} <= set(record) for record in log if "loss" in record)
+    report = (trained_run / "report.html").read_text()
+    assert "confusion_zero_shot.png" in report and (trained_run / "confusion_zero_shot.png").exists()
+    assert (trained_run / "retrieval.png").exists() and (trained_run / "loss.png").exists()
+    assert any((trained_run / "tensorboard").iterdir())
+    assert (trained_run / "checkpoints" / "latest").exists()
+
+
+def test_saved_model_loads_and_reproduces_metrics(trained_run: Path) -> None:
+    model = vlkit.from_pretrained(trained_run / "model")
+    assert model.tokenizer is not None
+    assert model.config.vision.dim == 32 and model.config.loss == "siglip"
+    out = trained_run / "eval.json"
+    run_cli("eval", "--model", str(trained_run / "model"), "--size", "16", "--out", str(out))
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    evaluated = json.loads(out.read_text())
+    # The trainer evaluates under bf16 autocast and `vlkit eval` in fp32: same model, near-identical numbers.
+    assert abs(evaluated["zero_shot_top1"] - metrics["zero_shot_top1"]) <= 0.13
+
+
+def test_resume_of_a_finished_run_is_a_no_op(trained_run: Path) -> None:
+    before = (trained_run / "log.jsonl").read_text()
+    run_cli("train", "--recipe", "siglip_shapes", "--out", str(trained_run), "--steps", "4", "--save-every", "2",
+            "--resume", "--quiet", *TINY)  # fmt: skip
+    assert (trained_run / "log.jsonl").read_text().count('"loss"') == before.count('"loss"')
+
+
+def test_train_into_a_used_folder_without_resume_is_a_clear_error(trained_run: Path) -> None:
+    result = run_cli("train", "--recipe", "siglip_shapes", "--out", str(trained_run), "--steps", "4", "--quiet",
+                     *TINY, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "resume" in result.stderr
+
+
+def _manifest_with_a_bad_image(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(40):
+        colour = ("red", "green", "blue", "white")[index % 4]
+        Image.new("RGB", (40, 30), colour).save(folder / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "caption": f"a {colour} picture"}))
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    lines.insert(7, json.dumps({"image": "broken.png", "caption": "a broken picture"}))
+    manifest = folder / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_bad_training_image_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    manifest = _manifest_with_a_bad_image(tmp_path / "data")
+    result = run_cli("train", "--recipe", "clip_shapes", "--out", str(tmp_path / "run"), "--steps", "3",
+                     "--train-data", str(manifest), "--quiet", *TINY, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("vlkit: error:")]
+    assert len(error_lines) == 1 and "train.jsonl:8" in error_lines[0] and "broken.png" in error_lines[0]
+
+
+def test_skip_bad_counts_the_skip_in_log_and_report(tmp_path: Path) -> None:
+    manifest = _manifest_with_a_bad_image(tmp_path / "data")
+    out = tmp_path / "run"
+    run_cli("train", "--recipe", "clip_shapes", "--out", str(out), "--steps", "3", "--train-data", str(manifest),
+            "--skip-bad", "--quiet", *TINY)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"] >= 1
+    assert "skipped" in (out / "report.html").read_text()
+
+
+def test_data_shapes_command_writes_manifests(tmp_path: Path) -> None:
+    run_cli("data", "shapes", "--out", str(tmp_path), "--train", "5", "--val", "2", "--test", "2",
+            "--test-heldout", "2", "--quiet")  # fmt: skip
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and (tmp_path / json.loads(lines[0])["image"]).exists()
+
+
+def test_unknown_names_are_clear_errors(tmp_path: Path) -> None:
+    result = run_cli("train", "--recipe", "no_such_recipe", "--out", str(tmp_path), check=False)
+    assert result.returncode == 2 and "unknown recipe" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("eval", "--model", str(tmp_path / "missing"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_digits_recipe_runs_zero_shot_on_scanned_digits(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    tiny = [arg for arg in TINY if not arg.startswith(("train_size", "eval_size"))]
+    run_cli("train", "--recipe", "clip_digits", "--out", str(out), "--steps", "2", "--quiet", *tiny)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["zero_shot_top1"] <= 1.0 and metrics["recipe"] == "clip_digits"

@@ -1,0 +1,403 @@
+"""Each layer in vlkit.layers against a slow, obvious reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.layers import (
+    Attention,
+    AttentionPool,
+    CrossAttention,
+    DropPath,
+    LayerNorm2d,
+    LearnedPosEmbed2d,
+    Mlp,
+    PatchEmbed,
+    RMSNorm,
+    SwiGLU,
+    TransformerBlock,
+    build_mlp,
+    build_norm,
+    sincos_2d,
+)
+
+TIGHT = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and biases everywhere (zero-initialised biases would hide bias bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+    return module
+
+
+def _naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q (B, h, M, d), k/v (B, h, N, d); ``allowed`` bool broadcast to (B, h, M, N). One row at a time."""
+    batch, heads, length_q, head_dim = q.shape
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length_q):
+                scores = (k[b, h] @ q[b, h, i]) / math.sqrt(head_dim)  # (N,)
+                if allowed is not None:
+                    row = allowed.expand(batch, heads, length_q, k.shape[2])[b, h, i]
+                    scores = scores.masked_fill(~row, float("-inf"))
+                weights = torch.exp(scores - scores.max())
+                weights = weights / weights.sum()
+                out[b, h, i] = weights @ v[b, h]
+    return out
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, length, inner = x.shape
+    return x.reshape(batch, length, num_heads, inner // num_heads).transpose(1, 2)  # (B, h, L, d)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def _reference_self_attention(attn: Attention, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    inner = attn.num_heads * attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = x @ w[:inner].T + b[:inner]
+    k = x @ w[inner : 2 * inner].T + b[inner : 2 * inner]
+    v = x @ w[2 * inner :].T + b[2 * inner :]
+    out = _naive_attention(_heads(q, attn.num_heads), _heads(k, attn.num_heads), _heads(v, attn.num_heads), allowed)
+    return _merge(out) @ attn.proj.weight.T + attn.proj.bias
+
+
+def _reference_cross_attention(attn: CrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    inner = attn.num_heads * attn.head_dim
+    q = x @ attn.q.weight.T + attn.q.bias
+    k = context @ attn.kv.weight[:inner].T + attn.kv.bias[:inner]
+    v = context @ attn.kv.weight[inner:].T + attn.kv.bias[inner:]
+    out = _naive_attention(_heads(q, attn.num_heads), _heads(k, attn.num_heads), _heads(v, attn.num_heads))
+    return _merge(out) @ attn.proj.weight.T + attn.proj.bias
+
+
+# --- attention
+
+
+@pytest.mark.parametrize("head_dim", [None, 5])
+def test_attention_matches_naive_softmax_no_mask(head_dim: int | None) -> None:
+    torch.manual_seed(0)
+    attn = _randomize(Attention(12, num_heads=3, head_dim=head_dim)).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), _reference_self_attention(attn, x, None), **TIGHT)
+
+
+def test_attention_boolean_padding_mask() -> None:
+    torch.manual_seed(1)
+    attn = _randomize(Attention(8, num_heads=2)).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = keep[:, None, None, :]  # (B, 1, 1, N)
+    out = attn(x, mask=mask)
+    torch.testing.assert_close(out, _reference_self_attention(attn, x, mask), **TIGHT)
+    # The masked keys' content must not matter.
+    x2 = x.clone()
+    x2[0, 4:] = torch.randn(2, 8, dtype=torch.float64) * 10
+    torch.testing.assert_close(attn(x2, mask=mask)[0, :4], out[0, :4], **TIGHT)
+    assert not torch.allclose(attn(x2)[0, :4], attn(x)[0, :4])
+
+
+def test_attention_additive_mask_equals_boolean_mask() -> None:
+    torch.manual_seed(2)
+    attn = _randomize(Attention(8, num_heads=2)).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    keep = torch.rand(2, 1, 5, 5) > 0.3
+    keep[..., 0] = True  # every query sees at least one key
+    additive = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(attn(x, mask=additive), _reference_self_attention(attn, x, keep), **TIGHT)
+
+
+def test_attention_causal() -> None:
+    torch.manual_seed(3)
+    attn = _randomize(Attention(8, num_heads=2)).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    out = attn(x, is_causal=True)
+    torch.testing.assert_close(out, _reference_self_attention(attn, x, causal), **TIGHT)
+    assert not torch.allclose(out, attn(x))
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attention_causal_combined_with_padding_mask(kind: str) -> None:
+    torch.manual_seed(4)
+    attn = _randomize(Attention(8, num_heads=2)).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 0]], dtype=torch.bool)[:, None, None, :]
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    allowed = keep & torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(attn(x, mask=mask, is_causal=True), _reference_self_attention(attn, x, allowed), **TIGHT)
+
+
+def test_cross_attention_matches_naive() -> None:
+    torch.manual_seed(5)
+    attn = _randomize(CrossAttention(8, num_heads=2, context_dim=6)).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    context = torch.randn(2, 7, 6, dtype=torch.float64)
+    out = attn(x, context)
+    assert out.shape == (2, 3, 8)
+    torch.testing.assert_close(out, _reference_cross_attention(attn, x, context), **TIGHT)
+
+
+def test_attention_pool_matches_naive() -> None:
+    torch.manual_seed(6)
+    pool = _randomize(AttentionPool(8, num_heads=2, mlp_dim=16, num_queries=2, act="gelu_tanh")).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    probe = pool.probe.expand(3, -1, -1)
+    pooled = _reference_cross_attention(pool.attn, probe, x)
+    normed = F.layer_norm(pooled, (8,), pool.norm.weight, pool.norm.bias, pool.norm.eps)
+    hidden = normed @ pool.mlp.fc1.weight.T + pool.mlp.fc1.bias
+    hidden = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+    expected = pooled + hidden @ pool.mlp.fc2.weight.T + pool.mlp.fc2.bias
+    out = pool(x)
+    assert out.shape == (3, 2, 8)
+    torch.testing.assert_close(out, expected, **TIGHT)
+
+
+# --- MLPs
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x)),
+    "relu": lambda x: x.clamp_min(0),
+    "silu": lambda x: x / (1 + torch.exp(-x)),
+}
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_mlp_activation_formulas(act: str) -> None:
+    torch.manual_seed(7)
+    mlp = _randomize(Mlp(6, 10, act=act, out_dim=4)).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64) * 2
+    hidden = ACTIVATIONS[act](x @ mlp.fc1.weight.T + mlp.fc1.bias)
+    torch.testing.assert_close(mlp(x), hidden @ mlp.fc2.weight.T + mlp.fc2.bias, **TIGHT)
+
+
+def test_quick_gelu_differs_from_gelu() -> None:
+    # Loading OpenAI CLIP weights with the wrong GELU would silently degrade it: the two must not coincide.
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    quick = Mlp(1, 1, act="quick_gelu").act(x)
+    exact = Mlp(1, 1, act="gelu").act(x)
+    assert (quick - exact).abs().max() > 1e-3
+
+
+def test_unknown_activation_raises() -> None:
+    with pytest.raises(ValueError, match="swish"):
+        Mlp(4, 8, act="swish")
+
+
+def test_swiglu_matches_silu_gate_times_up() -> None:
+    torch.manual_seed(8)
+    mlp = _randomize(SwiGLU(6, 10, bias=True)).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    projected = x @ mlp.gate_up.weight.T + mlp.gate_up.bias
+    gate, up = projected[..., :10], projected[..., 10:]
+    expected = (gate / (1 + torch.exp(-gate)) * up) @ mlp.down.weight.T + mlp.down.bias
+    torch.testing.assert_close(mlp(x), expected, **TIGHT)
+    assert isinstance(build_mlp(6, 10, "swiglu"), SwiGLU)
+    assert isinstance(build_mlp(6, 10, "gelu"), Mlp)
+
+
+# --- norms
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rmsnorm_formula(dtype: torch.dtype) -> None:
+    torch.manual_seed(9)
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8))
+    x = (torch.randn(3, 4, 8, dtype=torch.float64) * 3 + 1).to(dtype)
+    x64 = x.double()
+    expected = x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    out = norm(x)
+    assert out.dtype == dtype
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out.double(), expected, **tol)
+
+
+def test_build_norm() -> None:
+    assert isinstance(build_norm("layernorm", 4, 1e-6), nn.LayerNorm)
+    assert isinstance(build_norm("rmsnorm", 4, 1e-6), RMSNorm)
+    with pytest.raises(ValueError, match="batchnorm"):
+        build_norm("batchnorm", 4, 1e-6)  # type: ignore[arg-type]
+
+
+def test_layernorm2d_equals_permuted_layernorm() -> None:
+    torch.manual_seed(10)
+    norm = _randomize(LayerNorm2d(5, eps=1e-6)).double()
+    reference = nn.LayerNorm(5, eps=1e-6).double()
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64) * 2 + 1
+    out = norm(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, reference(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), **TIGHT)
+    # Per pixel, the channels are normalised: with unit weight and zero bias, mean 0 and variance 1 over C.
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+    plain = norm(x)
+    torch.testing.assert_close(plain.mean(1), torch.zeros(2, 3, 4, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(plain.var(1, unbiased=False), torch.ones(2, 3, 4, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+# --- patch embedding
+
+
+@pytest.mark.parametrize(("height", "width", "grid"), [(32, 32, (4, 4)), (30, 36, (3, 4)), (16, 47, (2, 5))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_embed_equals_conv2d(height: int, width: int, grid: tuple[int, int], bias: bool) -> None:
+    torch.manual_seed(11)
+    embed = _randomize(PatchEmbed(8, 12, in_channels=3, bias=bias)).double()
+    pixels = torch.randn(2, 3, height, width, dtype=torch.float64)
+    tokens, out_grid = embed(pixels)
+    expected = F.conv2d(pixels, embed.proj.weight, embed.proj.bias, stride=8)  # (B, D, h, w), floors like conv
+    assert out_grid == grid == tuple(expected.shape[2:])
+    assert tokens.shape == (2, grid[0] * grid[1], 12)
+    torch.testing.assert_close(tokens, expected.flatten(2).transpose(1, 2), **TIGHT)
+
+
+# --- position embeddings
+
+
+def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (PyTorch's a = -0.75)."""
+
+    def near(d: float) -> float:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: float) -> float:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _resize_axis(x: torch.Tensor, size: int, axis: int) -> torch.Tensor:
+    """Bicubic resampling along one axis, align_corners=False, border taps clamped; one output at a time."""
+    x = x.movedim(axis, 0)
+    length = x.shape[0]
+    scale = length / size
+    out = []
+    for j in range(size):
+        source = (j + 0.5) * scale - 0.5
+        base = math.floor(source)
+        weights = _cubic_weights(source - base)
+        out.append(sum(w * x[min(max(base - 1 + i, 0), length - 1)] for i, w in enumerate(weights)))
+    return torch.stack(out).movedim(0, axis)
+
+
+def test_learned_pos_embed_native_grid_is_table_unchanged() -> None:
+    torch.manual_seed(12)
+    pos = LearnedPosEmbed2d((3, 4), 6, num_prefix=1)
+    assert pos.weight.shape == (1, 13, 6)
+    assert pos((3, 4)) is pos.weight
+
+
+@pytest.mark.parametrize(("num_prefix", "new_grid"), [(1, (5, 6)), (0, (2, 7)), (1, (3, 2))])
+def test_learned_pos_embed_bicubic_resize(num_prefix: int, new_grid: tuple[int, int]) -> None:
+    torch.manual_seed(13)
+    pos = LearnedPosEmbed2d((3, 4), 6, num_prefix=num_prefix).double()
+    with torch.no_grad():
+        pos.weight.normal_()
+    out = pos(new_grid)
+    assert out.shape == (1, num_prefix + new_grid[0] * new_grid[1], 6)
+    torch.testing.assert_close(out[:, :num_prefix], pos.weight[:, :num_prefix], rtol=0, atol=0)
+    table = pos.weight[0, num_prefix:].detach().reshape(3, 4, 6)  # (h, w, D), row-major
+    expected = _resize_axis(_resize_axis(table, new_grid[0], 0), new_grid[1], 1).reshape(-1, 6)
+    torch.testing.assert_close(out[0, num_prefix:], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_learned_pos_embed_resize_keeps_rows_and_columns_apart() -> None:
+    # A table that varies only down the rows must still vary only down the rows after resizing.
+    pos = LearnedPosEmbed2d((4, 3), 2)
+    with torch.no_grad():
+        rows = torch.arange(4.0)[:, None, None].expand(4, 3, 2)  # value = row index
+        pos.weight.copy_(rows.reshape(1, 12, 2))
+    out = pos((4, 5)).reshape(4, 5, 2)
+    torch.testing.assert_close(out, torch.arange(4.0)[:, None, None].expand(4, 5, 2))
+
+
+def test_sincos_2d_values() -> None:
+    grid, dim = (3, 5), 16
+    table = sincos_2d(grid, dim)
+    assert table.shape == (15, 16)
+    quarter = dim // 4
+    for index in range(15):
+        y, x = divmod(index, grid[1])
+        for k in range(quarter):
+            omega = 1.0 / 10000.0 ** (k / (quarter - 1))
+            expected = [math.sin(x * omega), math.cos(x * omega), math.sin(y * omega), math.cos(y * omega)]
+            got = [float(table[index, part * quarter + k]) for part in range(4)]
+            assert got == pytest.approx(expected, abs=1e-5), (index, k)
+
+
+def test_sincos_2d_rejects_dim_not_divisible_by_4() -> None:
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d((2, 2), 6)
+
+
+# --- transformer block pieces
+
+
+def test_drop_path_identity_in_eval_and_when_rate_zero() -> None:
+    x = torch.randn(16, 3, 4)
+    drop = DropPath(0.5).eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+def test_drop_path_train_drops_whole_samples_and_rescales() -> None:
+    torch.manual_seed(14)
+    x = torch.rand(20000, 2, 3) + 1.0  # strictly positive, so a kept sample is never all zeros
+    out = DropPath(0.25).train()(x)
+    dropped = (out == 0).flatten(1).all(dim=1)
+    kept = ~dropped
+    assert ((out == 0).flatten(1).any(dim=1) == dropped).all(), "a sample is dropped whole or not at all"
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    assert 0.2 < float(dropped.float().mean()) < 0.3
+    # Unbiased: the mean survives (std of this estimate is about 0.006).
+    torch.testing.assert_close(out.mean(), x.mean(), atol=0.03, rtol=0)
+
+
+def test_transformer_block_matches_reference() -> None:
+    torch.manual_seed(15)
+    block = _randomize(TransformerBlock(8, num_heads=2, mlp_dim=16, act="quick_gelu", layer_scale=0.5)).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    h = x + block.scale1.gamma * _reference_self_attention(
+        block.attn, F.layer_norm(x, (8,), block.norm1.weight, block.norm1.bias, block.norm1.eps), causal
+    )
+    hidden = F.layer_norm(h, (8,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    hidden = ACTIVATIONS["quick_gelu"](hidden @ block.mlp.fc1.weight.T + block.mlp.fc1.bias)
+    expected = h + block.scale2.gamma * (hidden @ block.mlp.fc2.weight.T + block.mlp.fc2.bias)
+    torch.testing.assert_close(block(x, is_causal=True), expected, **TIGHT)
+
+
+def test_transformer_block_causal_ignores_future_tokens() -> None:
+    torch.manual_seed(16)
+    block = _randomize(TransformerBlock(8, num_heads=2, mlp_dim=16)).eval()
+    x = torch.randn(2, 7, 8)
+    for t in range(6):
+        changed = x.clone()
+        changed[:, t + 1 :] = torch.randn(2, 6 - t, 8)
+        before, after = block(x, is_causal=True), block(changed, is_causal=True)
+        torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :])
+        # Without the causal flag the same change does reach position t.
+        assert not torch.allclose(block(changed)[:, : t + 1], block(x)[:, : t + 1])
