@@ -254,7 +254,9 @@ def test_layernorm2d_equals_permuted_layernorm() -> None:
         norm.bias.zero_()
     plain = norm(x)
     torch.testing.assert_close(plain.mean(1), torch.zeros(2, 3, 4, dtype=torch.float64), atol=1e-9, rtol=0)
-    torch.testing.assert_close(plain.var(1, unbiased=False), torch.ones(2, 3, 4, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        plain.var(1, unbiased=False), torch.ones(2, 3, 4, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 # --- patch embedding

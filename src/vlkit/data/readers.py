@@ -419,6 +419,7 @@ def make_webdataset(
     skip_bad: bool = False,
     caption_choice: CaptionChoice = "random",
     max_caption_chars: int = 1000,
+    pad_id: int = 0,
 ) -> ImageTextWebDataset:
     """An ``IterableDataset`` over WebDataset shards (brace pattern or list of URLs); see ``ImageTextWebDataset``."""
     return ImageTextWebDataset(
@@ -431,6 +432,7 @@ def make_webdataset(
         skip_bad=skip_bad,
         caption_choice=caption_choice,
         max_caption_chars=max_caption_chars,
+        pad_id=pad_id,
     )
 
 
@@ -657,6 +659,29 @@ def _captions_from_entry(entry: dict[str, Any], item: str) -> list[str]:
                 raise BadSampleError(item, f"'captions'[{position}] is empty")
             if caption.strip() not in captions:
                 captions.append(caption.strip())
+    return captions
+
+
+def webdataset_caption_sample(urls: str | Sequence[str], limit: int = 20_000) -> list[str]:
+    """Up to ``limit`` captions read straight from the shards' .txt/.json members (to fit a tokenizer)."""
+    import tarfile
+
+    captions: list[str] = []
+    for url in expand_shard_urls(urls):
+        with tarfile.open(url) as archive:
+            for member in archive:
+                if len(captions) >= limit:
+                    return captions
+                suffix = member.name.rsplit(".", 1)[-1]
+                if not member.isfile() or suffix not in ("txt", "json"):
+                    continue
+                data = archive.extractfile(member)
+                if data is None:
+                    continue
+                try:
+                    captions += _webdataset_captions({suffix: data.read()}, f"{url}:{member.name}", [suffix])
+                except BadSampleError:
+                    continue  # bad samples are reported (or skipped) when training reads them
     return captions
 
 

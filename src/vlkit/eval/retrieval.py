@@ -32,7 +32,7 @@ def retrieval_metrics(
     owner = torch.as_tensor(text_to_image, dtype=torch.long)
     similarity = (image_features.float() @ text_features.float().T).float()  # (N, M); autocast may hand back bf16
     num_images, num_texts = similarity.shape
-    if owner.shape != (num_texts,) or int(owner.max()) >= num_images:
+    if owner.shape != (num_texts,) or int(owner.max()) >= num_images or int(owner.min()) < 0:
         raise ValueError(f"text_to_image must map each of {num_texts} texts to one of {num_images} images")
     correct = owner[None, :] == torch.arange(num_images)[:, None]  # (N, M): text j belongs to image i
     # Rank of the best-ranked correct item: how many wrong items score at least as high. Ties count against

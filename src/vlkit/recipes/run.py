@@ -20,8 +20,11 @@ from vlkit.data.readers import (
     ImageTextRecord,
     ReadResult,
     ResumableSampler,
+    WebDatasetSource,
     collate_image_text,
+    make_webdataset,
     read_records,
+    webdataset_caption_sample,
 )
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.benchmarks import (
@@ -77,11 +80,13 @@ def _digits_records(data_dir: Path) -> list[ImageTextRecord]:
     return records
 
 
-def training_records(recipe: Recipe, out_dir: Path, train_data: str | None, skip_bad: bool, progress: bool) -> list:
+def training_records(
+    recipe: Recipe, out_dir: Path, train_data: str | None, skip_bad: bool, progress: bool
+) -> list[ImageTextRecord] | WebDatasetSource:
     if train_data is not None:
         result = read_records(train_data, skip_bad=skip_bad)
-        if not isinstance(result, ReadResult):
-            raise ValueError(f"{train_data}: WebDataset shards need the streaming trainer; give a manifest or CSV")
+        if isinstance(result, WebDatasetSource):
+            return result
         if not result.records:
             raise ValueError(f"{train_data}: no usable records")
         return result.records
@@ -90,13 +95,13 @@ def training_records(recipe: Recipe, out_dir: Path, train_data: str | None, skip
     return _shapes_records(recipe, out_dir / "data", progress)
 
 
-def build_tokenizer(recipe: Recipe, records: list[ImageTextRecord], out_dir: Path, max_len: int) -> Tokenizer:
+def build_tokenizer(recipe: Recipe, captions: list[str], out_dir: Path, max_len: int) -> Tokenizer:
     """A BPE fitted on the training captions and the evaluation prompts, saved in the run folder so a resumed
     run tokenizes exactly as the interrupted one did."""
     saved = out_dir / "tokenizer.json"
     if saved.exists():
         return Tokenizer.from_file(saved, max_len=max_len)
-    texts = [caption for record in records[:20_000] for caption in record.captions]
+    texts = list(captions)
     if recipe.data == "shapes":
         names = shapes.class_names(recipe.shapes)
         texts += [template.format(name) for name in names for template in SHAPES_TEMPLATES]
@@ -161,16 +166,27 @@ def run_recipe(
         max_len = (
             get_config(recipe.model).text.max_seq_len if init_model is None else init_model.config.text.max_seq_len
         )
-        tokenizer = build_tokenizer(recipe, records, out_dir, max_len)
+        captions = (
+            webdataset_caption_sample(records.urls)
+            if isinstance(records, WebDatasetSource)
+            else [caption for record in records[:20_000] for caption in record.captions]
+        )
+        tokenizer = build_tokenizer(recipe, captions, out_dir, max_len)
         model = init_model or build_recipe_model(recipe, tokenizer, None)
     model.tokenizer = tokenizer
 
     image_size = model.config.vision.image_size
     transform = ImageTransform(image_size=image_size)
-    dataset = ImageTextDataset(
-        records, transform, tokenizer.encode, tokenizer.max_len, seed=recipe.train.seed, skip_bad=skip_bad,
-        pad_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    if isinstance(records, WebDatasetSource):
+        dataset = make_webdataset(
+            records.urls, transform, tokenizer.encode, tokenizer.max_len, shuffle_buffer=1000,
+            seed=recipe.train.seed, skip_bad=skip_bad, pad_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    else:
+        dataset = ImageTextDataset(
+            records, transform, tokenizer.encode, tokenizer.max_len, seed=recipe.train.seed, skip_bad=skip_bad,
+            pad_id=tokenizer.pad_token_id,
+        )  # fmt: skip
     suite: EvalSuite = (
         digits_suite(transform)
         if recipe.data == "digits"

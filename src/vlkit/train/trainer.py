@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -245,7 +245,10 @@ class Trainer:
         self.evaluate = evaluate
         self.out_dir = Path(out_dir)
         self.log_path = self.out_dir / "log.jsonl"
-        dataset_length = len(dataset)
+        # A streaming (iterable) dataset, e.g. WebDataset shards, brings its own order: no sampler, and the data
+        # position is the number of samples consumed in the epoch, replayed and skipped on resume.
+        self.streaming = isinstance(dataset, IterableDataset)
+        dataset_length = config.micro_batch_size if self.streaming else len(dataset)
         if dataset_length < config.micro_batch_size:
             raise ValueError(
                 f"dataset has {dataset_length} samples, fewer than one micro-batch ({config.micro_batch_size})"
@@ -265,7 +268,7 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, self.lr_factor)
 
         self.dataset = dataset
-        self.sampler = (sampler_factory or _SeededSampler)(dataset_length, config.seed)
+        self.sampler = None if self.streaming else (sampler_factory or _SeededSampler)(dataset_length, config.seed)
         # Extra keys a sampler saves (seed, dataset size...) let it refuse a resume whose data order would differ.
         self.sampler_state: dict[str, Any] = {}
         # A private generator seeds the workers, so building a loader never consumes the global RNG stream.
@@ -346,6 +349,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        if self.streaming:
+            yield from self._streamed_micro_batches()
+            return
         micro_batch_size = self.config.micro_batch_size
         while True:
             # A checkpoint taken right after an epoch's last full micro-batch resumes with nothing left to read.
@@ -362,6 +368,27 @@ class Trainer:
                 for batch in self.loader:
                     self.position += micro_batch_size
                     yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def _streamed_micro_batches(self) -> Iterator[dict[str, Any]]:
+        micro_batch_size = self.config.micro_batch_size
+        while True:
+            dataset_set_epoch = getattr(self.dataset, "set_epoch", None)
+            if callable(dataset_set_epoch):
+                dataset_set_epoch(self.epoch)
+            self.generator.manual_seed(_epoch_seed(self.config.seed, self.epoch))
+            to_skip = self.position // micro_batch_size
+            yielded = False
+            for batch in self.loader:
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                yielded = True
+                self.position += micro_batch_size
+                yield batch
+            if not yielded and self.position == 0:
+                raise ValueError("the streaming dataset yielded no full batch in an epoch")
             self.epoch += 1
             self.position = 0
 
@@ -426,7 +453,11 @@ class Trainer:
     def _save(self) -> None:
         scheduler_state = {key: value for key, value in self.scheduler.state_dict().items() if key != "lr_lambdas"}
         state = {
-            "sampler": {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position},
+            "sampler": {
+                **(self.sampler.state_dict() if self.sampler is not None else {}),
+                "epoch": self.epoch,
+                "position": self.position,
+            },
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
             "scheduler": scheduler_state,
