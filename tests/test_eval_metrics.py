@@ -52,11 +52,6 @@ def test_retrieval_several_captions_per_image() -> None:
         "retrieval_t2i_r1": 0.5,
         "retrieval_t2i_r2": 1.0,
     }
-        "retrieval_i2t_r1": 0.5,
-        "retrieval_i2t_r2": 1.0,
-        "retrieval_t2i_r1": 0.5,
-        "retrieval_t2i_r2": 1.0,
-    }
 
 
 def test_retrieval_other_captions_of_the_same_image_are_not_competitors() -> None:

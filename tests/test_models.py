@@ -145,7 +145,7 @@ def test_save_pretrained_round_trip(name: str, tmp_path: Path) -> None:
 
 
 def test_from_pretrained_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         vlkit.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="neither"):
@@ -330,7 +330,7 @@ def test_vit_forward_features_at_another_size_interpolates_pos_embed() -> None:
         assert features.patch_tokens.shape == (2, 30, vit.dim)
         pooled = vit.forward_head(features)
         assert pooled.shape == (2, vit.dim) and torch.isfinite(pooled).all()
-        tokens, grid = vit.embed(pixels)
+        tokens, _ = vit.embed(pixels)
         patches = F.conv2d(pixels, vit.patch_embed.proj.weight, stride=8).flatten(2).transpose(1, 2)  # no bias
         table = vit.pos_embed.weight[0, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(5, 6), mode="bicubic", align_corners=False)
@@ -408,9 +408,12 @@ def _canonical_shapes(model: nn.Module) -> Counter[tuple[int, ...]]:
     return shapes
 
 
+TOWER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def _clip_reference(patch: int, vision: tuple[int, int, int, int], text: tuple[int, int, int, int], projection: int):
-    vision_config = dict(zip(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), vision))
-    text_config = dict(zip(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), text))
+    vision_config = dict(zip(TOWER_FIELDS, vision, strict=True))
+    text_config = dict(zip(TOWER_FIELDS, text, strict=True))
     config = transformers.CLIPConfig(
         vision_config={**vision_config, "patch_size": patch, "image_size": 224},
         text_config={**text_config, "vocab_size": 49408, "max_position_embeddings": 77},
