@@ -77,7 +77,7 @@ def rule(vlkit: str | tuple[str, ...], hf: str | tuple[str, ...], hf_shape: tupl
 def linear(vlkit: str, hf: str, bias: bool = True) -> list[Rule]:
     """A Linear, LayerNorm or convolution: ``.weight`` (and ``.bias``) under both prefixes."""
     rules = [rule(f"{vlkit}.weight", f"{hf}.weight")]
-    return rules + [rule(f"{vlkit}.bias", f"{hf}.bias")] if bias else rules
+    return [*rules, rule(f"{vlkit}.bias", f"{hf}.bias")] if bias else rules
 
 
 def clip_style_blocks(vlkit: str, hf: str, depth: int) -> list[Rule]:
@@ -170,13 +170,6 @@ def pop_position_ids(weights: dict[str, torch.Tensor], key: str, length: int, so
     ids = weights.pop(key)
     if ids.numel() != length or not torch.equal(ids.reshape(-1).long(), torch.arange(length)):
         raise ConversionError(f"{source}: {key} is not 0..{length - 1}; custom position ids are not supported")
-
-
-def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """Remove ``prefix`` from every key when the checkpoint uses it (a ``...ForImageClassification`` backbone)."""
-    if not any(key.startswith(prefix) for key in weights):
-        return weights, False
-    return {key.removeprefix(prefix): value for key, value in weights.items()}, True
 
 
 def activation_from_hf(name: str, where: str) -> str:

@@ -38,6 +38,13 @@ class PretrainedModel(nn.Module):
         _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         if self.tokenizer is not None:
             _atomic_write(path / "tokenizer.json", self.tokenizer.save)
+            # The special tokens by name, so a tokenizer imported with other names than vlkit's <pad>/<eos> reloads.
+            backend = self.tokenizer.backend
+            special = {
+                "eos_token": backend.id_to_token(self.tokenizer.eos_token_id),
+                "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
+            }
+            _atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
         return path
 
 
@@ -71,7 +78,12 @@ def load_vlkit_directory(path: Path) -> PretrainedModel:
         raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
     tokenizer_file = path / "tokenizer.json"
     if tokenizer_file.exists() and hasattr(config, "text"):
-        from vlkit.text import Tokenizer
+        if (path / "tokenizer_config.json").exists():
+            from vlkit.data.processors import load_tokenizer
 
-        model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=config.text.max_seq_len)
+            model.tokenizer = load_tokenizer(path, max_len=config.text.max_seq_len)
+        else:
+            from vlkit.text import Tokenizer
+
+            model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=config.text.max_seq_len)
     return model

@@ -1,0 +1,366 @@
+"""Processors for Hugging Face model directories: images, text -> ``pixel_values``, ``input_ids``, ``attention_mask``.
+
+``load_processor(path)`` reads ``preprocessor_config.json`` (+ ``tokenizer.json``) and prepares inputs the way
+transformers' processor for that model does, so a checkpoint sees the numbers it was trained on:
+
+- image: PIL RGB image (or uint8 array (H, W, 3)) -> float tensor (3, H, W); a batch -> (B, 3, H, W).
+  ``CLIPImageProcessor``: resize the shortest edge (bicubic), centre crop, rescale 1/255, normalise.
+  ``SiglipImageProcessor``: resize to a fixed (H, W) (bicubic), rescale, normalise with 0.5 / 0.5.
+  ``ViTImageProcessor``: resize to a fixed (H, W) (bilinear), rescale, normalise.
+  ``ConvNextImageProcessor``: below 384 px resize the shortest edge to size / crop_pct and centre crop to size;
+  from 384 px up, warp to size x size.
+- text: ids padded to ``max_length`` (the model's, capped by the tokenizer's own settings) with a mask, truncated
+  with the end-of-text token kept.
+
+The numbers follow transformers 5's PIL backend (``*ImageProcessorPil``), which ``AutoImageProcessor`` returns when
+torchvision is not installed: sizes from ``int(size * long / short)``, PIL resampling of the uint8 image, centre
+crop offsets floored (``(H - h) // 2``, zero padding when the image is smaller), rescale in float64 then float32,
+normalise in float32. With torchvision installed transformers 5 defaults to its torchvision backend instead, whose
+tensor resize differs from PIL's by small amounts. (vlkit's own ``ImageTransform`` follows OpenAI's torchvision
+pipeline, which rounds the crop offset instead of flooring it, so it is not reused here.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer as _HFTokenizer
+
+from vlkit.data.images import to_rgb
+from vlkit.data.transforms import CLIP_MEAN, CLIP_STD
+from vlkit.text import Tokenizer
+
+IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+Padding = Literal["max_length", "longest"]
+
+# Per image-processor family: transformers' class defaults, and whether an int ``size`` means a square.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": {
+        "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+        "do_center_crop": True, "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "square": False,
+    },
+    "SiglipImageProcessor": {
+        "size": {"height": 224, "width": 224}, "resample": 3, "do_convert_rgb": True,
+        "image_mean": IMAGENET_STANDARD, "image_std": IMAGENET_STANDARD, "square": False,
+    },
+    "ViTImageProcessor": {
+        "size": {"height": 224, "width": 224}, "resample": 2, "image_mean": IMAGENET_STANDARD,
+        "image_std": IMAGENET_STANDARD, "square": True,
+    },
+    "ConvNextImageProcessor": {
+        "size": {"shortest_edge": 384}, "resample": 3, "crop_pct": 224 / 256, "image_mean": IMAGENET_STANDARD,
+        "image_std": IMAGENET_STANDARD, "square": False,
+    },
+}  # fmt: skip
+_ALIASES = {
+    "CLIPFeatureExtractor": "CLIPImageProcessor",
+    "ViTFeatureExtractor": "ViTImageProcessor",
+    "ConvNextFeatureExtractor": "ConvNextImageProcessor",
+}
+# Text conventions of the dual encoders whose processors pad to a fixed length: (eos token, pad token, max length).
+_TEXT_DEFAULTS = {"clip": ("<|endoftext|>", "<|endoftext|>", 77), "siglip": ("</s>", "</s>", 64)}
+_HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """One image -> (3, H, W) float tensor. ``size``: an int is the shortest edge, a pair is (height, width).
+
+    ``crop_pct`` switches on ConvNeXt's resize (see the module docstring); ``family`` is the transformers class
+    whose semantics and defaults apply, and is written back as ``image_processor_type``.
+    """
+
+    family: str = "CLIPImageProcessor"
+    do_resize: bool = True
+    size: int | tuple[int, int] = 224
+    resample: int = 3
+    do_center_crop: bool = False
+    crop_size: tuple[int, int] | None = None
+    crop_pct: float | None = None
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.do_center_crop and self.crop_size is None:
+            raise ValueError("do_center_crop needs a crop_size")
+        if self.crop_pct is not None and not isinstance(self.size, int):
+            raise ValueError(f"crop_pct needs a shortest-edge size, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need three values (std positive), got {self.mean} and {self.std}")
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], where: str = "preprocessor_config.json") -> ImageProcessor:
+        name = str(data.get("image_processor_type") or data.get("feature_extractor_type") or "")
+        for suffix in ("Fast", "Pil"):
+            name = name.removesuffix(suffix)
+        name = _ALIASES.get(name, name)
+        if name not in _FAMILIES:
+            raise ValueError(f"{where}: image processor {name or '(none named)'!r} is not supported; known: "
+                             f"{sorted(_FAMILIES)}")  # fmt: skip
+        defaults = _FAMILIES[name]
+        merged = {**defaults, **{key: value for key, value in data.items() if value is not None}}
+        crop_pct = merged.get("crop_pct") if name == "ConvNextImageProcessor" else None
+        size = _size(merged["size"], defaults["square"], "size", where)
+        if crop_pct is not None and not isinstance(size, int):
+            raise ValueError(f"{where}: ConvNextImageProcessor needs size={{'shortest_edge': ...}}, got {size}")
+        crop = merged.get("crop_size")
+        crop_size = _size(crop, True, "crop_size", where) if crop is not None else None
+        return cls(
+            family=name,
+            do_resize=bool(merged.get("do_resize", True)),
+            size=size,
+            resample=int(merged["resample"]),
+            do_center_crop=bool(merged.get("do_center_crop", False)),
+            crop_size=crop_size if isinstance(crop_size, tuple) else None,
+            crop_pct=float(crop_pct) if crop_pct is not None else None,
+            do_rescale=bool(merged.get("do_rescale", True)),
+            rescale_factor=float(merged.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(merged.get("do_normalize", True)),
+            mean=_triple(merged["image_mean"]),
+            std=_triple(merged["image_std"]),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        size = (
+            {"shortest_edge": self.size}
+            if isinstance(self.size, int)
+            else dict(zip(("height", "width"), self.size, strict=True))
+        )
+        out: dict[str, Any] = {
+            "image_processor_type": self.family, "do_resize": self.do_resize, "size": size,
+            "resample": self.resample, "do_center_crop": self.do_center_crop, "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize, "image_mean": list(self.mean),
+            "image_std": list(self.std), "do_convert_rgb": True,
+        }  # fmt: skip
+        if self.crop_size is not None:
+            out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
+        if self.crop_pct is not None:
+            out["crop_pct"] = self.crop_pct
+        return out
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        image = to_rgb(_as_pil(image))
+        if self.do_resize:
+            image = self._resize(image)
+        array = np.array(image, dtype=np.uint8)  # (H, W, 3)
+        if self.do_center_crop:
+            assert self.crop_size is not None
+            array = _center_crop(array, self.crop_size)
+        pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W) uint8
+        # transformers rescales in float64 and rounds once to float32; dividing in float32 would differ by an ulp.
+        values = (pixels.double() * self.rescale_factor).float() if self.do_rescale else pixels.float()
+        if self.do_normalize:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+            values = (values - mean) / std
+        return values
+
+    def batch(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        tensors = [self(image) for image in images]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"images processed to different sizes {sorted(shapes)}; they cannot form one batch")
+        return torch.stack(tensors)  # (B, 3, H, W)
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if self.crop_pct is not None:
+            assert isinstance(self.size, int)
+            if self.size >= 384:  # ConvNeXt evaluates at 384 px and above without cropping
+                return image.resize((self.size, self.size), resample=self.resample)
+            new_height, new_width = _shortest_edge(height, width, int(self.size / self.crop_pct))
+            resized = image.resize((new_width, new_height), resample=self.resample)
+            return Image.fromarray(_center_crop(np.asarray(resized), (self.size, self.size)))
+        if isinstance(self.size, int):
+            new_height, new_width = _shortest_edge(height, width, self.size)
+        else:
+            new_height, new_width = self.size
+        return image.resize((new_width, new_height), resample=self.resample)
+
+
+@dataclass
+class ProcessorOutput:
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float32
+    input_ids: torch.Tensor | None = None  # (B, T) long
+    attention_mask: torch.Tensor | None = None  # (B, T) long, 1 = real token
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The inputs that are present, by name (e.g. for a transformers model's ``**inputs``)."""
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+@dataclass
+class Processor:
+    """``processor(images=..., text=...)`` -> ``ProcessorOutput``; either part may be absent."""
+
+    image_processor: ImageProcessor | None = None
+    tokenizer: Tokenizer | None = None
+    padding: Padding = "max_length"
+
+    def __call__(
+        self,
+        images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None,
+        text: str | Sequence[str] | None = None,
+    ) -> ProcessorOutput:
+        if images is None and text is None:
+            raise ValueError("pass images, text or both")
+        out = ProcessorOutput()
+        if images is not None:
+            if self.image_processor is None:
+                raise ValueError("this processor has no image processor (no preprocessor_config.json)")
+            batch = [images] if isinstance(images, Image.Image | np.ndarray) else list(images)
+            out.pixel_values = self.image_processor.batch(batch)
+        if text is not None:
+            if self.tokenizer is None:
+                raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+            tokens = self.tokenizer(text)
+            ids, mask = tokens.input_ids, tokens.attention_mask
+            if self.padding == "longest":
+                length = int(mask.sum(dim=1).max())
+                ids, mask = ids[:, :length], mask[:, :length]
+            out.input_ids, out.attention_mask = ids, mask
+        return out
+
+
+def load_processor(path: str | Path) -> Processor:
+    """The processor of a Hugging Face model directory (``preprocessor_config.json`` and/or ``tokenizer.json``)."""
+    directory = Path(path)
+    image_file = directory / "preprocessor_config.json"
+    image_processor = (
+        ImageProcessor.from_hf_dict(_read_json(image_file), str(image_file)) if image_file.exists() else None
+    )
+    model_type, max_len = None, None
+    if (directory / "config.json").exists():
+        config = _read_json(directory / "config.json")
+        model_type = config.get("model_type")
+        text_config = config.get("text_config") or {}
+        max_len = text_config.get("max_position_embeddings") or _TEXT_DEFAULTS.get(str(model_type), (0, 0, None))[2]
+    loaded = _read_tokenizer(directory, max_len, model_type)
+    if image_processor is None and loaded is None:
+        raise FileNotFoundError(f"{directory}: neither preprocessor_config.json nor tokenizer.json")
+    tokenizer, padding = loaded if loaded is not None else (None, "max_length")
+    return Processor(image_processor, tokenizer, padding)
+
+
+def load_tokenizer(path: str | Path, max_len: int | None = None, model_type: str | None = None) -> Tokenizer | None:
+    """vlkit ``Tokenizer`` for a directory's ``tokenizer.json`` (``None`` without one).
+
+    End-of-text and padding tokens come from ``tokenizer_config.json`` / ``special_tokens_map.json``, else from
+    the conventions of ``model_type``. The length is the smallest of ``max_len`` (the text tower's), the
+    tokenizer's ``model_max_length`` and the truncation / fixed-padding lengths stored in ``tokenizer.json``.
+    """
+    loaded = _read_tokenizer(Path(path), max_len, model_type)
+    return loaded[0] if loaded is not None else None
+
+
+def _read_tokenizer(directory: Path, max_len: int | None, model_type: str | None) -> tuple[Tokenizer, Padding] | None:
+    file = directory / "tokenizer.json"
+    if not file.exists():
+        return None
+    backend = _HFTokenizer.from_file(str(file))
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).exists():
+            settings.update({k: v for k, v in _read_json(directory / name).items() if v is not None})
+    default_eos, default_pad, _ = _TEXT_DEFAULTS.get(str(model_type), (None, None, None))
+    padding_settings, truncation = backend.padding, backend.truncation
+    eos = _token_text(settings.get("eos_token")) or default_eos
+    pad = _token_text(settings.get("pad_token")) or (padding_settings or {}).get("pad_token") or default_pad or eos
+    if eos is None:
+        raise ValueError(f"{directory}: no eos_token in tokenizer_config.json and no convention for {model_type!r}")
+    ids = {role: backend.token_to_id(token) for role, token in (("eos", eos), ("pad", pad))}
+    unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
+    if unknown:
+        raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
+    if padding_settings and str(padding_settings.get("direction", "right")).lower() != "right":
+        raise ValueError(f"{file}: pads on the left; vlkit's text towers expect right padding")
+    lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
+    lengths.append((padding_settings or {}).get("length"))
+    usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
+    if not usable:
+        raise ValueError(f"{directory}: cannot tell the maximum text length (no model_max_length or max_len)")
+    padding: Padding = "longest" if padding_settings and padding_settings.get("length") is None else "max_length"
+    # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
+    backend.no_padding()
+    backend.no_truncation()
+    return Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable)), padding
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _size(value: Any, square: bool, name: str, where: str) -> int | tuple[int, int]:
+    """transformers' size conventions -> an int (shortest edge) or (height, width)."""
+    if isinstance(value, int):
+        return (value, value) if square else value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    if isinstance(value, dict):
+        if set(value) == {"shortest_edge"}:
+            return int(value["shortest_edge"])
+        if set(value) == {"height", "width"}:
+            return (int(value["height"]), int(value["width"]))
+    raise ValueError(f"{where}: {name}={value!r} is not supported (use shortest_edge, or height and width)")
+
+
+def _triple(value: Any) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"expected three channel values, got {value}")
+    return (values[0], values[1], values[2])
+
+
+def _as_pil(image: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        return Image.fromarray(image)
+    raise TypeError(f"expected a PIL image or a uint8 array (H, W[, C]), got {type(image).__name__}")
+
+
+def _shortest_edge(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``size``; the longer side truncated after a float division, as in
+    transformers' ``get_resize_output_image_size`` (exact integer arithmetic would differ in rare cases)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (new_long, size) if width <= height else (size, new_long)
+
+
+def _center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) -> (h, w, C) around the centre, offsets floored; a smaller image is zero-padded to fit."""
+    crop_height, crop_width = size
+    height, width = array.shape[:2]
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    if top >= 0 and left >= 0:
+        return array[top : top + crop_height, left : left + crop_width]
+    new_height, new_width = max(crop_height, height), max(crop_width, width)
+    canvas = np.zeros((new_height, new_width, *array.shape[2:]), dtype=array.dtype)
+    pad_top, pad_left = math.ceil((new_height - height) / 2), math.ceil((new_width - width) / 2)
+    canvas[pad_top : pad_top + height, pad_left : pad_left + width] = array
+    top, left = top + pad_top, left + pad_left
+    return canvas[max(0, top) : min(new_height, top + crop_height), max(0, left) : min(new_width, left + crop_width)]
