@@ -86,9 +86,8 @@ def _from_json(hint: Any, value: Any) -> Any:
             config_options = [a for a in options if dataclasses.is_dataclass(a)]
             return config_from_dict(config_options[0] if config_options else dict, value)
         for option in options:
-            if get_origin(option) is tuple or option is tuple:
-                if isinstance(value, list):
-                    return _from_json(option, value)
+            if (get_origin(option) is tuple or option is tuple) and isinstance(value, list):
+                return _from_json(option, value)
         return value
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return config_from_dict(hint, value)
@@ -99,7 +98,6 @@ def _from_json(hint: Any, value: Any) -> Any:
         if args:
             return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
         return tuple(value)
-    if origin is typing.Literal:
-        if value not in get_args(hint):
-            raise ValueError(f"{value!r} is not one of {get_args(hint)}")
+    if origin is typing.Literal and value not in get_args(hint):
+        raise ValueError(f"{value!r} is not one of {get_args(hint)}")
     return value

@@ -28,8 +28,9 @@ from vlkit.convert.common import (
     write_json,
     write_weights,
 )
-from vlkit.data.processors import Processor, load_tokenizer
+from vlkit.data.processors import Processor
 from vlkit.models import DualEncoder, ImageClassifier
+from vlkit.text.tokenizer import load_tokenizer
 
 FORMATS: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (clip, siglip, vit, convnext)}
 

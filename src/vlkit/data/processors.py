@@ -22,24 +22,21 @@ pipeline, which rounds the crop offset instead of flooring it, so it is not reus
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer as _HFTokenizer
 
 from vlkit.data.images import to_rgb
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD
-from vlkit.text import Tokenizer
+from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, read_json, read_tokenizer_directory
 
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
-Padding = Literal["max_length", "longest"]
 
 # Per image-processor family: transformers' class defaults, and whether an int ``size`` means a square.
 _FAMILIES: dict[str, dict[str, Any]] = {
@@ -67,8 +64,6 @@ _ALIASES = {
     "ConvNextFeatureExtractor": "ConvNextImageProcessor",
 }
 # Text conventions of the dual encoders whose processors pad to a fixed length: (eos token, pad token, max length).
-_TEXT_DEFAULTS = {"clip": ("<|endoftext|>", "<|endoftext|>", 77), "siglip": ("</s>", "</s>", 64)}
-_HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
 
 
 @dataclass(frozen=True)
@@ -239,79 +234,19 @@ def load_processor(path: str | Path) -> Processor:
     directory = Path(path)
     image_file = directory / "preprocessor_config.json"
     image_processor = (
-        ImageProcessor.from_hf_dict(_read_json(image_file), str(image_file)) if image_file.exists() else None
+        ImageProcessor.from_hf_dict(read_json(image_file), str(image_file)) if image_file.exists() else None
     )
     model_type, max_len = None, None
     if (directory / "config.json").exists():
-        config = _read_json(directory / "config.json")
+        config = read_json(directory / "config.json")
         model_type = config.get("model_type")
         text_config = config.get("text_config") or {}
-        max_len = text_config.get("max_position_embeddings") or _TEXT_DEFAULTS.get(str(model_type), (0, 0, None))[2]
-    loaded = _read_tokenizer(directory, max_len, model_type)
+        max_len = text_config.get("max_position_embeddings") or TEXT_DEFAULTS.get(str(model_type), (0, 0, None))[2]
+    loaded = read_tokenizer_directory(directory, max_len, model_type)
     if image_processor is None and loaded is None:
         raise FileNotFoundError(f"{directory}: neither preprocessor_config.json nor tokenizer.json")
     tokenizer, padding = loaded if loaded is not None else (None, "max_length")
     return Processor(image_processor, tokenizer, padding)
-
-
-def load_tokenizer(path: str | Path, max_len: int | None = None, model_type: str | None = None) -> Tokenizer | None:
-    """vlkit ``Tokenizer`` for a directory's ``tokenizer.json`` (``None`` without one).
-
-    End-of-text and padding tokens come from ``tokenizer_config.json`` / ``special_tokens_map.json``, else from
-    the conventions of ``model_type``. The length is the smallest of ``max_len`` (the text tower's), the
-    tokenizer's ``model_max_length`` and the truncation / fixed-padding lengths stored in ``tokenizer.json``.
-    """
-    loaded = _read_tokenizer(Path(path), max_len, model_type)
-    return loaded[0] if loaded is not None else None
-
-
-def _read_tokenizer(directory: Path, max_len: int | None, model_type: str | None) -> tuple[Tokenizer, Padding] | None:
-    file = directory / "tokenizer.json"
-    if not file.exists():
-        return None
-    backend = _HFTokenizer.from_file(str(file))
-    settings: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (directory / name).exists():
-            settings.update({k: v for k, v in _read_json(directory / name).items() if v is not None})
-    default_eos, default_pad, _ = _TEXT_DEFAULTS.get(str(model_type), (None, None, None))
-    padding_settings, truncation = backend.padding, backend.truncation
-    eos = _token_text(settings.get("eos_token")) or default_eos
-    pad = _token_text(settings.get("pad_token")) or (padding_settings or {}).get("pad_token") or default_pad or eos
-    if eos is None:
-        raise ValueError(f"{directory}: no eos_token in tokenizer_config.json and no convention for {model_type!r}")
-    ids = {role: backend.token_to_id(token) for role, token in (("eos", eos), ("pad", pad))}
-    unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
-    if unknown:
-        raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
-    if padding_settings and str(padding_settings.get("direction", "right")).lower() != "right":
-        raise ValueError(f"{file}: pads on the left; vlkit's text towers expect right padding")
-    lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
-    lengths.append((padding_settings or {}).get("length"))
-    usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
-    if not usable:
-        raise ValueError(f"{directory}: cannot tell the maximum text length (no model_max_length or max_len)")
-    padding: Padding = "longest" if padding_settings and padding_settings.get("length") is None else "max_length"
-    # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
-    backend.no_padding()
-    backend.no_truncation()
-    return Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable)), padding
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 def _size(value: Any, square: bool, name: str, where: str) -> int | tuple[int, int]:

@@ -101,7 +101,7 @@ class ConvNeXt(nn.Module):
         x = self.stem(pixels)
         for stage in self.stages:
             x = stage(x)
-        batch, channels, height, width = x.shape
+        height, width = x.shape[-2:]
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         return EncoderOutput(tokens, (height, width), 0)
 

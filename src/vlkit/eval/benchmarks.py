@@ -60,9 +60,9 @@ class EvalSuite:
             images = encode_images(model, zero_shot_set.pixels.split(self.batch_size))
             result = zero_shot_classify(images, classes, zero_shot_set.labels)
             # "zero_shot_heldout" -> zero_shot_top1_heldout: the suffix names the image set, not the metric.
-            prefix, _, suffix = key.partition("_heldout")
-            metrics[f"{prefix}_top1{'_heldout' if _ else ''}"] = result.top1
-            metrics[f"{prefix}_top5{'_heldout' if _ else ''}"] = result.top5
+            prefix, heldout, _ = key.partition("_heldout")
+            metrics[f"{prefix}_top1{heldout}"] = result.top1
+            metrics[f"{prefix}_top5{heldout}"] = result.top5
             self.last_details[key] = result
         if self.retrieval is not None:
             device = next(model.parameters()).device

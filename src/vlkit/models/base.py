@@ -79,7 +79,7 @@ def load_vlkit_directory(path: Path) -> PretrainedModel:
     tokenizer_file = path / "tokenizer.json"
     if tokenizer_file.exists() and hasattr(config, "text"):
         if (path / "tokenizer_config.json").exists():
-            from vlkit.data.processors import load_tokenizer
+            from vlkit.text.tokenizer import load_tokenizer
 
             model.tokenizer = load_tokenizer(path, max_len=config.text.max_seq_len)
         else:

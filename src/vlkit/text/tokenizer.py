@@ -7,15 +7,21 @@ user's own captions) and names its special tokens ``<pad>`` (id 0), ``<bos>`` (1
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Conventions of foreign checkpoints whose tokenizer files do not name their special tokens: (eos, pad, length).
+TEXT_DEFAULTS = {"clip": ("<|endoftext|>", "<|endoftext|>", 77), "siglip": ("</s>", "</s>", 64)}
+_HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
+Padding = Literal["max_length", "longest"]
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Tokenizer:
             if len(tokens) > length:
                 if not truncate:
                     raise ValueError(f"text {texts[row][:60]!r} has {len(tokens)} tokens; at most {length} fit")
-                tokens = tokens[: length - 1] + [self.eos_token_id]
+                tokens = [*tokens[: length - 1], self.eos_token_id]
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         return TokenBatch(ids, mask)
@@ -88,3 +94,65 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_len: int =
         single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)]
     )
     return Tokenizer(backend, backend.token_to_id("<pad>"), eos, max_len)
+
+
+def load_tokenizer(path: str | Path, max_len: int | None = None, model_type: str | None = None) -> Tokenizer | None:
+    """vlkit ``Tokenizer`` for a directory's ``tokenizer.json`` (``None`` without one).
+
+    End-of-text and padding tokens come from ``tokenizer_config.json`` / ``special_tokens_map.json``, else from
+    the conventions of ``model_type``. The length is the smallest of ``max_len`` (the text tower's), the
+    tokenizer's ``model_max_length`` and the truncation / fixed-padding lengths stored in ``tokenizer.json``.
+    """
+    loaded = read_tokenizer_directory(Path(path), max_len, model_type)
+    return loaded[0] if loaded is not None else None
+
+
+def read_tokenizer_directory(
+    directory: Path, max_len: int | None, model_type: str | None
+) -> tuple[Tokenizer, Padding] | None:
+    file = directory / "tokenizer.json"
+    if not file.exists():
+        return None
+    backend = _HFTokenizer.from_file(str(file))
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).exists():
+            settings.update({k: v for k, v in read_json(directory / name).items() if v is not None})
+    default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
+    padding_settings, truncation = backend.padding, backend.truncation
+    eos = _token_text(settings.get("eos_token")) or default_eos
+    pad = _token_text(settings.get("pad_token")) or (padding_settings or {}).get("pad_token") or default_pad or eos
+    if eos is None:
+        raise ValueError(f"{directory}: no eos_token in tokenizer_config.json and no convention for {model_type!r}")
+    ids = {role: backend.token_to_id(token) for role, token in (("eos", eos), ("pad", pad))}
+    unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
+    if unknown:
+        raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
+    if padding_settings and str(padding_settings.get("direction", "right")).lower() != "right":
+        raise ValueError(f"{file}: pads on the left; vlkit's text towers expect right padding")
+    lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
+    lengths.append((padding_settings or {}).get("length"))
+    usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
+    if not usable:
+        raise ValueError(f"{directory}: cannot tell the maximum text length (no model_max_length or max_len)")
+    padding: Padding = "longest" if padding_settings and padding_settings.get("length") is None else "max_length"
+    # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
+    backend.no_padding()
+    backend.no_truncation()
+    return Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable)), padding
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
