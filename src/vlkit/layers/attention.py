@@ -8,11 +8,45 @@ mask and causal flag (Vaswani et al., 2017). ``CrossAttention``: queries from on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlkit.layers.mlp import build_mlp
+
+
+@functools.cache
+def _cpu_bf16_attention_is_slow() -> bool:
+    # Without AMX tiles, PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: measured on an AVX-512
+    # (avx512_bf16) CPU, forward + backward of ViT/text-sized attention takes 1.1-2x the time of the same kernel on
+    # fp32 copies of q, k, v (bench/README.md). AMX CPUs keep the bf16 kernel.
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return not (is_amx is not None and is_amx())
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q, k, v should have when they reach SDPA: fp32 instead of bf16 on CPUs where that is faster."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_bf16_attention_is_slow():
+        return torch.float32
+    return x.dtype
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` in the dtype of q, k, v, even under CPU autocast.
+
+    Autocast would cast the fp32 q, k, v that ``_attention_dtype`` asked for back to bf16; callers cast the output
+    back themselves. Without autocast (plain fp32 training) this is exactly the plain call.
+    """
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -40,8 +74,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        qkv = self.qkv(x)
+        dtype = qkv.dtype
+        qkv = qkv.to(_attention_dtype(qkv)).view(batch, length, 3, self.num_heads, self.head_dim)
+        # Unbinding dim 2 (not a permuted dim 0) gives the same strided views, but autograd's stack then writes the
+        # q/k/v gradients straight into a contiguous (B, N, 3, heads, head_dim) tensor: one copy fewer per layer.
+        q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # 3 x (B, heads, N, head_dim)
         if is_causal and mask is not None:
             # SDPA takes a mask or is_causal, not both: fold the causal pattern into the mask instead of dropping it.
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()  # (N, N)
@@ -49,8 +87,8 @@ class Attention(nn.Module):
                 mask = mask & causal
             else:
                 mask = mask + torch.zeros_like(causal, dtype=mask.dtype).masked_fill(~causal, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-        return self.proj(_merge_heads(out))
+        out = _sdpa(q, k, v, mask, is_causal and mask is None)
+        return self.proj(_merge_heads(out).to(dtype))
 
 
 class CrossAttention(nn.Module):
@@ -75,11 +113,13 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = context.shape
-        q = _split_heads(self.q(x), self.num_heads)  # (B, heads, M, head_dim)
-        kv = self.kv(context).view(batch, length, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(_merge_heads(out))
+        q, kv = self.q(x), self.kv(context)
+        dtype = q.dtype
+        q = _split_heads(q.to(_attention_dtype(q)), self.num_heads)  # (B, heads, M, head_dim)
+        kv = kv.to(_attention_dtype(kv)).view(batch, length, 2, self.num_heads, self.head_dim)
+        k, v = (part.transpose(1, 2) for part in kv.unbind(2))  # 2 x (B, heads, N, head_dim)
+        out = _sdpa(q, k, v, mask)
+        return self.proj(_merge_heads(out).to(dtype))
 
 
 class AttentionPool(nn.Module):
