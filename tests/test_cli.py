@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import vlkit
@@ -159,3 +160,33 @@ def test_train_streams_webdataset_shards_and_resumes(tmp_path: Path) -> None:
     run_cli(*args, "--steps", "4", "--save-every", "2", "--resume")
     resumed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [record["loss"] for record in resumed if "loss" in record] == losses
+
+
+def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Path) -> None:
+    import transformers
+
+    from test_convert import _clip_tokenizer
+
+    tokenizer = _clip_tokenizer(max_len=32)
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    manifest = _manifest_with_a_bad_image(tmp_path / "data")
+    out = tmp_path / "run"
+    run_cli("train", "--recipe", "clip_shapes", "--out", str(out), "--init", str(tmp_path / "hf"), "--lock", "image",
+            "--train-data", str(manifest), "--skip-bad", "--steps", "2", "--quiet",
+            "--set", "train.batch_size=8", "eval_size=8", "train.eval_every=null")  # fmt: skip
+    before, after = vlkit.from_pretrained(tmp_path / "hf"), vlkit.from_pretrained(out / "model")
+    assert after.tokenizer is not None and after.tokenizer.eos_token_id == tokenizer.eos_token_id
+    image_before, image_after = before.image_encoder.state_dict(), after.image_encoder.state_dict()
+    assert all(torch.equal(image_before[name], image_after[name]) for name in image_before)
+    text_before, text_after = before.text_encoder.state_dict(), after.text_encoder.state_dict()
+    assert not all(torch.equal(text_before[name], text_after[name]) for name in text_before)

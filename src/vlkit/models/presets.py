@@ -176,7 +176,7 @@ def shapes_clip() -> DualEncoderConfig:
 @register_preset
 def shapes_siglip() -> DualEncoderConfig:
     return DualEncoderConfig(
-        vision=_shapes_vision(pool="map", act="gelu_tanh"),
-        text=_shapes_text(causal=False, pool="last", act="gelu_tanh"),
+        vision=_shapes_vision(pool="map"),
+        text=_shapes_text(causal=False, pool="last"),
         embed_dim=128, projection_bias=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
     )  # fmt: skip

@@ -6,6 +6,7 @@ checkpoints under ``out/checkpoints``, and the final model in ``out/model`` (loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ def training_records(
     return _shapes_records(recipe, out_dir / "data", progress)
 
 
+def _captions(records: list[ImageTextRecord] | WebDatasetSource, limit: int = 20_000) -> list[str]:
+    if isinstance(records, WebDatasetSource):
+        return webdataset_caption_sample(records.urls, limit)
+    return [caption for record in records[:limit] for caption in record.captions]
+
+
 def build_tokenizer(recipe: Recipe, captions: list[str], out_dir: Path, max_len: int) -> Tokenizer:
     """A BPE fitted on the training captions and the evaluation prompts, saved in the run folder so a resumed
     run tokenizes exactly as the interrupted one did."""
@@ -113,20 +120,24 @@ def build_tokenizer(recipe: Recipe, captions: list[str], out_dir: Path, max_len:
     return tokenizer
 
 
-def build_recipe_model(recipe: Recipe, tokenizer: Tokenizer | None, init: str | None) -> DualEncoder:
-    if init is not None:
-        from vlkit.hub import from_pretrained
+def load_init_model(recipe: Recipe, init: str) -> DualEncoder:
+    """The dual encoder to fine-tune: a vlkit or Hugging Face directory (its own architecture and tokenizer)."""
+    from vlkit.hub import from_pretrained
 
-        model = from_pretrained(init)
-        if not isinstance(model, DualEncoder):
-            raise ValueError(f"--init {init}: a {type(model).__name__}, but recipe {recipe.name} trains a dual encoder")
-        return model
-    config = get_config(recipe.model)
-    overrides = dict(recipe.model_overrides)
-    if tokenizer is not None:
-        overrides.setdefault("text.vocab_size", tokenizer.vocab_size)
+    model = from_pretrained(init)
+    if not isinstance(model, DualEncoder):
+        raise ValueError(f"--init {init}: a {type(model).__name__}, but recipe {recipe.name} trains a dual encoder")
+    if recipe.model_overrides:
+        logger.warning("--init %s: the architecture comes from the checkpoint; ignoring %s", init,
+                       sorted(recipe.model_overrides))  # fmt: skip
+    return model
+
+
+def build_recipe_model(recipe: Recipe, tokenizer: Tokenizer) -> DualEncoder:
+    """The recipe's preset with its overrides and a vocabulary sized to the tokenizer, seeded by the recipe."""
+    overrides = {"text.vocab_size": tokenizer.vocab_size, **recipe.model_overrides}
     torch.manual_seed(recipe.train.seed)
-    model = build_model(apply_overrides(config, overrides))
+    model = build_model(apply_overrides(get_config(recipe.model), overrides))
     assert isinstance(model, DualEncoder)
     return model
 
@@ -158,21 +169,20 @@ def run_recipe(
     (out_dir / "recipe.json").write_text(json.dumps(_recipe_json(recipe), indent=2) + "\n")
 
     records = training_records(recipe, out_dir, train_data, skip_bad, progress)
-    init_model = build_recipe_model(recipe, None, init) if init else None
-    if init_model is not None and init_model.tokenizer is not None:
-        tokenizer = init_model.tokenizer
-        model = init_model
+    if init is not None:
+        model = load_init_model(recipe, init)
+        if model.tokenizer is None:
+            logger.warning("--init %s has no tokenizer.json: fitting a new tokenizer on the training captions", init)
+            tokenizer = build_tokenizer(recipe, _captions(records), out_dir, model.config.text.max_seq_len)
+            if tokenizer.vocab_size > model.config.text.vocab_size:
+                raise ValueError(f"--init {init}: a new tokenizer's {tokenizer.vocab_size} tokens do not fit the "
+                                 f"checkpoint's {model.config.text.vocab_size}-token embedding")  # fmt: skip
+        else:
+            tokenizer = model.tokenizer
     else:
-        max_len = (
-            get_config(recipe.model).text.max_seq_len if init_model is None else init_model.config.text.max_seq_len
-        )
-        captions = (
-            webdataset_caption_sample(records.urls)
-            if isinstance(records, WebDatasetSource)
-            else [caption for record in records[:20_000] for caption in record.captions]
-        )
-        tokenizer = build_tokenizer(recipe, captions, out_dir, max_len)
-        model = init_model or build_recipe_model(recipe, tokenizer, None)
+        max_len = get_config(recipe.model).text.max_seq_len
+        tokenizer = build_tokenizer(recipe, _captions(records), out_dir, max_len)
+        model = build_recipe_model(recipe, tokenizer)
     model.tokenizer = tokenizer
 
     image_size = model.config.vision.image_size
@@ -194,7 +204,9 @@ def run_recipe(
     )
     loss_fn = SigLipLoss() if model.config.loss == "siglip" else ClipLoss()
     train_config = (
-        recipe.train.replace(param_groups=recipe.param_group_rules()) if recipe.lock != "none" else recipe.train
+        dataclasses.replace(recipe.train, param_groups=recipe.param_group_rules())
+        if recipe.lock != "none"
+        else recipe.train
     )
     trainer = Trainer(
         model,
@@ -239,8 +251,6 @@ def write_figures(suite: EvalSuite, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _recipe_json(recipe: Recipe) -> dict[str, Any]:
-    import dataclasses
-
     data = dataclasses.asdict(recipe)
     data["train"] = recipe.train.to_dict()
     return data
