@@ -79,15 +79,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlkit import from_pretrained
-    from vlkit.data.shapes import ShapesConfig
     from vlkit.data.transforms import ImageTransform
     from vlkit.eval import digits_suite, shapes_suite
+    from vlkit.recipes import get_recipe
 
     model = from_pretrained(args.model).eval()
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: zero-shot evaluation needs one")
     transform = ImageTransform(image_size=model.config.vision.image_size)
-    suite = digits_suite(transform) if args.suite == "digits" else shapes_suite(ShapesConfig(), transform, args.size)
+    shapes_config = get_recipe(args.recipe).shapes
+    suite = digits_suite(transform) if args.suite == "digits" else shapes_suite(shapes_config, transform, args.size)
     metrics = suite(model, model.tokenizer)
     _print_metrics(metrics)
     if args.out:
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--suite", choices=["shapes", "digits"], default="shapes")
     evaluate.add_argument("--size", type=int, default=400)
+    evaluate.add_argument("--recipe", default="siglip_shapes", help="the recipe whose ShapesWorld settings to use")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=cmd_eval)
 
