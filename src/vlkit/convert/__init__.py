@@ -22,13 +22,11 @@ from vlkit.convert import clip, convnext, siglip, vit
 from vlkit.convert.common import (
     ConversionError,
     HFCheckpoint,
-    atomic_write,
-    read_json,
     read_weights,
-    write_json,
     write_weights,
 )
 from vlkit.data.processors import Processor
+from vlkit.files import atomic_write, read_json, write_json
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.text.tokenizer import load_tokenizer
 

@@ -13,11 +13,8 @@ pickled ``pytorch_model.bin`` checkpoints are refused rather than unpickled.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from vlkit.files import atomic_write, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -219,16 +218,6 @@ def logit_scale_limit(weights: dict[str, torch.Tensor], key: str, default: float
 # --- files
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
@@ -264,21 +253,6 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (safe_open is not a dict)
-
-
-def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(target: Path, data: dict[str, Any]) -> None:
-    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def write_weights(target: Path, weights: dict[str, torch.Tensor]) -> None:

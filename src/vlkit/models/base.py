@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlkit.config import config_from_dict
+from vlkit.files import atomic_write
 
 MODEL_CLASSES: dict[str, type[PretrainedModel]] = {}
 FORMAT_VERSION = 1
@@ -33,30 +32,19 @@ class PretrainedModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         config = {"vlkit_format": FORMAT_VERSION, **self.config.to_dict()}
-        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         if self.tokenizer is not None:
-            _atomic_write(path / "tokenizer.json", self.tokenizer.save)
+            atomic_write(path / "tokenizer.json", self.tokenizer.save)
             # The special tokens by name, so a tokenizer imported with other names than vlkit's <pad>/<eos> reloads.
             backend = self.tokenizer.backend
             special = {
                 "eos_token": backend.id_to_token(self.tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
             }
-            _atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
+            atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
         return path
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_model(config: Any) -> PretrainedModel:

@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from vlkit.files import write_text_atomic
+
 __all__ = ["load_checkpoint", "load_latest", "save_checkpoint", "write_text_atomic"]
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -58,16 +60,6 @@ def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
     for entry in root.iterdir():
         if entry.is_dir() and entry.name.startswith(_STEP_PREFIX) and entry.name[len(_STEP_PREFIX) :].isdigit():
             yield int(entry.name[len(_STEP_PREFIX) :]), entry
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
-    temporary = path.with_name(f"{_TEMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
