@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from vlkit.convert.common import (
     ConversionError,
     HFCheckpoint,
@@ -165,13 +167,8 @@ def export(model: DualEncoder) -> HFCheckpoint:
     config = model.config
     vision, text = config.vision, config.text
     where = "CLIP export"
-    if not isinstance(vision, ViTConfig):
-        raise ConversionError(f"{where}: the image tower is {type(vision).__name__}; HF CLIPModel needs a ViT")
-    problems = vit_tower_problems(vision)
     wanted = {"class_token": True, "pre_norm": True, "final_norm": "pooled", "pool": "cls", "patch_bias": False}
-    problems += [
-        f"vision.{k}={getattr(vision, k)!r} (CLIP has {v!r})" for k, v in wanted.items() if getattr(vision, k) != v
-    ]
+    problems = image_tower_export_problems(vision, "CLIP", "CLIPModel", wanted)
     problems += text_tower_problems(text, causal=True, pools=("argmax", "eos"))
     if text.pool == "eos" and text.eos_token_id == LEGACY_EOS:
         problems.append("text.pool='eos' with eos_token_id=2, which transformers reads as legacy argmax pooling")
@@ -180,10 +177,7 @@ def export(model: DualEncoder) -> HFCheckpoint:
     if config.logit_bias_init is not None:
         problems.append("CLIP has no logit_bias (a sigmoid-loss model exports as SigLIP)")
     raise_if(problems, where)
-    rules = _rules(config)
-    weights = export_weights(model, rules)
-    # vlkit clamps the scale at max_logit_scale and transformers does not: export the value vlkit actually uses.
-    weights["logit_scale"] = weights["logit_scale"].clamp(max=math.log(config.max_logit_scale))
+    weights = export_dual_encoder_weights(model, _rules(config))
     hf_config = {
         "architectures": list(ARCHITECTURES),
         "model_type": MODEL_TYPE,
@@ -202,6 +196,25 @@ def export(model: DualEncoder) -> HFCheckpoint:
         },
     }
     return HFCheckpoint(hf_config, weights)
+
+
+def image_tower_export_problems(vision: object, family: str, hf_class: str, wanted: dict[str, object]) -> list[str]:
+    """What stops a dual encoder's image tower from exporting as ``family``: not a ViT is fatal at once; otherwise
+    every option that differs from the family's fixed architecture (``wanted``) or that HF cannot express."""
+    if not isinstance(vision, ViTConfig):
+        raise ConversionError(f"{family} export: the image tower is {type(vision).__name__}; HF {hf_class} needs a ViT")
+    problems = vit_tower_problems(vision)
+    problems += [
+        f"vision.{k}={getattr(vision, k)!r} ({family} has {v!r})" for k, v in wanted.items() if getattr(vision, k) != v
+    ]
+    return problems
+
+
+def export_dual_encoder_weights(model: DualEncoder, rules: list[Rule]) -> dict[str, torch.Tensor]:
+    weights = export_weights(model, rules)
+    # vlkit clamps the scale at max_logit_scale and transformers does not: export the value vlkit actually uses.
+    weights["logit_scale"] = weights["logit_scale"].clamp(max=math.log(model.config.max_logit_scale))
+    return weights
 
 
 def vit_tower_problems(vision: ViTConfig) -> list[str]:

@@ -14,13 +14,14 @@ import math
 from typing import Any
 
 from vlkit.convert.clip import (
+    export_dual_encoder_weights,
+    image_tower_export_problems,
     sub_config,
     text_rules,
     text_tower,
     text_tower_fields,
     text_tower_problems,
     vit_tower_fields,
-    vit_tower_problems,
 )
 from vlkit.convert.common import (
     ConversionError,
@@ -29,7 +30,6 @@ from vlkit.convert.common import (
     activation_from_hf,
     check_channels,
     clip_style_blocks,
-    export_weights,
     linear,
     load_weights,
     logit_scale_limit,
@@ -145,21 +145,15 @@ def export(model: DualEncoder) -> HFCheckpoint:
     config = model.config
     vision, text = config.vision, config.text
     where = "SigLIP export"
-    if not isinstance(vision, ViTConfig):
-        raise ConversionError(f"{where}: the image tower is {type(vision).__name__}; HF SiglipModel needs a ViT")
-    problems = vit_tower_problems(vision)
     wanted = {"class_token": False, "pre_norm": False, "final_norm": "tokens", "pool": "map", "patch_bias": True}
-    problems += [
-        f"vision.{k}={getattr(vision, k)!r} (SigLIP has {v!r})" for k, v in wanted.items() if getattr(vision, k) != v
-    ]
+    problems = image_tower_export_problems(vision, "SigLIP", "SiglipModel", wanted)
     problems += text_tower_problems(text, causal=False, pools=("last",))
     if config.image_projection != "none" or config.text_projection != "linear" or not config.projection_bias:
         problems.append("SigLIP has no image projection and a biased linear text head")
     if config.logit_bias_init is None:
         problems.append("SigLIP needs a logit_bias")
     raise_if(problems, where)
-    weights = export_weights(model, _rules(config))
-    weights["logit_scale"] = weights["logit_scale"].clamp(max=math.log(config.max_logit_scale))
+    weights = export_dual_encoder_weights(model, _rules(config))
     hf_config = {
         "architectures": list(ARCHITECTURES),
         "model_type": MODEL_TYPE,
