@@ -19,7 +19,7 @@ import vlkit
 from vlkit.config import config_from_dict
 from vlkit.encoders import ConvNeXtConfig, ViT, ViTConfig
 from vlkit.layers import DropPath
-from vlkit.losses import ClipLoss, SigLipLoss
+from vlkit.losses import build_contrastive_loss, contrastive_loss_inputs
 from vlkit.models import DualEncoder, DualEncoderConfig, DualEncoderOutput, ImageClassifier
 from vlkit.text import TextConfig, TextTransformer
 
@@ -79,8 +79,9 @@ def test_preset_forward_backward(name: str) -> None:
         assert out.logit_scale.ndim == 0
         torch.testing.assert_close(out.logit_scale, torch.tensor(math.exp(model.config.logit_scale_init)))
         assert (out.logit_bias is None) == (model.config.logit_bias_init is None)
-        loss_fn = SigLipLoss(chunk_size=2) if model.config.loss == "siglip" else ClipLoss()
-        loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        options = {} if model.config.loss == "clip" else {"chunk_size": 2}
+        loss_fn = build_contrastive_loss(model.config.loss, **options)
+        loss = loss_fn(**contrastive_loss_inputs(out))
     else:
         assert isinstance(model, ImageClassifier)
         with torch.no_grad():  # the head starts at zero, which would zero every gradient below it

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from vlkit.data import shapes
-from vlkit.eval.retrieval import RetrievalResult, retrieval_metrics
-from vlkit.eval.zero_shot import ZeroShotResult, class_embeddings, encode_images, zero_shot_classify
+from vlkit.eval.retrieval import RetrievalResult, evaluate_retrieval
+from vlkit.eval.zero_shot import ZeroShotResult, evaluate_zero_shot
 from vlkit.models import DualEncoder
 from vlkit.text import Tokenizer
 
@@ -56,23 +56,20 @@ class EvalSuite:
     def __call__(self, model: DualEncoder, tokenizer: Tokenizer) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for key, zero_shot_set in self.zero_shot.items():
-            classes = class_embeddings(model, tokenizer, zero_shot_set.class_names, zero_shot_set.templates)
-            images = encode_images(model, zero_shot_set.pixels.split(self.batch_size))
-            result = zero_shot_classify(images, classes, zero_shot_set.labels)
+            result = evaluate_zero_shot(
+                model, tokenizer, zero_shot_set.class_names, zero_shot_set.templates,
+                zero_shot_set.pixels.split(self.batch_size), zero_shot_set.labels,
+            )  # fmt: skip
             # "zero_shot_heldout" -> zero_shot_top1_heldout: the suffix names the image set, not the metric.
             prefix, heldout, _ = key.partition("_heldout")
             metrics[f"{prefix}_top1{heldout}"] = result.top1
             metrics[f"{prefix}_top5{heldout}"] = result.top5
             self.last_details[key] = result
         if self.retrieval is not None:
-            device = next(model.parameters()).device
-            images = encode_images(model, self.retrieval.pixels.split(self.batch_size))
-            texts = []
-            for start in range(0, len(self.retrieval.texts), self.batch_size):
-                batch = tokenizer(self.retrieval.texts[start : start + self.batch_size])
-                ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-                texts.append(model.encode_text(ids, mask, normalize=True).float().cpu())
-            result = retrieval_metrics(images, torch.cat(texts), self.retrieval.text_to_image)
+            result = evaluate_retrieval(
+                model, tokenizer, self.retrieval.pixels.split(self.batch_size), self.retrieval.texts,
+                self.retrieval.text_to_image, self.batch_size,
+            )  # fmt: skip
             metrics.update(result.as_dict())
             self.last_details["retrieval"] = result
         return metrics

@@ -1,14 +1,22 @@
 """Image <-> text retrieval recall@K (Karpathy-style: an image may own several captions).
 
 image_features (N, E), text_features (M, E), text_to_image (M,) -> R@1/5/10 in both directions.
+
+FILIP models (token-wise interaction, Yao et al., 2021) rank texts for an image by the image -> text similarity and
+images for a text by the text -> image one: ``similarity_retrieval_metrics`` takes the two matrices separately and
+``evaluate_retrieval`` picks the branch from the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from vlkit.losses import filip_similarity
+from vlkit.models import DualEncoder
+from vlkit.text import Tokenizer
 
 
 @dataclass
@@ -29,8 +37,23 @@ def retrieval_metrics(
     text_to_image: Sequence[int] | torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
 ) -> RetrievalResult:
-    owner = torch.as_tensor(text_to_image, dtype=torch.long)
     similarity = (image_features.float() @ text_features.float().T).float()  # (N, M); autocast may hand back bf16
+    return similarity_retrieval_metrics(similarity, similarity, text_to_image, ks)
+
+
+def similarity_retrieval_metrics(
+    image_to_text_similarity: torch.Tensor,
+    text_to_image_similarity: torch.Tensor,
+    text_to_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> RetrievalResult:
+    """Recall@K from precomputed (N, M) similarities: images rank texts by the first, texts rank images by the
+    second (the same matrix for a pooled dual encoder)."""
+    owner = torch.as_tensor(text_to_image, dtype=torch.long)
+    similarity = image_to_text_similarity.float().cpu()
+    text_similarity = text_to_image_similarity.float().cpu()
+    if text_similarity.shape != similarity.shape:
+        raise ValueError(f"similarity shapes differ: {tuple(similarity.shape)} vs {tuple(text_similarity.shape)}")
     num_images, num_texts = similarity.shape
     if owner.shape != (num_texts,) or int(owner.max()) >= num_images or int(owner.min()) < 0:
         raise ValueError(f"text_to_image must map each of {num_texts} texts to one of {num_images} images")
@@ -39,10 +62,41 @@ def retrieval_metrics(
     # the model, so a collapsed embedding (all scores equal) scores zero rather than perfect.
     best_correct_text = similarity.masked_fill(~correct, float("-inf")).max(dim=1).values  # (N,)
     image_rank = ((similarity >= best_correct_text[:, None]) & ~correct).sum(dim=1)
-    own_score = similarity[owner, torch.arange(num_texts)]  # (M,)
-    text_rank = ((similarity >= own_score[None, :]) & ~correct).sum(dim=0)
+    own_score = text_similarity[owner, torch.arange(num_texts)]  # (M,)
+    text_rank = ((text_similarity >= own_score[None, :]) & ~correct).sum(dim=0)
     return RetrievalResult(
         image_to_text={k: float((image_rank < k).float().mean()) for k in ks},
         text_to_image={k: float((text_rank < k).float().mean()) for k in ks},
         similarity=similarity,
     )
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: DualEncoder,
+    tokenizer: Tokenizer,
+    pixel_batches: Iterable[torch.Tensor],
+    texts: Sequence[str],
+    text_to_image: Sequence[int] | torch.Tensor,
+    batch_size: int = 256,
+    ks: Sequence[int] = (1, 5, 10),
+) -> RetrievalResult:
+    """Retrieval with the model's own similarity: pooled cosine, or FILIP's two token-wise similarities."""
+    from vlkit.eval.zero_shot import encode_images, encode_texts_as_tokens, uses_token_interaction
+
+    device = next(model.parameters()).device
+    if not uses_token_interaction(model):
+        text_features = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start : start + batch_size]))
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            text_features.append(model.encode_text(ids, mask, normalize=True).float().cpu())
+        return retrieval_metrics(encode_images(model, pixel_batches), torch.cat(text_features), text_to_image, ks)
+    text_tokens, text_mask = encode_texts_as_tokens(model, tokenizer, texts, batch_size)
+    image_to_text, text_to_image_rows = [], []
+    for pixels in pixel_batches:  # (b, N, E) image tokens per batch, never the whole set's at once
+        image_tokens = model.encode_image_tokens(pixels.to(device)).float().cpu()
+        i2t, t2i = filip_similarity(image_tokens, text_tokens, text_mask)  # (b, M) each
+        image_to_text.append(i2t)
+        text_to_image_rows.append(t2i)
+    return similarity_retrieval_metrics(torch.cat(image_to_text), torch.cat(text_to_image_rows), text_to_image, ks)
