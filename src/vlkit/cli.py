@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,9 +50,38 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
+    kept: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == name:
+            skip_next = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
+def _launch_workers(args: argparse.Namespace) -> int:
+    """``vlkit train --nproc N ...``: the same command under ``torchrun --standalone --nproc_per_node N``."""
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc launches its own processes; under torchrun leave it out")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "vlkit", *_without_option(args.argv, "--nproc")]  # fmt: skip
+    return subprocess.run(command, check=False).returncode
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vlkit.recipes import get_recipe
     from vlkit.recipes.run import run_recipe
+    from vlkit.train.distributed import distributed_context
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        return _launch_workers(args)
 
     overrides = _parse_overrides(args.set or [])
     if args.steps is not None:
@@ -63,17 +93,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lock is not None:
         overrides["lock"] = args.lock
     recipe = get_recipe(args.recipe).with_overrides(overrides)
-    result = run_recipe(
-        recipe,
-        args.out,
-        train_data=args.train_data,
-        skip_bad=args.skip_bad,
-        resume=args.resume,
-        init=args.init,
-        progress=not args.quiet,
-    )
-    _print_metrics(result.metrics)
-    print(f"report: {Path(args.out) / 'report.html'}")
+    # Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) this joins the process group; alone it is a no-op.
+    with distributed_context(None if args.device == "auto" else args.device) as info:
+        result = run_recipe(
+            recipe,
+            args.out,
+            train_data=args.train_data,
+            skip_bad=args.skip_bad,
+            resume=args.resume,
+            init=args.init,
+            progress=not args.quiet,
+            strategy=args.strategy,
+            device=info.device,
+        )
+    if info.is_main:
+        _print_metrics(result.metrics)
+        print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -167,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="start from a vlkit or Hugging Face model directory")
     train.add_argument("--lock", choices=["none", "image", "text"], help="freeze a tower (LiT: image)")
     train.add_argument("--precision", choices=["fp32", "bf16"])
+    train.add_argument("--nproc", type=int, help="launch N processes on this machine (torchrun --standalone)")
+    train.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                       help="ddp (replicated weights) or fsdp (FSDP2, sharded); default ddp")  # fmt: skip
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="auto: the local rank's GPU when CUDA is available, else the CPU")  # fmt: skip
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.lr=1e-3")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)
@@ -189,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The raw arguments, for `train --nproc` to hand on to the processes it launches.
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.command == "data":
         from vlkit.data.shapes import shapes_main
 
@@ -199,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VLKIT_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"vlkit: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"vlkit: error: {f'[rank {rank}] ' if rank is not None else ''}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlkit: interrupted", file=sys.stderr)

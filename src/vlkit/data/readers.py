@@ -15,12 +15,15 @@ logged and counted instead (readers return ``ReadResult.skipped``; datasets yiel
 function drops and counts in ``batch["skipped"]``).
 
 ``ResumableSampler`` gives a shuffled order that is a pure function of (seed, epoch) and can resume mid-epoch,
-so an interrupted run continues with exactly the samples it had not yet seen.
+so an interrupted run continues with exactly the samples it had not yet seen. The trainer uses it with
+``num_replicas=1`` as the *global* order and gives each rank a contiguous slice of every global micro-batch
+(``vlkit.train.distributed.GlobalBatchSampler``), so the samples of a step do not depend on the world size.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -300,10 +303,12 @@ def collate_image_text(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]
 class ImageTextWebDataset(torch.utils.data.IterableDataset):
     """Streams image-text samples from WebDataset shards; build it with ``make_webdataset``.
 
-    Shards are shuffled with (seed, epoch) before being split across ranks (``wds.split_by_node``) and
+    Shards are shuffled with (seed, epoch) before being split across ranks (rank r takes shards r, r + W, ...) and
     DataLoader workers (``wds.split_by_worker``), so every process sees the same shard order and together they
     read each shard once per epoch; samples are then shuffled in a buffer of ``shuffle_buffer`` seeded by
     (seed, epoch, rank, worker). Give at least as many shards as ranks x workers, or some workers idle.
+    The rank and world size are read in the main process (at construction and ``set_epoch``), because a worker
+    started with "spawn" or "forkserver" has no process group to ask.
     Shard-level failures (a truncated tar) are logged and the rest of that shard is skipped when
     ``skip_bad``; only sample-level failures yield ``None``.
     """
@@ -338,20 +343,23 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         self.pad_id = pad_id
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
+        self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch for shard order, sample shuffle and caption choice (before creating the iterator)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
+        self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        _, _, worker, _ = wds.utils.pytorch_worker_info()
+        rank = self.rank
         shuffling = self.shuffle_buffer > 0
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             self._shuffle_shards if shuffling else None,
-            wds.split_by_node,
+            self._split_by_rank,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=self._handle_shard_error),
             wds.shuffle(
@@ -364,6 +372,9 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
             self._decode_samples,
         )
         return iter(pipeline)
+
+    def _split_by_rank(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        yield from itertools.islice(shards, self.rank, None, self.world_size)
 
     def _shuffle_shards(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         shard_list = list(shards)

@@ -2,6 +2,10 @@
 
 Outputs (the contract other parts rely on): ``out/metrics.json``, ``out/log.jsonl``, ``out/report.html``,
 checkpoints under ``out/checkpoints``, and the final model in ``out/model`` (loadable with ``vlkit.from_pretrained``).
+
+Under torchrun every rank calls ``run_recipe``: rank 0 renders the data and fits the tokenizer first and the other
+ranks then read its files; all ranks train (``strategy`` "ddp" or "fsdp") and evaluate; only rank 0 writes the
+outputs above (an FSDP model is gathered to rank 0 as one ordinary single-file vlkit model).
 """
 
 from __future__ import annotations
@@ -37,19 +41,22 @@ from vlkit.eval.benchmarks import (
     digits_suite,
     shapes_suite,
 )
-from vlkit.losses import ClipLoss, SigLipLoss
+from vlkit.losses import build_contrastive_loss, contrastive_loss_inputs
 from vlkit.models import DualEncoder
 from vlkit.models.base import build_model
 from vlkit.recipes.base import Recipe
 from vlkit.registry import apply_overrides, get_config
 from vlkit.text import Tokenizer, train_tokenizer
-from vlkit.train import StepOutput, Trainer, plot_confusion_matrix, plot_retrieval_grid, write_report
+from vlkit.train import StepOutput, Trainer, distributed, plot_confusion_matrix, plot_retrieval_grid, write_report
+from vlkit.train.distributed import Strategy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RunResult:
+    """``model`` is the trained plain model on rank 0; on other ranks of an FSDP run it is their sharded module."""
+
     metrics: dict[str, Any]
     out_dir: Path
     model: DualEncoder
@@ -145,7 +152,7 @@ def build_recipe_model(recipe: Recipe, tokenizer: Tokenizer) -> DualEncoder:
 def contrastive_step(loss_fn: torch.nn.Module):
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-        loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        loss = loss_fn(**contrastive_loss_inputs(out))
         metrics = {"logit_scale": float(out.logit_scale.detach())}
         if out.logit_bias is not None:
             metrics["logit_bias"] = float(out.logit_bias.detach())
@@ -154,20 +161,10 @@ def contrastive_step(loss_fn: torch.nn.Module):
     return step
 
 
-def run_recipe(
-    recipe: Recipe,
-    out_dir: str | Path,
-    *,
-    train_data: str | None = None,
-    skip_bad: bool = False,
-    resume: bool = False,
-    init: str | None = None,
-    progress: bool = True,
-) -> RunResult:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(_recipe_json(recipe), indent=2) + "\n")
-
+def _prepare(
+    recipe: Recipe, out_dir: Path, train_data: str | None, skip_bad: bool, init: str | None, progress: bool
+) -> tuple[list[ImageTextRecord] | WebDatasetSource, Tokenizer, DualEncoder]:
+    """The training records, the tokenizer and the model to train (the same on every rank)."""
     records = training_records(recipe, out_dir, train_data, skip_bad, progress)
     if init is not None:
         model = load_init_model(recipe, init)
@@ -184,6 +181,37 @@ def run_recipe(
         tokenizer = build_tokenizer(recipe, _captions(records), out_dir, max_len)
         model = build_recipe_model(recipe, tokenizer)
     model.tokenizer = tokenizer
+    return records, tokenizer, model
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    train_data: str | None = None,
+    skip_bad: bool = False,
+    resume: bool = False,
+    init: str | None = None,
+    progress: bool = True,
+    strategy: Strategy = "ddp",
+    device: torch.device | str = "cpu",
+) -> RunResult:
+    """Train ``recipe`` into ``out_dir``; in a torchrun process group each rank calls this (see the module doc)."""
+    out_dir = Path(out_dir)
+    main = distributed.is_main_process()
+    progress = progress and main
+    with distributed.main_process_first():
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "recipe.json").write_text(json.dumps(_recipe_json(recipe), indent=2) + "\n")
+        # Rank 0 renders / fits and saves; the others then find the data and tokenizer.json and read them.
+        records, tokenizer, model = _prepare(recipe, out_dir, train_data, skip_bad, init, progress)
+    workers = max(1, recipe.train.num_workers)
+    if isinstance(records, WebDatasetSource) and len(records.urls) < distributed.get_world_size() * workers:
+        raise ValueError(
+            f"{len(records.urls)} shards for {distributed.get_world_size()} ranks x {workers} loader workers: "
+            "every worker needs at least one shard"
+        )
 
     image_size = model.config.vision.image_size
     transform = ImageTransform(image_size=image_size)
@@ -202,7 +230,7 @@ def run_recipe(
         if recipe.data == "digits"
         else shapes_suite(recipe.shapes, transform, recipe.eval_size, recipe.eval_size)
     )
-    loss_fn = SigLipLoss() if model.config.loss == "siglip" else ClipLoss()
+    loss_fn = build_contrastive_loss(model.config.loss)
     train_config = (
         dataclasses.replace(recipe.train, param_groups=recipe.param_group_rules())
         if recipe.lock != "none"
@@ -216,16 +244,29 @@ def run_recipe(
         contrastive_step(loss_fn),
         out_dir,
         evaluate=lambda m: suite(m, tokenizer),
+        device=device,
+        # The global order; the trainer hands each rank its slice of every global micro-batch.
         sampler_factory=lambda length, seed: ResumableSampler(range(length), seed=seed),
+        strategy=strategy,
     )
     result = trainer.fit(resume=resume)
 
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
                                "skipped": result.skipped, "recipe": recipe.name}  # fmt: skip
-    model.save_pretrained(out_dir / "model")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    figures = write_figures(suite, out_dir)
-    write_report(out_dir, f"vlkit · {recipe.name}", metrics, out_dir / "log.jsonl", figures, [recipe.description])
+    if distributed.is_sharded(trainer.model):
+        # Every rank takes part in the gather; rank 0 rebuilds an ordinary model from the full weights.
+        full_state = trainer.full_state_dict()
+        if main:
+            model = build_model(model.config)
+            model.load_state_dict(full_state)
+            model.tokenizer = tokenizer
+    if main:
+        model.save_pretrained(out_dir / "model")
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        figures = write_figures(suite, out_dir)
+        write_report(out_dir, f"vlkit · {recipe.name}", metrics, out_dir / "log.jsonl", figures, [recipe.description])
+    # Nobody returns (and perhaps exits, tearing the process group down) before rank 0 has written the outputs.
+    distributed.barrier()
     return RunResult(metrics, out_dir, model)
 
 

@@ -7,6 +7,13 @@ clipping, a resumable data order, JSONL + TensorBoard logs, periodic evaluation 
 (``checkpoint.py``). A run killed after a checkpoint and resumed with ``fit(resume=True)`` finishes
 bit-identical (on CPU) to one that was never interrupted: weights, optimizer, scheduler, data position and every
 RNG state are restored.
+
+Distributed (``distributed.py``; launched by torchrun): ``config.batch_size`` is the *global* batch. Each of the W
+ranks computes ``batch_size / (grad_accum * W)`` samples per micro-batch, and rank r's micro-batch is the r-th
+contiguous slice of the single-process micro-batch, so a run computes the same thing whatever W is (up to
+floating-point summation order). The logged loss and metrics are means over ranks; only rank 0 writes the log,
+TensorBoard and checkpoints (FSDP2: every rank writes its shards). Evaluation runs on every rank on identical inputs
+(FSDP2 forwards are collectives), so the ranks get identical results and nobody waits at a barrier for long.
 """
 
 import contextlib
@@ -30,8 +37,19 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from vlkit.train.checkpoint import load_checkpoint, load_latest, save_checkpoint, write_text_atomic
-from vlkit.train.optim import ParamGroupRule, build_param_groups, lr_lambda
+from vlkit.train import distributed
+from vlkit.train.checkpoint import (
+    capture_rng_state,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_latest,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    write_text_atomic,
+)
+from vlkit.train.distributed import GlobalBatchSampler, Strategy
+from vlkit.train.optim import ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
 
 __all__ = ["ResumableSamplerProtocol", "StepOutput", "TrainConfig", "TrainResult", "Trainer"]
 
@@ -41,7 +59,8 @@ _RESUME_SAFE_FIELDS = {"eval_every", "save_every", "keep_checkpoints", "num_work
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one training run; ``batch_size`` is the number of samples per optimizer step."""
+    """Hyperparameters of one training run; ``batch_size`` is the number of samples per optimizer step, summed
+    over all ranks of a distributed run (the global batch)."""
 
     steps: int
     batch_size: int
@@ -49,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    optimizer: Literal["adamw", "lamb"] = "adamw"
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
@@ -96,6 +116,8 @@ class TrainConfig:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.optimizer not in ("adamw", "lamb"):
+            problems.append(f"optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         for name in ("eval_every", "save_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -111,7 +133,18 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
+        """Samples per micro-batch over all ranks together (the global micro-batch)."""
         return self.batch_size // self.grad_accum
+
+    def local_micro_batch_size(self, world_size: int) -> int:
+        """Samples per micro-batch on each of ``world_size`` ranks; a clear error if they do not divide evenly."""
+        if self.batch_size % (self.grad_accum * world_size):
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch; it must be divisible by grad_accum "
+                f"({self.grad_accum}) x world size ({world_size}) = {self.grad_accum * world_size}, so that every "
+                "rank gets the same number of samples per micro-batch"
+            )
+        return self.batch_size // (self.grad_accum * world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,7 +175,8 @@ class ResumableSamplerProtocol(Protocol):
     """A sampler whose order is a function of (seed, epoch) and that can start mid-epoch.
 
     ``position`` is the number of samples of the epoch already consumed; ``vlkit.data.readers.ResumableSampler``
-    implements it (with sharding across ranks).
+    implements it. The trainer wants the *global* order (the same on every rank, ``num_replicas=1``) and slices it
+    per rank itself, so ``position`` counts global samples and a checkpoint resumes on any number of ranks.
     """
 
     def __iter__(self) -> Iterator[int]: ...
@@ -207,23 +241,24 @@ def _flatten_scalars(values: dict[str, Any], prefix: str) -> Iterator[tuple[str,
             yield f"{prefix}/{key}", float(value)
 
 
-def _make_adamw(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    options = {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay}
-    if device.type in ("cpu", "cuda"):
-        try:
-            # add_param_group fills defaults into the dicts it gets, so a failed attempt must not see the originals.
-            return torch.optim.AdamW([dict(group) for group in groups], fused=True, **options)
-        except RuntimeError:
-            pass
-    return torch.optim.AdamW([dict(group) for group in groups], foreach=device.type != "cpu", **options)
+class _NullLog(contextlib.nullcontext):
+    """Stands in for the log file on ranks other than 0: writes go nowhere."""
+
+    def __enter__(self) -> "_NullLog":
+        return self
+
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 class Trainer:
     """Train ``model`` with ``step_fn`` on ``dataset`` following ``config``; write logs and checkpoints to ``out_dir``.
 
     ``collate_fn`` turns a list of samples into a dict of tensors; it may add ``"skipped": int`` for bad samples
-    it dropped, which the trainer counts and logs. ``sampler_factory(dataset_len, seed)`` builds the data order
-    (a ``ResumableSamplerProtocol``); by default a private seeded permutation sampler is used.
+    it dropped, which the trainer counts and logs. ``sampler_factory(dataset_len, seed)`` builds the global data
+    order (a ``ResumableSamplerProtocol`` over the whole dataset, the same on every rank; the trainer slices it per
+    rank); by default a private seeded permutation sampler is used. ``strategy`` ("ddp" or "fsdp") only matters
+    under an initialised process group with more than one rank; "fsdp" also selects sharded checkpoints.
     """
 
     def __init__(
@@ -237,9 +272,17 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         device: torch.device | str = "cpu",
         sampler_factory: Callable[[int, int], Sampler[int]] | None = None,
+        strategy: Strategy = "ddp",
     ) -> None:
+        if strategy not in distributed.STRATEGIES:
+            raise ValueError(f"strategy must be one of {distributed.STRATEGIES}, got {strategy!r}")
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.strategy = strategy
+        self.rank = distributed.get_rank()
+        self.world_size = distributed.get_world_size()
+        self.is_main = self.rank == 0
+        self.local_micro_batch_size = config.local_micro_batch_size(self.world_size)
+        self.module = model.to(self.device)
         self.config = config
         self.step_fn = step_fn
         self.evaluate = evaluate
@@ -254,10 +297,17 @@ class Trainer:
                 f"dataset has {dataset_length} samples, fewer than one micro-batch ({config.micro_batch_size})"
             )
 
-        groups = build_param_groups(model, config.param_groups, config.lr, config.weight_decay)
+        # Freezing happens here, before wrapping: DDP and FSDP2 read requires_grad when they wrap.
+        groups = build_param_groups(self.module, config.param_groups, config.lr, config.weight_decay)
         if not groups:
             raise ValueError("the model has no trainable parameters after applying the param group rules")
-        self.optimizer = _make_adamw(groups, config, self.device)
+        self.model = distributed.wrap_model(self.module, strategy, self.device)
+        if distributed.is_sharded(self.model):
+            # fully_shard replaced every parameter by a DTensor shard: the groups must hold the new objects.
+            groups = build_param_groups(self.module, config.param_groups, config.lr, config.weight_decay)
+        self.optimizer = build_optimizer(
+            groups, config.optimizer, config.lr, config.betas, config.eps, config.weight_decay, self.device
+        )
         self.lr_factor = partial(
             lr_lambda,
             total_steps=config.steps,
@@ -271,12 +321,19 @@ class Trainer:
         self.sampler = None if self.streaming else (sampler_factory or _SeededSampler)(dataset_length, config.seed)
         # Extra keys a sampler saves (seed, dataset size...) let it refuse a resume whose data order would differ.
         self.sampler_state: dict[str, Any] = {}
+        # Workers are seeded per rank (rank 0 as a single process would be), so ranks do not share augmentations.
+        self.data_seed = distributed.rank_seed(config.seed, self.rank)
         # A private generator seeds the workers, so building a loader never consumes the global RNG stream.
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(self.data_seed)
+        rank_sampler = (
+            None
+            if self.sampler is None
+            else GlobalBatchSampler(self.sampler, config.micro_batch_size, self.rank, self.world_size)
+        )
         self.loader = DataLoader(
             dataset,
-            batch_size=config.micro_batch_size,
-            sampler=self.sampler,
+            batch_size=self.local_micro_batch_size,
+            sampler=rank_sampler,
             collate_fn=collate_fn,
             drop_last=True,
             num_workers=config.num_workers,
@@ -293,8 +350,11 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``config.steps``; with ``resume`` continue from the latest checkpoint in ``out_dir`` if any."""
         config = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = load_latest(self.out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 decides, so ranks never disagree about which checkpoint (if any) they continue.
+        latest = load_latest(self.out_dir) if self.is_main else None
+        checkpoint = distributed.broadcast_object(latest)
         if checkpoint is not None and not resume:
             raise FileExistsError(
                 f"{self.out_dir} already holds checkpoints (latest {checkpoint.name}); "
@@ -303,23 +363,30 @@ class Trainer:
         self.model.train()
         if checkpoint is None:
             self._seed_everything()
-            write_text_atomic(self.log_path, "")
+            if self.is_main:
+                write_text_atomic(self.log_path, "")
         else:
             # Restores the RNG states too, so nothing that draws random numbers may run between here and the loop.
-            self._load_state(load_checkpoint(checkpoint, self.model, self.optimizer))
-            self._truncate_log()
+            self._load_state(self._load_checkpoint(checkpoint))
+            if self.is_main:
+                self._truncate_log()
 
-        writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1 if checkpoint else None)
-        progress = tqdm(total=config.steps, initial=self.step, disable=not config.progress, desc="train")
+        main = self.is_main
+        writer = (
+            SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1 if checkpoint else None)
+            if main
+            else None
+        )
+        progress = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and main), desc="train")
         batches = self._micro_batches()
         final_eval: dict[str, Any] | None = None
         try:
-            with open(self.log_path, "a", encoding="utf-8", buffering=1) as log:
+            with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
                     record = self._train_step(batches)
                     log.write(json.dumps(record) + "\n")
                     for key, value in record.items():
-                        if key != "step":
+                        if key != "step" and writer is not None:
                             writer.add_scalar(f"train/{key}", value, self.step)
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}")
@@ -329,7 +396,8 @@ class Trainer:
                         final_eval = self._run_evaluation()
                         log.write(json.dumps({"step": self.step, "eval": final_eval}) + "\n")
                         for key, value in _flatten_scalars(final_eval, "eval"):
-                            writer.add_scalar(key, value, self.step)
+                            if writer is not None:
+                                writer.add_scalar(key, value, self.step)
                     if config.save_every is not None and (self.step % config.save_every == 0 or is_last):
                         self._save()
             if self.evaluate is not None and final_eval is None:
@@ -337,13 +405,25 @@ class Trainer:
                 final_eval = self._run_evaluation()
         finally:
             progress.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         return TrainResult(self.step, self.train_seconds, final_eval or {}, self.skipped, self.log_path)
 
     def _seed_everything(self) -> None:
-        random.seed(self.config.seed)
-        np.random.seed(self.config.seed)
-        torch.manual_seed(self.config.seed)
+        # Per-rank seeds: dropout masks must differ between ranks, and rank 0 keeps the single-process seed.
+        seed = distributed.rank_seed(self.config.seed, self.rank)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.manual_seed(seed)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights, unsharded, on rank 0 (``{}`` on the others); every rank must call it."""
+        return distributed.full_state_dict(self.model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What ``evaluate`` receives: the plain module under DDP, the sharded module itself under FSDP2."""
+        return distributed.unwrap_model(self.model)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
@@ -364,7 +444,7 @@ class Trainer:
                 if callable(dataset_set_epoch):
                     dataset_set_epoch(self.epoch)
                 # Worker seeds derive from (seed, epoch) so a resumed epoch's workers match the uninterrupted run's.
-                self.generator.manual_seed(_epoch_seed(self.config.seed, self.epoch))
+                self.generator.manual_seed(_epoch_seed(self.data_seed, self.epoch))
                 for batch in self.loader:
                     self.position += micro_batch_size
                     yield batch
@@ -372,15 +452,30 @@ class Trainer:
             self.position = 0
 
     def _streamed_micro_batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches of a streaming dataset; ``position`` counts global samples, whatever the world size.
+
+        Each rank streams its own shards (the dataset splits them by rank and worker). Ranks may hold different
+        numbers of samples, so in a multi-process run they agree after every micro-batch whether all of them still
+        have one: the epoch ends for everybody when the first rank runs dry (its peers drop their surplus), and
+        no rank is left waiting in a collective.
+        """
         micro_batch_size = self.config.micro_batch_size
         while True:
             dataset_set_epoch = getattr(self.dataset, "set_epoch", None)
             if callable(dataset_set_epoch):
                 dataset_set_epoch(self.epoch)
-            self.generator.manual_seed(_epoch_seed(self.config.seed, self.epoch))
+            self.generator.manual_seed(_epoch_seed(self.data_seed, self.epoch))
             to_skip = self.position // micro_batch_size
             yielded = False
-            for batch in self.loader:
+            stream = iter(self.loader)
+            while True:
+                batch = next(stream, None)
+                if self.world_size > 1:
+                    have = torch.tensor([float(batch is not None)], device=self.device)
+                    if distributed.all_reduce(have, "min").item() == 0:
+                        break
+                elif batch is None:
+                    break
                 if to_skip:
                     to_skip -= 1
                     continue
@@ -388,7 +483,10 @@ class Trainer:
                 self.position += micro_batch_size
                 yield batch
             if not yielded and self.position == 0:
-                raise ValueError("the streaming dataset yielded no full batch in an epoch")
+                raise ValueError(
+                    "the streaming dataset yielded no full batch in an epoch"
+                    + (" on some rank (give at least world size x num_workers shards)" if self.world_size > 1 else "")
+                )
             self.epoch += 1
             self.position = 0
 
@@ -398,16 +496,15 @@ class Trainer:
         learning_rate = config.lr * self.lr_factor(self.step)
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, float] = {}
+        skipped = 0
         for micro_index in range(config.grad_accum):
             batch = next(batches)
             if not isinstance(batch, dict):
                 raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
-            self.skipped += int(batch.pop("skipped", 0))
+            skipped += int(batch.pop("skipped", 0))
             batch = _to_device(batch, self.device)
-            # DistributedDataParallel would all-reduce after every micro-batch; only the last one needs it.
-            no_sync = getattr(self.model, "no_sync", None)
-            is_last = micro_index == config.grad_accum - 1
-            with no_sync() if no_sync is not None and not is_last else contextlib.nullcontext():
+            # DDP / FSDP2 would reduce gradients after every micro-batch; only the last one needs it.
+            with distributed.gradient_sync(self.model, micro_index == config.grad_accum - 1):
                 with self._autocast():
                     output = self.step_fn(self.model, batch)
                 (output.loss / config.grad_accum).backward()
@@ -415,10 +512,26 @@ class Trainer:
             for key, value in output.metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
 
+        if self.world_size > 1:
+            # One collective for everything logged: the mean loss and metrics over ranks (the global loss when
+            # each rank's loss is its share of it) and the total of skipped samples.
+            names = sorted(metric_sums)
+            packed = torch.tensor([float(skipped), *(metric_sums[name] for name in names)], dtype=torch.float64)
+            packed = distributed.all_reduce(torch.cat([loss_sum.double().reshape(1).cpu(), packed]).to(self.device))
+            packed = packed.cpu()
+            loss_sum = packed[0] / self.world_size
+            skipped = round(float(packed[1]))
+            metric_sums = {name: float(value) / self.world_size for name, value in zip(names, packed[2:], strict=True)}
+        self.skipped += skipped
+
         parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
         # An infinite limit measures the norm for the log and scales gradients by exactly 1.0.
         max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        if distributed.is_sharded(self.model):
+            distributed.sync_replicated_gradients(self.model)
+            grad_norm = distributed.clip_grad_norm(parameters, max_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
         loss = loss_sum.item() / config.grad_accum
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise FloatingPointError(
@@ -446,7 +559,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast():
-                return self.evaluate(self.model)
+                return self.evaluate(self.eval_model)
         finally:
             self.model.train(was_training)
 
@@ -462,8 +575,48 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "scheduler": scheduler_state,
             "config": self.config.to_dict(),
+            "world_size": self.world_size,
+            "strategy": self.strategy,
         }
-        save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints)
+        rng_states = distributed.all_gather_object(capture_rng_state())
+        if self.strategy == "fsdp":
+            save_sharded_checkpoint(
+                self.out_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints, rng_states
+            )
+            return
+        if self.is_main:
+            save_checkpoint(
+                self.out_dir, self.step, self.module, self.optimizer, state, self.config.keep_checkpoints, rng_states
+            )
+        distributed.barrier()
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Load weights, optimizer and this rank's RNG state from the format this run's strategy writes."""
+        sharded = is_sharded_checkpoint(path)
+        if sharded != (self.strategy == "fsdp"):
+            kind = "a sharded (FSDP)" if sharded else "a single-file (DDP / single-process)"
+            raise ValueError(
+                f"{path} is {kind} checkpoint, but this run uses strategy {self.strategy!r}; "
+                f"resume with --strategy {'fsdp' if sharded else 'ddp'}"
+            )
+        if sharded:
+            state = load_sharded_checkpoint(path, self.model, self.optimizer, rank=self.rank)
+        else:
+            state = load_checkpoint(path, self.module, self.optimizer, rank=self.rank)
+        if not state["rng_restored"]:
+            # Written by fewer ranks: this rank starts a fresh, still deterministic, stream for the rest of the run.
+            fresh = distributed.rank_seed(_epoch_seed(self.config.seed, int(state["step"])), self.rank)
+            random.seed(fresh)
+            np.random.seed(fresh % (1 << 32))
+            torch.manual_seed(fresh)
+        saved_world_size = int(state.get("world_size", 1))
+        if saved_world_size != self.world_size and self.is_main:
+            warnings.warn(
+                f"resuming a checkpoint written by {saved_world_size} process(es) with {self.world_size}: weights, "
+                "optimizer and data position carry over; random streams of ranks the checkpoint lacks start fresh",
+                stacklevel=3,
+            )
+        return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         saved_config = state["config"]
