@@ -14,16 +14,22 @@ from vlkit.layers import (
     AttentionPool,
     CrossAttention,
     DropPath,
+    FactorizedPosEmbed2d,
     LayerNorm2d,
     LearnedPosEmbed2d,
     Mlp,
     PatchEmbed,
     RMSNorm,
+    Rope2d,
+    RopeTables,
     SwiGLU,
     TransformerBlock,
     build_mlp,
     build_norm,
+    grid_positions,
+    segment_mask,
     sincos_2d,
+    sincos_2d_at,
 )
 
 TIGHT = {"atol": 1e-10, "rtol": 1e-10}
@@ -403,3 +409,149 @@ def test_transformer_block_causal_ignores_future_tokens() -> None:
         assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :])
         # Without the causal flag the same change does reach position t.
         assert not torch.allclose(block(changed)[:, : t + 1], block(x)[:, : t + 1])
+
+
+# --- 2D RoPE, packed-sequence masks, factorised and per-image resized position embeddings
+
+
+def _slow_rope_2d(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """x (N, d), positions (N, 2): rotate channel pair (i, i + d/2) by row * f_i for i < d/4, by col * f_(i-d/4)
+    for d/4 <= i < d/2, with f_k = theta^(-4k/d). One pair at a time, as 2x2 rotation matrices."""
+    length, head_dim = x.shape
+    quarter = head_dim // 4
+    out = x.clone()
+    for n in range(length):
+        for i in range(head_dim // 2):
+            axis, k = (0, i) if i < quarter else (1, i - quarter)
+            angle = float(positions[n, axis]) * theta ** (-4.0 * k / head_dim)
+            rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+                                    dtype=x.dtype)  # fmt: skip
+            pair = torch.stack([x[n, i], x[n, i + head_dim // 2]])
+            out[n, i], out[n, i + head_dim // 2] = rotation @ pair
+    return out
+
+
+def test_rope_2d_matches_slow_rotation_reference() -> None:
+    torch.manual_seed(20)
+    head_dim = 8
+    positions = torch.tensor([[0, 0], [0, 3], [2, 1], [5, 4], [7, 0]])
+    x = torch.randn(2, 3, len(positions), head_dim, dtype=torch.float64)  # (B, heads, N, d)
+    tables = Rope2d(head_dim)(positions[None])
+    from vlkit.layers import apply_rope
+
+    out = apply_rope(x, RopeTables(tables.cos.double(), tables.sin.double()))
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(out[b, h], _slow_rope_2d(x[b, h], positions), atol=1e-6, rtol=1e-6)
+
+
+def test_rope_2d_scores_depend_only_on_relative_position() -> None:
+    torch.manual_seed(21)
+    from vlkit.layers import apply_rope
+
+    rope = Rope2d(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(query_at: tuple[int, int], key_at: tuple[int, int]) -> float:
+        rotated_q = apply_rope(q, rope(torch.tensor([[query_at]])))
+        rotated_k = apply_rope(k, rope(torch.tensor([[key_at]])))
+        return float((rotated_q * rotated_k).sum())
+
+    assert score((3, 5), (1, 2)) == pytest.approx(score((7, 9), (5, 6)), abs=1e-4)
+    assert score((3, 5), (1, 2)) != pytest.approx(score((3, 5), (2, 1)), abs=1e-3)  # rows and columns differ
+
+
+def test_rope_2d_needs_head_dim_divisible_by_4() -> None:
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Rope2d(6)
+
+
+def test_attention_with_rope_matches_naive_on_rotated_q_k() -> None:
+    torch.manual_seed(22)
+    attn = _randomize(Attention(16, 2), seed=3).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    positions = grid_positions((1, 5))[None].expand(2, -1, -1)
+    tables = Rope2d(8)(positions)
+    tables = RopeTables(tables.cos.double(), tables.sin.double())
+    inner = 16
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = _heads(x @ w[:inner].T + b[:inner], 2)
+    k = _heads(x @ w[inner : 2 * inner].T + b[inner : 2 * inner], 2)
+    v = _heads(x @ w[2 * inner :].T + b[2 * inner :], 2)
+    q = torch.stack([torch.stack([_slow_rope_2d(q[i, h], positions[i]) for h in range(2)]) for i in range(2)])
+    k = torch.stack([torch.stack([_slow_rope_2d(k[i, h], positions[i]) for h in range(2)]) for i in range(2)])
+    expected = _merge(_naive_attention(q, k, v)) @ attn.proj.weight.T + attn.proj.bias
+    # The tables hold fp32 angles (as every RoPE implementation does); the reference rotates by exact ones.
+    torch.testing.assert_close(attn(x, rope=tables), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_mask_is_block_diagonal_and_padding_sees_only_padding() -> None:
+    segments = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, -1, -1]])
+    mask = segment_mask(segments)
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
+    for s in range(2):
+        for i in range(6):
+            for j in range(6):
+                assert bool(mask[s, 0, i, j]) == (int(segments[s, i]) == int(segments[s, j])), (s, i, j)
+    assert mask.any(dim=-1).all()  # no fully masked row: SDPA would give NaN there
+
+
+def test_factorized_pos_embed_at_row_and_col() -> None:
+    torch.manual_seed(23)
+    pos = FactorizedPosEmbed2d((5, 7), 4)
+    positions = torch.tensor([[[0, 0], [4, 6], [2, 3]]])
+    out = pos(positions)
+    for n, (row, col) in enumerate(positions[0].tolist()):
+        torch.testing.assert_close(out[0, n], pos.rows[row] + pos.cols[col], rtol=0, atol=0)
+    table = pos.grid((2, 3))
+    torch.testing.assert_close(table[1 * 3 + 2], pos.rows[1] + pos.cols[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_grid"):
+        pos.grid((6, 2))
+
+
+def test_sincos_2d_at_equals_the_grid_table_at_those_positions() -> None:
+    table = sincos_2d((4, 6), 16)
+    positions = torch.tensor([[3, 5], [0, 2], [1, 0]])
+    torch.testing.assert_close(sincos_2d_at(positions, 16), table[positions[:, 0] * 6 + positions[:, 1]])
+
+
+def _slow_antialiased_bilinear(table: torch.Tensor, size: int, axis: int) -> torch.Tensor:
+    """Resize one axis with the triangle filter stretched by the scale when shrinking (PIL / torch antialias)."""
+    length = table.shape[axis]
+    x = table.movedim(axis, 0)
+    scale = length / size
+    support = max(scale, 1.0)
+    out = []
+    for j in range(size):
+        centre = (j + 0.5) * scale - 0.5
+        weights = [max(0.0, 1 - abs(i - centre) / support) for i in range(length)]
+        total = sum(weights)
+        out.append(sum(w / total * x[i] for i, w in enumerate(weights)))
+    return torch.stack(out).movedim(0, axis)
+
+
+@pytest.mark.parametrize("new_grid", [(2, 7), (6, 3), (1, 1)])
+def test_learned_pos_embed_bilinear_antialias_resize(new_grid: tuple[int, int]) -> None:
+    torch.manual_seed(24)
+    pos = LearnedPosEmbed2d((4, 5), 3, interpolation="bilinear_antialias").double()
+    table = pos.weight[0].detach().reshape(4, 5, 3)
+    expected = _slow_antialiased_bilinear(_slow_antialiased_bilinear(table, new_grid[0], 0), new_grid[1], 1)
+    torch.testing.assert_close(pos.resized(new_grid), expected.reshape(-1, 3), atol=1e-6, rtol=1e-6)
+
+
+def test_learned_pos_embed_packed_gathers_each_images_resized_table() -> None:
+    torch.manual_seed(25)
+    pos = LearnedPosEmbed2d((3, 3), 4, interpolation="bilinear_antialias")
+    grids = torch.tensor([[2, 4], [3, 3], [2, 4]])
+    segments = torch.tensor([[0, 0, 1, 1, -1], [2, 2, 2, -1, -1]])
+    positions = torch.tensor([[[0, 3], [1, 1], [2, 2], [0, 0], [0, 0]], [[1, 0], [1, 3], [0, 2], [0, 0], [0, 0]]])
+    out = pos.packed(positions, segments, grids)
+    for s in range(2):
+        for n in range(5):
+            image = int(segments[s, n])
+            if image < 0:
+                assert out[s, n].abs().sum() == 0
+                continue
+            grid = tuple(grids[image].tolist())
+            row, col = positions[s, n].tolist()
+            torch.testing.assert_close(out[s, n], pos.resized(grid)[row * grid[1] + col])

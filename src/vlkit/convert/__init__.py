@@ -8,6 +8,7 @@ it. ``export_hf(model, path)``: the reverse, a directory transformers' ``from_pr
 |------------|-------------------------------------------------------|-----------------------------------|
 | clip       | CLIPModel                                             | DualEncoder (softmax loss)        |
 | siglip     | SiglipModel                                           | DualEncoder (sigmoid loss)        |
+| siglip2    | Siglip2Model (NaFlex)                                 | DualEncoder (sigmoid loss)        |
 | vit        | ViTForImageClassification, ViTModel                   | ImageClassifier (0 classes: none) |
 | convnext   | ConvNextForImageClassification, ConvNextModel         | ImageClassifier                   |
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from vlkit.convert import clip, convnext, siglip, vit
+from vlkit.convert import clip, convnext, siglip, siglip2, vit
 from vlkit.convert.common import (
     ConversionError,
     HFCheckpoint,
@@ -30,7 +31,7 @@ from vlkit.files import atomic_write, read_json, write_json
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.text.tokenizer import load_tokenizer
 
-FORMATS: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (clip, siglip, vit, convnext)}
+FORMATS: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (clip, siglip, siglip2, vit, convnext)}
 
 
 def load_hf_directory(path: str | Path) -> DualEncoder | ImageClassifier:
@@ -87,7 +88,7 @@ def export_hf(model: Any, path: str | Path, processor: Processor | None = None) 
 
 def _format_of(model: Any) -> ModuleType:
     if isinstance(model, DualEncoder):
-        candidates = [clip, siglip]
+        candidates = [clip, siglip2, siglip]  # siglip2 first: SigLIP also matches its MAP-pooled towers
     elif isinstance(model, ImageClassifier):
         candidates = [vit, convnext]
     else:

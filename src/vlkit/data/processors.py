@@ -9,6 +9,10 @@ transformers' processor for that model does, so a checkpoint sees the numbers it
   ``ViTImageProcessor``: resize to a fixed (H, W) (bilinear), rescale, normalise.
   ``ConvNextImageProcessor``: below 384 px resize the shortest edge to size / crop_pct and centre crop to size;
   from 384 px up, warp to size x size.
+  ``Siglip2ImageProcessor`` (NaFlex, Tschannen et al., 2025): resize (bilinear) to the largest size at the image's
+  aspect ratio whose patch grid holds at most ``max_num_patches`` patches, rescale, normalise with 0.5 / 0.5, cut
+  into patches flattened (row, col, channel) and pad: ``pixel_values`` (B, max_num_patches, p*p*3),
+  ``pixel_attention_mask`` (B, max_num_patches) int32, ``spatial_shapes`` (B, 2) (rows, cols).
 - text: ids padded to ``max_length`` (the model's, capped by the tokenizer's own settings) with a mask, truncated
   with the end-of-text token kept.
 
@@ -33,6 +37,7 @@ import torch
 from PIL import Image
 
 from vlkit.data.images import to_rgb
+from vlkit.data.packing import patchify, size_for_max_patches
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD
 from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, read_json, read_tokenizer_directory
 
@@ -57,6 +62,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         "size": {"shortest_edge": 384}, "resample": 3, "crop_pct": 224 / 256, "image_mean": IMAGENET_STANDARD,
         "image_std": IMAGENET_STANDARD, "square": False,
     },
+    "Siglip2ImageProcessor": {
+        "size": 224, "resample": 2, "image_mean": IMAGENET_STANDARD, "image_std": IMAGENET_STANDARD, "square": False,
+        "patch_size": 16, "max_num_patches": 256,
+    },
 }  # fmt: skip
 _ALIASES = {
     "CLIPFeatureExtractor": "CLIPImageProcessor",
@@ -70,8 +79,9 @@ _ALIASES = {
 class ImageProcessor:
     """One image -> (3, H, W) float tensor. ``size``: an int is the shortest edge, a pair is (height, width).
 
-    ``crop_pct`` switches on ConvNeXt's resize (see the module docstring); ``family`` is the transformers class
-    whose semantics and defaults apply, and is written back as ``image_processor_type``.
+    ``crop_pct`` switches on ConvNeXt's resize (see the module docstring); ``max_num_patches`` (with
+    ``patch_size``) SigLIP 2's NaFlex resize and patching, which ignores ``size``. ``family`` is the transformers
+    class whose semantics and defaults apply, and is written back as ``image_processor_type``.
     """
 
     family: str = "CLIPImageProcessor"
@@ -86,6 +96,8 @@ class ImageProcessor:
     do_normalize: bool = True
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    patch_size: int | None = None
+    max_num_patches: int | None = None
 
     def __post_init__(self) -> None:
         if self.do_center_crop and self.crop_size is None:
@@ -94,6 +106,10 @@ class ImageProcessor:
             raise ValueError(f"crop_pct needs a shortest-edge size, got {self.size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need three values (std positive), got {self.mean} and {self.std}")
+        if (self.patch_size is None) != (self.max_num_patches is None):
+            raise ValueError("patch_size and max_num_patches go together (SigLIP 2 NaFlex)")
+        if self.max_num_patches is not None and (self.max_num_patches < 1 or self.do_center_crop):
+            raise ValueError(f"NaFlex needs max_num_patches >= 1 and no centre crop, got {self.max_num_patches}")
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], where: str = "preprocessor_config.json") -> ImageProcessor:
@@ -110,6 +126,19 @@ class ImageProcessor:
         size = _size(merged["size"], defaults["square"], "size", where)
         if crop_pct is not None and not isinstance(size, int):
             raise ValueError(f"{where}: ConvNextImageProcessor needs size={{'shortest_edge': ...}}, got {size}")
+        if name == "Siglip2ImageProcessor":
+            return cls(
+                family=name,
+                do_resize=bool(merged.get("do_resize", True)),
+                resample=int(merged["resample"]),
+                do_rescale=bool(merged.get("do_rescale", True)),
+                rescale_factor=float(merged.get("rescale_factor", 1 / 255)),
+                do_normalize=bool(merged.get("do_normalize", True)),
+                mean=_triple(merged["image_mean"]),
+                std=_triple(merged["image_std"]),
+                patch_size=int(merged["patch_size"]),
+                max_num_patches=int(merged["max_num_patches"]),
+            )
         crop = merged.get("crop_size")
         crop_size = _size(crop, True, "crop_size", where) if crop is not None else None
         return cls(
@@ -128,6 +157,13 @@ class ImageProcessor:
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
+        if self.max_num_patches is not None:
+            return {
+                "image_processor_type": self.family, "do_resize": self.do_resize, "resample": self.resample,
+                "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
+                "image_mean": list(self.mean), "image_std": list(self.std), "patch_size": self.patch_size,
+                "max_num_patches": self.max_num_patches,
+            }  # fmt: skip
         size = (
             {"shortest_edge": self.size}
             if isinstance(self.size, int)
@@ -169,8 +205,29 @@ class ImageProcessor:
             raise ValueError(f"images processed to different sizes {sorted(shapes)}; they cannot form one batch")
         return torch.stack(tensors)  # (B, 3, H, W)
 
+    def patches(self, images: Sequence[Image.Image | np.ndarray]) -> ProcessorOutput:
+        """NaFlex: each image at its own size, cut into patches and padded to ``max_num_patches`` rows."""
+        if self.patch_size is None or self.max_num_patches is None:
+            raise ValueError(f"{self.family} does not cut images into patches (no max_num_patches)")
+        length = self.max_num_patches
+        pixel_values = torch.zeros(len(images), length, self.patch_size**2 * 3)
+        mask = torch.zeros(len(images), length, dtype=torch.int32)
+        shapes = torch.zeros(len(images), 2, dtype=torch.long)
+        for row, image in enumerate(images):
+            patched = patchify(self(image), self.patch_size)
+            if patched.num_tokens > length:
+                raise ValueError(f"image {row} gives {patched.num_tokens} patches, more than max_num_patches={length} "
+                                 "(do_resize=False keeps its size)")  # fmt: skip
+            pixel_values[row, : patched.num_tokens] = patched.patches
+            mask[row, : patched.num_tokens] = 1
+            shapes[row] = torch.tensor(patched.grid)
+        return ProcessorOutput(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
+
     def _resize(self, image: Image.Image) -> Image.Image:
         width, height = image.size
+        if self.patch_size is not None and self.max_num_patches is not None:
+            new_height, new_width = size_for_max_patches(height, width, self.patch_size, self.max_num_patches)
+            return image.resize((new_width, new_height), resample=self.resample)
         if self.crop_pct is not None:
             assert isinstance(self.size, int)
             if self.size >= 384:  # ConvNeXt evaluates at 384 px and above without cropping
@@ -187,9 +244,11 @@ class ImageProcessor:
 
 @dataclass
 class ProcessorOutput:
-    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float32
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float32; NaFlex: (B, L, p*p*3)
     input_ids: torch.Tensor | None = None  # (B, T) long
     attention_mask: torch.Tensor | None = None  # (B, T) long, 1 = real token
+    pixel_attention_mask: torch.Tensor | None = None  # (B, L) int32, NaFlex: 1 = real patch
+    spatial_shapes: torch.Tensor | None = None  # (B, 2) long, NaFlex: (rows, cols) of each image's patch grid
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The inputs that are present, by name (e.g. for a transformers model's ``**inputs``)."""
@@ -216,7 +275,10 @@ class Processor:
             if self.image_processor is None:
                 raise ValueError("this processor has no image processor (no preprocessor_config.json)")
             batch = [images] if isinstance(images, Image.Image | np.ndarray) else list(images)
-            out.pixel_values = self.image_processor.batch(batch)
+            if self.image_processor.max_num_patches is not None:
+                out = self.image_processor.patches(batch)
+            else:
+                out.pixel_values = self.image_processor.batch(batch)
         if text is not None:
             if self.tokenizer is None:
                 raise ValueError("this processor has no tokenizer (no tokenizer.json)")

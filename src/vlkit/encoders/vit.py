@@ -1,9 +1,20 @@
-"""Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words").
+"""Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words"), with NaViT's packed input.
 
 pixels (B, 3, H, W) -> patch tokens (B, N, D) (+ class token) -> pre-norm transformer -> pooled (B, D).
 The options cover the public variants vlkit loads: original ViT (class token, final norm on every token), OpenAI
-CLIP (no patch bias, a norm before the blocks, final norm on the pooled token only, QuickGELU) and SigLIP (no class
-token, final norm, attention-pooling "MAP" head).
+CLIP (no patch bias, a norm before the blocks, final norm on the pooled token only, QuickGELU), SigLIP (no class
+token, final norm, attention-pooling "MAP" head) and SigLIP 2 NaFlex (the learned table resized per image with
+antialiased bilinear interpolation).
+
+Packed input (NaViT, "Patch n' Pack", Dehghani et al., 2023): ``PackedImages`` holds the patches of images of any
+aspect ratio and resolution packed into S sequences of L tokens, with each token's (row, col) and image index.
+``forward_features`` runs it with a block-diagonal mask, so images never attend to each other, and ``forward_head``
+pools one vector per image: (I, D), in image order. Position policies (``ViTConfig.pos_embed``): a learned table
+("learned"), fixed sin-cos, none, NaViT's factorised row + column tables ("factorized"), or 2D RoPE ("rope2d").
+
+Patch dropout (FLIP, Li et al., 2023; EVA-CLIP; NaViT's token dropping): in training, each image keeps a random
+``1 - patch_dropout`` of its patch tokens (class tokens always stay). Batches of whole images drop inside the model;
+packed batches are dropped by the packer before packing (``vlkit.data.packing``), so sequences fill with more images.
 """
 
 from __future__ import annotations
@@ -12,11 +23,24 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config import ConfigBase, register_config
 from vlkit.encoders.base import EncoderOutput
-from vlkit.layers import AttentionPool, LearnedPosEmbed2d, PatchEmbed, TransformerBlock, sincos_2d
+from vlkit.layers import (
+    AttentionPool,
+    FactorizedPosEmbed2d,
+    LearnedPosEmbed2d,
+    PatchEmbed,
+    Rope2d,
+    RopeTables,
+    TransformerBlock,
+    grid_positions,
+    segment_mask,
+    sincos_2d,
+    sincos_2d_at,
+)
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -26,6 +50,10 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
 @register_config
 @dataclass(frozen=True)
 class ViTConfig(ConfigBase):
+    """``image_size`` sets the reference grid of a learned table; ``max_grid`` the rows/columns the factorised
+    tables cover (default: the larger side of that grid); ``pos_embed_interpolation`` how a learned table is resized
+    to another grid."""
+
     kind: ClassVar[str] = "vit"
 
     image_size: int | tuple[int, int] = 224
@@ -40,12 +68,16 @@ class ViTConfig(ConfigBase):
     qkv_bias: bool = True
     patch_bias: bool = True
     class_token: bool = True
-    pos_embed: Literal["learned", "sincos", "none"] = "learned"
+    pos_embed: Literal["learned", "sincos", "none", "factorized", "rope2d"] = "learned"
+    pos_embed_interpolation: Literal["bicubic", "bilinear_antialias"] = "bicubic"
+    max_grid: int | None = None
+    rope_theta: float = 10000.0
     pre_norm: bool = False
     final_norm: Literal["tokens", "pooled", "none"] = "tokens"
     pool: Literal["cls", "mean", "map", "none"] = "cls"
     layer_scale: float | None = None
     drop_path: float = 0.0
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if min(_pair(self.image_size)) < self.patch_size:
@@ -54,11 +86,104 @@ class ViTConfig(ConfigBase):
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.pos_embed == "rope2d" and (self.dim // self.num_heads) % 4:
+            raise ValueError(f"pos_embed='rope2d' needs a head_dim divisible by 4, got {self.dim // self.num_heads}")
+        if self.max_grid is not None and self.max_grid < 1:
+            raise ValueError(f"max_grid must be positive, got {self.max_grid}")
 
     @property
     def grid(self) -> tuple[int, int]:
         height, width = _pair(self.image_size)
         return height // self.patch_size, width // self.patch_size
+
+
+@dataclass
+class PackedImages:
+    """I images packed into S sequences of L tokens (NaViT). Patches are flattened (row, col, channel) within the
+    patch, the layout of big_vision and transformers' Siglip2ImageProcessor, so their ``pixel_values`` are input as
+    they are."""
+
+    patches: torch.Tensor  # (S, L, p*p*3)
+    position_ids: torch.Tensor  # (S, L, 2) long: (row, col) of the token in its image's grid; 0 at padding
+    segment_ids: torch.Tensor  # (S, L) long: index of the token's image in 0..I-1; -1 at padding
+    grids: torch.Tensor  # (I, 2) long: (rows, cols) of each image's full patch grid, in image order
+
+    @property
+    def num_images(self) -> int:
+        return self.grids.shape[0]
+
+    @property
+    def images_per_sequence(self) -> torch.Tensor:
+        """(S,) long: how many images each sequence holds."""
+        present = torch.zeros(self.segment_ids.shape[0], self.num_images + 1, device=self.segment_ids.device)
+        present.scatter_(1, torch.where(self.segment_ids < 0, self.num_images, self.segment_ids), 1.0)
+        return present[:, : self.num_images].sum(dim=1).long()
+
+    @property
+    def padding_fraction(self) -> torch.Tensor:
+        """Scalar: the share of the S x L token slots that hold padding."""
+        return (self.segment_ids < 0).float().mean()
+
+    def attention_mask(self) -> torch.Tensor:
+        """(S, 1, L, L) boolean block-diagonal mask: True where query and key belong to the same image."""
+        return segment_mask(self.segment_ids)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"patches": self.patches, "position_ids": self.position_ids, "segment_ids": self.segment_ids,
+                "grids": self.grids}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, batch: dict[str, torch.Tensor]) -> PackedImages:
+        return cls(batch["patches"], batch["position_ids"], batch["segment_ids"], batch["grids"])
+
+    @classmethod
+    def from_padded(
+        cls, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> PackedImages:
+        """One image per sequence, from transformers' Siglip2ImageProcessor output: ``pixel_values`` (B, L, p*p*3),
+        ``pixel_attention_mask`` (B, L) with 1 on the first rows*cols tokens, ``spatial_shapes`` (B, 2)."""
+        batch, length = pixel_attention_mask.shape
+        index = torch.arange(length, device=pixel_values.device)[None]  # (1, L)
+        cols = spatial_shapes[:, 1:].to(index.device)  # (B, 1)
+        valid = pixel_attention_mask.bool()
+        images = torch.arange(batch, device=index.device)[:, None].expand(batch, length)
+        segment_ids = torch.where(valid, images, -1)
+        position_ids = torch.stack([index // cols, index % cols], dim=-1) * valid[..., None]  # (B, L, 2)
+        return cls(pixel_values, position_ids, segment_ids, spatial_shapes.long())
+
+
+@dataclass
+class PackedFeatures:
+    """``tokens`` (S, L, D) of packed images after the encoder, with the segment ids and grids they came with."""
+
+    tokens: torch.Tensor
+    segment_ids: torch.Tensor
+    grids: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return self.grids.shape[0]
+
+    def per_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's tokens gathered into (I, n_max, D), in sequence order, and the (I, n_max) mask of real ones."""
+        segment = self.segment_ids.flatten()  # (S*L,)
+        num_images = self.num_images
+        key = torch.where(segment < 0, num_images, segment)
+        order = torch.argsort(key, stable=True)  # token slots grouped by image, padding last
+        counts = torch.bincount(key, minlength=num_images + 1)[:num_images]  # (I,)
+        starts = counts.cumsum(0) - counts
+        longest = int(counts.max())
+        offsets = torch.arange(longest, device=segment.device)
+        valid = offsets[None] < counts[:, None]  # (I, n_max)
+        slots = order[torch.where(valid, starts[:, None] + offsets[None], 0)]  # (I, n_max)
+        return self.tokens.flatten(0, 1)[slots], valid
+
+
+def kept_patch_count(num_patches: int, rate: float) -> int:
+    """How many of an image's patches survive patch dropout at ``rate``: at least one (as in FLIP and timm)."""
+    return max(1, int(num_patches * (1.0 - rate)))
 
 
 class ViT(nn.Module):
@@ -71,9 +196,15 @@ class ViT(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         if self.class_token is not None:
             nn.init.trunc_normal_(self.class_token, std=0.02)
-        self.pos_embed = (
-            LearnedPosEmbed2d(config.grid, dim, self.num_prefix_tokens) if config.pos_embed == "learned" else None
-        )
+        self.pos_embed: LearnedPosEmbed2d | FactorizedPosEmbed2d | None = None
+        if config.pos_embed == "learned":
+            self.pos_embed = LearnedPosEmbed2d(
+                config.grid, dim, self.num_prefix_tokens, interpolation=config.pos_embed_interpolation
+            )
+        elif config.pos_embed == "factorized":
+            side = config.max_grid or max(config.grid)
+            self.pos_embed = FactorizedPosEmbed2d((side, side), dim)
+        self.rope = Rope2d(dim // config.num_heads, config.rope_theta) if config.pos_embed == "rope2d" else None
         self.norm_pre = nn.LayerNorm(dim, eps=config.norm_eps) if config.pre_norm else nn.Identity()
         rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
@@ -104,42 +235,136 @@ class ViT(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         tokens, grid = self.patch_embed(pixels)  # (B, N, D)
+        if isinstance(self.pos_embed, FactorizedPosEmbed2d):
+            tokens = tokens + self.pos_embed.grid(grid)
         if self.class_token is not None:
             tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        if self.pos_embed is not None:
+        if isinstance(self.pos_embed, LearnedPosEmbed2d):
             tokens = tokens + self.pos_embed(grid)
         elif self.config.pos_embed == "sincos":
             table = sincos_2d(grid, self.config.dim).to(tokens)
             tokens = torch.cat([tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :] + table], 1)
         return tokens, grid
 
-    def forward_features(self, pixels: torch.Tensor) -> EncoderOutput:
+    def forward_features(self, pixels: torch.Tensor | PackedImages) -> EncoderOutput | PackedFeatures:
+        """(B, 3, H, W) -> ``EncoderOutput`` (B, N, D); ``PackedImages`` -> ``PackedFeatures`` (S, L, D).
+
+        With patch dropout in training, N counts the kept tokens, not the grid's h*w.
+        """
+        if isinstance(pixels, PackedImages):
+            return self._forward_packed(pixels)
         tokens, grid = self.embed(pixels)
+        keep = None
+        if self.training and self.config.patch_dropout > 0.0:
+            tokens, keep = self._drop_patches(tokens)
+        rope = self._grid_rope(grid, keep, tokens.device) if self.rope is not None else None
         tokens = self.norm_pre(tokens)
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, rope=rope)
         if self.config.final_norm == "tokens":
             tokens = self.norm(tokens)
         return EncoderOutput(tokens, grid, self.num_prefix_tokens)
 
-    def forward_head(self, features: EncoderOutput) -> torch.Tensor:
-        tokens = features.tokens
-        pool = self.config.pool
-        if pool == "cls":
-            pooled = tokens[:, 0]
-        elif pool == "mean":
-            pooled = features.patch_tokens.mean(dim=1)
-        elif pool == "map":
-            assert self.head is not None
-            pooled = self.head(tokens)[:, 0]
+    def forward_head(self, features: EncoderOutput | PackedFeatures) -> torch.Tensor:
+        """Pooled (B, D) for whole images; (I, D) in image order for packed ones."""
+        if isinstance(features, PackedFeatures):
+            pooled = self._pool_packed(features)
         else:
-            raise ValueError("this ViT has pool='none': use forward_features")
+            tokens = features.tokens
+            pool = self.config.pool
+            if pool == "cls":
+                pooled = tokens[:, 0]
+            elif pool == "mean":
+                pooled = features.patch_tokens.mean(dim=1)
+            elif pool == "map":
+                assert self.head is not None
+                pooled = self.head(tokens)[:, 0]
+            else:
+                raise ValueError("this ViT has pool='none': use forward_features")
         if self.config.final_norm == "pooled":
             pooled = self.norm(pooled)
-        return pooled  # (B, D)
+        return pooled
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor | PackedImages) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixels))
+
+    # --- patch dropout and RoPE for whole images
+
+    def _drop_patches(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep a random ``1 - patch_dropout`` of each image's patch tokens, in raster order; prefix tokens stay.
+
+        Returns the tokens (B, prefix + kept, D) and the kept patch indices (B, kept).
+        """
+        prefix, patches = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
+        batch, num_patches, dim = patches.shape
+        count = kept_patch_count(num_patches, self.config.patch_dropout)
+        scores = torch.rand(batch, num_patches, device=tokens.device)
+        keep = scores.topk(count, dim=1).indices.sort(dim=1).values  # (B, kept)
+        patches = patches.gather(1, keep[..., None].expand(-1, -1, dim))  # (B, kept, D)
+        return torch.cat([prefix, patches], dim=1), keep
+
+    def _grid_rope(self, grid: tuple[int, int], keep: torch.Tensor | None, device: torch.device) -> RopeTables:
+        assert self.rope is not None
+        positions = grid_positions(grid, device)  # (N, 2)
+        positions = positions[keep] if keep is not None else positions[None]  # (B or 1, N', 2)
+        cos, sin = self.rope(positions)
+        if self.num_prefix_tokens:
+            # Class tokens sit at no position: an identity rotation (cos 1, sin 0), so they stay position-free.
+            shape = (cos.shape[0], self.num_prefix_tokens, cos.shape[-1])
+            cos = torch.cat([cos.new_ones(shape), cos], dim=1)
+            sin = torch.cat([sin.new_zeros(shape), sin], dim=1)
+        return RopeTables(cos, sin)
+
+    # --- packed sequences
+
+    def _forward_packed(self, packed: PackedImages) -> PackedFeatures:
+        if self.class_token is not None:
+            raise ValueError("packed inputs need a ViT without a class token (class_token=False)")
+        proj = self.patch_embed.proj
+        # The conv weight (D, C, p, p) reordered to the packed patches' (row, col, channel) flattening.
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C)
+        if packed.patches.shape[-1] != weight.shape[1]:
+            raise ValueError(f"packed patches have {packed.patches.shape[-1]} values, this ViT's "
+                             f"{self.config.patch_size}-pixel RGB patches need {weight.shape[1]}")  # fmt: skip
+        tokens = F.linear(packed.patches.to(weight.dtype), weight, proj.bias)  # (S, L, D)
+        positions = packed.position_ids
+        policy = self.config.pos_embed
+        rope = None
+        if isinstance(self.pos_embed, LearnedPosEmbed2d):
+            tokens = tokens + self.pos_embed.packed(positions, packed.segment_ids, packed.grids).to(tokens.dtype)
+        elif isinstance(self.pos_embed, FactorizedPosEmbed2d):
+            limit = torch.tensor(self.pos_embed.max_grid, device=positions.device)
+            if bool((positions >= limit).any()):
+                raise ValueError(f"packed positions exceed the factorised tables' {self.pos_embed.max_grid}; "
+                                 "raise ViTConfig.max_grid")  # fmt: skip
+            tokens = tokens + self.pos_embed(positions)
+        elif policy == "sincos":
+            tokens = tokens + sincos_2d_at(positions, self.config.dim).to(tokens.dtype)
+        elif self.rope is not None:
+            rope = self.rope(positions)
+        mask = packed.attention_mask()  # built once, shared by every block
+        tokens = self.norm_pre(tokens)
+        for block in self.blocks:
+            tokens = block(tokens, mask=mask, rope=rope)
+        if self.config.final_norm == "tokens":
+            tokens = self.norm(tokens)
+        return PackedFeatures(tokens, packed.segment_ids, packed.grids)
+
+    def _pool_packed(self, features: PackedFeatures) -> torch.Tensor:
+        pool = self.config.pool
+        if pool == "mean":
+            tokens = features.tokens.flatten(0, 1)  # (S*L, D)
+            segment = features.segment_ids.flatten()
+            real = (segment >= 0).to(tokens.dtype)
+            image = segment.clamp(min=0)  # padding adds zeros to image 0
+            sums = tokens.new_zeros(features.num_images, tokens.shape[-1]).index_add_(0, image, tokens * real[:, None])
+            counts = tokens.new_zeros(features.num_images).index_add_(0, image, real)
+            return sums / counts[:, None]  # (I, D)
+        if pool == "map":
+            assert self.head is not None
+            tokens, valid = features.per_image()  # (I, n_max, D), (I, n_max)
+            return self.head(tokens, mask=valid[:, None, None, :])[:, 0]  # (I, D)
+        raise ValueError(f"packed inputs pool per image with pool='mean' or 'map', not {pool!r}")
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -1,13 +1,14 @@
-"""Building blocks shared by every tower: attention, MLPs, norms, patch embedding, position embeddings.
+"""Building blocks shared by every tower: attention, MLPs, norms, patch embedding, position embeddings, RoPE.
 
 Nothing here imports from the rest of vlkit.
 """
 
-from vlkit.layers.attention import Attention, AttentionPool, CrossAttention
+from vlkit.layers.attention import Attention, AttentionPool, CrossAttention, segment_mask
 from vlkit.layers.mlp import Mlp, SwiGLU, build_mlp
 from vlkit.layers.norms import LayerNorm2d, RMSNorm, build_norm
 from vlkit.layers.patch_embed import PatchEmbed
-from vlkit.layers.pos_embed import LearnedPosEmbed2d, sincos_2d
+from vlkit.layers.pos_embed import FactorizedPosEmbed2d, LearnedPosEmbed2d, grid_positions, sincos_2d, sincos_2d_at
+from vlkit.layers.rope import Rope2d, RopeTables, apply_rope
 from vlkit.layers.transformer import DropPath, TransformerBlock
 
 __all__ = [
@@ -15,14 +16,21 @@ __all__ = [
     "AttentionPool",
     "CrossAttention",
     "DropPath",
+    "FactorizedPosEmbed2d",
     "LayerNorm2d",
     "LearnedPosEmbed2d",
     "Mlp",
     "PatchEmbed",
     "RMSNorm",
+    "Rope2d",
+    "RopeTables",
     "SwiGLU",
     "TransformerBlock",
+    "apply_rope",
     "build_mlp",
     "build_norm",
+    "grid_positions",
+    "segment_mask",
     "sincos_2d",
+    "sincos_2d_at",
 ]

@@ -1,7 +1,9 @@
 """Multi-head attention on ``F.scaled_dot_product_attention``.
 
 ``Attention``: self-attention with one fused QKV projection, (B, N, D) -> (B, N, D), optional boolean or additive
-mask and causal flag (Vaswani et al., 2017). ``CrossAttention``: queries from one sequence, fused KV from another.
+mask and causal flag (Vaswani et al., 2017), and optional rotary tables (``vlkit.layers.rope``) applied to q and k.
+``segment_mask``: the block-diagonal mask of sequences packed with several items (NaViT's patch n' pack).
+``CrossAttention``: queries from one sequence, fused KV from another.
 ``AttentionPool``: multi-head attention pooling with learned probe queries — the MAP head of SigLIP / big_vision
 (Zhai et al., 2023) and the pooling bridge of Molmo.
 """
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.layers.mlp import build_mlp
+from vlkit.layers.rope import RopeTables, apply_rope
 
 
 @functools.cache
@@ -49,6 +52,15 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (S, 1, L, L) mask from segment ids (S, L): a token attends only to tokens of its own segment.
+
+    Padding must carry one shared id (vlkit uses -1): padding then attends to padding, so no row is fully masked
+    (SDPA would return NaN there, and a NaN value times a zero weight still poisons the real tokens' outputs).
+    """
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
+
+
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, length, _ = x.shape
     return x.view(batch, length, num_heads, -1).transpose(1, 2)  # (B, heads, L, head_dim)
@@ -72,7 +84,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: RopeTables | None = None,
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv(x)
         dtype = qkv.dtype
@@ -80,6 +98,8 @@ class Attention(nn.Module):
         # Unbinding dim 2 (not a permuted dim 0) gives the same strided views, but autograd's stack then writes the
         # q/k/v gradients straight into a contiguous (B, N, 3, heads, head_dim) tensor: one copy fewer per layer.
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # 3 x (B, heads, N, head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if is_causal and mask is not None:
             # SDPA takes a mask or is_causal, not both: fold the causal pattern into the mask instead of dropping it.
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()  # (N, N)

@@ -12,6 +12,7 @@ from torch import nn
 from vlkit.layers.attention import Attention
 from vlkit.layers.mlp import build_mlp
 from vlkit.layers.norms import build_norm
+from vlkit.layers.rope import RopeTables
 
 
 class DropPath(nn.Module):
@@ -60,6 +61,8 @@ class TransformerBlock(nn.Module):
         self.scale2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path(self.scale1(self.attn(self.norm1(x), mask=mask, is_causal=is_causal)))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False, rope: RopeTables | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.scale1(self.attn(self.norm1(x), mask=mask, is_causal=is_causal, rope=rope)))
         return x + self.drop_path(self.scale2(self.mlp(self.norm2(x))))

@@ -17,6 +17,9 @@ from torch import nn
 
 from vlkit.config import ConfigBase, register_config
 from vlkit.encoders import ConvNeXtConfig, ViTConfig, build_encoder
+from vlkit.encoders.base import EncoderOutput
+from vlkit.encoders.vit import PackedImages
+from vlkit.losses.filip import filip_similarity
 from vlkit.models.base import PretrainedModel
 from vlkit.text import TextConfig, TextTransformer
 
@@ -35,7 +38,9 @@ class DualEncoderConfig(ConfigBase):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float | None = None
     max_logit_scale: float = 100.0
-    loss: Literal["clip", "siglip"] = "clip"
+    loss: Literal["clip", "siglip", "filip"] = "clip"
+    # "token": FILIP's late interaction (Yao et al., 2021) — forward also returns per-token features and masks.
+    interaction: Literal["global", "token"] = "global"
 
     def __post_init__(self) -> None:
         for tower, kind, dim in (
@@ -46,6 +51,11 @@ class DualEncoderConfig(ConfigBase):
                 raise ValueError(
                     f"{tower}_projection='none' needs the {tower} width ({dim}) to equal embed_dim ({self.embed_dim})"
                 )
+        if (self.loss == "filip") != (self.interaction == "token"):
+            raise ValueError(
+                f"loss={self.loss!r} with interaction={self.interaction!r}: the FILIP loss scores token features, "
+                "so loss='filip' and interaction='token' go together"
+            )
 
 
 @dataclass
@@ -54,6 +64,10 @@ class DualEncoderOutput:
     text_features: torch.Tensor  # (B, E), L2-normalised
     logit_scale: torch.Tensor  # scalar, exp() of the parameter, clamped
     logit_bias: torch.Tensor | None
+    # interaction="token" only (FILIP): per-token features, L2-normalised per token, and the real-token text mask.
+    image_tokens: torch.Tensor | None = None  # (B, N, E)
+    text_tokens: torch.Tensor | None = None  # (B, T, E)
+    text_mask: torch.Tensor | None = None  # (B, T) bool
 
 
 def _projection(kind: str, dim: int, embed_dim: int, bias: bool) -> nn.Module:
@@ -85,7 +99,23 @@ class DualEncoder(PretrainedModel):
             nn.Parameter(torch.tensor(float(config.logit_bias_init))) if config.logit_bias_init is not None else None
         )
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_image(
+        self,
+        pixels: torch.Tensor | PackedImages,
+        normalize: bool = False,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E); packed images (``PackedImages``, NaViT) -> (I, E) in image order.
+
+        With ``pixel_attention_mask`` (B, L) and ``spatial_shapes`` (B, 2), ``pixels`` are patchified, padded
+        images (B, L, p*p*3) exactly as transformers' Siglip2ImageProcessor returns them (SigLIP 2 NaFlex).
+        """
+        if (pixel_attention_mask is None) != (spatial_shapes is None):
+            raise ValueError("pass pixel_attention_mask and spatial_shapes together (SigLIP 2 NaFlex inputs)")
+        if pixel_attention_mask is not None and spatial_shapes is not None:
+            assert isinstance(pixels, torch.Tensor)
+            pixels = PackedImages.from_padded(pixels, pixel_attention_mask, spatial_shapes)
         features = self.image_projection(self.image_encoder(pixels))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -95,12 +125,58 @@ class DualEncoder(PretrainedModel):
         features = self.text_projection(self.text_encoder(input_ids, attention_mask))  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def _image_tokens(self, features: EncoderOutput) -> torch.Tensor:
+        tokens = features.patch_tokens  # (B, N, D)
+        # Encoders that normalise only the pooled vector (OpenAI CLIP's ViT, ConvNeXt) get the same norm per token,
+        # so tokens enter the projection on the scale the pooled vector does.
+        if not (isinstance(self.config.vision, ViTConfig) and self.config.vision.final_norm == "tokens"):
+            tokens = self.image_encoder.norm(tokens)
+        return F.normalize(self.image_projection(tokens), dim=-1)  # (B, N, E)
+
+    def _text_tokens(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = tokens.new_ones(tokens.shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return F.normalize(self.text_projection(tokens), dim=-1), mask  # (B, T, E), (B, T)
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> patch tokens (B, N, E) after the encoder's final norm, projected, L2-normalised per token."""
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError("encode_image_tokens takes whole images (B, 3, H, W); packed inputs are not supported")
+        return self._image_tokens(self.image_encoder.forward_features(pixels))
+
+    def encode_text_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T) -> (tokens (B, T, E) projected and L2-normalised per token, real-token mask (B, T) bool)."""
+        return self._text_tokens(self.text_encoder.forward_features(input_ids, attention_mask), attention_mask)
+
+    def _forward_tokens(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> DualEncoderOutput:
+        # One pass per tower feeds both the pooled features and the token features.
+        image = self.image_encoder.forward_features(pixels)
+        text = self.text_encoder.forward_features(input_ids, attention_mask)  # (B, T, D)
+        text_tokens, text_mask = self._text_tokens(text, attention_mask)
+        scale, bias = self.scale_and_bias()
+        return DualEncoderOutput(
+            F.normalize(self.image_projection(self.image_encoder.forward_head(image)), dim=-1),
+            F.normalize(self.text_projection(self.text_encoder.forward_head(text, input_ids, attention_mask)), dim=-1),
+            scale,
+            bias,
+            image_tokens=self._image_tokens(image),
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+        )
+
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale), self.logit_bias
 
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> DualEncoderOutput:
+        if self.config.interaction == "token":
+            return self._forward_tokens(pixels, input_ids, attention_mask)
         scale, bias = self.scale_and_bias()
         return DualEncoderOutput(
             self.encode_image(pixels, normalize=True),
@@ -114,5 +190,10 @@ class DualEncoder(PretrainedModel):
     ) -> torch.Tensor:
         """Image-text logits (B_img, B_txt) as the model's loss sees them: scale * cos + bias."""
         out = self(pixels, input_ids, attention_mask)
+        if out.image_tokens is not None:
+            # FILIP: the image -> text token-wise similarity, the one its image-to-text loss rows use.
+            similarity, _ = filip_similarity(out.image_tokens, out.text_tokens, out.text_mask)
+            logits = out.logit_scale * similarity
+            return logits + out.logit_bias if out.logit_bias is not None else logits
         logits = out.logit_scale * out.image_features @ out.text_features.T
         return logits + out.logit_bias if out.logit_bias is not None else logits

@@ -135,6 +135,16 @@ def test_siglip() -> DualEncoderConfig:
 
 
 @register_preset
+def test_filip() -> DualEncoderConfig:
+    # FILIP (Yao et al., 2021): token-wise late interaction. Mean pooling and no class token, so every parameter
+    # feeds the patch tokens the loss scores (and the pooled features kept for compatibility).
+    vision = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, num_heads=2, mlp_dim=64, class_token=False,
+                       pool="mean", final_norm="tokens")  # fmt: skip
+    text = TextConfig(vocab_size=100, max_seq_len=16, dim=32, depth=2, num_heads=2, mlp_dim=64, eos_token_id=2)
+    return DualEncoderConfig(vision=vision, text=text, embed_dim=24, loss="filip", interaction="token")
+
+
+@register_preset
 def test_convnext_clip() -> DualEncoderConfig:
     vision = ConvNeXtConfig(image_size=32, depths=(1, 1), dims=(16, 32), patch_size=4)
     text = TextConfig(vocab_size=100, max_seq_len=16, dim=32, depth=1, num_heads=2, mlp_dim=64, eos_token_id=2)
@@ -181,3 +191,53 @@ def shapes_siglip() -> DualEncoderConfig:
         text=_shapes_text(causal=False, pool="last"),
         embed_dim=128, projection_bias=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
     )  # fmt: skip
+
+
+# --- SigLIP 2 NaFlex (Tschannen et al., 2025): SigLIP's towers; patches at each image's native aspect ratio within a
+# token budget, the learned 16x16 position table resized per image with antialiased bilinear interpolation. The text
+# tower reads Gemma's 256k-token vocabulary (pad 0, eos 1).
+
+
+def _siglip2_naflex(vision: ViTConfig) -> ViTConfig:
+    return vision.replace(pos_embed_interpolation="bilinear_antialias")
+
+
+@register_preset
+def siglip2_base_patch16_naflex() -> DualEncoderConfig:
+    config = _siglip(256, 16, 768, 12, 12, 3072)
+    return config.replace(
+        vision=_siglip2_naflex(config.vision), text=config.text.replace(vocab_size=256000, pad_token_id=0)
+    )
+
+
+@register_preset
+def test_siglip2() -> DualEncoderConfig:
+    config = test_siglip()
+    return config.replace(vision=_siglip2_naflex(config.vision))
+
+
+# --- NaViT (Dehghani et al., 2023): native aspect ratio, patch n' pack, factorised x/y position embeddings, MAP
+# pooling per image and the sigmoid loss. ``max_grid`` bounds the rows/columns of any image's patch grid.
+
+
+@register_preset
+def test_navit() -> DualEncoderConfig:
+    config = test_siglip()
+    vision = config.vision.replace(pos_embed="factorized", max_grid=8, patch_dropout=0.25)
+    return config.replace(vision=vision)
+
+
+@register_preset
+def navit_shapes() -> DualEncoderConfig:
+    config = shapes_siglip()
+    return config.replace(vision=config.vision.replace(pos_embed="factorized", max_grid=16))
+
+
+# --- ShapesWorld classifier: shapes_clip's image tower (mean pooling) with a colour + shape head (8 + 5 outputs),
+# pretrained by the classify_shapes recipe to initialise or lock (LiT) the tower of shapes_clip; shapes_siglip's
+# tower differs only in its MAP pooling, which the recipe trains with the override model.vision.pool=map.
+
+
+@register_preset
+def shapes_classifier() -> ImageClassifierConfig:
+    return ImageClassifierConfig(vision=_shapes_vision(), num_classes=13)
