@@ -81,4 +81,6 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _load() -> None:
-    import vlkit.recipes.contrastive  # noqa: F401  (registers on import)
+    import vlkit.recipes.classification
+    import vlkit.recipes.contrastive
+    import vlkit.recipes.navit  # noqa: F401

@@ -1,0 +1,150 @@
+"""The ShapesWorld classification pretraining recipe and moving its image tower into dual encoders."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlkit import create_model, export_hf, from_pretrained, get_config
+from vlkit.data import shapes
+from vlkit.data.transforms import ImageTransform
+from vlkit.models import DualEncoder, ImageClassifier
+from vlkit.recipes import get_recipe
+from vlkit.recipes.classification import (
+    ClassificationEval,
+    ShapesClassificationDataset,
+    _EvalSplit,
+    attribute_names,
+    classify_shapes,
+    init_image_tower,
+    load_image_tower,
+    run_classification,
+)
+
+TINY_TOWER = {"vision.dim": 32, "vision.depth": 2, "vision.num_heads": 2, "vision.mlp_dim": 64, "vision.image_size": 32}
+
+
+def tiny_recipe(steps: int = 80):
+    overrides = {f"model.{key}": value for key, value in TINY_TOWER.items()}
+    overrides |= {"train.steps": steps, "train.batch_size": 32, "train.eval_every": steps // 2, "train_size": 640,
+                  "eval_size": 64, "train.precision": "fp32", "train.lr": 5e-3}  # fmt: skip
+    return classify_shapes().with_overrides(overrides)
+
+
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("classify")
+    return run_classification(tiny_recipe(), out, progress=False)
+
+
+def test_recipe_is_registered_and_its_tower_is_the_contrastive_presets() -> None:
+    recipe = get_recipe("classify_shapes")
+    assert recipe.model == "shapes_classifier" and recipe.shapes == get_recipe("clip_shapes").shapes
+    tower = get_config("shapes_classifier").vision
+    assert tower == get_config("shapes_clip").vision
+    assert tower.replace(pool="map") == get_config("shapes_siglip").vision
+
+
+def test_run_writes_metrics_log_report_and_a_loadable_model(classification_run) -> None:
+    out = classification_run.out_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("top1", "colour_top1", "shape_top1", "top1_heldout", "colour_top1_heldout", "shape_top1_heldout"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["steps"] == 80 and metrics["recipe"] == "classify_shapes"
+    # Colour is linearly readable from pixel means: 80 small steps take it far above the 1/8 chance level, on seen
+    # and held-out combinations alike. The joint top-1 can only be as good as its weaker attribute.
+    assert metrics["colour_top1"] > 0.6 and metrics["colour_top1_heldout"] > 0.6
+    assert metrics["top1"] <= min(metrics["colour_top1"], metrics["shape_top1"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [record for record in records if "loss" in record]
+    assert len(train) == 80 and all("shape_loss" in record and "colour_loss" in record for record in train)
+    assert [record["step"] for record in records if "eval" in record] == [40, 80]
+    assert train[-1]["loss"] < train[0]["loss"]
+    report = (out / "report.html").read_text()
+    assert "top1_heldout" in report and (out / "confusion_shape_heldout.png").is_file()
+
+    model = from_pretrained(out / "model")
+    assert isinstance(model, ImageClassifier)
+    assert model.config.class_names == attribute_names(shapes.ShapesConfig())
+    pixels = torch.randn(2, 3, 32, 32)
+    classification_run.model.eval()
+    torch.testing.assert_close(model(pixels), classification_run.model(pixels))
+
+
+def test_dataset_labels_are_the_rendered_objects() -> None:
+    config = shapes.ShapesConfig()
+    transform = ImageTransform(image_size=32)
+    for split in ("train", "test_heldout"):
+        dataset = ShapesClassificationDataset(config, split, 12, transform)
+        for index in range(12):
+            item, scene = dataset[index], shapes.single_object(config, split, index)
+            assert len(scene.objects) == 1 and item["pixels"].shape == (3, 32, 32)
+            combination = (config.colours[item["colour"]], config.shapes[item["shape"]])
+            assert combination == (scene.objects[0].colour, scene.objects[0].shape)
+            assert (combination in config.heldout) == (split == "test_heldout")
+
+
+class LabelReader(nn.Module):
+    """Reads the labels planted in pixel (0, 0) of channels 0 and 1 and answers with one-hot logits (8 + 5)."""
+
+    def __init__(self, wrong_shape: set[int]) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.wrong_shape = wrong_shape
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        colours = pixels[:, 0, 0, 0].long()
+        shapes_ = pixels[:, 1, 0, 0].long()
+        ids = pixels[:, 2, 0, 0].long()
+        shapes_ = torch.where(torch.isin(ids, torch.tensor(sorted(self.wrong_shape))), (shapes_ + 1) % 5, shapes_)
+        return torch.cat([nn.functional.one_hot(colours, 8), nn.functional.one_hot(shapes_, 5)], 1).float()
+
+
+def test_evaluation_scores_both_attributes_and_their_conjunction() -> None:
+    splits = {}
+    for suffix, count in (("", 10), ("_heldout", 8)):
+        colours, shape_labels = torch.arange(count) % 8, torch.arange(count) % 5
+        pixels = torch.zeros(count, 3, 4, 4)
+        pixels[:, 0, 0, 0], pixels[:, 1, 0, 0], pixels[:, 2, 0, 0] = colours, shape_labels, torch.arange(count)
+        splits[suffix] = _EvalSplit(pixels, colours, shape_labels)
+    evaluation = ClassificationEval(num_colours=8, splits=splits, batch_size=3)
+    metrics = evaluation(LabelReader(wrong_shape={0, 1, 2}))
+    assert metrics["colour_top1"] == 1.0 and metrics["colour_top1_heldout"] == 1.0
+    assert metrics["shape_top1"] == pytest.approx(0.7) and metrics["top1"] == pytest.approx(0.7)
+    assert metrics["shape_top1_heldout"] == pytest.approx(5 / 8) and metrics["top1_heldout"] == pytest.approx(5 / 8)
+    confusion = evaluation.last_confusion[""]
+    assert confusion.sum() == 10 and confusion.trace() == 7 and confusion[0, 1] == 1
+
+
+def test_image_tower_moves_from_classifier_to_dual_encoder(classification_run) -> None:
+    source = classification_run.out_dir / "model"
+    weights = load_image_tower(source)
+    dual = create_model("shapes_clip", **TINY_TOWER)
+    assert set(weights) == set(dual.image_encoder.state_dict())
+    init_image_tower(dual, source)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dual.image_encoder(pixels), classification_run.model.encoder(pixels))
+    # A MAP-pooled tower (shapes_siglip) would keep a random pooling head: refused, naming the difference.
+    with pytest.raises(ValueError, match="pool"):
+        init_image_tower(create_model("shapes_siglip", **TINY_TOWER), source)
+
+
+def test_image_tower_from_vlkit_and_hugging_face_dual_encoders(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("test_siglip")
+    model.save_pretrained(tmp_path / "vlkit")
+    export_hf(model, tmp_path / "hf")
+    expected = model.image_encoder.state_dict()
+    for directory in ("vlkit", "hf"):
+        weights = load_image_tower(tmp_path / directory)
+        assert set(weights) == set(expected)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(weights[name], tensor, msg=f"{directory}: {name}")
+    target = create_model("test_siglip")
+    assert isinstance(target, DualEncoder)
+    init_image_tower(target, tmp_path / "hf")
+    torch.testing.assert_close(target.image_encoder.state_dict()["blocks.1.mlp.fc2.weight"],
+                               expected["blocks.1.mlp.fc2.weight"])  # fmt: skip
