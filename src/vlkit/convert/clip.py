@@ -224,6 +224,8 @@ def vit_tower_problems(vision: ViTConfig) -> list[str]:
         problems.append(f"vision.image_size={vision.image_size} is not square")
     if vision.norm != "layernorm" or vision.layer_scale is not None or vision.pos_embed != "learned":
         problems.append("vision tower needs layernorm, learned positions and no layer scale")
+    if vision.stem != "patch":
+        problems.append(f"vision.stem={vision.stem!r} (HF vision towers patchify with one convolution)")
     if not vision.qkv_bias:
         problems.append("vision.qkv_bias=False (CLIP/SigLIP attention always has biases)")
     if vision.act not in ("gelu", "gelu_tanh", "quick_gelu", "relu"):

@@ -167,7 +167,7 @@ def export(model: ImageClassifier) -> HFCheckpoint:
     where = "ViT export"
     wanted = {
         "class_token": True, "pre_norm": False, "final_norm": "tokens", "pool": "cls", "patch_bias": True,
-        "norm": "layernorm", "pos_embed": "learned", "layer_scale": None,
+        "norm": "layernorm", "pos_embed": "learned", "layer_scale": None, "stem": "patch",
     }  # fmt: skip
     problems = [
         f"vision.{k}={getattr(vision, k)!r} (HF ViT has {v!r})" for k, v in wanted.items() if getattr(vision, k) != v

@@ -30,6 +30,7 @@ from vlkit.config import ConfigBase, register_config
 from vlkit.encoders.base import EncoderOutput
 from vlkit.layers import (
     AttentionPool,
+    ConvStem,
     FactorizedPosEmbed2d,
     LearnedPosEmbed2d,
     PatchEmbed,
@@ -67,6 +68,8 @@ class ViTConfig(ConfigBase):
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     patch_bias: bool = True
+    stem: Literal["patch", "conv"] = "patch"
+    stem_widths: tuple[int, ...] = (32, 64)
     class_token: bool = True
     pos_embed: Literal["learned", "sincos", "none", "factorized", "rope2d"] = "learned"
     pos_embed_interpolation: Literal["bicubic", "bilinear_antialias"] = "bicubic"
@@ -90,6 +93,11 @@ class ViTConfig(ConfigBase):
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.pos_embed == "rope2d" and (self.dim // self.num_heads) % 4:
             raise ValueError(f"pos_embed='rope2d' needs a head_dim divisible by 4, got {self.dim // self.num_heads}")
+        if self.stem == "conv" and 2 ** len(self.stem_widths) * 2 != self.patch_size:
+            raise ValueError(
+                f"stem='conv' with patch_size {self.patch_size} needs log2(patch_size) - 1 stem_widths, "
+                f"got {self.stem_widths}"
+            )
         if self.max_grid is not None and self.max_grid < 1:
             raise ValueError(f"max_grid must be positive, got {self.max_grid}")
 
@@ -191,7 +199,11 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         dim = config.dim
-        self.patch_embed = PatchEmbed(config.patch_size, dim, bias=config.patch_bias)
+        self.patch_embed: PatchEmbed | ConvStem = (
+            ConvStem(config.patch_size, dim, config.stem_widths)
+            if config.stem == "conv"
+            else PatchEmbed(config.patch_size, dim, bias=config.patch_bias)
+        )
         self.num_prefix_tokens = int(config.class_token)
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         if self.class_token is not None:
@@ -320,6 +332,9 @@ class ViT(nn.Module):
     def _forward_packed(self, packed: PackedImages) -> PackedFeatures:
         if self.class_token is not None:
             raise ValueError("packed inputs need a ViT without a class token (class_token=False)")
+        if not isinstance(self.patch_embed, PatchEmbed):
+            # Packed patches are cut apart before the encoder sees them; overlapping convolutions need whole images.
+            raise ValueError("packed inputs need stem='patch': a conv stem looks across patch borders")
         proj = self.patch_embed.proj
         # The conv weight (D, C, p, p) reordered to the packed patches' (row, col, channel) flattening.
         weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C)

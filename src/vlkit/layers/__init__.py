@@ -6,7 +6,7 @@ Nothing here imports from the rest of vlkit.
 from vlkit.layers.attention import Attention, AttentionPool, CrossAttention, segment_mask
 from vlkit.layers.mlp import Mlp, SwiGLU, build_mlp
 from vlkit.layers.norms import LayerNorm2d, RMSNorm, build_norm
-from vlkit.layers.patch_embed import PatchEmbed
+from vlkit.layers.patch_embed import ConvStem, PatchEmbed
 from vlkit.layers.pos_embed import FactorizedPosEmbed2d, LearnedPosEmbed2d, grid_positions, sincos_2d, sincos_2d_at
 from vlkit.layers.rope import Rope2d, RopeTables, apply_rope
 from vlkit.layers.transformer import DropPath, TransformerBlock
@@ -14,6 +14,7 @@ from vlkit.layers.transformer import DropPath, TransformerBlock
 __all__ = [
     "Attention",
     "AttentionPool",
+    "ConvStem",
     "CrossAttention",
     "DropPath",
     "FactorizedPosEmbed2d",

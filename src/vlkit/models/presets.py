@@ -165,11 +165,13 @@ def test_convnext() -> ImageClassifierConfig:
 
 # --- ShapesWorld models: sized so a recipe trains in minutes on a laptop CPU (64x64 images, 8x8 patches). Plain
 # erf-GELU rather than SigLIP's tanh-GELU: these are trained from scratch, and tanh-GELU is 3x slower on CPU.
+# An overlapping conv stem instead of the one-convolution patchify: a supervised shape probe with this tower reaches
+# 98% after 200 steps with it and 82% without (Xiao et al., 2021, "Early convolutions help transformers see better").
 
 
 def _shapes_vision(**changes: object) -> ViTConfig:
     base = ViTConfig(image_size=64, patch_size=8, dim=128, depth=4, num_heads=4, mlp_dim=512, class_token=False,
-                     pool="mean", final_norm="tokens", act="gelu")  # fmt: skip
+                     pool="mean", final_norm="tokens", act="gelu", stem="conv", stem_widths=(32, 64))  # fmt: skip
     return base.replace(**changes)
 
 
@@ -186,10 +188,15 @@ def shapes_clip() -> DualEncoderConfig:
 
 @register_preset
 def shapes_siglip() -> DualEncoderConfig:
+    # shapes_clip's towers and the sigmoid loss. Measured at 400 steps (batch 128, conv stem): SigLIP's own MAP head
+    # and bidirectional last-token text tower reach 28% zero-shot, these towers 40%. The bias starts at -log(127)
+    # rather than the paper's -10: the towers start with image embeddings at cosine ~0.98 to each other, and with
+    # b=-10 every negative pair's gradient is ~0 at first, so the loss only pulls every image towards every caption
+    # (retrieval R@1 stays at 2%); at b=-log(B-1) the negatives' total weight matches the positive's, so the first
+    # gradients are centred the way softmax's are.
     return DualEncoderConfig(
-        vision=_shapes_vision(pool="map"),
-        text=_shapes_text(causal=False, pool="last"),
-        embed_dim=128, projection_bias=True, logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
+        vision=_shapes_vision(), text=_shapes_text(), embed_dim=128, projection_bias=True,
+        logit_scale_init=math.log(10.0), logit_bias_init=-math.log(127.0), loss="siglip",
     )  # fmt: skip
 
 
@@ -216,7 +223,7 @@ def test_siglip2() -> DualEncoderConfig:
     return config.replace(vision=_siglip2_naflex(config.vision))
 
 
-# --- NaViT (Dehghani et al., 2023): native aspect ratio, patch n' pack, factorised x/y position embeddings, MAP
+# --- NaViT (Dehghani et al., 2023): native aspect ratio, patch n' pack, factorised x/y position embeddings, masked
 # pooling per image and the sigmoid loss. ``max_grid`` bounds the rows/columns of any image's patch grid.
 
 
@@ -230,14 +237,23 @@ def test_navit() -> DualEncoderConfig:
 @register_preset
 def navit_shapes() -> DualEncoderConfig:
     config = shapes_siglip()
-    return config.replace(vision=config.vision.replace(pos_embed="factorized", max_grid=16))
+    # Packed patches are cut apart before the encoder: the one-convolution patch stem, not the overlapping conv stem.
+    return config.replace(vision=config.vision.replace(pos_embed="factorized", max_grid=16, stem="patch"))
 
 
 # --- ShapesWorld classifier: shapes_clip's image tower (mean pooling) with a colour + shape head (8 + 5 outputs),
-# pretrained by the classify_shapes recipe to initialise or lock (LiT) the tower of shapes_clip; shapes_siglip's
-# tower differs only in its MAP pooling, which the recipe trains with the override model.vision.pool=map.
+# pretrained by the classify_shapes recipe to initialise or lock (LiT) the image tower of shapes_clip / shapes_siglip.
 
 
 @register_preset
 def shapes_classifier() -> ImageClassifierConfig:
     return ImageClassifierConfig(vision=_shapes_vision(), num_classes=13)
+
+
+# --- FILIP on ShapesWorld: shapes_clip's towers (mean pooling, no class token, so every patch token the loss scores
+# is trained) with token-wise late interaction and the FILIP loss.
+
+
+@register_preset
+def shapes_filip() -> DualEncoderConfig:
+    return shapes_clip().replace(interaction="token", loss="filip")

@@ -263,17 +263,22 @@ def load_image_tower(path: str | Path) -> dict[str, Tensor]:
 def init_image_tower(model: DualEncoder, path: str | Path) -> None:
     """Copy the image tower of the model at ``path`` into ``model.image_encoder``, refusing a different architecture.
 
-    Configs must match except for ``drop_path`` (a training-time choice): a mean-pooled tower cannot start a MAP-pooled
-    one (``shapes_siglip``) because the attention-pooling head would stay random, so pretrain with
-    ``model.vision.pool=map`` for that.
+    Configs must match except for ``drop_path`` and ``patch_dropout`` (training-time choices; EVA-CLIP fine-tunes with
+    patch dropout a tower pretrained without): a mean-pooled tower cannot start a MAP-pooled
+    one because the attention-pooling head would stay random, so pretrain with ``model.vision.pool=map`` for that.
     """
     source = _load_source(path)
     wanted, found = model.config.vision, source.config
-    if dataclasses.replace(found, drop_path=0.0) != dataclasses.replace(wanted, drop_path=0.0):
+    training_only = ("drop_path", "patch_dropout")
+
+    def architecture(config: Any) -> Any:
+        return dataclasses.replace(config, **{name: 0.0 for name in training_only if hasattr(config, name)})
+
+    if architecture(found) != architecture(wanted):
         changed = sorted(
             item.name
             for item in dataclasses.fields(wanted)
-            if item.name != "drop_path" and getattr(wanted, item.name, None) != getattr(found, item.name, None)
+            if item.name not in training_only and getattr(wanted, item.name, None) != getattr(found, item.name, None)
         )
         raise ValueError(f"{path}: its image tower differs from the model's in {changed or [type(found).__name__]}")
     model.image_encoder.load_state_dict(source.state_dict())

@@ -47,5 +47,5 @@ def clip_digits() -> Recipe:
         data="digits",
         train=TrainConfig(steps=300, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=30, eval_every=100),
         train_size=1437,
-        model_overrides={"vision.image_size": 32, "vision.patch_size": 4},
+        model_overrides={"vision.image_size": 32, "vision.patch_size": 4, "vision.stem_widths": (32,)},
     )
