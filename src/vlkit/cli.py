@@ -1,4 +1,4 @@
-"""The ``vlkit`` command: models, data, train, eval, demo.
+"""The ``vlkit`` command: models, data, train, eval, demo, bench.
 
 Errors a user can fix (bad input, unknown names, missing files) print one line ``vlkit: error: ...`` and exit 2,
 without a traceback; ``VLKIT_DEBUG=1`` shows the traceback.
@@ -75,14 +75,11 @@ def _launch_workers(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlkit.recipes import get_recipe
-    from vlkit.recipes.run import run_recipe
+    from vlkit.recipes.run import is_classification, run_recipe
     from vlkit.train.distributed import distributed_context
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc is not None and args.nproc > 1:
-        return _launch_workers(args)
-
     overrides = _parse_overrides(args.set or [])
     if args.steps is not None:
         overrides["train.steps"] = args.steps
@@ -93,6 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lock is not None:
         overrides["lock"] = args.lock
     recipe = get_recipe(args.recipe).with_overrides(overrides)
+    if is_classification(recipe):
+        return _train_classifier(args, recipe)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch_workers(args)
     # Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) this joins the process group; alone it is a no-op.
     with distributed_context(None if args.device == "auto" else args.device) as info:
         result = run_recipe(
@@ -109,6 +110,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if info.is_main:
         _print_metrics(result.metrics)
         print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace, recipe: Any) -> int:
+    """``vlkit train --recipe classify_shapes``: one process, ShapesWorld data, no dual-encoder options."""
+    from vlkit.recipes.classification import run_classification
+
+    dual_encoder_only = {"--train-data": args.train_data, "--init": args.init, "--skip-bad": args.skip_bad,
+                         "--nproc": (args.nproc or 1) > 1, "--strategy fsdp": args.strategy == "fsdp",
+                         "--device cuda": args.device == "cuda"}  # fmt: skip
+    given = [flag for flag, value in dual_encoder_only.items() if value]
+    if given:
+        raise ValueError(f"recipe {recipe.name} trains a classifier on one CPU process; {', '.join(given)} "
+                         "apply to dual-encoder recipes only")  # fmt: skip
+    result = run_classification(recipe, args.out, progress=not args.quiet, resume=args.resume)
+    _print_metrics(result.metrics)
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vlkit.claims import QUICK, Scale, run_claims
+
+    scale = QUICK if args.quick else Scale(steps=args.steps_scale)
+    if args.set:
+        scale = dataclasses.replace(scale, overrides={**scale.overrides, **_parse_overrides(args.set)})
+    results = run_claims(args.out, scale, only=args.only, progress=not args.quiet)
+    for result in results:
+        print(f"  {result.key:22s} reproduced: {'yes' if result.reproduced else 'no'}")
+    print(f"claims: {Path(args.out) / 'claims.md'}")
     return 0
 
 
@@ -224,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="controlled comparisons of the papers' claims (vlkit bench claims --out DIR)")
+    bench.add_argument("suite", choices=["claims"])
+    bench.add_argument("--out", required=True, help="runs go to OUT/runs/<name>; finished runs are reused")
+    bench.add_argument("--quick", action="store_true", help="tiny models and a few steps: checks the wiring only")
+    bench.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's training steps")
+    bench.add_argument("--only", nargs="*", metavar="CLAIM", help="run only these claims (default: all)")
+    bench.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="every run: e.g. train.save_every=200")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

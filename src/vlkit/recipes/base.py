@@ -10,10 +10,12 @@ from typing import Any, Literal
 from vlkit.data.shapes import ShapesConfig
 from vlkit.registry import apply_overrides
 from vlkit.train import ParamGroupRule, TrainConfig
+from vlkit.train.optim import dual_encoder_layer_decay_rules
 
 _RECIPES: dict[str, Callable[[], Recipe]] = {}
 
 LOCK_PATTERNS = {"image": r"image_encoder\..*", "text": r"text_encoder\..*"}
+INPUT_POLICIES = ("square", "pack", "resize_square", "pad_square")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class Recipe:
     ``data``: "shapes" renders ``train_size`` ShapesWorld scenes (``shapes`` config) to a manifest under the run
     folder; "digits" uses scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
     ``lock="image"``); ``model_overrides`` are dotted config paths applied to the preset.
+
+    ``image_init`` starts the image tower from another model (LiT, EVA-CLIP): a model directory, or
+    ``"recipe:NAME"``, which trains recipe NAME into ``OUT/pretrain`` first (once; its vision architecture follows
+    this recipe's ``vision.*`` overrides, ``image_init_overrides`` adjust the rest, e.g. its steps).
+    ``image_layer_decay`` / ``text_layer_decay`` turn on layer-wise lr decay for that tower (BEiT, EVA-CLIP).
+    ``input_policy`` picks how images become tokens: "square" (the preset's square size), or NaViT's
+    comparison at equal token slots per batch (``vlkit.recipes.navit``): "pack" (native aspect ratio, packed;
+    ``pack_oversample`` x more samples than sequences per batch), "resize_square" or "pad_square".
     """
 
     name: str
@@ -36,10 +46,25 @@ class Recipe:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer_vocab_size: int = 512
     lock: Literal["none", "image", "text"] = "none"
+    image_init: str | None = None
+    image_init_overrides: dict[str, Any] = field(default_factory=dict)
+    image_layer_decay: float | None = None
+    text_layer_decay: float | None = None
+    input_policy: Literal["square", "pack", "resize_square", "pad_square"] = "square"
+    pack_oversample: float = 1.0
 
     def __post_init__(self) -> None:
         if self.train_size < self.train.batch_size:
             raise ValueError(f"recipe {self.name}: train_size {self.train_size} < batch_size {self.train.batch_size}")
+        if self.input_policy not in INPUT_POLICIES:
+            raise ValueError(f"recipe {self.name}: input_policy must be one of {INPUT_POLICIES}, got "
+                             f"{self.input_policy!r}")  # fmt: skip
+        if self.pack_oversample < 1.0:
+            raise ValueError(f"recipe {self.name}: pack_oversample must be >= 1, got {self.pack_oversample}")
+        for name in ("image_layer_decay", "text_layer_decay"):
+            decay = getattr(self, name)
+            if decay is not None and not 0.0 < decay <= 1.0:
+                raise ValueError(f"recipe {self.name}: {name} must be in (0, 1] or None, got {decay}")
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         """Apply ``{"train.lr": 1e-3, "model.vision.depth": 2, "shapes.max_objects": 2, ...}``.
@@ -56,11 +81,20 @@ class Recipe:
             recipe = dataclasses.replace(recipe, model_overrides={**recipe.model_overrides, **model_changes})
         return recipe
 
-    def param_group_rules(self) -> tuple[ParamGroupRule, ...]:
-        rules = self.train.param_groups
+    def param_group_rules(self, model_config: Any | None = None) -> tuple[ParamGroupRule, ...]:
+        """The lock, then the layer-wise lr decay of ``model_config``'s towers, then ``train.param_groups``.
+
+        That order is the one ``build_param_groups`` needs (the first matching rule wins): a locked tower stays
+        frozen whatever its decay rules say, and the decay rules take a tower's blocks before any broader rule.
+        """
+        rules: tuple[ParamGroupRule, ...] = ()
         if self.lock != "none":
-            rules = (ParamGroupRule(LOCK_PATTERNS[self.lock], freeze=True), *rules)
-        return rules
+            rules += (ParamGroupRule(LOCK_PATTERNS[self.lock], freeze=True),)
+        if self.image_layer_decay is not None or self.text_layer_decay is not None:
+            if model_config is None:
+                raise ValueError(f"recipe {self.name}: layer-wise lr decay needs the model config (its depths)")
+            rules += dual_encoder_layer_decay_rules(model_config, self.image_layer_decay, self.text_layer_decay)
+        return (*rules, *self.train.param_groups)
 
 
 def register_recipe(function: Callable[[], Recipe]) -> Callable[[], Recipe]:
@@ -83,4 +117,5 @@ def get_recipe(name: str) -> Recipe:
 def _load() -> None:
     import vlkit.recipes.classification
     import vlkit.recipes.contrastive
+    import vlkit.recipes.family
     import vlkit.recipes.navit  # noqa: F401
