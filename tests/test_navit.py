@@ -189,17 +189,21 @@ def test_pack_images_layout_and_padding_fraction() -> None:
     images = [patchify(torch.randn(3, 8 * h, 8 * w), 8) for h, w in [(2, 2), (1, 3), (2, 3), (1, 1)]]
     result = pack_images(images, seq_len=8, num_sequences=1)
     packed = result.packed
-    assert result.kept == [0, 1, 3] and result.overflow == 1  # the 6-token image found no room
-    assert packed.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 2]]
-    assert packed.grids.tolist() == [[2, 2], [1, 3], [1, 1]]
-    assert packed.images_per_sequence.tolist() == [3]
-    assert packed.padding_fraction.item() == 0.0
+    # First-fit-decreasing: the 6-token image goes first, the 1-token one fills the gap, the 4- and 3-token ones
+    # find no room; kept images keep their input order.
+    assert result.kept == [2, 3] and result.overflow == 2
+    assert packed.segment_ids.tolist() == [[0, 0, 0, 0, 0, 0, 1, -1]]
+    assert packed.grids.tolist() == [[2, 3], [1, 1]]
+    assert packed.images_per_sequence.tolist() == [2]
+    assert packed.padding_fraction.item() == pytest.approx(1 / 8)
     sparse = pack_images(images[:1], seq_len=8, num_sequences=2).packed
     assert sparse.segment_ids.tolist() == [[0, 0, 0, 0, -1, -1, -1, -1], [-1] * 8]
     assert sparse.images_per_sequence.tolist() == [1, 0]
     assert sparse.padding_fraction.item() == pytest.approx(0.75)
-    torch.testing.assert_close(packed.patches[0, 4:7], images[1].patches)
-    assert packed.position_ids[0, 4:7].tolist() == [[0, 0], [0, 1], [0, 2]]
+    torch.testing.assert_close(packed.patches[0, :6], images[2].patches)
+    assert packed.position_ids[0, :6].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    everything = pack_images(images, seq_len=8).packed  # as many sequences as needed: 6+1, 4+3
+    assert everything.segment_ids.tolist() == [[2, 2, 2, 2, 2, 2, 3, -1], [0, 0, 0, 0, 1, 1, 1, -1]]
 
 
 def test_patchify_layout_is_row_col_channel() -> None:

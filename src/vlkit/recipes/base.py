@@ -32,7 +32,8 @@ class Recipe:
     ``image_layer_decay`` / ``text_layer_decay`` turn on layer-wise lr decay for that tower (BEiT, EVA-CLIP).
     ``input_policy`` picks how images become tokens: "square" (the preset's square size), or NaViT's
     comparison at equal token slots per batch (``vlkit.recipes.navit``): "pack" (native aspect ratio, packed;
-    ``pack_oversample`` x more samples than sequences per batch), "resize_square" or "pad_square".
+    ``pack_oversample`` x more samples than square images per batch, into the same token slots, each sequence as long as
+    ``pack_sequence_slots`` square images), "resize_square" or "pad_square".
     """
 
     name: str
@@ -52,6 +53,7 @@ class Recipe:
     text_layer_decay: float | None = None
     input_policy: Literal["square", "pack", "resize_square", "pad_square"] = "square"
     pack_oversample: float = 1.0
+    pack_sequence_slots: int = 1
 
     def __post_init__(self) -> None:
         if self.train_size < self.train.batch_size:
@@ -61,6 +63,9 @@ class Recipe:
                              f"{self.input_policy!r}")  # fmt: skip
         if self.pack_oversample < 1.0:
             raise ValueError(f"recipe {self.name}: pack_oversample must be >= 1, got {self.pack_oversample}")
+        if self.pack_sequence_slots < 1 or self.train.batch_size % self.pack_sequence_slots:
+            raise ValueError(f"recipe {self.name}: pack_sequence_slots {self.pack_sequence_slots} must be >= 1 and "
+                             f"divide the batch size {self.train.batch_size}")  # fmt: skip
         for name in ("image_layer_decay", "text_layer_decay"):
             decay = getattr(self, name)
             if decay is not None and not 0.0 < decay <= 1.0:

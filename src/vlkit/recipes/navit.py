@@ -139,6 +139,7 @@ def input_policy(
     oversample: float = 1.0,
     patch_dropout: float = 0.0,
     seed: int = 0,
+    seq_len: int | None = None,
 ) -> InputPolicySetup:
     """One of the three policies at ``num_sequences`` x ``max_patches`` token slots per batch.
 
@@ -146,7 +147,9 @@ def input_policy(
     [``min_patches``, ``max_patches``] when given), first-fit into ``num_sequences`` sequences of ``max_patches``
     tokens; ``oversample`` > 1 draws that many more samples per batch than sequences, so sequences left part-empty
     by smaller images fill up (images that do not fit are dropped and logged as ``overflow``). ``patch_dropout``
-    drops tokens before packing (NaViT's token dropping: more images per batch at the same compute).
+    drops tokens before packing (NaViT's token dropping: more images per batch at the same compute). ``seq_len``
+    (default ``max_patches``) packs the same token slots into fewer, longer sequences: with several images per
+    sequence, first-fit-decreasing leaves far less padding (NaViT packs into long sequences).
     "resize_square" / "pad_square": one square image of side ``floor(sqrt(max_patches))`` patches, squashed or
     letterboxed, one image per sequence.
     """
@@ -154,7 +157,11 @@ def input_policy(
     slots = num_sequences * max_patches
     if policy == "pack":
         budget = (min_patches, max_patches) if min_patches is not None else max_patches
-        collate = PackingCollate(patch_size, max_patches, num_sequences, patch_dropout)
+        seq_len = seq_len or max_patches
+        if seq_len < max_patches or slots % seq_len:
+            raise ValueError(f"seq_len {seq_len} must be >= max_patches ({max_patches}) and divide the {slots} token "
+                             f"slots of {num_sequences} x {max_patches}")  # fmt: skip
+        collate = PackingCollate(patch_size, seq_len, slots // seq_len, patch_dropout)
         return InputPolicySetup(
             policy=policy,
             transform=NativeTransform(),

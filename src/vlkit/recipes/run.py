@@ -278,6 +278,7 @@ def training_inputs(
         recipe.input_policy, sequences, patch_size=vision.patch_size, max_patches=rows * cols,
         min_patches=min(MIN_PATCHES, rows * cols), oversample=recipe.pack_oversample,
         patch_dropout=vision.patch_dropout, seed=recipe.train.seed,
+        seq_len=rows * cols * recipe.pack_sequence_slots,
     )  # fmt: skip
     dataset = setup.wrap_dataset(
         ImageTextDataset(records, setup.transform, tokenizer.encode, tokenizer.max_len, seed=recipe.train.seed, **text)
