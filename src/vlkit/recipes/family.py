@@ -76,8 +76,8 @@ def evaclip_shapes() -> Recipe:
 
 @register_recipe
 def navit_shapes() -> Recipe:
-    # The token slots of 128 square 64-patch images (8,192), cut into 32 sequences of 256 tokens, take 1.8x the
-    # images at sampled budgets of 16-64 patches. Measured on the packing alone (100 random batches): 64-token
-    # sequences leave 9% padding, 256-token ones with first-fit-decreasing 1.1%, with ~8% of the drawn images
-    # overflowing (dropped, logged). That density is NaViT's point: more images for the same compute.
-    return dataclasses.replace(navit.navit_shapes(), input_policy="pack", pack_oversample=1.8, pack_sequence_slots=4)
+    # The token slots of 128 square 64-patch images (8,192), cut into 64 sequences of 128 tokens, take 1.9x the
+    # images at budgets of 16-64 patches. On the packing alone (100 random batches, first-fit-decreasing): 64-token
+    # sequences leave 9% padding, 128-token ones 1.6% (~10% of the drawn images overflow and are dropped, logged),
+    # 256-token ones 1.1% but their attention costs 2x as much as 128's (bench/navit_throughput.py).
+    return dataclasses.replace(navit.navit_shapes(), input_policy="pack", pack_oversample=1.9, pack_sequence_slots=2)
