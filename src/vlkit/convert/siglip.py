@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from vlkit.convert.clip import (
     export_dual_encoder_weights,
     image_tower_export_problems,
@@ -76,7 +78,26 @@ def _vision_rules(config: ViTConfig) -> list[Rule]:
     ]
 
 
-def _rules(config: DualEncoderConfig) -> list[Rule]:
+def dual_encoder_config(
+    vision: ViTConfig, text: dict[str, Any], embed_dim: int, weights: dict[str, torch.Tensor], source: str
+) -> DualEncoderConfig:
+    """SigLIP's (and SigLIP 2's) dual encoder around a converted image tower: no image projection, a biased linear
+    text head, the sigmoid loss, and the checkpoint's own clamp on the logit scale."""
+    return DualEncoderConfig(
+        vision=vision,
+        text=text_tower(text, source, causal=False, pool="last"),
+        embed_dim=embed_dim,
+        image_projection="none",
+        text_projection="linear",
+        projection_bias=True,
+        logit_scale_init=math.log(10.0),
+        logit_bias_init=-10.0,
+        max_logit_scale=logit_scale_limit(weights, "logit_scale", DualEncoderConfig.max_logit_scale),
+        loss="siglip",
+    )
+
+
+def rules(config: DualEncoderConfig) -> list[Rule]:
     assert isinstance(config.vision, ViTConfig)
     return [
         *_vision_rules(config.vision),
@@ -118,22 +139,11 @@ def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
         pool="map",
     )
     weights = dict(checkpoint.weights)
-    config = DualEncoderConfig(
-        vision=vision_config,
-        text=text_tower(text, source, causal=False, pool="last"),
-        embed_dim=embed_dim,
-        image_projection="none",
-        text_projection="linear",
-        projection_bias=True,
-        logit_scale_init=math.log(10.0),
-        logit_bias_init=-10.0,
-        max_logit_scale=logit_scale_limit(weights, "logit_scale", DualEncoderConfig.max_logit_scale),
-        loss="siglip",
-    )
+    config = dual_encoder_config(vision_config, text, embed_dim, weights, source)
     pop_position_ids(weights, "text_model.embeddings.position_ids", config.text.max_seq_len, source)
     pop_position_ids(weights, "vision_model.embeddings.position_ids", vision_config.grid[0] ** 2, source)
     model = DualEncoder(config)
-    load_weights(model, _rules(config), weights, source)
+    load_weights(model, rules(config), weights, source)
     return model
 
 
@@ -153,7 +163,7 @@ def export(model: DualEncoder) -> HFCheckpoint:
     if config.logit_bias_init is None:
         problems.append("SigLIP needs a logit_bias")
     raise_if(problems, where)
-    weights = export_dual_encoder_weights(model, _rules(config))
+    weights = export_dual_encoder_weights(model, rules(config))
     hf_config = {
         "architectures": list(ARCHITECTURES),
         "model_type": MODEL_TYPE,

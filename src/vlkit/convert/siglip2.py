@@ -21,7 +21,6 @@ from vlkit.convert.clip import (
     export_dual_encoder_weights,
     image_tower_export_problems,
     sub_config,
-    text_tower,
     text_tower_fields,
     text_tower_problems,
     vit_tower_fields,
@@ -32,7 +31,6 @@ from vlkit.convert.common import (
     activation_from_hf,
     check_channels,
     load_weights,
-    logit_scale_limit,
     pop_position_ids,
     raise_if,
 )
@@ -96,22 +94,11 @@ def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
             "image embedding is the unprojected pooled vector, so both must be equal"
         )
     weights = dict(checkpoint.weights)
-    config = DualEncoderConfig(
-        vision=vision_config,
-        text=text_tower(text, source, causal=False, pool="last"),
-        embed_dim=embed_dim,
-        image_projection="none",
-        text_projection="linear",
-        projection_bias=True,
-        logit_scale_init=math.log(10.0),
-        logit_bias_init=-10.0,
-        max_logit_scale=logit_scale_limit(weights, "logit_scale", DualEncoderConfig.max_logit_scale),
-        loss="siglip",
-    )
+    config = siglip.dual_encoder_config(vision_config, text, embed_dim, weights, source)
     pop_position_ids(weights, "text_model.embeddings.position_ids", config.text.max_seq_len, source)
     _patch_weight_to_conv(weights, vision_config, source)
     model = DualEncoder(config)
-    load_weights(model, siglip._rules(config), weights, source)  # the same key names as SigLIP
+    load_weights(model, siglip.rules(config), weights, source)  # the same key names as SigLIP
     return model
 
 
@@ -148,7 +135,7 @@ def export(model: DualEncoder) -> HFCheckpoint:
     if config.logit_bias_init is None:
         problems.append("SigLIP 2 needs a logit_bias")
     raise_if(problems, where)
-    weights = export_dual_encoder_weights(model, siglip._rules(config))
+    weights = export_dual_encoder_weights(model, siglip.rules(config))
     weights[PATCH_WEIGHT] = weights[PATCH_WEIGHT].permute(0, 2, 3, 1).reshape(vision.dim, -1).contiguous()
     vision_fields = vit_tower_fields(vision, where)
     del vision_fields["image_size"]
