@@ -57,11 +57,15 @@ __all__ = [
 def classify_shapes() -> Recipe:
     # 200 steps x 128 fresh one-object scenes (rendered on the fly, never repeated): about 1.5 minutes on one CPU
     # thread in bf16. The data config is the contrastive recipes', so the tower sees the objects they will show it.
+    # A constant rate after warmup: shape top-1 after 200 steps was 82% at 1e-3 constant, 69% at 1e-3 cosine (over
+    # 300 steps) and 51% at 2e-3 cosine.
     return Recipe(
         name="classify_shapes",
         description="ShapesWorld colour + shape classification (ViT image tower for LiT / EVA-style init).",
         model="shapes_classifier",
-        train=TrainConfig(steps=200, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=20, eval_every=100),
+        train=TrainConfig(
+            steps=200, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=20, eval_every=100, schedule="constant"
+        ),
         shapes=SHAPES_DATA,
         train_size=200 * 128,
     )
