@@ -10,7 +10,9 @@ from vlkit.data.shapes import ShapesConfig
 from vlkit.recipes.base import Recipe, register_recipe
 from vlkit.train import TrainConfig
 
-SHAPES_BUDGET = TrainConfig(steps=800, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=50, eval_every=200)
+# Learning here is step-limited: siglip_shapes reached 77.5 % / 66.7 % zero-shot (seen / held-out) at batch 64 x 1600
+# steps against 55.0 % / 47.0 % at batch 128 x 800, in about the same CPU time (6 min).
+SHAPES_BUDGET = TrainConfig(steps=1600, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=100, eval_every=400)
 # Larger objects and at most two per scene: shape is what a from-scratch ViT learns last (colour comes first), and
 # 8-pixel patches see a 16-pixel object's outline poorly.
 SHAPES_DATA = ShapesConfig(max_objects=2, sizes=(("small", 0.35), ("large", 0.5)))

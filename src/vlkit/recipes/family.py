@@ -76,7 +76,7 @@ def evaclip_shapes() -> Recipe:
 
 @register_recipe
 def navit_shapes() -> Recipe:
-    # The token slots of 128 square 64-patch images (8,192), cut into 64 sequences of 128 tokens, take 1.9x the
+    # The token slots of a batch of square 64-patch images, cut into sequences of 128 tokens, take 1.9x the
     # images at budgets of 16-64 patches. On the packing alone (100 random batches, first-fit-decreasing): 64-token
     # sequences leave 9% padding, 128-token ones 1.6% (~10% of the drawn images overflow and are dropped, logged),
     # 256-token ones 1.1% but their attention costs 2x as much as 128's (bench/navit_throughput.py).
