@@ -59,6 +59,23 @@ def sub_config(config: dict[str, Any], name: str, defaults: dict[str, Any]) -> d
     return with_defaults(merged, defaults)
 
 
+def vision_tower(vision: dict[str, Any], where: str, image_size: int, patch_size: int, **layout: Any) -> ViTConfig:
+    """A HF CLIP-family ``vision_config`` as a ``ViTConfig``: the sizes every such tower has, plus the family's
+    ``layout`` (class token, norms, pooling, position policy)."""
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        dim=int(vision["hidden_size"]),
+        depth=int(vision["num_hidden_layers"]),
+        num_heads=int(vision["num_attention_heads"]),
+        mlp_dim=int(vision["intermediate_size"]),
+        act=activation_from_hf(vision["hidden_act"], f"{where} vision_config"),  # type: ignore[arg-type]
+        norm_eps=float(vision["layer_norm_eps"]),
+        qkv_bias=True,
+        **layout,
+    )
+
+
 def text_tower(text: dict[str, Any], where: str, causal: bool, pool: str) -> TextConfig:
     return TextConfig(
         vocab_size=int(text["vocab_size"]),
@@ -125,22 +142,11 @@ def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
     vision = sub_config(raw, "vision_config", VISION_DEFAULTS)
     top = with_defaults(raw, MODEL_DEFAULTS)
     check_channels(vision, source)
-    vision_config = ViTConfig(
-        image_size=square_size(vision["image_size"], "image_size", source),
+    vision_config = vision_tower(
+        vision, source, image_size=square_size(vision["image_size"], "image_size", source),
         patch_size=square_size(vision["patch_size"], "patch_size", source),
-        dim=int(vision["hidden_size"]),
-        depth=int(vision["num_hidden_layers"]),
-        num_heads=int(vision["num_attention_heads"]),
-        mlp_dim=int(vision["intermediate_size"]),
-        act=activation_from_hf(vision["hidden_act"], f"{source} vision_config"),  # type: ignore[arg-type]
-        norm_eps=float(vision["layer_norm_eps"]),
-        qkv_bias=True,
-        patch_bias=False,
-        class_token=True,
-        pre_norm=True,
-        final_norm="pooled",
-        pool="cls",
-    )
+        patch_bias=False, class_token=True, pre_norm=True, final_norm="pooled", pool="cls",
+    )  # fmt: skip
     pool = "argmax" if _single_id(text["eos_token_id"], source) == LEGACY_EOS else "eos"
     config = DualEncoderConfig(
         vision=vision_config,

@@ -25,11 +25,13 @@ from vlkit.convert.clip import (
     text_tower_problems,
     vit_tower_fields,
 )
+from vlkit.convert.clip import (
+    vision_tower as clip_vision_tower,
+)
 from vlkit.convert.common import (
     ConversionError,
     HFCheckpoint,
     Rule,
-    activation_from_hf,
     check_channels,
     clip_style_blocks,
     linear,
@@ -78,6 +80,27 @@ def _vision_rules(config: ViTConfig) -> list[Rule]:
     ]
 
 
+def vision_tower(vision: dict[str, Any], source: str, image_size: int, patch_size: int, **changes: Any) -> ViTConfig:
+    """SigLIP's (and SigLIP 2's) image tower: no class token, final norm on every token, a MAP head."""
+    layout = {"patch_bias": True, "class_token": False, "pre_norm": False, "final_norm": "tokens", "pool": "map"}
+    return clip_vision_tower(vision, source, image_size, patch_size, **{**layout, **changes})
+
+
+def shared_embed_dim(vision: dict[str, Any], text: dict[str, Any], source: str) -> int:
+    """The embedding width: SigLIP's image embedding is the unprojected pooled vector, so the text head must
+    project to the vision width."""
+    if not vision["vision_use_head"]:
+        raise ConversionError(f"{source}: vision_use_head=False leaves the model without image embeddings")
+    dim = int(vision["hidden_size"])
+    embed_dim = int(text["projection_size"] or text["hidden_size"])
+    if embed_dim != dim:
+        raise ConversionError(
+            f"{source}: text projection_size {embed_dim} differs from the vision width {dim}; SigLIP's image "
+            "embedding is the unprojected pooled vector, so both must be equal"
+        )
+    return embed_dim
+
+
 def dual_encoder_config(
     vision: ViTConfig, text: dict[str, Any], embed_dim: int, weights: dict[str, torch.Tensor], source: str
 ) -> DualEncoderConfig:
@@ -113,31 +136,13 @@ def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
     text = sub_config(raw, "text_config", TEXT_DEFAULTS)
     vision = sub_config(raw, "vision_config", VISION_DEFAULTS)
     check_channels(vision, source)
-    if not vision["vision_use_head"]:
-        raise ConversionError(f"{source}: vision_use_head=False leaves SiglipModel without image embeddings")
-    dim = int(vision["hidden_size"])
-    embed_dim = int(text["projection_size"] or text["hidden_size"])
-    if embed_dim != dim:
-        raise ConversionError(
-            f"{source}: text projection_size {embed_dim} differs from the vision width {dim}; SigLIP's image "
-            "embedding is the unprojected pooled vector, so both must be equal"
-        )
-    vision_config = ViTConfig(
+    vision_config = vision_tower(
+        vision,
+        source,
         image_size=square_size(vision["image_size"], "image_size", source),
         patch_size=square_size(vision["patch_size"], "patch_size", source),
-        dim=dim,
-        depth=int(vision["num_hidden_layers"]),
-        num_heads=int(vision["num_attention_heads"]),
-        mlp_dim=int(vision["intermediate_size"]),
-        act=activation_from_hf(vision["hidden_act"], f"{source} vision_config"),  # type: ignore[arg-type]
-        norm_eps=float(vision["layer_norm_eps"]),
-        qkv_bias=True,
-        patch_bias=True,
-        class_token=False,
-        pre_norm=False,
-        final_norm="tokens",
-        pool="map",
     )
+    embed_dim = shared_embed_dim(vision, text, source)
     weights = dict(checkpoint.weights)
     config = dual_encoder_config(vision_config, text, embed_dim, weights, source)
     pop_position_ids(weights, "text_model.embeddings.position_ids", config.text.max_seq_len, source)

@@ -28,7 +28,6 @@ from vlkit.convert.clip import (
 from vlkit.convert.common import (
     ConversionError,
     HFCheckpoint,
-    activation_from_hf,
     check_channels,
     load_weights,
     pop_position_ids,
@@ -59,22 +58,12 @@ def _grid_side(num_patches: int, source: str) -> int:
 
 
 def vision_tower(vision: dict[str, Any], source: str) -> ViTConfig:
+    """SigLIP's tower with NaFlex positions: the learned table of a square ``num_patches`` grid, resized per image."""
     patch_size = int(vision["patch_size"][0] if isinstance(vision["patch_size"], list) else vision["patch_size"])
-    return ViTConfig(
-        image_size=_grid_side(int(vision["num_patches"]), source) * patch_size,
-        patch_size=patch_size,
-        dim=int(vision["hidden_size"]),
-        depth=int(vision["num_hidden_layers"]),
-        num_heads=int(vision["num_attention_heads"]),
-        mlp_dim=int(vision["intermediate_size"]),
-        act=activation_from_hf(vision["hidden_act"], f"{source} vision_config"),  # type: ignore[arg-type]
-        norm_eps=float(vision["layer_norm_eps"]),
-        class_token=False,
-        pos_embed="learned",
-        pos_embed_interpolation="bilinear_antialias",
-        final_norm="tokens",
-        pool="map",
-    )
+    return siglip.vision_tower(
+        vision, source, image_size=_grid_side(int(vision["num_patches"]), source) * patch_size,
+        patch_size=patch_size, pos_embed="learned", pos_embed_interpolation="bilinear_antialias",
+    )  # fmt: skip
 
 
 def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
@@ -84,15 +73,8 @@ def load(checkpoint: HFCheckpoint, source: str) -> DualEncoder:
     check_channels(vision, source)
     if isinstance(vision["patch_size"], list) and len(set(vision["patch_size"])) != 1:
         raise ConversionError(f"{source}: patch_size={vision['patch_size']} is not square")
-    if not vision["vision_use_head"]:
-        raise ConversionError(f"{source}: vision_use_head=False leaves Siglip2Model without image embeddings")
     vision_config = vision_tower(vision, source)
-    embed_dim = int(text["projection_size"] or text["hidden_size"])
-    if embed_dim != vision_config.dim:
-        raise ConversionError(
-            f"{source}: text projection_size {embed_dim} differs from the vision width {vision_config.dim}; SigLIP 2's "
-            "image embedding is the unprojected pooled vector, so both must be equal"
-        )
+    embed_dim = siglip.shared_embed_dim(vision, text, source)
     weights = dict(checkpoint.weights)
     config = siglip.dual_encoder_config(vision_config, text, embed_dim, weights, source)
     pop_position_ids(weights, "text_model.embeddings.position_ids", config.text.max_seq_len, source)
