@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import vlkit
+from vlkit.layers.patch_embed import PatchEmbed
 from vlkit.losses import ClipLoss, SigLipLoss
 
 MODEL = "clip_vit_base_patch16"
@@ -107,8 +108,9 @@ class TrainStep:
     """forward + loss + backward + AdamW step; each call returns its wall time and records the process CPU time
     (all threads) and minor page faults of the step."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, bf16: bool) -> None:
-        self.model = model.train()
+    def __init__(self, model: nn.Module, loss_fn: LossFn, bf16: bool, device: torch.device) -> None:
+        self.model = model.to(device).train()
+        self.device = device
         self.loss_fn = loss_fn
         self.bf16 = bf16
         self.optimizer, self.optimizer_kind = make_optimizer([p for p in model.parameters() if p.requires_grad])
@@ -119,12 +121,14 @@ class TrainStep:
     def __call__(self, batch: Batch) -> float:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         cpu_start = time.process_time()
+        synchronize(self.device)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.loss_fn(self.model, batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
         elapsed = time.perf_counter() - start
         self.cpu_s.append(time.process_time() - cpu_start)
         self.minor_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
@@ -140,13 +144,33 @@ def linear_params(module: nn.Module | None) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def stem_weight_positions(stem: nn.Module, image_size: int) -> int:
+    """Sum over the stem's convolutions of weights x output positions for one image: the patch embedding is one
+    convolution (a (D, 3*p*p) matmul per patch), a conv stem several, each at its own resolution."""
+    if isinstance(stem, PatchEmbed):  # its Conv2d holds the weight but the forward is a matmul: no hook fires
+        return stem.proj.weight.numel() * (image_size // stem.patch_size) ** 2
+    counts: list[int] = []
+    hooks = [
+        conv.register_forward_hook(lambda m, _, out: counts.append(m.weight.numel() * out.shape[-2] * out.shape[-1]))
+        for conv in stem.modules()
+        if isinstance(conv, nn.Conv2d)
+    ]
+    device = next(stem.parameters()).device
+    with torch.no_grad():
+        stem(torch.zeros(1, 3, image_size, image_size, device=device))
+    for hook in hooks:
+        hook.remove()
+    return sum(counts)
+
+
 def step_flops(model: nn.Module, batch: int, text_len: int) -> dict[str, float]:
     """Analytic FLOPs of one training step of a vlkit ViT + text dual encoder (a multiply-add is 2 FLOPs).
 
     matmuls:   6 * P * T summed over the parts of the model: 2 P T forward, 4 P T backward (input and weight
                gradients), P = weights of the part's Linear layers, T = tokens they see: B * N for the image blocks
-               (N patches + class token), B * N_patches for the patch embedding (a (D, 3*p*p) matmul), B * T_text for
-               the text blocks, B for a MAP head's probe and the projections. For ViT-B/16 + the CLIP text tower this
+               (N patches + class token), B * T_text for the text blocks, B for a MAP head's probe and the
+               projections; for each convolution of the patch embedding or conv stem, P = its weights and T = B x its
+               output positions. For ViT-B/16 + the CLIP text tower this
                is ~6 x 149.6 M params x tokens, without the 25 M token-embedding parameters (a lookup).
     attention: 3 * 4 * B * N^2 * D per layer (QK^T and AV: 2 * 2 * N^2 * D forward, twice that backward), with the
                full N x N square also for causal text, the work a non-causal kernel does.
@@ -159,7 +183,7 @@ def step_flops(model: nn.Module, batch: int, text_len: int) -> dict[str, float]:
     image_tokens = patches + image.num_prefix_tokens
     matmul = 6 * (
         linear_params(image.blocks) * batch * image_tokens
-        + image.patch_embed.proj.weight.numel() * batch * patches
+        + stem_weight_positions(image.patch_embed, image.config.image_size) * batch
         + linear_params(text.blocks) * batch * text_len
         + (linear_params(image.head) + linear_params(model.image_projection) + linear_params(model.text_projection))
         * batch
@@ -170,15 +194,24 @@ def step_flops(model: nn.Module, batch: int, text_len: int) -> dict[str, float]:
     return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 4096, repeats: int = 3) -> float:
     """Best of ``repeats`` square matmuls: best, not median, because other load on the machine only slows it."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    if device.type == "cuda":
+        size, repeats = 8192, 10
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -200,10 +233,11 @@ def bench_clip(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     torch.manual_seed(0)
     reference_model = build_reference(args.image_size, args.reference_attn)
     batch = make_batch(args.batch, args.image_size, args.text_len, vlkit_model.config.text.vocab_size)
+    batch = {key: value.to(args.device) for key, value in batch.items()}
     bf16 = precision == "bf16"
     steps = {
-        "vlkit": TrainStep(vlkit_model, vlkit_clip_loss, bf16),
-        "reference": TrainStep(reference_model, reference_clip_loss, bf16),
+        "vlkit": TrainStep(vlkit_model, vlkit_clip_loss, bf16, args.device),
+        "reference": TrainStep(reference_model, reference_clip_loss, bf16, args.device),
     }
     times = run_interleaved(steps, batch, args.steps, args.warmup)
     vlkit_s, reference_s = statistics.median(times["vlkit"]), statistics.median(times["reference"])
@@ -237,12 +271,17 @@ def bench_shapes(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     batch_size, text_len, image_size = args.shapes_batch, config.text.max_seq_len, config.vision.image_size
     lengths = torch.randint(4, text_len + 1, (batch_size,), generator=generator)
+    positions = torch.arange(text_len)[None, :]
+    input_ids = torch.randint(3, config.text.vocab_size, (batch_size, text_len), generator=generator)
+    input_ids[positions == lengths[:, None] - 1] = config.text.eos_token_id  # each text ends with end-of-text
+    input_ids[positions >= lengths[:, None]] = config.text.pad_token_id
     batch = {
         "pixels": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
-        "input_ids": torch.randint(3, config.text.vocab_size, (batch_size, text_len), generator=generator),
-        "attention_mask": (torch.arange(text_len)[None, :] < lengths[:, None]).long(),
+        "input_ids": input_ids,
+        "attention_mask": (positions < lengths[:, None]).long(),
     }
-    step = TrainStep(model, siglip_loss, precision == "bf16")
+    batch = {key: value.to(args.device) for key, value in batch.items()}
+    step = TrainStep(model, siglip_loss, precision == "bf16", args.device)
     times = [step(batch) for _ in range(args.shapes_warmup + args.shapes_steps)][args.shapes_warmup :]
     seconds = statistics.median(times)
     flops = step_flops(model, batch_size, text_len)["total"]
@@ -269,7 +308,9 @@ def main() -> None:
     parser.add_argument("--shapes-steps", type=int, default=8)
     parser.add_argument("--shapes-warmup", type=int, default=2)
     parser.add_argument("--no-shapes", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU run also times CUDA-synchronised steps)")
     args = parser.parse_args()
+    args.device = torch.device(args.device)
     if args.image_size % 16:
         parser.error("--image-size must be a multiple of the 16 px patch")
     if args.threads:
@@ -278,7 +319,10 @@ def main() -> None:
     started = time.perf_counter()
     load_before = os.getloadavg()
 
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    peaks = {
+        key: matmul_peak_gflops(dtype, args.device)
+        for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     flops = step_flops(build_vlkit(args.image_size), args.batch, args.text_len)
     result: dict[str, Any] = {}
     for precision in precisions:
@@ -289,7 +333,7 @@ def main() -> None:
     shapes = {} if args.no_shapes else {precision: bench_shapes(args, precision) for precision in precisions}
     # The peaks again at the end: other processes come and go, so keep the best of both measurements.
     for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[key] = max(peaks[key], matmul_peak_gflops(dtype, repeats=2))
+        peaks[key] = max(peaks[key], matmul_peak_gflops(dtype, args.device, repeats=2))
 
     _, optimizer_kind = make_optimizer([nn.Parameter(torch.zeros(2))])
     result["config"] = {
@@ -305,7 +349,9 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "optimizer": f"torch.optim.AdamW({optimizer_kind}), the same for both",
-        "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) over forward + loss; fp32 weights and optimizer",
+        "bf16": f"torch.autocast('{args.device.type}', dtype=torch.bfloat16) over forward + loss; fp32 weights and "
+        "optimizer",
+        "device": str(args.device),
         "timing": "wall time per step, vlkit and reference steps interleaved (order alternating), medians; "
         "ratio_min from the fastest steps, ratio_cpu_time from median process CPU time (all threads)",
         "ratio": "vlkit_step_s / reference_step_s; < 1 means vlkit is faster",
@@ -320,6 +366,7 @@ def main() -> None:
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "processor": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "bf16_matmul_peak_gflops": peaks["bf16"],
         "fp32_matmul_peak_gflops": peaks["fp32"],
