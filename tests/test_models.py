@@ -306,6 +306,28 @@ def test_bidirectional_tower_mask_ignores_padding_content(pool: str) -> None:
             torch.testing.assert_close(pooled, expected)
 
 
+@pytest.mark.parametrize(("causal", "pool"), [(True, "eos"), (False, "mean"), (False, "first"), (False, "eos")])
+def test_trailing_padding_is_trimmed_without_changing_the_pooled_vector(causal: bool, pool: str) -> None:
+    tower = _text_tower(causal=causal, pool=pool)
+    ids = torch.randint(3, 50, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, :5], mask[1, :7] = 1, 1  # columns 7.. are padding in every row
+    ids[0, 4], ids[1, 6] = 2, 2
+    ids[mask == 0] = 0
+    trimmed_ids, trimmed_mask = tower.trim_padding(ids, mask)
+    assert trimmed_ids.shape == trimmed_mask.shape == (2, 7)
+    with torch.no_grad():
+        full = tower.forward_head(tower.forward_features(ids, mask), ids, mask)  # every column, no trimming
+        torch.testing.assert_close(tower(ids, mask), full, rtol=1e-6, atol=1e-6)
+
+
+def test_last_token_pooling_keeps_the_padding() -> None:
+    tower = _text_tower(causal=False, pool="last")
+    ids, mask = torch.randint(3, 50, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[:, 6:] = 0
+    assert tower.trim_padding(ids, mask)[0].shape == (2, 12)
+
+
 def test_bidirectional_tower_sees_later_tokens() -> None:
     tower = _text_tower(causal=False, pool="first")
     ids = torch.randint(3, 50, (1, 6))

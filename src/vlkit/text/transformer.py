@@ -104,4 +104,24 @@ class TextTransformer(nn.Module):
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), index]  # (B, D)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        input_ids, attention_mask = self.trim_padding(input_ids, attention_mask)
         return self.forward_head(self.forward_features(input_ids, attention_mask), input_ids, attention_mask)
+
+    def trim_padding(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drop the trailing columns that are padding in every row, so a batch costs its longest text, not
+        ``max_seq_len`` (ShapesWorld captions: 14 of 32 tokens, 10 % of a training step).
+
+        The pooled vector does not change: real tokens never attend to right padding (causal, or masked as keys),
+        and the "eos", "first" and "mean" poolings read real positions only. "last" (SigLIP) reads the final, padded
+        position and "argmax" may land on padding, so those keep every column; so does ``forward_features``, whose
+        per-token output (FILIP) must keep one length across ranks.
+        """
+        if attention_mask is None or self.config.pool in ("last", "argmax"):
+            return input_ids, attention_mask
+        used = attention_mask.any(dim=0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        if length == input_ids.shape[1]:
+            return input_ids, attention_mask
+        return input_ids[:, :length], attention_mask[:, :length]
