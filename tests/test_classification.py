@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit import create_model, export_hf, from_pretrained, get_config
@@ -13,10 +15,12 @@ from vlkit.data.transforms import ImageTransform
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.recipes import get_recipe
 from vlkit.recipes.classification import (
+    NO_COLOUR,
     ClassificationEval,
     ShapesClassificationDataset,
     _EvalSplit,
     attribute_names,
+    classification_step,
     classify_shapes,
     init_image_tower,
     load_image_tower,
@@ -84,6 +88,43 @@ def test_dataset_labels_are_the_rendered_objects() -> None:
             combination = (config.colours[item["colour"]], config.shapes[item["shape"]])
             assert combination == (scene.objects[0].colour, scene.objects[0].shape)
             assert (combination in config.heldout) == (split == "test_heldout")
+
+
+def test_colourless_copies_keep_the_shape_and_drop_the_colour_label() -> None:
+    config = shapes.ShapesConfig()
+    plain = ShapesClassificationDataset(config, "train", 64, lambda image: image)
+    mixed = ShapesClassificationDataset(config, "train", 64, lambda image: image, colourless_fraction=0.5, seed=3)
+    colourless = 0
+    for index in range(64):
+        original, item = plain[index], mixed[index]
+        assert int(item["shape"]) == int(original["shape"])
+        if int(item["colour"]) == NO_COLOUR:
+            colourless += 1
+            before, after = np.array(original["pixels"]), np.array(item["pixels"])
+            changed = (before != after).any(axis=-1)
+            # Exactly the object's pixels are repainted, in one grey that is no palette colour.
+            assert changed.sum() == (before == shapes.COLOURS[config.colours[int(original["colour"])]]).all(-1).sum()
+            grey = np.unique(after[changed].reshape(-1))
+            assert len(grey) == 1 and tuple(after[changed][0]) not in shapes.COLOURS.values()
+        else:
+            assert int(item["colour"]) == int(original["colour"])
+            assert original["pixels"].tobytes() == item["pixels"].tobytes()
+    assert 20 <= colourless <= 44
+    assert [int(mixed[index]["colour"]) for index in range(8)] == [int(mixed[index]["colour"]) for index in range(8)]
+
+
+def test_classification_step_ignores_the_colour_of_colourless_copies() -> None:
+    step = classification_step(num_colours=8)
+    model = nn.Linear(2, 13)
+    pixels = torch.randn(4, 2)
+    colours, shapes_ = torch.tensor([1, NO_COLOUR, 3, NO_COLOUR]), torch.tensor([0, 1, 2, 3])
+    out = step(model, {"pixels": pixels, "colour": colours, "shape": shapes_})
+    logits = model(pixels).float()
+    shape_loss = F.cross_entropy(logits[:, 8:], shapes_)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits[[0, 2], :8], torch.tensor([1, 3])) + shape_loss)
+    only_grey = step(model, {"pixels": pixels, "colour": torch.full((4,), NO_COLOUR), "shape": shapes_})
+    torch.testing.assert_close(only_grey.loss, shape_loss)
+    assert "train_top1" not in only_grey.metrics
 
 
 class LabelReader(nn.Module):

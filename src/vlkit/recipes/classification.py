@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 
+# Half the training scenes are colourless copies (``ShapesClassificationDataset``).
+COLOURLESS_FRACTION = 0.5
+
+
 @register_recipe
 def classify_shapes() -> Recipe:
     # 200 steps x 128 fresh one-object scenes (rendered on the fly, never repeated): about 1.5 minutes on one CPU
@@ -76,13 +81,37 @@ def attribute_names(config: shapes.ShapesConfig) -> tuple[str, ...]:
     return (*config.colours, *config.shapes)
 
 
-class ShapesClassificationDataset(Dataset):
-    """One-object ShapesWorld scenes of a split as ``{"pixels", "colour", "shape"}``, rendered on demand."""
+# A colourless copy's grey level: darker than every palette colour's brightest channel and than white, brighter than
+# the background, so it never reproduces a palette colour (and so never a held-out colour x shape combination).
+_GREY_LEVELS = (90, 200)
+NO_COLOUR = -100  # cross_entropy's ignore_index: a colourless copy teaches shape only
 
-    def __init__(self, config: shapes.ShapesConfig, split: shapes.Split, size: int, transform: ImageTransform) -> None:
+
+class ShapesClassificationDataset(Dataset):
+    """One-object ShapesWorld scenes of a split as ``{"pixels", "colour", "shape"}``, rendered on demand.
+
+    ``colourless_fraction`` of the scenes (chosen by a seeded hash of the index) have their object repainted in a
+    random grey and colour label ``NO_COLOUR``: on those, shape is the only thing to learn, so the shape head cannot
+    lean on colour (each colour lacks one shape in training, and a shape head that learned "red is never a circle"
+    gets every held-out combination wrong).
+    """
+
+    def __init__(
+        self,
+        config: shapes.ShapesConfig,
+        split: shapes.Split,
+        size: int,
+        transform: ImageTransform,
+        colourless_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= colourless_fraction < 1.0:
+            raise ValueError(f"colourless_fraction must be in [0, 1), got {colourless_fraction}")
         self.scenes = shapes.ShapesDataset(config, split, size, single_object=True)
         self.config = config
         self.transform = transform
+        self.colourless_fraction = colourless_fraction
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -90,9 +119,17 @@ class ShapesClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample = self.scenes[index]
         item = sample.objects[0]
+        image, colour = sample.image, self.config.colours.index(item.colour)
+        if self.colourless_fraction:
+            draw = np.random.default_rng((self.seed, index)).random(2)
+            if draw[0] < self.colourless_fraction:
+                grey = round(_GREY_LEVELS[0] + draw[1] * (_GREY_LEVELS[1] - _GREY_LEVELS[0]))
+                pixels = np.array(image)
+                pixels[(pixels == shapes.COLOURS[item.colour]).all(axis=-1)] = grey
+                image, colour = Image.fromarray(pixels), NO_COLOUR
         return {
-            "pixels": self.transform(sample.image),  # (3, H, W)
-            "colour": torch.tensor(self.config.colours.index(item.colour)),
+            "pixels": self.transform(image),  # (3, H, W)
+            "colour": torch.tensor(colour),
             "shape": torch.tensor(self.config.shapes.index(item.shape)),
         }
 
@@ -105,14 +142,19 @@ def _split_logits(logits: Tensor, num_colours: int) -> tuple[Tensor, Tensor]:
 def classification_step(num_colours: int):
     def step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         colour_logits, shape_logits = _split_logits(model(batch["pixels"]), num_colours)
-        colour_loss = F.cross_entropy(colour_logits, batch["colour"])
+        coloured = batch["colour"] != NO_COLOUR
+        # Summed over the coloured rows, divided by at least one: a batch of colourless copies alone has no colour loss.
+        colour_loss = F.cross_entropy(colour_logits, batch["colour"], ignore_index=NO_COLOUR, reduction="sum")
+        colour_loss = colour_loss / coloured.sum().clamp_min(1)
         shape_loss = F.cross_entropy(shape_logits, batch["shape"])
         correct = (colour_logits.argmax(1) == batch["colour"]) & (shape_logits.argmax(1) == batch["shape"])
+        correct = correct[coloured]
         metrics = {
             "colour_loss": float(colour_loss.detach()),
             "shape_loss": float(shape_loss.detach()),
-            "train_top1": float(correct.float().mean()),
         }
+        if len(correct):
+            metrics["train_top1"] = float(correct.float().mean())
         return StepOutput(loss=colour_loss + shape_loss, metrics=metrics)
 
     return step
@@ -206,7 +248,9 @@ def run_classification(
 
     model = build_classifier(recipe)
     transform = ImageTransform(image_size=model.config.vision.image_size)
-    dataset = ShapesClassificationDataset(recipe.shapes, "train", recipe.train_size, transform)
+    dataset = ShapesClassificationDataset(
+        recipe.shapes, "train", recipe.train_size, transform, COLOURLESS_FRACTION, seed=recipe.train.seed
+    )
     evaluation = ClassificationEval.build(recipe.shapes, transform, recipe.eval_size)
     train_config = dataclasses.replace(recipe.train, param_groups=recipe.param_group_rules(), progress=progress)
     trainer = Trainer(
