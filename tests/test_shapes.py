@@ -22,6 +22,7 @@ from vlkit.data.shapes import (
     allowed_combos,
     class_index,
     class_names,
+    colourless_copy,
     generate,
     shapes_main,
     single_object,
@@ -304,3 +305,44 @@ def test_shapes_main_writes_and_rejects(tmp_path: Path, capsys: pytest.CaptureFi
     assert shapes_main([*argv, "--aspect-ratio-min", "0.5"]) == 2
     assert shapes_main([*argv, "--letter-probability", "2"]) == 2
     assert "letter_probability" in capsys.readouterr().err
+
+
+def test_colourless_copy_repaints_every_object_grey_and_renames_its_colour() -> None:
+    for index in range(6):
+        sample = generate(CONFIG, "train", index)
+        copy = colourless_copy(sample, 130)
+        before, after = np.array(sample.image), np.array(copy.image)
+        painted = np.zeros(before.shape[:2], dtype=bool)
+        for item in sample.objects:
+            painted |= (before == COLOURS[item.colour]).all(axis=-1)
+        assert painted.any() and (after[painted] == 130).all()
+        assert (after[~painted] == before[~painted]).all()  # background and nothing else untouched
+        assert [(o.shape, o.size, o.box, o.colour) for o in copy.objects] == [
+            (o.shape, o.size, o.box, "grey") for o in sample.objects
+        ]
+        words = {word for caption in copy.captions for word in re.findall(r"[a-z]+", caption)}
+        assert "grey" in words and not words & set(COLOURS)
+        assert not {word for ref in copy.referring for word in ref.expression.split()} & set(COLOURS)
+        assert copy.questions == []
+    with pytest.raises(ValueError, match="grey must be"):
+        colourless_copy(generate(CONFIG, "train", 0), 40)  # the background's level
+
+
+def test_recipe_training_records_add_the_colourless_copies_once(tmp_path: Path) -> None:
+    from vlkit.recipes import get_recipe
+    from vlkit.recipes.run import training_records
+
+    recipe = get_recipe("siglip_shapes").with_overrides({"train_size": 80, "train.batch_size": 8})
+    grey = recipe.with_overrides({"colourless_copies": 0.25})
+    records = training_records(grey, tmp_path, None, False, False)
+    copies = [record for record in records if "train_colourless" in record.image]
+    assert len(records) == 100 and len(copies) == 20
+    assert all("grey" in caption for record in copies for caption in record.captions)
+    manifest = tmp_path / "data" / "train_colourless.jsonl"
+    written = manifest.stat().st_mtime_ns
+    assert len(training_records(grey, tmp_path, None, False, False)) == 100  # reused, not rendered again
+    assert manifest.stat().st_mtime_ns == written
+    assert len(training_records(recipe, tmp_path, None, False, False)) == 80  # other settings: rendered anew
+    assert not manifest.exists()
+    with pytest.raises(ValueError, match="colourless_copies"):
+        recipe.with_overrides({"colourless_copies": 1.5})

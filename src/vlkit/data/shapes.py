@@ -620,6 +620,29 @@ def single_object(config: ShapesConfig, split: Split, index: int) -> ShapesSampl
     return _annotate(config, split, image, objects, rng)
 
 
+# A colourless copy's grey: brighter than the background, darker than white and than every palette colour's brightest
+# channel, so it is never a palette colour.
+GREY_LEVELS = (90, 200)
+
+
+def colourless_copy(sample: ShapesSample, grey: int) -> ShapesSample:
+    """The scene with every object repainted ``grey`` (R = G = B) and called "grey" in its captions and referring
+    expressions: shape, size and layout without colour. Questions are left out (their answers name colours).
+
+    Recipes add such copies to a training set (``Recipe.colourless_copies``): a grey circle and a grey hexagon in one
+    batch differ only in shape, the contrast that teaches a tower shape apart from colour. No palette colour is
+    involved, so a held-out colour x shape combination still never occurs in training.
+    """
+    if not GREY_LEVELS[0] <= grey <= GREY_LEVELS[1]:
+        raise ValueError(f"grey must be in {GREY_LEVELS}, got {grey}")
+    pixels = np.array(sample.image)
+    for colour in {item.colour for item in sample.objects}:
+        pixels[(pixels == COLOURS[colour]).all(axis=-1)] = grey
+    objects = [dataclasses.replace(item, colour="grey") for item in sample.objects]
+    image = Image.fromarray(pixels)
+    return ShapesSample(image, objects, _captions(objects, image.width, image.height), [], _referring(objects))
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """`size` ShapesWorld samples of one split, generated on the fly (no disk, no state, worker-safe)."""
 

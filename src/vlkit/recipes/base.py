@@ -23,7 +23,8 @@ class Recipe:
     """What to train, on what, and how.
 
     ``data``: "shapes" renders ``train_size`` ShapesWorld scenes (``shapes`` config) to a manifest under the run
-    folder; "digits" uses scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
+    folder, plus a colourless copy (``shapes.colourless_copy``) of the first ``colourless_copies`` x ``train_size``
+    of them; "digits" uses scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
     ``lock="image"``); ``model_overrides`` are dotted config paths applied to the preset.
 
     ``image_init`` starts the image tower from another model (LiT, EVA-CLIP): a model directory, or
@@ -43,6 +44,7 @@ class Recipe:
     data: Literal["shapes", "digits"] = "shapes"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     train_size: int = 10_000
+    colourless_copies: float = 0.0
     eval_size: int = 400
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer_vocab_size: int = 512
@@ -61,6 +63,8 @@ class Recipe:
         if self.input_policy not in INPUT_POLICIES:
             raise ValueError(f"recipe {self.name}: input_policy must be one of {INPUT_POLICIES}, got "
                              f"{self.input_policy!r}")  # fmt: skip
+        if not 0.0 <= self.colourless_copies <= 1.0:
+            raise ValueError(f"recipe {self.name}: colourless_copies must be in [0, 1], got {self.colourless_copies}")
         if self.pack_oversample < 1.0:
             raise ValueError(f"recipe {self.name}: pack_oversample must be >= 1, got {self.pack_oversample}")
         if self.pack_sequence_slots < 1 or self.train.batch_size % self.pack_sequence_slots:

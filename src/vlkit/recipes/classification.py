@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -81,9 +80,6 @@ def attribute_names(config: shapes.ShapesConfig) -> tuple[str, ...]:
     return (*config.colours, *config.shapes)
 
 
-# A colourless copy's grey level: darker than every palette colour's brightest channel and than white, brighter than
-# the background, so it never reproduces a palette colour (and so never a held-out colour x shape combination).
-_GREY_LEVELS = (90, 200)
 NO_COLOUR = -100  # cross_entropy's ignore_index: a colourless copy teaches shape only
 
 
@@ -91,9 +87,9 @@ class ShapesClassificationDataset(Dataset):
     """One-object ShapesWorld scenes of a split as ``{"pixels", "colour", "shape"}``, rendered on demand.
 
     ``colourless_fraction`` of the scenes (chosen by a seeded hash of the index) have their object repainted in a
-    random grey and colour label ``NO_COLOUR``: on those, shape is the only thing to learn, so the shape head cannot
-    lean on colour (each colour lacks one shape in training, and a shape head that learned "red is never a circle"
-    gets every held-out combination wrong).
+    random grey (``shapes.colourless_copy``) and colour label ``NO_COLOUR``: on those, shape is the only thing to
+    learn, so the shape head cannot lean on colour alone (each colour lacks one shape in training, and a shape head
+    that learned "red is never a circle" gets every held-out combination wrong).
     """
 
     def __init__(
@@ -123,10 +119,8 @@ class ShapesClassificationDataset(Dataset):
         if self.colourless_fraction:
             draw = np.random.default_rng((self.seed, index)).random(2)
             if draw[0] < self.colourless_fraction:
-                grey = round(_GREY_LEVELS[0] + draw[1] * (_GREY_LEVELS[1] - _GREY_LEVELS[0]))
-                pixels = np.array(image)
-                pixels[(pixels == shapes.COLOURS[item.colour]).all(axis=-1)] = grey
-                image, colour = Image.fromarray(pixels), NO_COLOUR
+                low, high = shapes.GREY_LEVELS
+                image, colour = shapes.colourless_copy(sample, round(low + draw[1] * (high - low))).image, NO_COLOUR
         return {
             "pixels": self.transform(image),  # (3, H, W)
             "colour": torch.tensor(colour),

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from vlkit.data import shapes
 from vlkit.data.readers import (
@@ -78,15 +80,40 @@ class RunResult:
 
 
 def _shapes_records(recipe: Recipe, data_dir: Path, progress: bool) -> list[ImageTextRecord]:
-    """Render the recipe's ShapesWorld training split once; later runs with the same config reuse it."""
+    """Render the recipe's ShapesWorld training split (and its colourless copies) once; later runs with the same
+    settings reuse it."""
     config_file = data_dir / "shapes_config.json"
-    wanted = {**recipe.shapes.to_dict(), "sizes": {"train": recipe.train_size}}
+    copies = round(recipe.colourless_copies * recipe.train_size)
+    wanted = {**recipe.shapes.to_dict(), "sizes": {"train": recipe.train_size}, "colourless_copies": copies}
+    wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as the file reads back
     if not (config_file.exists() and json.loads(config_file.read_text()) == wanted):
         shapes.write_shapes(data_dir, recipe.shapes, {"train": recipe.train_size}, progress=progress)
+        _write_colourless_copies(recipe.shapes, data_dir, copies, progress)
         config_file.write_text(json.dumps(wanted, indent=2, sort_keys=True))
-    result = read_records(data_dir / "train.jsonl")
-    assert isinstance(result, ReadResult)
-    return result.records
+    records = []
+    for manifest in ("train.jsonl", "train_colourless.jsonl"):
+        if (data_dir / manifest).exists():
+            result = read_records(data_dir / manifest)
+            assert isinstance(result, ReadResult)
+            records += result.records
+    return records
+
+
+def _write_colourless_copies(config: shapes.ShapesConfig, data_dir: Path, count: int, progress: bool) -> None:
+    """Colourless copies of train scenes 0..count-1 (images/train_colourless, train_colourless.jsonl)."""
+    manifest = data_dir / "train_colourless.jsonl"
+    manifest.unlink(missing_ok=True)
+    if not count:
+        return
+    (data_dir / "images" / "train_colourless").mkdir(parents=True, exist_ok=True)
+    low, high = shapes.GREY_LEVELS
+    with manifest.open("w", encoding="utf-8") as handle:
+        for index in tqdm(range(count), desc="colourless copies", disable=not progress, leave=False):
+            grey = int(np.random.default_rng((config.seed, index, 1)).integers(low, high + 1))
+            copy = shapes.colourless_copy(shapes.generate(config, "train", index), grey)
+            relative = f"images/train_colourless/{index:06d}.png"
+            copy.image.save(data_dir / relative)
+            handle.write(json.dumps({"image": relative, **copy.to_record()}) + "\n")
 
 
 def _digits_records(data_dir: Path) -> list[ImageTextRecord]:
