@@ -44,7 +44,11 @@ def _cli_set(overrides: dict[str, object]) -> list[str]:
 def test_recipes_are_registered_and_share_the_shapes_budget_and_data() -> None:
     assert {"filip_shapes", "lit_shapes", "evaclip_shapes", "navit_shapes", "classify_shapes"} <= set(list_recipes())
     filip, lit, eva, navit = (get_recipe(f"{name}_shapes") for name in ("filip", "lit", "evaclip", "navit"))
-    assert filip.train == lit.train == navit.train == SHAPES_BUDGET
+    assert lit.train == navit.train == SHAPES_BUDGET
+    assert filip.train == dataclasses.replace(
+        SHAPES_BUDGET, steps=filip.train.steps, warmup_steps=filip.train.warmup_steps
+    )
+    assert filip.train.steps == SHAPES_BUDGET.steps // 2 and filip.train.warmup_steps == SHAPES_BUDGET.warmup_steps // 2
     assert eva.train == dataclasses.replace(SHAPES_BUDGET, optimizer="lamb", lr=eva.train.lr)
     assert filip.shapes == lit.shapes == eva.shapes == SHAPES_DATA
     assert navit.shapes == dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0)) and navit.input_policy == "pack"

@@ -40,7 +40,8 @@ def class_embeddings(
     prompts = [template.format(name) for name in class_names for template in templates]
     batch = tokenizer(prompts)
     features = model.encode_text(batch.input_ids.to(device), batch.attention_mask.to(device), normalize=True)
-    features = features.float().cpu().view(len(class_names), len(templates), -1).mean(dim=1)  # (C, E), beside the images
+    # (C, E) on the CPU, beside the image embeddings
+    features = features.float().cpu().view(len(class_names), len(templates), -1).mean(dim=1)
     return F.normalize(features, dim=-1)
 
 

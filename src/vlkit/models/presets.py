@@ -188,15 +188,15 @@ def shapes_clip() -> DualEncoderConfig:
 
 @register_preset
 def shapes_siglip() -> DualEncoderConfig:
-    # shapes_clip's towers and the sigmoid loss. Measured at 400 steps (batch 128, conv stem): SigLIP's own MAP head
-    # and bidirectional last-token text tower reach 28% zero-shot, these towers 40%. The bias starts at -log(127)
-    # rather than the paper's -10: the towers start with image embeddings at cosine ~0.98 to each other, and with
-    # b=-10 every negative pair's gradient is ~0 at first, so the loss only pulls every image towards every caption
-    # (retrieval R@1 stays at 2%); at b=-log(B-1) the negatives' total weight matches the positive's, so the first
-    # gradients are centred the way softmax's are.
+    # shapes_clip's towers and the sigmoid loss with the paper's initialisation, t = 10 and b = -10. Measured at 400
+    # steps (batch 128, conv stem), SigLIP's own MAP head and bidirectional last-token text tower reached 28 %
+    # zero-shot, these towers 40 %. b = -10 starts slowly (every pair's logit sits near -10 + 10 x cos, and the
+    # towers start with embeddings at cosine ~0.98 to each other) but learns shape faster: at batch 64 x 1600 steps
+    # (H100 sweep, seed 0) 93.2 % / 84.8 % zero-shot (seen / held-out) against 70.8 % / 66.0 % with b = -log 127,
+    # which gives the negatives the positive's total weight at the first step.
     return DualEncoderConfig(
         vision=_shapes_vision(), text=_shapes_text(), embed_dim=128, projection_bias=True,
-        logit_scale_init=math.log(10.0), logit_bias_init=-math.log(127.0), loss="siglip",
+        logit_scale_init=math.log(10.0), logit_bias_init=-10.0, loss="siglip",
     )  # fmt: skip
 
 
