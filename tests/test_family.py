@@ -17,7 +17,7 @@ from vlkit.data import shapes
 from vlkit.data.transforms import ImageTransform
 from vlkit.recipes import get_recipe, list_recipes
 from vlkit.recipes.classification import load_image_tower
-from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_DATA
+from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_COLOURLESS_COPIES, SHAPES_DATA
 from vlkit.recipes.run import build_recipe_model, run_recipe
 from vlkit.text import Tokenizer
 from vlkit.train import trainer as trainer_module
@@ -45,6 +45,9 @@ def test_recipes_are_registered_and_share_the_shapes_budget_and_data() -> None:
     assert {"filip_shapes", "lit_shapes", "evaclip_shapes", "navit_shapes", "classify_shapes"} <= set(list_recipes())
     filip, lit, eva, navit = (get_recipe(f"{name}_shapes") for name in ("filip", "lit", "evaclip", "navit"))
     assert lit.train == navit.train == SHAPES_BUDGET
+    recipes = (filip, lit, eva, navit, get_recipe("clip_shapes"), get_recipe("siglip_shapes"))
+    assert {recipe.colourless_copies for recipe in recipes} == {SHAPES_COLOURLESS_COPIES}
+    assert get_config("navit_shapes").loss == "clip"
     assert filip.train == dataclasses.replace(
         SHAPES_BUDGET, steps=filip.train.steps, warmup_steps=filip.train.warmup_steps
     )

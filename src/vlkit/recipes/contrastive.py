@@ -18,6 +18,11 @@ SHAPES_BUDGET = TrainConfig(steps=2400, batch_size=64, lr=1e-3, weight_decay=0.0
 # Larger objects and at most two per scene: shape is what a from-scratch ViT learns last (colour comes first), and
 # 8-pixel patches see a 16-pixel object's outline poorly.
 SHAPES_DATA = ShapesConfig(max_objects=2, sizes=(("small", 0.35), ("large", 0.5)))
+# Half the scenes again as colourless copies (``shapes.colourless_copy``): grey objects contrasted by shape alone.
+# The held-out combinations are the ones a tower that ties shape to colour gets wrong (an orange circle, never seen,
+# read as the orange hexagon it has seen); with the copies siglip_shapes (seed 1) reached 99.5 % / 93.8 % at step
+# 2000 against 93.5 % / 80.2 % without.
+SHAPES_COLOURLESS_COPIES = 0.5
 
 
 @register_recipe
@@ -28,6 +33,7 @@ def clip_shapes() -> Recipe:
         model="shapes_clip",
         train=SHAPES_BUDGET,
         shapes=SHAPES_DATA,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
     )
 
 
@@ -39,6 +45,7 @@ def siglip_shapes() -> Recipe:
         model="shapes_siglip",
         train=SHAPES_BUDGET,
         shapes=SHAPES_DATA,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
     )
 
 

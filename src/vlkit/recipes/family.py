@@ -19,7 +19,7 @@ import dataclasses
 
 from vlkit.recipes import navit
 from vlkit.recipes.base import Recipe, register_recipe
-from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_DATA
+from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_COLOURLESS_COPIES, SHAPES_DATA
 
 # The image tower LiT and EVA-CLIP start from: ShapesWorld colour + shape classification, trained into OUT/pretrain.
 PRETRAINED_TOWER = "recipe:classify_shapes"
@@ -49,6 +49,7 @@ def filip_shapes() -> Recipe:
             warmup_steps=SHAPES_BUDGET.warmup_steps * FILIP_STEPS // SHAPES_BUDGET.steps,
         ),
         shapes=SHAPES_DATA,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
     )
 
 
@@ -61,6 +62,7 @@ def lit_shapes() -> Recipe:
         model="shapes_clip",
         train=SHAPES_BUDGET,
         shapes=SHAPES_DATA,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
         lock="image",
         image_init=PRETRAINED_TOWER,
     )
@@ -75,6 +77,7 @@ def evaclip_shapes() -> Recipe:
         model="shapes_clip",
         train=dataclasses.replace(SHAPES_BUDGET, optimizer="lamb", lr=EVA_LAMB_LR),
         shapes=SHAPES_DATA,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
         model_overrides={"vision.patch_dropout": EVA_PATCH_DROPOUT},
         image_init=PRETRAINED_TOWER,
         # The text tower starts from scratch here (EVA-CLIP's starts from CLIP's), so only the image tower decays.
@@ -88,4 +91,10 @@ def navit_shapes() -> Recipe:
     # images at budgets of 16-64 patches. On the packing alone (100 random batches, first-fit-decreasing): 64-token
     # sequences leave 9% padding, 128-token ones 1.6% (~10% of the drawn images overflow and are dropped, logged),
     # 256-token ones 1.1% but their attention costs 2x as much as 128's (bench/navit_throughput.py).
-    return dataclasses.replace(navit.navit_shapes(), input_policy="pack", pack_oversample=1.9, pack_sequence_slots=2)
+    return dataclasses.replace(
+        navit.navit_shapes(),
+        input_policy="pack",
+        pack_oversample=1.9,
+        pack_sequence_slots=2,
+        colourless_copies=SHAPES_COLOURLESS_COPIES,
+    )

@@ -191,11 +191,11 @@ def input_policies(num_sequences: int, **options: Any) -> dict[str, InputPolicyS
 
 
 def navit_shapes() -> Recipe:
-    """NaViT on ShapesWorld at native aspect ratios (1:2 to 2:1), at shapes_siglip's budget. Register it with
+    """NaViT on ShapesWorld at native aspect ratios (1:2 to 2:1), at the contrastive recipes' budget. Register it with
     ``register_recipe`` and train it with ``input_policy("pack", train.batch_size, min_patches=MIN_PATCHES)``."""
     return Recipe(
         name="navit_shapes",
-        description="NaViT (patch n' pack at native aspect ratio, factorised x/y positions, sigmoid loss) on "
+        description="NaViT (patch n' pack at native aspect ratio, factorised x/y positions, softmax loss) on "
         "ShapesWorld.",
         model="navit_shapes",
         train=SHAPES_BUDGET,
