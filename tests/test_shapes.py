@@ -332,7 +332,8 @@ def test_recipe_training_records_add_the_colourless_copies_once(tmp_path: Path) 
     from vlkit.recipes import get_recipe
     from vlkit.recipes.run import training_records
 
-    recipe = get_recipe("siglip_shapes").with_overrides({"train_size": 80, "train.batch_size": 8})
+    small = {"train_size": 80, "train.batch_size": 8, "colourless_copies": 0.0}
+    recipe = get_recipe("siglip_shapes").with_overrides(small)
     grey = recipe.with_overrides({"colourless_copies": 0.25})
     records = training_records(grey, tmp_path, None, False, False)
     copies = [record for record in records if "train_colourless" in record.image]
