@@ -24,7 +24,8 @@ class Recipe:
 
     ``data``: "shapes" renders ``train_size`` ShapesWorld scenes (``shapes`` config) to a manifest under the run
     folder, plus a colourless copy (``shapes.colourless_copy``) of the first ``colourless_copies`` x ``train_size``
-    of them; "digits" uses scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
+    of them (a classification recipe instead shows that fraction of its scenes colourless); "digits" uses
+    scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
     ``lock="image"``); ``model_overrides`` are dotted config paths applied to the preset.
 
     ``image_init`` starts the image tower from another model (LiT, EVA-CLIP): a model directory, or

@@ -53,8 +53,8 @@ __all__ = [
 ]
 
 
-# Half the training scenes are colourless copies (``ShapesClassificationDataset``).
-COLOURLESS_FRACTION = 0.5
+# Vision-config fields a tower's pretraining need not share with the model it initialises.
+TRAINING_ONLY_VISION = ("drop_path", "patch_dropout")
 
 
 @register_recipe
@@ -72,6 +72,8 @@ def classify_shapes() -> Recipe:
         ),
         shapes=SHAPES_DATA,
         train_size=200 * 128,
+        # For a classifier, the fraction of scenes shown as colourless copies (``ShapesClassificationDataset``).
+        colourless_copies=0.5,
     )
 
 
@@ -243,7 +245,7 @@ def run_classification(
     model = build_classifier(recipe)
     transform = ImageTransform(image_size=model.config.vision.image_size)
     dataset = ShapesClassificationDataset(
-        recipe.shapes, "train", recipe.train_size, transform, COLOURLESS_FRACTION, seed=recipe.train.seed
+        recipe.shapes, "train", recipe.train_size, transform, recipe.colourless_copies, seed=recipe.train.seed
     )
     evaluation = ClassificationEval.build(recipe.shapes, transform, recipe.eval_size)
     train_config = dataclasses.replace(recipe.train, param_groups=recipe.param_group_rules(), progress=progress)
@@ -311,16 +313,12 @@ def init_image_tower(model: DualEncoder, path: str | Path) -> None:
     """
     source = _load_source(path)
     wanted, found = model.config.vision, source.config
-    training_only = ("drop_path", "patch_dropout")
 
     def architecture(config: Any) -> Any:
-        return dataclasses.replace(config, **{name: 0.0 for name in training_only if hasattr(config, name)})
+        return dataclasses.replace(config, **{name: 0.0 for name in TRAINING_ONLY_VISION if hasattr(config, name)})
 
     if architecture(found) != architecture(wanted):
-        changed = sorted(
-            item.name
-            for item in dataclasses.fields(wanted)
-            if item.name not in training_only and getattr(wanted, item.name, None) != getattr(found, item.name, None)
-        )
+        compared = [item.name for item in dataclasses.fields(wanted) if item.name not in TRAINING_ONLY_VISION]
+        changed = sorted(name for name in compared if getattr(wanted, name, None) != getattr(found, name, None))
         raise ValueError(f"{path}: its image tower differs from the model's in {changed or [type(found).__name__]}")
     model.image_encoder.load_state_dict(source.state_dict())

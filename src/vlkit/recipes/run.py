@@ -57,7 +57,12 @@ from vlkit.models import DualEncoder
 from vlkit.models.base import build_model
 from vlkit.models.classifier import ImageClassifierConfig
 from vlkit.recipes.base import Recipe, get_recipe
-from vlkit.recipes.classification import ClassificationResult, init_image_tower, run_classification
+from vlkit.recipes.classification import (
+    TRAINING_ONLY_VISION,
+    ClassificationResult,
+    init_image_tower,
+    run_classification,
+)
 from vlkit.registry import apply_overrides, get_config
 from vlkit.text import Tokenizer, train_tokenizer
 from vlkit.train import StepOutput, Trainer, distributed, plot_confusion_matrix, plot_retrieval_grid, write_report
@@ -66,8 +71,6 @@ from vlkit.train.distributed import Strategy
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
-# Vision fields a pretraining run need not share with the tower it initialises (``init_image_tower`` ignores them).
-_TRAINING_ONLY_VISION = ("drop_path", "patch_dropout")
 
 
 @dataclass
@@ -242,7 +245,7 @@ def resolve_image_init(recipe: Recipe, out_dir: Path, progress: bool = False) ->
         vision = {
             f"model.{key}": value
             for key, value in recipe.model_overrides.items()
-            if key.startswith("vision.") and key.removeprefix("vision.") not in _TRAINING_ONLY_VISION
+            if key.startswith("vision.") and key.removeprefix("vision.") not in TRAINING_ONLY_VISION
         }
         pretrain = get_recipe(recipe.image_init.removeprefix("recipe:"))
         logger.info("recipe %s: training its image tower with recipe %s in %s", recipe.name, pretrain.name,
