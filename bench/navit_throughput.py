@@ -27,7 +27,8 @@ import torch
 from vlkit import create_model
 from vlkit.data import shapes
 from vlkit.losses import SigLipLoss
-from vlkit.recipes.navit import MAX_PATCHES, MIN_PATCHES, NAVIT_SHAPES_DATA, input_policy
+from vlkit.recipes.family import NAVIT_SHAPES_DATA
+from vlkit.tasks.navit import MAX_PATCHES, MIN_PATCHES, input_policy
 
 
 def _samples(count: int, text_len: int, vocab: int) -> list[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""The ShapesWorld classification pretraining recipe and moving its image tower into dual encoders."""
+"""The classification task (``classify_shapes``) and moving its image tower into dual encoders (``Stage.init``)."""
 
 import json
 from pathlib import Path
@@ -13,18 +13,16 @@ from vlkit import create_model, export_hf, from_pretrained, get_config
 from vlkit.data import shapes
 from vlkit.data.transforms import ImageTransform
 from vlkit.models import DualEncoder, ImageClassifier
-from vlkit.recipes import get_recipe
-from vlkit.recipes.classification import (
+from vlkit.recipes import InitFrom, get_recipe
+from vlkit.recipes.parts import init_parts, source_part
+from vlkit.recipes.run import run_recipe, stage_dir
+from vlkit.tasks.classification import (
     NO_COLOUR,
     ClassificationEval,
     ShapesClassificationDataset,
     _EvalSplit,
     attribute_names,
     classification_step,
-    classify_shapes,
-    init_image_tower,
-    load_image_tower,
-    run_classification,
 )
 
 TINY_TOWER = {"vision.dim": 32, "vision.depth": 2, "vision.num_heads": 2, "vision.mlp_dim": 64, "vision.image_size": 32}
@@ -32,20 +30,20 @@ TINY_TOWER = {"vision.dim": 32, "vision.depth": 2, "vision.num_heads": 2, "visio
 
 def tiny_recipe(steps: int = 80):
     overrides = {f"model.{key}": value for key, value in TINY_TOWER.items()}
-    overrides |= {"train.steps": steps, "train.batch_size": 32, "train.eval_every": steps // 2, "train_size": 640,
-                  "eval_size": 64, "train.precision": "fp32", "train.lr": 5e-3}  # fmt: skip
-    return classify_shapes().with_overrides(overrides)
+    overrides |= {"train.steps": steps, "train.batch_size": 32, "train.eval_every": steps // 2,
+                  "data.train_size": 640, "data.eval_size": 64, "train.precision": "fp32", "train.lr": 5e-3}  # fmt: skip
+    return get_recipe("classify_shapes").with_overrides(overrides)
 
 
 @pytest.fixture(scope="module")
 def classification_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("classify")
-    return run_classification(tiny_recipe(), out, progress=False)
+    return run_recipe(tiny_recipe(), out, progress=False)
 
 
 def test_recipe_is_registered_and_its_tower_is_the_contrastive_presets() -> None:
     recipe = get_recipe("classify_shapes")
-    assert recipe.model == "shapes_classifier" and recipe.shapes == get_recipe("clip_shapes").shapes
+    assert recipe.model == "shapes_classifier" and recipe.data.config == get_recipe("clip_shapes").data.config
     tower = get_config("shapes_classifier").vision
     assert tower == get_config("shapes_clip").vision
     assert tower == get_config("shapes_siglip").vision
@@ -61,7 +59,8 @@ def test_run_writes_metrics_log_report_and_a_loadable_model(classification_run) 
     # and held-out combinations alike. The joint top-1 can only be as good as its weaker attribute.
     assert metrics["colour_top1"] > 0.6 and metrics["colour_top1_heldout"] > 0.6
     assert metrics["top1"] <= min(metrics["colour_top1"], metrics["shape_top1"])
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = stage_dir(out, tiny_recipe(), tiny_recipe().stages[0]) / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
     train = [record for record in records if "loss" in record]
     assert len(train) == 80 and all("shape_loss" in record and "colour_loss" in record for record in train)
     assert [record["step"] for record in records if "eval" in record] == [40, 80]
@@ -151,26 +150,28 @@ def test_evaluation_scores_both_attributes_and_their_conjunction() -> None:
         pixels[:, 0, 0, 0], pixels[:, 1, 0, 0], pixels[:, 2, 0, 0] = colours, shape_labels, torch.arange(count)
         splits[suffix] = _EvalSplit(pixels, colours, shape_labels)
     evaluation = ClassificationEval(num_colours=8, splits=splits, batch_size=3)
-    metrics = evaluation(LabelReader(wrong_shape={0, 1, 2}))
+    result = evaluation(LabelReader(wrong_shape={0, 1, 2}))
+    metrics = result.metrics
     assert metrics["colour_top1"] == 1.0 and metrics["colour_top1_heldout"] == 1.0
     assert metrics["shape_top1"] == pytest.approx(0.7) and metrics["top1"] == pytest.approx(0.7)
     assert metrics["shape_top1_heldout"] == pytest.approx(5 / 8) and metrics["top1_heldout"] == pytest.approx(5 / 8)
-    confusion = evaluation.last_confusion[""]
+    confusion = result.artifacts["confusion"]
     assert confusion.sum() == 10 and confusion.trace() == 7 and confusion[0, 1] == 1
 
 
 def test_image_tower_moves_from_classifier_to_dual_encoder(classification_run) -> None:
     source = classification_run.out_dir / "model"
-    weights = load_image_tower(source)
+    weights = source_part(source, "image_encoder").state_dict()
     dual = create_model("shapes_clip", **TINY_TOWER)
     assert set(weights) == set(dual.image_encoder.state_dict())
-    init_image_tower(dual, source)
+    init_parts(dual, {"image_encoder": InitFrom(str(source))})
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(dual.image_encoder(pixels), classification_run.model.encoder(pixels))
     # A MAP-pooled tower would keep a random pooling head: refused, naming the difference.
     with pytest.raises(ValueError, match="pool"):
-        init_image_tower(create_model("shapes_siglip", **TINY_TOWER, **{"vision.pool": "map"}), source)
+        init_parts(create_model("shapes_siglip", **TINY_TOWER, **{"vision.pool": "map"}),
+                   {"image_encoder": InitFrom(str(source))})  # fmt: skip
 
 
 def test_image_tower_from_vlkit_and_hugging_face_dual_encoders(tmp_path: Path) -> None:
@@ -180,12 +181,12 @@ def test_image_tower_from_vlkit_and_hugging_face_dual_encoders(tmp_path: Path) -
     export_hf(model, tmp_path / "hf")
     expected = model.image_encoder.state_dict()
     for directory in ("vlkit", "hf"):
-        weights = load_image_tower(tmp_path / directory)
+        weights = source_part(tmp_path / directory, "image_encoder").state_dict()
         assert set(weights) == set(expected)
         for name, tensor in expected.items():
             torch.testing.assert_close(weights[name], tensor, msg=f"{directory}: {name}")
     target = create_model("test_siglip")
     assert isinstance(target, DualEncoder)
-    init_image_tower(target, tmp_path / "hf")
+    init_parts(target, {"image_encoder": InitFrom(str(tmp_path / "hf"))})
     torch.testing.assert_close(target.image_encoder.state_dict()["blocks.1.mlp.fc2.weight"],
                                expected["blocks.1.mlp.fc2.weight"])  # fmt: skip

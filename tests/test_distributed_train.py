@@ -244,7 +244,7 @@ def test_webdataset_shards_split_across_ranks_and_workers(tmp_path: Path) -> Non
 # --- end to end through the CLI: `vlkit train --nproc 2` logs the losses of the single-process run -------------
 
 TINY = [
-    "--set", "train_size=32", "eval_size=8", "train.batch_size=16", "train.eval_every=null", "train.warmup_steps=1",
+    "--set", "data.train_size=32", "data.eval_size=8", "train.batch_size=16", "train.eval_every=null", "train.warmup_steps=1",
     "model.vision.depth=1", "model.text.depth=1", "model.vision.dim=32", "model.vision.num_heads=2",
     "model.vision.mlp_dim=64", "model.text.dim=32", "model.text.num_heads=2", "model.text.mlp_dim=64",
     "model.embed_dim=16",
@@ -277,7 +277,7 @@ def test_cli_two_processes_log_the_single_process_losses(
 ) -> None:
     out = tmp_path / "two"
     run_cli(*CLI_ARGS, "--out", str(out), "--nproc", "2", "--strategy", strategy, "--save-every", "2")
-    single, double = losses(single_process_cli_run), losses(out)
+    single, double = losses(single_process_cli_run / "stages" / "0-train"), losses(out / "stages" / "0-train")
     assert len(single) == 3
     # Needs the distributed-correct SigLipLoss: with a local-only loss the two ranks' mean differs.
     assert double == pytest.approx(single, rel=1e-4)
@@ -291,5 +291,5 @@ def test_cli_two_processes_log_the_single_process_losses(
     ours, reference = vlkit.from_pretrained(out / "model"), vlkit.from_pretrained(single_process_cli_run / "model")
     for (name, value), expected_value in zip(ours.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(value, expected_value, rtol=1e-3, atol=1e-5, msg=name)
-    checkpoint = out / "checkpoints" / "step_00000002"
+    checkpoint = out / "stages" / "0-train" / "checkpoints" / "step_00000002"
     assert (checkpoint / ("dcp" if strategy == "fsdp" else "model.safetensors")).exists()

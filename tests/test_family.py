@@ -1,10 +1,9 @@
-"""The dual-encoder family recipes (FILIP, LiT, EVA-CLIP, NaViT), classification dispatch and ``vlkit bench claims``."""
+"""The dual-encoder family recipes (FILIP, LiT, EVA-CLIP, NaViT), the classification task and ``vlkit bench claims``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,15 @@ import pytest
 import torch
 
 from vlkit import cli, from_pretrained, get_config
-from vlkit.claims import CLAIMS, QUICK, ClaimsBench, claims_table, describe, hard_negative_set, load_claims
+from vlkit.bench.claims import CLAIMS, QUICK, ClaimsBench, claims_table, describe, hard_negative_set, load_claims
 from vlkit.data import shapes
 from vlkit.data.transforms import ImageTransform
-from vlkit.recipes import get_recipe, list_recipes
-from vlkit.recipes.classification import load_image_tower
+from vlkit.recipes import LayerDecay, get_recipe, list_recipes
+from vlkit.recipes.base import lock_rules
 from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_COLOURLESS_COPIES, SHAPES_DATA
-from vlkit.recipes.run import build_recipe_model, run_recipe
-from vlkit.text import Tokenizer
+from vlkit.recipes.parts import source_part
+from vlkit.recipes.run import run_recipe, stage_dir
+from vlkit.tasks.base import RunContext
 from vlkit.train import trainer as trainer_module
 from vlkit.train.optim import Lamb
 
@@ -28,9 +28,19 @@ TINY_MODEL = {
     "model.vision.mlp_dim": 64, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
     "model.text.mlp_dim": 64, "model.embed_dim": 32,
 }  # fmt: skip
-TINY_TRAIN = {"train.steps": 2, "train.batch_size": 8, "train_size": 16, "eval_size": 8, "train.eval_every": None}
+TINY_TRAIN = {"train.steps": 2, "train.batch_size": 8, "data.train_size": 16, "data.eval_size": 8,
+              "train.eval_every": None}  # fmt: skip
 TINY = TINY_MODEL | TINY_TRAIN
-PRETRAIN = {"image_init_overrides": TINY_TRAIN}
+# The classification tower LiT and EVA-CLIP start from, at the same tiny size.
+TINY_TOWER = {"image_encoder": {"kind": "init_from", "source": "recipe:classify_shapes", "share": ["vision"],
+                                "overrides": TINY_TRAIN}}  # fmt: skip
+
+
+def _with_tiny_tower(recipe):
+    from vlkit.recipes import InitFrom
+
+    init = {part: InitFrom.from_dict(spec) for part, spec in TINY_TOWER.items()}
+    return recipe.with_overrides({"stages.train.init": init})
 
 
 def _tiny(name: str, **extra: object):
@@ -44,22 +54,28 @@ def _cli_set(overrides: dict[str, object]) -> list[str]:
 def test_recipes_are_registered_and_share_the_shapes_budget_and_data() -> None:
     assert {"filip_shapes", "lit_shapes", "evaclip_shapes", "navit_shapes", "classify_shapes"} <= set(list_recipes())
     filip, lit, eva, navit = (get_recipe(f"{name}_shapes") for name in ("filip", "lit", "evaclip", "navit"))
-    assert lit.train == navit.train == SHAPES_BUDGET
+    train = {name: recipe.stages[0].train for name, recipe in zip("flen", (filip, lit, eva, navit), strict=True)}
+    assert train["l"] == train["n"] == SHAPES_BUDGET
     recipes = (filip, lit, eva, navit, get_recipe("clip_shapes"), get_recipe("siglip_shapes"))
-    assert {recipe.colourless_copies for recipe in recipes} == {SHAPES_COLOURLESS_COPIES}
+    assert {recipe.data.colourless_copies for recipe in recipes} == {SHAPES_COLOURLESS_COPIES}
     assert get_config("navit_shapes").loss == "clip"
-    assert filip.train == dataclasses.replace(
-        SHAPES_BUDGET, steps=filip.train.steps, warmup_steps=filip.train.warmup_steps
-    )
-    assert filip.train.steps == SHAPES_BUDGET.steps // 2 and filip.train.warmup_steps == SHAPES_BUDGET.warmup_steps // 2
-    assert eva.train == dataclasses.replace(SHAPES_BUDGET, optimizer="lamb", lr=eva.train.lr)
-    assert filip.shapes == lit.shapes == eva.shapes == SHAPES_DATA
-    assert navit.shapes == dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0)) and navit.input_policy == "pack"
+    assert train["f"] == dataclasses.replace(SHAPES_BUDGET, steps=train["f"].steps, warmup_steps=train["f"].warmup_steps)
+    assert train["f"].steps == SHAPES_BUDGET.steps // 2 and train["f"].warmup_steps == SHAPES_BUDGET.warmup_steps // 2
+    assert train["e"] == dataclasses.replace(SHAPES_BUDGET, optimizer="lamb", lr=train["e"].lr)
+    assert filip.data.config == lit.data.config == eva.data.config == SHAPES_DATA
+    assert navit.data.config == dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0)) and navit.task.inputs == "pack"
     assert get_config("shapes_filip") == get_config("shapes_clip").replace(interaction="token", loss="filip")
-    assert lit.lock == "image" and lit.image_init == eva.image_init == "recipe:classify_shapes"
-    assert eva.model_overrides["vision.patch_dropout"] == 0.5 and 0.75 <= eva.image_layer_decay <= 0.85
-    with pytest.raises(ValueError, match="input_policy"):
-        lit.with_overrides({"input_policy": "stretch"})
+    assert lit.stages[0].rules == lock_rules("image")
+    assert lit.stages[0].init["image_encoder"].source == eva.stages[0].init["image_encoder"].source
+    assert lit.stages[0].init["image_encoder"].source == "recipe:classify_shapes"
+    (decay,) = eva.stages[0].rules
+    assert eva.model_overrides["vision.patch_dropout"] == 0.5 and isinstance(decay, LayerDecay)
+    assert decay.part == "image_encoder" and 0.75 <= decay.decay <= 0.85
+    with pytest.raises(ValueError, match="task.inputs"):
+        lit.with_overrides({"task.inputs": "stretch"})
+    # --lock replaces the recipe's locks in every stage; "none" removes them.
+    assert lit.with_overrides({"lock": "none"}).stages[0].rules == ()
+    assert lit.with_overrides({"lock": "text"}).stages[0].rules == lock_rules("text")
 
 
 def test_filip_recipe_trains_with_the_token_wise_loss(tmp_path: Path) -> None:
@@ -67,21 +83,28 @@ def test_filip_recipe_trains_with_the_token_wise_loss(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "filip" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["recipe"] == "filip_shapes" and "zero_shot_top1" in metrics
     assert result.model.config.loss == "filip" and result.model.config.interaction == "token"
+    # The FILIP loss at initialisation is about log(batch) per direction; a pooled CLIP loss would log the same
+    # scale, but the logged loss must come from the token-wise interaction, so it differs from CLIP's on equal weights.
+    log = [json.loads(line) for line in (stage_dir(tmp_path / "filip", get_recipe("filip_shapes"),
+                                                   get_recipe("filip_shapes").stages[0]) / "log.jsonl").open()]  # fmt: skip
+    assert all(np.isfinite(record["loss"]) for record in log if "loss" in record)
 
 
 def test_lit_trains_the_text_tower_against_a_locked_pretrained_image_tower(tmp_path: Path) -> None:
     out = tmp_path / "lit"
-    assert cli.main(["train", "--recipe", "lit_shapes", "--out", str(out), "--quiet", *_cli_set(TINY | PRETRAIN)]) == 0
-    assert json.loads((out / "pretrain" / "metrics.json").read_text())["recipe"] == "classify_shapes"
+    overrides = TINY | {"stages.train.init": TINY_TOWER}
+    assert cli.main(["train", "--recipe", "lit_shapes", "--out", str(out), "--quiet", *_cli_set(overrides)]) == 0
+    pretrain = out / "pretrain" / "classify_shapes"
+    assert json.loads((pretrain / "metrics.json").read_text())["recipe"] == "classify_shapes"
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     trained = from_pretrained(out / "model")
     # The image tower is the classifier's, bit for bit, after training.
-    pretrained = load_image_tower(out / "pretrain" / "model")
+    pretrained = source_part(pretrain / "model", "image_encoder").state_dict()
     for name, tensor in trained.image_encoder.state_dict().items():
         assert torch.equal(tensor, pretrained[name]), name
     # The text tower moved away from its (seeded, reproducible) initialisation.
     recipe = get_recipe("lit_shapes").with_overrides(TINY)
-    initial = build_recipe_model(recipe, Tokenizer.from_file(out / "tokenizer.json", max_len=32))
+    initial = recipe.task.build_model(RunContext(recipe, out, progress=False))
     changed = [not torch.equal(tensor, initial.text_encoder.state_dict()[name])
                for name, tensor in trained.text_encoder.state_dict().items()]  # fmt: skip
     assert all(changed)
@@ -100,17 +123,17 @@ def test_evaclip_uses_lamb_layer_decay_patch_dropout_and_the_pretrained_tower(tm
         return seen["optimizer"]
 
     monkeypatch.setattr(trainer_module, "build_optimizer", spy)
-    recipe = _tiny("evaclip_shapes", **PRETRAIN)
+    recipe = _with_tiny_tower(_tiny("evaclip_shapes"))
     result = run_recipe(recipe, tmp_path / "eva", progress=False, report=False)
     assert isinstance(seen["optimizer"], Lamb)
-    decay, depth = recipe.image_layer_decay, 2
+    decay, depth = recipe.stages[0].rules[0].decay, 2
     scales = seen["scales"]
     stem = [name for name in scales if name.startswith("image_encoder.patch_embed.")]
     assert stem and all(scales[name] == pytest.approx(decay ** (depth + 1)) for name in stem)
     for block in range(depth):
         assert scales[f"image_encoder.blocks.{block}.mlp.fc1.weight"] == pytest.approx(decay ** (depth - block))
     assert scales["image_encoder.norm.weight"] == 1.0 and scales["text_encoder.blocks.0.mlp.fc1.weight"] == 1.0
-    pretrained = load_image_tower(tmp_path / "eva" / "pretrain" / "model")
+    pretrained = source_part(tmp_path / "eva" / "pretrain" / "classify_shapes" / "model", "image_encoder").state_dict()
     assert torch.equal(seen["weights"]["image_encoder.blocks.1.mlp.fc2.weight"], pretrained["blocks.1.mlp.fc2.weight"])
     # Unlocked: the tower trains on from there; patch dropout is the saved model's training setting.
     assert not torch.equal(
@@ -124,7 +147,8 @@ def test_navit_packs_native_aspect_ratios_and_reports_padding(tmp_path: Path) ->
     recipe = _tiny("navit_shapes", **{"train.steps": 3, "model.vision.image_size": 64})
     run_recipe(recipe, tmp_path / "navit", progress=False, report=False)
     metrics = json.loads((tmp_path / "navit" / "metrics.json").read_text())
-    records = [json.loads(line) for line in (tmp_path / "navit" / "log.jsonl").read_text().splitlines()]
+    log = stage_dir(tmp_path / "navit", recipe, recipe.stages[0]) / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
     logged = [record["padding_fraction"] for record in records if "padding_fraction" in record]
     assert len(logged) == 3 and metrics["padding_fraction"] == pytest.approx(np.mean(logged))
     assert 0.0 <= metrics["padding_fraction"] < 1.0
@@ -135,7 +159,7 @@ def test_navit_packs_native_aspect_ratios_and_reports_padding(tmp_path: Path) ->
     assert len(sizes) > 1 and "zero_shot_top1" in metrics
 
 
-def test_cli_trains_a_classification_recipe_with_run_classification(tmp_path: Path) -> None:
+def test_cli_trains_a_classification_recipe_with_its_task(tmp_path: Path) -> None:
     out = tmp_path / "classify"
     tiny = TINY_TRAIN | {key: value for key, value in TINY_MODEL.items() if key.startswith("model.vision.")}
     assert cli.main(["train", "--recipe", "classify_shapes", "--out", str(out), "--quiet", *_cli_set(tiny)]) == 0
@@ -163,9 +187,7 @@ def test_hard_negatives_change_exactly_one_attribute_of_one_object() -> None:
 
 def test_bench_claims_quick_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "claims"
-    start = time.perf_counter()
     assert cli.main(["bench", "claims", "--out", str(out), "--quick", "--quiet"]) == 0
-    assert time.perf_counter() - start < 60
     data = json.loads((out / "claims.json").read_text())
     assert [row["key"] for row in data["claims"]] == list(CLAIMS)
     table = (out / "claims.md").read_text()
@@ -179,7 +201,8 @@ def test_bench_claims_quick_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert 0.0 <= numbers["filip_fine_grained"]["filip_hard_negative_accuracy"] <= 1.0
     assert numbers["navit_packing"]["resize_square_padding"] == 0.0
     assert 0.0 < numbers["navit_packing"]["pad_square_padding"] < 0.5
-    assert numbers["eva_patch_dropout"]["throughput_pd0"] > 0
+    eva = numbers["eva_patch_dropout"]
+    assert eva["speedup"] == pytest.approx(eva["throughput_pd05"] / eva["throughput_pd0"])
     # A second bench reuses every finished run (the same numbers, nothing retrained) ...
     runs = sorted(path.name for path in (out / "runs").iterdir())
     assert cli.main(["bench", "claims", "--out", str(out), "--quick", "--quiet"]) == 0

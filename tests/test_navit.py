@@ -25,7 +25,8 @@ from vlkit.data.packing import (
 from vlkit.data.shapes import ShapesConfig, generate
 from vlkit.encoders.vit import PackedImages, ViT, ViTConfig, kept_patch_count
 from vlkit.losses import SigLipLoss
-from vlkit.recipes.navit import NativeTransform, NaViTDataset, input_policies, navit_shapes, navit_step
+from vlkit.recipes import get_recipe
+from vlkit.tasks.navit import NativeTransform, NaViTDataset, input_policies, navit_step
 
 POLICIES = ["learned", "sincos", "none", "factorized", "rope2d"]
 
@@ -282,6 +283,6 @@ def test_input_policies_use_the_same_token_slots_and_all_train() -> None:
 
 
 def test_navit_recipe_uses_native_aspect_ratio_data() -> None:
-    recipe = navit_shapes()
-    assert recipe.model == "navit_shapes" and recipe.shapes.aspect_ratios == (0.5, 2.0)
+    recipe = get_recipe("navit_shapes")
+    assert recipe.model == "navit_shapes" and recipe.data.config.aspect_ratios == (0.5, 2.0)
     assert vlkit.get_config(recipe.model).vision.pos_embed == "factorized"

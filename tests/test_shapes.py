@@ -329,21 +329,22 @@ def test_colourless_copy_repaints_every_object_grey_and_renames_its_colour() -> 
 
 
 def test_recipe_training_records_add_the_colourless_copies_once(tmp_path: Path) -> None:
+    from vlkit.data.specs import ShapesScenes, image_text_records
     from vlkit.recipes import get_recipe
-    from vlkit.recipes.run import training_records
 
-    small = {"train_size": 80, "train.batch_size": 8, "colourless_copies": 0.0}
+    small = {"data.train_size": 80, "train.batch_size": 8, "data.colourless_copies": 0.0}
     recipe = get_recipe("siglip_shapes").with_overrides(small)
-    grey = recipe.with_overrides({"colourless_copies": 0.25})
-    records = training_records(grey, tmp_path, None, False, False)
+    grey = recipe.with_overrides({"data.colourless_copies": 0.25}).data
+    records = image_text_records(grey, tmp_path / "data", False)
     copies = [record for record in records if "train_colourless" in record.image]
     assert len(records) == 100 and len(copies) == 20
     assert all("grey" in caption for record in copies for caption in record.captions)
     manifest = tmp_path / "data" / "train_colourless.jsonl"
     written = manifest.stat().st_mtime_ns
-    assert len(training_records(grey, tmp_path, None, False, False)) == 100  # reused, not rendered again
+    assert len(image_text_records(grey, tmp_path / "data", False)) == 100  # reused, not rendered again
     assert manifest.stat().st_mtime_ns == written
-    assert len(training_records(recipe, tmp_path, None, False, False)) == 80  # other settings: rendered anew
+    assert len(image_text_records(recipe.data, tmp_path / "data", False)) == 80  # other settings: rendered anew
     assert not manifest.exists()
     with pytest.raises(ValueError, match="colourless_copies"):
-        recipe.with_overrides({"colourless_copies": 1.5})
+        recipe.with_overrides({"data.colourless_copies": 1.5})
+    assert isinstance(grey, ShapesScenes)

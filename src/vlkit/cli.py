@@ -75,7 +75,7 @@ def _launch_workers(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlkit.recipes import get_recipe
-    from vlkit.recipes.run import is_classification, run_recipe
+    from vlkit.recipes.run import run_recipe
     from vlkit.train.distributed import distributed_context
 
     if args.nproc is not None and args.nproc < 1:
@@ -90,8 +90,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lock is not None:
         overrides["lock"] = args.lock
     recipe = get_recipe(args.recipe).with_overrides(overrides)
-    if is_classification(recipe):
-        return _train_classifier(args, recipe)
     if args.nproc is not None and args.nproc > 1:
         return _launch_workers(args)
     # Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) this joins the process group; alone it is a no-op.
@@ -113,27 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_classifier(args: argparse.Namespace, recipe: Any) -> int:
-    """``vlkit train --recipe classify_shapes``: one process, ShapesWorld data, no dual-encoder options."""
-    from vlkit.recipes.classification import run_classification
-
-    dual_encoder_only = {"--train-data": args.train_data, "--init": args.init, "--skip-bad": args.skip_bad,
-                         "--nproc": (args.nproc or 1) > 1, "--strategy fsdp": args.strategy == "fsdp",
-                         "--device cuda": args.device == "cuda"}  # fmt: skip
-    given = [flag for flag, value in dual_encoder_only.items() if value]
-    if given:
-        raise ValueError(f"recipe {recipe.name} trains a classifier on one CPU process; {', '.join(given)} "
-                         "apply to dual-encoder recipes only")  # fmt: skip
-    result = run_classification(recipe, args.out, progress=not args.quiet, resume=args.resume)
-    _print_metrics(result.metrics)
-    print(f"report: {Path(args.out) / 'report.html'}")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vlkit.claims import QUICK, Scale, run_claims
+    from vlkit.bench.claims import QUICK, Scale, run_claims
 
     scale = QUICK if args.quick else Scale(steps=args.steps_scale)
     if args.set:
@@ -155,9 +136,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: zero-shot evaluation needs one")
     transform = ImageTransform(image_size=model.config.vision.image_size)
-    shapes_config = get_recipe(args.recipe).shapes
+    shapes_config = get_recipe(args.recipe).data.config
     suite = digits_suite(transform) if args.suite == "digits" else shapes_suite(shapes_config, transform, args.size)
-    metrics = suite(model, model.tokenizer)
+    metrics = suite(model, model.tokenizer).metrics
     _print_metrics(metrics)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

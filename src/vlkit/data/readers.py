@@ -39,6 +39,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vlkit.seeding import mix_seed
 from vlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSampleError, decode_image_bytes, load_image
 
 logger = logging.getLogger(__name__)
@@ -365,7 +366,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
             wds.shuffle(
                 self.shuffle_buffer,
                 initial=self.shuffle_buffer,
-                seed=_mix_seed(_SAMPLE_SHUFFLE_STREAM, self.seed, self.epoch, rank, worker),
+                seed=mix_seed(_SAMPLE_SHUFFLE_STREAM, self.seed, self.epoch, rank, worker),
             )
             if shuffling
             else None,
@@ -378,7 +379,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
 
     def _shuffle_shards(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         shard_list = list(shards)
-        generator = torch.Generator().manual_seed(_mix_seed(_SHARD_STREAM, self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(mix_seed(_SHARD_STREAM, self.seed, self.epoch))
         for position in torch.randperm(len(shard_list), generator=generator).tolist():
             yield shard_list[position]
 
@@ -491,7 +492,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         if self.num_samples == 0:
             return []
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix_seed(_SAMPLER_STREAM, self.seed, epoch))
+            generator = torch.Generator().manual_seed(mix_seed(_SAMPLER_STREAM, self.seed, epoch))
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
@@ -559,16 +560,10 @@ def _check_options(max_text_len: int, caption_choice: str, seed: int, max_captio
         raise ValueError(f"max_caption_chars must be >= 1, got {max_caption_chars}")
 
 
-def _mix_seed(*values: int) -> int:
-    """Hash non-negative ints into one 63-bit seed; unlike ``seed + epoch``, (1, 0) and (0, 1) differ."""
-    state = np.random.SeedSequence([int(value) for value in values]).generate_state(2, dtype=np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
-
-
 def _choose_caption(captions: Sequence[str], choice: CaptionChoice, seed: int, epoch: int, index: int) -> str:
     if choice == "first" or len(captions) == 1:
         return captions[0]
-    return captions[_mix_seed(_CAPTION_STREAM, seed, epoch, index) % len(captions)]
+    return captions[mix_seed(_CAPTION_STREAM, seed, epoch, index) % len(captions)]
 
 
 def _encode_caption(

@@ -7,21 +7,20 @@ Sets are built once (images rendered and transformed up front) and reused at eve
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
 from vlkit.data import shapes
+from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS, digits_split
+from vlkit.eval.result import EvalResult
 from vlkit.eval.retrieval import RetrievalResult, evaluate_retrieval
 from vlkit.eval.zero_shot import ZeroShotResult, evaluate_zero_shot
 from vlkit.models import DualEncoder
 from vlkit.text import Tokenizer
 
 SHAPES_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image with a {}.")
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = ("a handwritten digit {}.", "the number {}.", "a scan of the digit {}.")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -50,11 +49,12 @@ class EvalSuite:
     zero_shot: dict[str, ZeroShotSet]
     retrieval: RetrievalSet | None = None
     batch_size: int = 256
-    last_details: dict[str, ZeroShotResult | RetrievalResult] = field(default_factory=dict)
 
     @torch.no_grad()
-    def __call__(self, model: DualEncoder, tokenizer: Tokenizer) -> dict[str, float]:
+    def __call__(self, model: DualEncoder, tokenizer: Tokenizer) -> EvalResult:
+        """Metrics, and each set's ``ZeroShotResult`` / ``RetrievalResult`` as artifacts under the same key."""
         metrics: dict[str, float] = {}
+        details: dict[str, ZeroShotResult | RetrievalResult] = {}
         for key, zero_shot_set in self.zero_shot.items():
             result = evaluate_zero_shot(
                 model, tokenizer, zero_shot_set.class_names, zero_shot_set.templates,
@@ -64,15 +64,15 @@ class EvalSuite:
             prefix, heldout, _ = key.partition("_heldout")
             metrics[f"{prefix}_top1{heldout}"] = result.top1
             metrics[f"{prefix}_top5{heldout}"] = result.top5
-            self.last_details[key] = result
+            details[key] = result
         if self.retrieval is not None:
             result = evaluate_retrieval(
                 model, tokenizer, self.retrieval.pixels.split(self.batch_size), self.retrieval.texts,
                 self.retrieval.text_to_image, self.batch_size,
             )  # fmt: skip
             metrics.update(result.as_dict())
-            self.last_details["retrieval"] = result
-        return metrics
+            details["retrieval"] = result
+        return EvalResult(metrics, details)
 
 
 def _stack(images: Sequence[Image.Image], transform: Transform) -> torch.Tensor:
@@ -99,22 +99,6 @@ def shapes_suite(
         text_to_image=list(range(len(scenes))),
     )
     return EvalSuite(sets, retrieval)
-
-
-def digits_images() -> tuple[list[Image.Image], np.ndarray]:
-    """scikit-learn's 1,797 scanned 8x8 handwritten digits as 8-bit grey images, and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = [Image.fromarray((image * (255.0 / 16.0)).round().astype(np.uint8), mode="L") for image in digits.images]
-    return images, digits.target.astype(np.int64)
-
-
-def digits_split(split: str) -> tuple[list[Image.Image], np.ndarray]:
-    """A fixed split: every fifth image is test, the rest train."""
-    images, labels = digits_images()
-    keep = [index for index in range(len(images)) if (index % 5 == 0) == (split == "test")]
-    return [images[index] for index in keep], labels[keep]
 
 
 def digits_suite(transform: Transform) -> EvalSuite:

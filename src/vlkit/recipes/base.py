@@ -1,110 +1,247 @@
-"""The ``Recipe`` dataclass and the recipe registry."""
+"""``Recipe`` = name, description, model (preset + overrides), data, task and stages; and the recipe registry.
+
+A one-stage recipe::
+
+    Recipe("clip_shapes", "CLIP on ShapesWorld.", model="shapes_clip", task=Contrastive(), data=SHAPES,
+           stages=(Stage(SHAPES_BUDGET),))
+
+A staged one gives each stage its own train config, parameter rules (regex freeze / lr scale, ``LayerDecay``),
+data, task and where each part's weights start (``init``: part name -> ``InitFrom``); parts a stage does not name
+continue from the previous stage (the first stage: from the task's freshly built model).
+
+Overrides (``with_overrides``, ``vlkit train --set``) address every level: ``model.vision.depth``, ``data.train_size``,
+``data.config.max_objects``, ``task.inputs``; ``train.lr`` sets every stage's, ``stages.NAME.train.lr`` (or
+``stages.1.train.lr``) one stage's; ``lock`` (``--lock``) replaces every stage's tower locks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from vlkit.data.shapes import ShapesConfig
+from torch import nn
+
+from vlkit.config import ConfigBase, config_from_dict, register_config
+from vlkit.data.specs import DataSpec
 from vlkit.registry import apply_overrides
+from vlkit.tasks.base import Task, task_from_dict
 from vlkit.train import ParamGroupRule, TrainConfig
-from vlkit.train.optim import dual_encoder_layer_decay_rules
+from vlkit.train.optim import layer_decay_rules
+
+__all__ = [
+    "LOCK_PATTERNS",
+    "InitFrom",
+    "LayerDecay",
+    "Recipe",
+    "Stage",
+    "get_recipe",
+    "list_recipes",
+    "lock_rules",
+    "recipe_from_dict",
+    "register_recipe",
+]
 
 _RECIPES: dict[str, Callable[[], Recipe]] = {}
 
-LOCK_PATTERNS = {"image": r"image_encoder\..*", "text": r"text_encoder\..*"}
-INPUT_POLICIES = ("square", "pack", "resize_square", "pad_square")
+# The towers ``--lock`` names, as the parameter-name patterns of each model kind's towers.
+LOCK_PATTERNS = {"image": r"(image_encoder|encoder)\..*", "text": r"(text_encoder|lm)\..*"}
+
+
+def lock_rules(lock: Literal["none", "image", "text"]) -> tuple[ParamGroupRule, ...]:
+    if lock not in ("none", *LOCK_PATTERNS):
+        raise ValueError(f"lock must be one of none, {', '.join(LOCK_PATTERNS)}; got {lock!r}")
+    return () if lock == "none" else (ParamGroupRule(LOCK_PATTERNS[lock], freeze=True),)
+
+
+@register_config
+@dataclass(frozen=True)
+class LayerDecay(ConfigBase):
+    """Layer-wise lr decay (BEiT, EVA-CLIP) for the transformer tower at ``part`` (its ``blocks`` set the depth)."""
+
+    kind: ClassVar[str] = "layer_decay"
+    part: str
+    decay: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"LayerDecay({self.part!r}): decay must be in (0, 1], got {self.decay}")
+
+    def rules(self, model: nn.Module) -> tuple[ParamGroupRule, ...]:
+        blocks = getattr(model.get_submodule(self.part), "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"LayerDecay: {self.part} is not a transformer tower with blocks.{{i}}")
+        return layer_decay_rules(len(blocks), self.decay, self.part)
+
+
+Rule = ParamGroupRule | LayerDecay
+
+
+@register_config
+@dataclass(frozen=True)
+class InitFrom(ConfigBase):
+    """Where a part's weights start: ``source`` is a model directory (vlkit or Hugging Face) or ``"recipe:NAME"``
+    (that recipe is trained into ``OUT/pretrain/NAME`` first, once); ``part`` is the module to take from the source
+    (default: the target part's name, or the source's image tower for an image tower). ``share`` lists config
+    prefixes (e.g. ``"vision"``) whose ``model.*`` overrides a ``recipe:`` source inherits, so its tower has this
+    recipe's architecture; ``overrides`` adjust the source recipe further (e.g. its steps)."""
+
+    kind: ClassVar[str] = "init_from"
+    source: str
+    part: str | None = None
+    share: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage; ``data`` / ``task`` default to the recipe's (``None``)."""
+
+    train: TrainConfig
+    name: str = "train"
+    rules: tuple[Rule, ...] = ()
+    data: DataSpec | None = None
+    task: Task | None = None
+    init: Mapping[str, InitFrom] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # JSON (recipe.json, ``--set stages.NAME.init={...}``) -> typed values.
+        init = {part: InitFrom.from_dict(spec) if isinstance(spec, dict) else spec for part, spec in self.init.items()}
+        object.__setattr__(self, "init", init)
+        object.__setattr__(self, "rules", tuple(_rule(rule) if isinstance(rule, dict) else rule for rule in self.rules))
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", config_from_dict(object, self.data))
+        if isinstance(self.task, dict):
+            object.__setattr__(self, "task", task_from_dict(self.task))
+
+    def param_group_rules(self, model: nn.Module) -> tuple[ParamGroupRule, ...]:
+        """The stage's rules with ``LayerDecay`` expanded for ``model``, then ``train.param_groups`` (first match
+        wins in ``build_param_groups``: a freeze rule listed first keeps a tower frozen whatever follows)."""
+        expanded: tuple[ParamGroupRule, ...] = ()
+        for rule in self.rules:
+            expanded += rule.rules(model) if isinstance(rule, LayerDecay) else (rule,)
+        return (*expanded, *self.train.param_groups)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to train, on what, and how.
-
-    ``data``: "shapes" renders ``train_size`` ShapesWorld scenes (``shapes`` config) to a manifest under the run
-    folder, plus a colourless copy (``shapes.colourless_copy``) of the first ``colourless_copies`` x ``train_size``
-    of them (a classification recipe instead shows that fraction of its scenes colourless); "digits" uses
-    scikit-learn's scanned digits. ``lock`` freezes a tower (LiT's locked-image tuning is
-    ``lock="image"``); ``model_overrides`` are dotted config paths applied to the preset.
-
-    ``image_init`` starts the image tower from another model (LiT, EVA-CLIP): a model directory, or
-    ``"recipe:NAME"``, which trains recipe NAME into ``OUT/pretrain`` first (once; its vision architecture follows
-    this recipe's ``vision.*`` overrides, ``image_init_overrides`` adjust the rest, e.g. its steps).
-    ``image_layer_decay`` / ``text_layer_decay`` turn on layer-wise lr decay for that tower (BEiT, EVA-CLIP).
-    ``input_policy`` picks how images become tokens: "square" (the preset's square size), or NaViT's
-    comparison at equal token slots per batch (``vlkit.recipes.navit``): "pack" (native aspect ratio, packed;
-    ``pack_oversample`` x more samples than square images per batch, into the same token slots, each sequence as long as
-    ``pack_sequence_slots`` square images), "resize_square" or "pad_square".
-    """
+    """What to train, on what, and how; see the module docstring."""
 
     name: str
     description: str
     model: str
-    train: TrainConfig
-    data: Literal["shapes", "digits"] = "shapes"
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
-    train_size: int = 10_000
-    colourless_copies: float = 0.0
-    eval_size: int = 400
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    tokenizer_vocab_size: int = 512
-    lock: Literal["none", "image", "text"] = "none"
-    image_init: str | None = None
-    image_init_overrides: dict[str, Any] = field(default_factory=dict)
-    image_layer_decay: float | None = None
-    text_layer_decay: float | None = None
-    input_policy: Literal["square", "pack", "resize_square", "pad_square"] = "square"
-    pack_oversample: float = 1.0
-    pack_sequence_slots: int = 1
+    task: Task
+    data: DataSpec
+    stages: tuple[Stage, ...]
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.train_size < self.train.batch_size:
-            raise ValueError(f"recipe {self.name}: train_size {self.train_size} < batch_size {self.train.batch_size}")
-        if self.input_policy not in INPUT_POLICIES:
-            raise ValueError(f"recipe {self.name}: input_policy must be one of {INPUT_POLICIES}, got "
-                             f"{self.input_policy!r}")  # fmt: skip
-        if not 0.0 <= self.colourless_copies <= 1.0:
-            raise ValueError(f"recipe {self.name}: colourless_copies must be in [0, 1], got {self.colourless_copies}")
-        if self.pack_oversample < 1.0:
-            raise ValueError(f"recipe {self.name}: pack_oversample must be >= 1, got {self.pack_oversample}")
-        if self.pack_sequence_slots < 1 or self.train.batch_size % self.pack_sequence_slots:
-            raise ValueError(f"recipe {self.name}: pack_sequence_slots {self.pack_sequence_slots} must be >= 1 and "
-                             f"divide the batch size {self.train.batch_size}")  # fmt: skip
-        for name in ("image_layer_decay", "text_layer_decay"):
-            decay = getattr(self, name)
-            if decay is not None and not 0.0 < decay <= 1.0:
-                raise ValueError(f"recipe {self.name}: {name} must be in (0, 1] or None, got {decay}")
+        if not self.stages:
+            raise ValueError(f"recipe {self.name}: needs at least one stage")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipe {self.name}: stage names must differ, got {names}")
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
-        """Apply ``{"train.lr": 1e-3, "model.vision.depth": 2, "shapes.max_objects": 2, ...}``.
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
+        """Apply dotted overrides (see the module docstring). A new ``train.steps`` keeps each schedule's shape:
+        warmup is scaled by the same factor unless it is given."""
+        recipe, per_stage = self, {stage.name: {} for stage in self.stages}
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            head, _, rest = key.partition(".")
+            if head == "model":
+                recipe = dataclasses.replace(recipe, model_overrides={**recipe.model_overrides, rest: value})
+            elif head == "train":
+                for stage in per_stage.values():
+                    stage[key] = value
+            elif head == "stages":
+                index, _, stage_key = rest.partition(".")
+                per_stage[self.stage(index).name][stage_key] = value
+            elif head == "lock":
+                for stage in per_stage.values():
+                    stage["lock"] = value
+            else:
+                changes[key] = value
+        recipe = apply_overrides(recipe, changes) if changes else recipe
+        stages = tuple(_override_stage(stage, per_stage[stage.name]) for stage in recipe.stages)
+        return dataclasses.replace(recipe, stages=stages)
 
-        A new ``train.steps`` keeps the schedule's shape: warmup is scaled by the same factor unless it is given.
-        """
-        if "train.steps" in overrides and "train.warmup_steps" not in overrides:
-            scaled = round(self.train.warmup_steps * int(overrides["train.steps"]) / self.train.steps)
-            overrides = {**overrides, "train.warmup_steps": scaled}
-        model_changes = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
-        rest = {k: v for k, v in overrides.items() if not k.startswith("model.")}
-        recipe = apply_overrides(self, rest) if rest else self
-        if model_changes:
-            recipe = dataclasses.replace(recipe, model_overrides={**recipe.model_overrides, **model_changes})
-        return recipe
+    def stage(self, key: str | int) -> Stage:
+        """A stage by name or index."""
+        for index, stage in enumerate(self.stages):
+            if str(key) in (stage.name, str(index)):
+                return stage
+        raise KeyError(f"recipe {self.name} has no stage {key!r}; stages: {[stage.name for stage in self.stages]}")
 
-    def param_group_rules(self, model_config: Any | None = None) -> tuple[ParamGroupRule, ...]:
-        """The lock, then the layer-wise lr decay of ``model_config``'s towers, then ``train.param_groups``.
+    def to_dict(self) -> dict[str, Any]:
+        """What a run folder's ``recipe.json`` holds: every field as it was trained."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model": self.model,
+            "model_overrides": _json(dict(self.model_overrides)),
+            "task": self.task.to_dict(),
+            "data": self.data.to_dict(),
+            "stages": [_stage_dict(stage) for stage in self.stages],
+        }
 
-        That order is the one ``build_param_groups`` needs (the first matching rule wins): a locked tower stays
-        frozen whatever its decay rules say, and the decay rules take a tower's blocks before any broader rule.
-        """
-        rules: tuple[ParamGroupRule, ...] = ()
-        if self.lock != "none":
-            rules += (ParamGroupRule(LOCK_PATTERNS[self.lock], freeze=True),)
-        if self.image_layer_decay is not None or self.text_layer_decay is not None:
-            if model_config is None:
-                raise ValueError(f"recipe {self.name}: layer-wise lr decay needs the model config (its depths)")
-            rules += dual_encoder_layer_decay_rules(model_config, self.image_layer_decay, self.text_layer_decay)
-        return (*rules, *self.train.param_groups)
+
+def _override_stage(stage: Stage, changes: dict[str, Any]) -> Stage:
+    if not changes:
+        return stage
+    changes = dict(changes)
+    lock = changes.pop("lock", None)
+    if "train.steps" in changes and "train.warmup_steps" not in changes:
+        scaled = round(stage.train.warmup_steps * int(changes["train.steps"]) / stage.train.steps)
+        changes["train.warmup_steps"] = min(scaled, int(changes["train.steps"]))
+    stage = apply_overrides(stage, changes) if changes else stage
+    if lock is not None:
+        unlocked = tuple(rule for rule in stage.rules if not _is_lock(rule))
+        stage = dataclasses.replace(stage, rules=(*lock_rules(lock), *unlocked))
+    return stage
+
+
+def _is_lock(rule: Rule) -> bool:
+    return isinstance(rule, ParamGroupRule) and rule.freeze and rule.pattern in LOCK_PATTERNS.values()
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _stage_dict(stage: Stage) -> dict[str, Any]:
+    rules = [rule.to_dict() if isinstance(rule, LayerDecay) else dataclasses.asdict(rule) for rule in stage.rules]
+    return {
+        "name": stage.name,
+        "train": _json(stage.train.to_dict()),
+        "rules": _json(rules),
+        "data": None if stage.data is None else stage.data.to_dict(),
+        "task": None if stage.task is None else stage.task.to_dict(),
+        "init": {part: _json(init.to_dict()) for part, init in stage.init.items()},
+    }
+
+
+def _rule(item: dict[str, Any]) -> Rule:
+    return LayerDecay.from_dict(item) if item.get("kind") == "layer_decay" else ParamGroupRule(**item)
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """The inverse of ``Recipe.to_dict`` (a run folder's ``recipe.json``)."""
+    stages = tuple(
+        Stage(**{**item, "train": TrainConfig.from_dict(item["train"])})  # Stage converts the rest from JSON
+        for item in data["stages"]
+    )
+    return Recipe(
+        name=data["name"],
+        description=data["description"],
+        model=data["model"],
+        task=task_from_dict(data["task"]),
+        data=config_from_dict(object, data["data"]),
+        stages=stages,
+        model_overrides=data.get("model_overrides", {}),
+    )
 
 
 def register_recipe(function: Callable[[], Recipe]) -> Callable[[], Recipe]:
@@ -125,7 +262,5 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _load() -> None:
-    import vlkit.recipes.classification
     import vlkit.recipes.contrastive
-    import vlkit.recipes.family
-    import vlkit.recipes.navit  # noqa: F401
+    import vlkit.recipes.family  # noqa: F401

@@ -7,7 +7,9 @@ the logit scale/bias initialisation the SigLIP paper pairs with it), so they com
 from __future__ import annotations
 
 from vlkit.data.shapes import ShapesConfig
-from vlkit.recipes.base import Recipe, register_recipe
+from vlkit.data.specs import Digits, ShapesScenes
+from vlkit.recipes.base import Recipe, Stage, register_recipe
+from vlkit.tasks.contrastive import Contrastive
 from vlkit.train import TrainConfig
 
 # Learning here is step-limited: siglip_shapes reached 77.5 % / 66.7 % zero-shot (seen / held-out) at batch 64 x 1600
@@ -23,6 +25,7 @@ SHAPES_DATA = ShapesConfig(max_objects=2, sizes=(("small", 0.35), ("large", 0.5)
 # read as the orange hexagon it has seen); with the copies siglip_shapes (seed 1) reached 99.5 % / 93.8 % at step
 # 2000 against 93.5 % / 80.2 % without.
 SHAPES_COLOURLESS_COPIES = 0.5
+SHAPES_TRAIN = ShapesScenes(SHAPES_DATA, colourless_copies=SHAPES_COLOURLESS_COPIES)
 
 
 @register_recipe
@@ -31,9 +34,9 @@ def clip_shapes() -> Recipe:
         name="clip_shapes",
         description="CLIP (softmax contrastive loss) trained from scratch on ShapesWorld.",
         model="shapes_clip",
-        train=SHAPES_BUDGET,
-        shapes=SHAPES_DATA,
-        colourless_copies=SHAPES_COLOURLESS_COPIES,
+        task=Contrastive(),
+        data=SHAPES_TRAIN,
+        stages=(Stage(SHAPES_BUDGET),),
     )
 
 
@@ -43,10 +46,13 @@ def siglip_shapes() -> Recipe:
         name="siglip_shapes",
         description="SigLIP (pairwise sigmoid loss) trained from scratch on ShapesWorld.",
         model="shapes_siglip",
-        train=SHAPES_BUDGET,
-        shapes=SHAPES_DATA,
-        colourless_copies=SHAPES_COLOURLESS_COPIES,
+        task=Contrastive(),
+        data=SHAPES_TRAIN,
+        stages=(Stage(SHAPES_BUDGET),),
     )
+
+
+DIGITS_BUDGET = TrainConfig(steps=300, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=30, eval_every=100)
 
 
 @register_recipe
@@ -55,8 +61,8 @@ def clip_digits() -> Recipe:
         name="clip_digits",
         description="CLIP on scikit-learn's scanned digits with digit captions; zero-shot on the held-out fifth.",
         model="shapes_clip",
-        data="digits",
-        train=TrainConfig(steps=300, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=30, eval_every=100),
-        train_size=1437,
+        task=Contrastive(),
+        data=Digits(),
+        stages=(Stage(DIGITS_BUDGET),),
         model_overrides={"vision.image_size": 32, "vision.patch_size": 4, "vision.stem_widths": (32,)},
     )

@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from vlkit.eval.result import EvalResult
+from vlkit.seeding import mix_seed
 from vlkit.train import distributed
 from vlkit.train.checkpoint import (
     capture_rng_state,
@@ -164,11 +166,14 @@ class StepOutput:
 
 @dataclass
 class TrainResult:
+    """``final_eval`` holds the last evaluation's metrics, ``final_artifacts`` its artifacts (``EvalResult``)."""
+
     steps: int
     train_seconds: float
     final_eval: dict[str, Any]
     skipped: int
     log_path: Path
+    final_artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 class ResumableSamplerProtocol(Protocol):
@@ -188,39 +193,10 @@ class ResumableSamplerProtocol(Protocol):
     def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Mixing (rather than adding) keeps (seed=0, epoch=1) and (seed=1, epoch=0) from sharing an order.
-    return (seed * 0x9E3779B97F4A7C15 + epoch) % (1 << 63)
+def _default_sampler(length: int, seed: int) -> Sampler[int]:
+    from vlkit.data.readers import ResumableSampler
 
-
-class _SeededSampler(Sampler[int]):
-    """Fallback single-process sampler: a fresh permutation per (seed, epoch), read from ``position`` on."""
-
-    def __init__(self, length: int, seed: int) -> None:
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.position = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        for index in torch.randperm(self.length, generator=generator)[self.position :].tolist():
-            self.position += 1
-            yield index
+    return ResumableSampler(range(length), seed=seed)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -269,7 +245,7 @@ class Trainer:
         collate_fn: Callable[[list[Any]], dict[str, Any]] | None,
         step_fn: Callable[[nn.Module, dict[str, Any]], StepOutput],
         out_dir: Path,
-        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        evaluate: Callable[[nn.Module], EvalResult | dict[str, Any]] | None = None,
         device: torch.device | str = "cpu",
         sampler_factory: Callable[[int, int], Sampler[int]] | None = None,
         strategy: Strategy = "ddp",
@@ -318,7 +294,7 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, self.lr_factor)
 
         self.dataset = dataset
-        self.sampler = None if self.streaming else (sampler_factory or _SeededSampler)(dataset_length, config.seed)
+        self.sampler = None if self.streaming else (sampler_factory or _default_sampler)(dataset_length, config.seed)
         # Extra keys a sampler saves (seed, dataset size...) let it refuse a resume whose data order would differ.
         self.sampler_state: dict[str, Any] = {}
         # Workers are seeded per rank (rank 0 as a single process would be), so ranks do not share augmentations.
@@ -379,7 +355,7 @@ class Trainer:
         )
         progress = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and main), desc="train")
         batches = self._micro_batches()
-        final_eval: dict[str, Any] | None = None
+        final_eval: EvalResult | None = None
         try:
             with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
@@ -394,8 +370,8 @@ class Trainer:
                     due = config.eval_every is not None and self.step % config.eval_every == 0
                     if self.evaluate is not None and (due or is_last):
                         final_eval = self._run_evaluation()
-                        log.write(json.dumps({"step": self.step, "eval": final_eval}) + "\n")
-                        for key, value in _flatten_scalars(final_eval, "eval"):
+                        log.write(json.dumps({"step": self.step, "eval": final_eval.metrics}) + "\n")
+                        for key, value in _flatten_scalars(final_eval.metrics, "eval"):
                             if writer is not None:
                                 writer.add_scalar(key, value, self.step)
                     if config.save_every is not None and (self.step % config.save_every == 0 or is_last):
@@ -407,7 +383,10 @@ class Trainer:
             progress.close()
             if writer is not None:
                 writer.close()
-        return TrainResult(self.step, self.train_seconds, final_eval or {}, self.skipped, self.log_path)
+        final_eval = final_eval or EvalResult({})
+        return TrainResult(
+            self.step, self.train_seconds, final_eval.metrics, self.skipped, self.log_path, final_eval.artifacts
+        )
 
     def _seed_everything(self) -> None:
         # Per-rank seeds: dropout masks must differ between ranks, and rank 0 keeps the single-process seed.
@@ -444,7 +423,7 @@ class Trainer:
                 if callable(dataset_set_epoch):
                     dataset_set_epoch(self.epoch)
                 # Worker seeds derive from (seed, epoch) so a resumed epoch's workers match the uninterrupted run's.
-                self.generator.manual_seed(_epoch_seed(self.data_seed, self.epoch))
+                self.generator.manual_seed(mix_seed(self.data_seed, self.epoch))
                 for batch in self.loader:
                     self.position += micro_batch_size
                     yield batch
@@ -464,7 +443,7 @@ class Trainer:
             dataset_set_epoch = getattr(self.dataset, "set_epoch", None)
             if callable(dataset_set_epoch):
                 dataset_set_epoch(self.epoch)
-            self.generator.manual_seed(_epoch_seed(self.data_seed, self.epoch))
+            self.generator.manual_seed(mix_seed(self.data_seed, self.epoch))
             to_skip = self.position // micro_batch_size
             yielded = False
             stream = iter(self.loader)
@@ -553,13 +532,14 @@ class Trainer:
         record |= {key: value / config.grad_accum for key, value in metric_sums.items()}
         return record
 
-    def _run_evaluation(self) -> dict[str, Any]:
+    def _run_evaluation(self) -> EvalResult:
         assert self.evaluate is not None
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast():
-                return self.evaluate(self.eval_model)
+                result = self.evaluate(self.eval_model)
+            return result if isinstance(result, EvalResult) else EvalResult(dict(result))
         finally:
             self.model.train(was_training)
 
@@ -605,7 +585,7 @@ class Trainer:
             state = load_checkpoint(path, self.module, self.optimizer, rank=self.rank)
         if not state["rng_restored"]:
             # Written by fewer ranks: this rank starts a fresh, still deterministic, stream for the rest of the run.
-            fresh = distributed.rank_seed(_epoch_seed(self.config.seed, int(state["step"])), self.rank)
+            fresh = distributed.rank_seed(mix_seed(self.config.seed, int(state["step"])), self.rank)
             random.seed(fresh)
             np.random.seed(fresh % (1 << 32))
             torch.manual_seed(fresh)

@@ -1,4 +1,4 @@
-"""NaViT (Dehghani et al., 2023) on ShapesWorld: what a packed-batch recipe needs beyond the contrastive one.
+"""NaViT (Dehghani et al., 2023): the contrastive task's packed input adapter and its square baselines.
 
     records --ImageTextDataset(NativeTransform())--> pixels (3, H, W) at native size + token ids
             --NaViTDataset--> pixels resized to a per-image token budget, aspect ratio kept
@@ -11,7 +11,6 @@ resize ("resize_square") or letterbox ("pad_square") every image to one square o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,17 +25,12 @@ from vlkit.data.packing import PackingCollate, resize_to_budget
 from vlkit.data.readers import collate_image_text
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlkit.encoders.vit import PackedImages
-from vlkit.recipes.base import Recipe
-from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_DATA
-from vlkit.recipes.run import contrastive_step
 from vlkit.train import StepOutput
 
 InputPolicy = Literal["pack", "resize_square", "pad_square"]
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
 
-# ShapesWorld at native aspect ratios from 1:2 to 2:1 (about 64 x 64 pixels of area), 8-pixel patches, at most 64
-# patches per image (the square policies' 8 x 8 grid), sequences of 64 tokens.
-NAVIT_SHAPES_DATA = dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0))
+# 8-pixel patches, at most 64 patches per image (the square policies' 8 x 8 grid), sequences of 64 tokens.
 PATCH_SIZE = 8
 MAX_PATCHES = 64
 MIN_PATCHES = 16
@@ -151,7 +145,7 @@ def input_policy(
     (default ``max_patches``) packs the same token slots into fewer, longer sequences: with several images per
     sequence, first-fit-decreasing leaves far less padding (NaViT packs into long sequences).
     "resize_square" / "pad_square": one square image of side ``floor(sqrt(max_patches))`` patches, squashed or
-    letterboxed, one image per sequence.
+    letterboxed, one image per sequence, trained with the contrastive task's square-image step.
     """
     side = math.isqrt(max_patches)
     slots = num_sequences * max_patches
@@ -173,6 +167,9 @@ def input_policy(
         )
     if policy not in ("resize_square", "pad_square"):
         raise ValueError(f"unknown input policy {policy!r}; known: pack, resize_square, pad_square")
+    # Imported here: the contrastive task imports this module for its packed inputs.
+    from vlkit.tasks.contrastive import contrastive_step
+
     mode = "squash" if policy == "resize_square" else "pad"
     return InputPolicySetup(
         policy=policy,
@@ -190,29 +187,14 @@ def input_policies(num_sequences: int, **options: Any) -> dict[str, InputPolicyS
     return {name: input_policy(name, num_sequences, **options) for name in ("pack", "resize_square", "pad_square")}
 
 
-def navit_shapes() -> Recipe:
-    """NaViT on ShapesWorld at native aspect ratios (1:2 to 2:1), at the contrastive recipes' budget. Register it with
-    ``register_recipe`` and train it with ``input_policy("pack", train.batch_size, min_patches=MIN_PATCHES)``."""
-    return Recipe(
-        name="navit_shapes",
-        description="NaViT (patch n' pack at native aspect ratio, factorised x/y positions, softmax loss) on "
-        "ShapesWorld.",
-        model="navit_shapes",
-        train=SHAPES_BUDGET,
-        shapes=NAVIT_SHAPES_DATA,
-    )
-
-
 __all__ = [
     "MAX_PATCHES",
     "MIN_PATCHES",
-    "NAVIT_SHAPES_DATA",
     "PATCH_SIZE",
     "InputPolicySetup",
     "NaViTDataset",
     "NativeTransform",
     "input_policies",
     "input_policy",
-    "navit_shapes",
     "navit_step",
 ]

@@ -38,8 +38,8 @@ from vlkit.eval.zero_shot import encode_images, encode_texts_as_tokens, uses_tok
 from vlkit.losses import filip_similarity
 from vlkit.models import DualEncoder
 from vlkit.recipes import get_recipe
-from vlkit.recipes.base import Recipe
-from vlkit.recipes.run import recipe_json, run_any_recipe
+from vlkit.recipes.base import InitFrom, Recipe
+from vlkit.recipes.run import run_recipe
 from vlkit.registry import get_config
 from vlkit.text import Tokenizer
 
@@ -87,7 +87,7 @@ class Scale:
 QUICK = Scale(
     batch_sizes=(4, 8, 16),
     overrides={
-        "train.steps": 2, "train.batch_size": 8, "train.eval_every": None, "train_size": 32, "eval_size": 16,
+        "train.steps": 2, "train.batch_size": 8, "train.eval_every": None, "data.train_size": 32, "data.eval_size": 16,
         "model.vision.image_size": 32, "model.vision.dim": 32, "model.vision.depth": 2, "model.vision.num_heads": 2,
         "model.vision.mlp_dim": 64, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
         "model.text.mlp_dim": 64, "model.embed_dim": 32,
@@ -134,7 +134,8 @@ class ClaimsBench:
         }
         changes |= dict(overrides or {})
         if "train.steps" not in changes and self.scale.steps != 1.0:
-            changes["train.steps"] = max(1, round(recipe.train.steps * self.scale.steps))
+            for stage in recipe.stages:
+                changes[f"stages.{stage.name}.train.steps"] = max(1, round(stage.train.steps * self.scale.steps))
         return recipe.with_overrides(changes)
 
     def run(self, name: str, recipe_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -144,15 +145,15 @@ class ClaimsBench:
         metrics_file = run_dir / "metrics.json"
         if metrics_file.exists():
             saved = json.loads((run_dir / "recipe.json").read_text())
-            if saved != json.loads(json.dumps(recipe_json(recipe))):
+            if saved != json.loads(json.dumps(recipe.to_dict())):
                 raise ValueError(f"{run_dir} was trained with other settings than the bench's {recipe_name} now; "
                                  "delete it to retrain, or bench into a new --out")  # fmt: skip
             return json.loads(metrics_file.read_text())
         logger.info("claims: training %s (%s) in %s", name, recipe_name, run_dir)
-        return run_any_recipe(recipe, run_dir, resume=True, progress=self.progress, report=self.scale.report).metrics
+        return run_recipe(recipe, run_dir, resume=True, progress=self.progress, report=self.scale.report).metrics
 
     def batch_size(self, name: str) -> int:
-        return int(json.loads((self.run_dir(name) / "recipe.json").read_text())["train"]["batch_size"])
+        return int(json.loads((self.run_dir(name) / "recipe.json").read_text())["stages"][-1]["train"]["batch_size"])
 
     def samples_per_second(self, name: str) -> float:
         metrics = json.loads((self.run_dir(name) / "metrics.json").read_text())
@@ -167,7 +168,8 @@ class ClaimsBench:
 
         model = from_pretrained(self.run_dir(name) / "model").eval()
         assert isinstance(model, DualEncoder) and model.tokenizer is not None
-        config = shapes.ShapesConfig.from_dict(json.loads((self.run_dir(name) / "recipe.json").read_text())["shapes"])
+        saved = json.loads((self.run_dir(name) / "recipe.json").read_text())
+        config = shapes.ShapesConfig.from_dict(saved["data"]["config"])
         transform = ImageTransform(image_size=model.config.vision.image_size)
         data = hard_negative_set(config, transform, self.scale.hard_negative_size)
         scores = hard_negative_scores(model, model.tokenizer, data)
@@ -284,7 +286,7 @@ def _pct(value: float) -> str:
 
 
 def _base_batch(bench: ClaimsBench) -> int:
-    return int(bench.scale.overrides.get("train.batch_size", get_recipe("clip_shapes").train.batch_size))
+    return int(bench.scale.overrides.get("train.batch_size", get_recipe("clip_shapes").stages[0].train.batch_size))
 
 
 def _clip_baseline(bench: ClaimsBench) -> tuple[str, dict[str, Any]]:
@@ -294,10 +296,10 @@ def _clip_baseline(bench: ClaimsBench) -> tuple[str, dict[str, Any]]:
     return name, bench.run(name, "clip_shapes", {"train.batch_size": batch})
 
 
-def _pretrained_tower(bench: ClaimsBench) -> str:
-    """The image tower LiT and EVA-CLIP start from (``classify_shapes``), trained once for the whole bench."""
+def _pretrained_tower(bench: ClaimsBench) -> dict[str, Any]:
+    """Start LiT's and EVA-CLIP's image tower from ``classify_shapes``, trained once for the whole bench."""
     bench.run("classify_shapes", "classify_shapes")
-    return str(bench.run_dir("classify_shapes") / "model")
+    return {"stages.train.init": {"image_encoder": InitFrom(str(bench.run_dir("classify_shapes") / "model"))}}
 
 
 def sigmoid_vs_softmax(bench: ClaimsBench) -> ClaimResult:
@@ -322,7 +324,7 @@ def sigmoid_vs_softmax(bench: ClaimsBench) -> ClaimResult:
 
 def lit(bench: ClaimsBench) -> ClaimResult:
     scratch_name, scratch = _clip_baseline(bench)
-    locked = bench.run("lit_locked", "lit_shapes", {"image_init": _pretrained_tower(bench)})
+    locked = bench.run("lit_locked", "lit_shapes", _pretrained_tower(bench))
     numbers = {"lit_top1": locked["zero_shot_top1"], "scratch_top1": scratch["zero_shot_top1"],
                "lit_top1_heldout": locked["zero_shot_top1_heldout"],
                "scratch_top1_heldout": scratch["zero_shot_top1_heldout"]}  # fmt: skip
@@ -362,13 +364,13 @@ def filip_fine_grained(bench: ClaimsBench) -> ClaimResult:
 
 def eva_patch_dropout(bench: ClaimsBench) -> ClaimResult:
     tower = _pretrained_tower(bench)
-    base = bench.run("evaclip_pd0", "evaclip_shapes", {"image_init": tower, "model.vision.patch_dropout": 0.0})
-    dropped = bench.run("evaclip_pd05", "evaclip_shapes", {"image_init": tower, "model.vision.patch_dropout": 0.5})
+    base = bench.run("evaclip_pd0", "evaclip_shapes", {**tower, "model.vision.patch_dropout": 0.0})
+    dropped = bench.run("evaclip_pd05", "evaclip_shapes", {**tower, "model.vision.patch_dropout": 0.5})
     speedup = bench.samples_per_second("evaclip_pd05") / bench.samples_per_second("evaclip_pd0")
     # Equal wall time: the dropout run gets the steps its throughput buys in the time the full run took.
     steps = max(1, round(base["steps"] * speedup))
     timed = bench.run("evaclip_pd05_equal_time", "evaclip_shapes",
-                      {"image_init": tower, "model.vision.patch_dropout": 0.5, "train.steps": steps})  # fmt: skip
+                      {**tower, "model.vision.patch_dropout": 0.5, "train.steps": steps})  # fmt: skip
     numbers = {"throughput_pd0": bench.samples_per_second("evaclip_pd0"),
                "throughput_pd05": bench.samples_per_second("evaclip_pd05"), "speedup": speedup,
                "top1_pd0": base["zero_shot_top1"], "top1_pd05_equal_steps": dropped["zero_shot_top1"],
@@ -391,7 +393,7 @@ def eva_patch_dropout(bench: ClaimsBench) -> ClaimResult:
 def navit_packing(bench: ClaimsBench) -> ClaimResult:
     numbers = {}
     for policy in ("pack", "resize_square", "pad_square"):
-        metrics = bench.run(f"navit_{policy}", "navit_shapes", {"input_policy": policy})
+        metrics = bench.run(f"navit_{policy}", "navit_shapes", {"task.inputs": policy})
         numbers[f"{policy}_top1"] = metrics["zero_shot_top1"]
     # Token padding for packing; letterbox pixels for pad-to-square (a resized square has none).
     numbers["pack_padding"] = json.loads((bench.run_dir("navit_pack") / "metrics.json").read_text())["padding_fraction"]
@@ -402,7 +404,7 @@ def navit_packing(bench: ClaimsBench) -> ClaimResult:
         key="navit_packing",
         claim="NaViT: packing images at native aspect ratio beats resizing or padding them to a square at equal "
         "compute",
-        setting="navit_shapes (aspect ratios 1:2 to 2:1) with input_policy pack / resize_square / pad_square, "
+        setting="navit_shapes (aspect ratios 1:2 to 2:1) with task.inputs pack / resize_square / pad_square, "
         "equal token slots per batch; square test images",
         numbers=numbers,
         summary="zero-shot top-1 (%) / padding (%): "

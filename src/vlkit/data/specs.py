@@ -1,0 +1,162 @@
+"""Typed data specifications: what a recipe (or one of its stages) trains on, each kind owning its own options.
+
+A spec is a frozen config (``kind`` tag, JSON round trip) and says how its training records come to exist:
+
+- ``ShapesScenes``: ShapesWorld scenes rendered once to a manifest under the run folder, plus ``colourless_copies``
+  x ``train_size`` *extra* colourless copies (``shapes.colourless_copy``) of the first scenes;
+- ``ShapesObjects``: one-object ShapesWorld scenes rendered on demand (classification), of which a
+  ``colourless_fraction`` are *replaced* by their colourless copy;
+- ``Digits``: scikit-learn's scanned digits with digit captions (``data.digits``);
+- ``Manifest``: a user's JSONL / CSV manifest or WebDataset shards (``vlkit train --train-data``).
+
+A task says which kinds it can train on; the runner hands it the stage's spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from vlkit.config import ConfigBase, register_config
+from vlkit.data import shapes
+from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS, digits_split
+from vlkit.data.readers import ImageTextRecord, ReadResult, WebDatasetSource, read_records
+
+__all__ = ["DataSpec", "Digits", "Manifest", "ShapesObjects", "ShapesScenes", "image_text_records"]
+
+
+@register_config
+@dataclass(frozen=True)
+class ShapesScenes(ConfigBase):
+    """``train_size`` rendered ShapesWorld scenes (+ colourless copies); evaluation renders ``eval_size`` test
+    scenes per set."""
+
+    kind: ClassVar[str] = "shapes"
+    config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
+    train_size: int = 10_000
+    eval_size: int = 400
+    colourless_copies: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):  # read back from recipe.json
+            object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        if not 0.0 <= self.colourless_copies <= 1.0:
+            raise ValueError(f"colourless_copies must be in [0, 1], got {self.colourless_copies}")
+        if self.train_size < 1 or self.eval_size < 1:
+            raise ValueError(f"train_size and eval_size must be >= 1, got {self.train_size}, {self.eval_size}")
+
+
+@register_config
+@dataclass(frozen=True)
+class ShapesObjects(ConfigBase):
+    """``train_size`` one-object scenes rendered on demand; ``colourless_fraction`` of them (a seeded draw per
+    index) shown as their colourless copy instead."""
+
+    kind: ClassVar[str] = "shapes_objects"
+    config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
+    train_size: int = 10_000
+    eval_size: int = 400
+    colourless_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):
+            object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        if not 0.0 <= self.colourless_fraction < 1.0:
+            raise ValueError(f"colourless_fraction must be in [0, 1), got {self.colourless_fraction}")
+
+
+@register_config
+@dataclass(frozen=True)
+class Digits(ConfigBase):
+    """scikit-learn's scanned digits: four fifths train, every fifth image test (``data.digits.digits_split``)."""
+
+    kind: ClassVar[str] = "digits"
+
+
+@register_config
+@dataclass(frozen=True)
+class Manifest(ConfigBase):
+    """A JSONL / CSV manifest or WebDataset shards (see ``data.readers.read_records``); ``skip_bad`` counts and
+    skips bad items instead of stopping at the first."""
+
+    kind: ClassVar[str] = "manifest"
+    path: str = ""
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("a Manifest data spec needs a path")
+
+
+DataSpec = ShapesScenes | ShapesObjects | Digits | Manifest
+
+
+def image_text_records(spec: DataSpec, data_dir: Path, progress: bool) -> list[ImageTextRecord] | WebDatasetSource:
+    """The image-text training records of ``spec`` (rendered into ``data_dir`` where it needs rendering)."""
+    if isinstance(spec, Manifest):
+        result = read_records(spec.path, skip_bad=spec.skip_bad)
+        if isinstance(result, WebDatasetSource):
+            return result
+        if not result.records:
+            raise ValueError(f"{spec.path}: no usable records")
+        return result.records
+    if isinstance(spec, Digits):
+        return _digits_records(data_dir)
+    if isinstance(spec, ShapesScenes):
+        return _shapes_records(spec, data_dir, progress)
+    raise ValueError(f"data kind {spec.kind!r} has no image-text records")
+
+
+def _shapes_records(spec: ShapesScenes, data_dir: Path, progress: bool) -> list[ImageTextRecord]:
+    """Render the training split (and its colourless copies) once; later runs with the same settings reuse it."""
+    config_file = data_dir / "shapes_config.json"
+    copies = round(spec.colourless_copies * spec.train_size)
+    wanted = {**spec.config.to_dict(), "sizes": {"train": spec.train_size}, "colourless_copies": copies}
+    wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as the file reads back
+    if not (config_file.exists() and json.loads(config_file.read_text()) == wanted):
+        shapes.write_shapes(data_dir, spec.config, {"train": spec.train_size}, progress=progress)
+        _write_colourless_copies(spec.config, data_dir, copies, progress)
+        config_file.write_text(json.dumps(wanted, indent=2, sort_keys=True))
+    records = []
+    for manifest in ("train.jsonl", "train_colourless.jsonl"):
+        if (data_dir / manifest).exists():
+            result = read_records(data_dir / manifest)
+            assert isinstance(result, ReadResult)
+            records += result.records
+    return records
+
+
+def _write_colourless_copies(config: shapes.ShapesConfig, data_dir: Path, count: int, progress: bool) -> None:
+    """Colourless copies of train scenes 0..count-1 (images/train_colourless, train_colourless.jsonl)."""
+    manifest = data_dir / "train_colourless.jsonl"
+    manifest.unlink(missing_ok=True)
+    if not count:
+        return
+    (data_dir / "images" / "train_colourless").mkdir(parents=True, exist_ok=True)
+    low, high = shapes.GREY_LEVELS
+    with manifest.open("w", encoding="utf-8") as handle:
+        for index in tqdm(range(count), desc="colourless copies", disable=not progress, leave=False):
+            grey = int(np.random.default_rng((config.seed, index, 1)).integers(low, high + 1))
+            copy = shapes.colourless_copy(shapes.generate(config, "train", index), grey)
+            relative = f"images/train_colourless/{index:06d}.png"
+            copy.image.save(data_dir / relative)
+            handle.write(json.dumps({"image": relative, **copy.to_record()}) + "\n")
+
+
+def _digits_records(data_dir: Path) -> list[ImageTextRecord]:
+    images, labels = digits_split("train")
+    (data_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        path = data_dir / "images" / f"{index:05d}.png"
+        if not path.exists():
+            image.save(path)
+        word = DIGIT_WORDS[int(label)]
+        captions = [template.format(word) for template in DIGIT_TEMPLATES] + [f"a {word}.", f"the digit {label}."]
+        records.append(ImageTextRecord(str(path), captions, f"digits:{index}"))
+    return records
