@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from vlkit.files import read_json, write_json
+from vlkit.files import load_safetensors, read_json, write_json
 from vlkit.models.base import build_model
 from vlkit.recipes.base import Recipe, Stage
 from vlkit.recipes.parts import init_parts
@@ -81,7 +80,7 @@ def run_recipe(
         folder = stage_dir(run.out_dir, recipe, stage)
         weights = (run.out_dir if last else folder) / "model"
         if resume and (folder / "metrics.json").exists() and (weights / "model.safetensors").exists():
-            model.load_state_dict(load_file(weights / "model.safetensors"))
+            model.load_state_dict(load_safetensors(weights / "model.safetensors"))
             stages[stage.name] = read_json(folder / "metrics.json")
             continue
         model, stages[stage.name] = _train_stage(run, stage, stage.task or recipe.task, model, folder, resume)
@@ -109,6 +108,7 @@ def _train_stage(
 ) -> tuple[nn.Module, dict[str, Any]]:
     main = distributed.is_main_process()
     init_parts(model, stage.init, run)
+    model.requires_grad_(True)  # what an earlier stage froze trains again unless this stage's rules freeze it
     with distributed.main_process_first():
         inputs = task.training_inputs(run, stage, model)
     evaluate = task.evaluation(run, model)
