@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlkit.recipes import get_recipe
-    from vlkit.recipes.run import run_recipe
+    from vlkit.recipes.run import run_recipe, stage_dir
     from vlkit.train import write_report
 
     out = Path(args.out)
@@ -162,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out,
         "vlkit demo · SigLIP on ShapesWorld",
         metrics,
-        out / "contrastive" / "log.jsonl",
+        stage_dir(out / "contrastive", recipe, recipe.stages[-1]) / "log.jsonl",
         [(caption, path) for caption, path in figures if path.exists()],
         [
             "A SigLIP dual encoder trained from scratch on ShapesWorld (recipe siglip_shapes).",

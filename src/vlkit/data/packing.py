@@ -4,7 +4,7 @@
     [PatchedImage, ...] --drop_patches (training)--> fewer tokens per image, positions kept
     [PatchedImage, ...] --pack_images (first-fit into S sequences of L tokens)--> PackResult(PackedImages, kept)
 
-``PackedImages`` (``vlkit.encoders.vit``) is what the ViT runs: patches (S, L, p*p*3), position ids (S, L, 2),
+``PackedImages`` (``vlkit.packed``) is what the ViT runs: patches (S, L, p*p*3), position ids (S, L, 2),
 segment ids (S, L) (the image index, -1 at padding), per-image grids (I, 2), and as properties the image count of
 every sequence and the batch's padding fraction. Patches are flattened (row, col, channel), as big_vision's and
 transformers' SigLIP 2 processors do. ``size_for_max_patches`` picks an image's resolution from a per-image token
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlkit.encoders.vit import PackedImages, kept_patch_count
 from vlkit.layers import grid_positions
+from vlkit.packed import PackedImages, kept_patch_count
 
 
 @dataclass

@@ -18,9 +18,9 @@ from torch import nn
 from vlkit.config import ConfigBase, register_config
 from vlkit.encoders import ConvNeXtConfig, ViTConfig, build_encoder
 from vlkit.encoders.base import EncoderOutput
-from vlkit.encoders.vit import PackedImages
 from vlkit.losses.filip import filip_similarity
 from vlkit.models.base import PretrainedModel
+from vlkit.packed import PackedImages
 from vlkit.text import TextConfig, TextTransformer
 
 

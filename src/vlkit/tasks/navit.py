@@ -24,7 +24,7 @@ from vlkit.data.images import to_rgb
 from vlkit.data.packing import PackingCollate, resize_to_budget
 from vlkit.data.readers import collate_image_text
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
-from vlkit.encoders.vit import PackedImages
+from vlkit.packed import PackedImages
 from vlkit.train import StepOutput
 
 InputPolicy = Literal["pack", "resize_square", "pad_square"]
