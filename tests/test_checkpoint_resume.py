@@ -106,8 +106,9 @@ class IndexedDataset(Dataset):
 
 
 def readers_sampler(length: int, seed: int) -> Sampler[int]:
-    readers = pytest.importorskip("vlkit.data.readers")
-    return readers.ResumableSampler(range(length), seed=seed)
+    from vlkit.data.readers import ResumableSampler  # vlkit's own module: an import error must fail, not skip
+
+    return ResumableSampler(range(length), seed=seed)
 
 
 @pytest.mark.parametrize("sampler_factory", [None, readers_sampler], ids=["fallback", "readers"])

@@ -31,7 +31,8 @@ TINY_TOWER = {"vision.dim": 32, "vision.depth": 2, "vision.num_heads": 2, "visio
 def tiny_recipe(steps: int = 80):
     overrides = {f"model.{key}": value for key, value in TINY_TOWER.items()}
     overrides |= {"train.steps": steps, "train.batch_size": 32, "train.eval_every": steps // 2,
-                  "data.train_size": 640, "data.eval_size": 64, "train.precision": "fp32", "train.lr": 5e-3}  # fmt: skip
+                  "data.train_size": 640, "data.eval_size": 64, "train.precision": "fp32",
+                  "train.lr": 5e-3}  # fmt: skip
     return get_recipe("classify_shapes").with_overrides(overrides)
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 import vlkit
 
 TINY = [
-    "--set", "data.train_size=48", "data.eval_size=16", "train.precision=fp32", "train.batch_size=16", "train.eval_every=null",
+    "--set", "data.train_size=48", "data.eval_size=16", "train.precision=fp32", "train.batch_size=16",
+    "train.eval_every=null",
     "model.vision.depth=1", "model.text.depth=1", "model.vision.dim=32", "model.vision.num_heads=2",
     "model.vision.mlp_dim=64", "model.text.dim=32", "model.text.num_heads=2", "model.text.mlp_dim=64",
     "model.embed_dim=16",

@@ -244,7 +244,8 @@ def test_webdataset_shards_split_across_ranks_and_workers(tmp_path: Path) -> Non
 # --- end to end through the CLI: `vlkit train --nproc 2` logs the losses of the single-process run -------------
 
 TINY = [
-    "--set", "data.train_size=32", "data.eval_size=8", "train.batch_size=16", "train.eval_every=null", "train.warmup_steps=1",
+    "--set", "data.train_size=32", "data.eval_size=8", "train.batch_size=16", "train.eval_every=null",
+    "train.warmup_steps=1",
     "model.vision.depth=1", "model.text.depth=1", "model.vision.dim=32", "model.vision.num_heads=2",
     "model.vision.mlp_dim=64", "model.text.dim=32", "model.text.num_heads=2", "model.text.mlp_dim=64",
     "model.embed_dim=16",

@@ -59,11 +59,15 @@ def test_recipes_are_registered_and_share_the_shapes_budget_and_data() -> None:
     recipes = (filip, lit, eva, navit, get_recipe("clip_shapes"), get_recipe("siglip_shapes"))
     assert {recipe.data.colourless_copies for recipe in recipes} == {SHAPES_COLOURLESS_COPIES}
     assert get_config("navit_shapes").loss == "clip"
-    assert train["f"] == dataclasses.replace(SHAPES_BUDGET, steps=train["f"].steps, warmup_steps=train["f"].warmup_steps)
+    assert train["f"] == dataclasses.replace(
+        SHAPES_BUDGET, steps=train["f"].steps, warmup_steps=train["f"].warmup_steps
+    )
     assert train["f"].steps == SHAPES_BUDGET.steps // 2 and train["f"].warmup_steps == SHAPES_BUDGET.warmup_steps // 2
     assert train["e"] == dataclasses.replace(SHAPES_BUDGET, optimizer="lamb", lr=train["e"].lr)
     assert filip.data.config == lit.data.config == eva.data.config == SHAPES_DATA
-    assert navit.data.config == dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0)) and navit.task.inputs == "pack"
+    assert (
+        navit.data.config == dataclasses.replace(SHAPES_DATA, aspect_ratios=(0.5, 2.0)) and navit.task.inputs == "pack"
+    )
     assert get_config("shapes_filip") == get_config("shapes_clip").replace(interaction="token", loss="filip")
     assert lit.stages[0].rules == lock_rules("image")
     assert lit.stages[0].init["image_encoder"].source == eva.stages[0].init["image_encoder"].source
@@ -71,7 +75,7 @@ def test_recipes_are_registered_and_share_the_shapes_budget_and_data() -> None:
     (decay,) = eva.stages[0].rules
     assert eva.model_overrides["vision.patch_dropout"] == 0.5 and isinstance(decay, LayerDecay)
     assert decay.part == "image_encoder" and 0.75 <= decay.decay <= 0.85
-    with pytest.raises(ValueError, match="task.inputs"):
+    with pytest.raises(ValueError, match=r"task\.inputs"):
         lit.with_overrides({"task.inputs": "stretch"})
     # --lock replaces the recipe's locks in every stage; "none" removes them.
     assert lit.with_overrides({"lock": "none"}).stages[0].rules == ()
@@ -83,11 +87,6 @@ def test_filip_recipe_trains_with_the_token_wise_loss(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "filip" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["recipe"] == "filip_shapes" and "zero_shot_top1" in metrics
     assert result.model.config.loss == "filip" and result.model.config.interaction == "token"
-    # The FILIP loss at initialisation is about log(batch) per direction; a pooled CLIP loss would log the same
-    # scale, but the logged loss must come from the token-wise interaction, so it differs from CLIP's on equal weights.
-    log = [json.loads(line) for line in (stage_dir(tmp_path / "filip", get_recipe("filip_shapes"),
-                                                   get_recipe("filip_shapes").stages[0]) / "log.jsonl").open()]  # fmt: skip
-    assert all(np.isfinite(record["loss"]) for record in log if "loss" in record)
 
 
 def test_lit_trains_the_text_tower_against_a_locked_pretrained_image_tower(tmp_path: Path) -> None:

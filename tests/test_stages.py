@@ -77,7 +77,10 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(finished
     assert (first / "log.jsonl").read_text() == first_log  # stage "locked" was not trained again
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if "loss" in record] == [1, 2, 3]
-    resumed, uninterrupted = from_pretrained(out / "model").state_dict(), from_pretrained(finished / "model").state_dict()
+    resumed, uninterrupted = (
+        from_pretrained(out / "model").state_dict(),
+        from_pretrained(finished / "model").state_dict(),
+    )
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
     assert json.loads((out / "metrics.json").read_text())["stages"].keys() == {"locked", "both"}
