@@ -34,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
-from vlkit.seeding import mix_seed
 from vlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSampleError, decode_image_bytes, load_image
+from vlkit.seeding import mix_seed
 
 logger = logging.getLogger(__name__)
 
