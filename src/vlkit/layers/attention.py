@@ -112,7 +112,11 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries (B, M, D_q) attend to a context (B, N, D_kv); output (B, M, D_q)."""
+    """Queries (B, M, D_q) attend to a context (B, N, D_kv); output (B, M, D_q), or (B, M, out_dim) when given.
+
+    ``key_pos`` (B or 1, N, D_kv): a position embedding added to the context on the key path only, k = W_k (context +
+    pos), v = W_v context, as DETR and Qwen-VL's resampler do.
+    """
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class CrossAttention(nn.Module):
         head_dim: int | None = None,
         qkv_bias: bool = True,
         proj_bias: bool = True,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -129,15 +134,26 @@ class CrossAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, 2 * inner, bias=qkv_bias)
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.proj = nn.Linear(inner, out_dim or dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        key_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, length, _ = context.shape
         q, kv = self.q(x), self.kv(context)
         dtype = q.dtype
         q = _split_heads(q.to(_attention_dtype(q)), self.num_heads)  # (B, heads, M, head_dim)
-        kv = kv.to(_attention_dtype(kv)).view(batch, length, 2, self.num_heads, self.head_dim)
-        k, v = (part.transpose(1, 2) for part in kv.unbind(2))  # 2 x (B, heads, N, head_dim)
+        k, v = kv.view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)  # 2 x (B, N, heads, head_dim)
+        if key_pos is not None:
+            # W_k is linear, so the position is projected on its own and added after the one fused KV matmul.
+            pos_k = F.linear(key_pos, self.kv.weight[: self.num_heads * self.head_dim])
+            k = k + pos_k.view(-1, length, self.num_heads, self.head_dim)
+        attention_dtype = _attention_dtype(kv)
+        k, v = k.to(attention_dtype).transpose(1, 2), v.to(attention_dtype).transpose(1, 2)  # (B, heads, N, head_dim)
         out = _sdpa(q, k, v, mask)
         return self.proj(_merge_heads(out).to(dtype))
 

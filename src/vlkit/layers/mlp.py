@@ -61,5 +61,7 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def build_mlp(dim: int, mlp_dim: int, act: str, bias: bool = True) -> nn.Module:
-    return SwiGLU(dim, mlp_dim, bias=bias) if act == "swiglu" else Mlp(dim, mlp_dim, act, bias=bias)
+def build_mlp(dim: int, mlp_dim: int, act: str, bias: bool = True, out_dim: int | None = None) -> nn.Module:
+    if act == "swiglu":
+        return SwiGLU(dim, mlp_dim, bias=bias, out_dim=out_dim)
+    return Mlp(dim, mlp_dim, act, bias=bias, out_dim=out_dim)

@@ -104,17 +104,24 @@ def grid_positions(grid: tuple[int, int], device: torch.device | None = None) ->
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
 
 
-def sincos_2d_at(position_ids: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d_at(
+    position_ids: torch.Tensor, dim: int, temperature: float = 10000.0, endpoint: bool = True
+) -> torch.Tensor:
     """(..., D) fixed embedding of (row, col) positions (..., 2): a quarter of the channels each for sin/cos of x
-    (the column) and of y (the row)."""
+    (the column) and of y (the row).
+
+    The frequencies are temperature ** -e for D/4 exponents e evenly spaced in [0, 1]: with ``endpoint`` the last is 1
+    (big_vision), without it they stop one step short (MAE's table, which Qwen-VL's and MiniCPM-V's resamplers use).
+    """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=position_ids.device) / (dim // 4 - 1 if dim > 4 else 1))
+    steps = (dim // 4 - 1 if dim > 4 else 1) if endpoint else dim // 4
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=position_ids.device) / steps)
     y = position_ids[..., 0, None] * omega  # (..., D/4)
     x = position_ids[..., 1, None] * omega
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
 
 
-def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0, endpoint: bool = True) -> torch.Tensor:
     """(h*w, D) fixed embedding of a whole grid in raster order."""
-    return sincos_2d_at(grid_positions(grid), dim, temperature)
+    return sincos_2d_at(grid_positions(grid), dim, temperature, endpoint)
