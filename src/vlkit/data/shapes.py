@@ -27,12 +27,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
+
+from vlkit.config import register_config
 
 Split = Literal["train", "val", "test", "test_heldout"]
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_heldout")
@@ -70,6 +72,7 @@ def diagonal_heldout(colours: Sequence[str], shapes: Sequence[str]) -> tuple[tup
 DEFAULT_HELDOUT = diagonal_heldout(DEFAULT_COLOURS, DEFAULT_SHAPES)
 
 
+@register_config
 @dataclass(frozen=True)
 class ShapesConfig:
     """Everything that decides a ShapesWorld dataset; two equal configs give byte-identical data.
@@ -78,6 +81,7 @@ class ShapesConfig:
     the fraction applies to the configured width/height, so objects keep their pixel size across ratios.
     """
 
+    kind: ClassVar[str] = "shapes_world"
     width: int = 64
     height: int = 64
     min_objects: int = 1
@@ -131,6 +135,7 @@ class ShapesConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ShapesConfig":
         """Inverse of to_dict after a JSON round trip, which turns every tuple into a list."""
         values = dict(data)
+        values.pop("kind", None)  # as a nested config (a data spec's) writes it
         for key in ("shapes", "colours"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -715,6 +720,12 @@ def shapes_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aspect-ratio-min", type=float, default=None, help="with --aspect-ratio-max")
     parser.add_argument("--aspect-ratio-max", type=float, default=None, help="with --aspect-ratio-min")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "llava"),
+        default="jsonl",
+        help="jsonl: vlkit manifests (default); llava: LLaVA conversation JSON with the instruction mix",
+    )
     args = parser.parse_args(argv)
 
     if (args.aspect_ratio_min is None) != (args.aspect_ratio_max is None):
@@ -732,7 +743,10 @@ def shapes_main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         counts = {"train": args.train, "val": args.val, "test": args.test, "test_heldout": args.test_heldout}
-        manifests = write_shapes(args.out, config, {s: n for s, n in counts.items() if n}, progress=not args.quiet)
+        write = write_shapes
+        if args.format == "llava":
+            from vlkit.data.shapes_vqa import write_llava as write
+        manifests = write(args.out, config, {s: n for s, n in counts.items() if n}, progress=not args.quiet)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,95 @@
+"""Grounding in Qwen-VL's format (Bai et al., 2023): ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``
+with integer corners in [0, 1000), parsed from free model output and scored by IoU.
+
+    parse_groundings(text) -> [Grounding(ref, box)]      every well-formed, in-range box, corners ordered
+    box_iou(a, b) -> float in [0, 1]
+    grounding_accuracy(predictions [str], targets [(x1, y1, x2, y2)], threshold=0.5) -> GroundingResult
+
+A prediction is scored by its first valid box. A missing, malformed (non-integer, unclosed, wrong number of
+corners), out-of-range or zero-area box is a miss; nothing in a model's output can make the scorer raise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BOX_SCALE = 1000
+# At most 9 digits: a longer number is out of range anyway, and int() of a huge digit string is slow or refused.
+_NUMBER = r"\s*(-?\d{1,9})\s*"
+_BOX = re.compile(rf"<box>\s*\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)\s*</box>")
+_REF_BEFORE = re.compile(r"<ref>((?:(?!<ref>).)*?)</ref>\s*$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Grounding:
+    ref: str | None  # the <ref> text right before the box, if any
+    box: tuple[int, int, int, int]  # x1 < x2, y1 < y2, all in [0, BOX_SCALE)
+
+
+@dataclass
+class GroundingResult:
+    accuracy: float  # fraction with IoU >= threshold
+    mean_iou: float  # misses count as 0
+    parsed: float  # fraction of predictions holding a valid box
+    ious: list[float]
+    threshold: float
+    count: int
+
+    def as_dict(self, prefix: str = "grounding_") -> dict[str, float]:
+        return {
+            f"{prefix}acc{round(100 * self.threshold)}": self.accuracy,
+            f"{prefix}mean_iou": self.mean_iou,
+            f"{prefix}parsed": self.parsed,
+        }
+
+
+def parse_groundings(text: object) -> list[Grounding]:
+    """Every valid box in ``text``, in order, with the ``<ref>`` that precedes it; swapped corners are reordered."""
+    if not isinstance(text, str):
+        return []
+    found = []
+    for match in _BOX.finditer(text):
+        x1, y1, x2, y2 = (int(value) for value in match.groups())
+        box = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+        if not (0 <= box[0] < box[2] < BOX_SCALE and 0 <= box[1] < box[3] < BOX_SCALE):
+            continue
+        ref = _REF_BEFORE.search(text, 0, match.start())
+        found.append(Grounding(ref.group(1).strip() if ref else None, box))
+    return found
+
+
+def parse_box(text: object) -> tuple[int, int, int, int] | None:
+    """The first valid box in ``text``, or None."""
+    groundings = parse_groundings(text)
+    return groundings[0].box if groundings else None
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes with x1 <= x2, y1 <= y2 (continuous coordinates)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    intersection = max(0.0, width) * max(0.0, height)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def grounding_accuracy(
+    predictions: Sequence[str], targets: Sequence[Sequence[int]], threshold: float = 0.5
+) -> GroundingResult:
+    """Accuracy at IoU >= ``threshold`` (acc@0.5 by default) of each prediction's first valid box."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+    if not targets:
+        raise ValueError("no grounding targets to score")
+    ious, parsed = [], 0
+    for prediction, target in zip(predictions, targets, strict=True):
+        x1, y1, x2, y2 = target
+        if not (0 <= x1 < x2 < BOX_SCALE and 0 <= y1 < y2 < BOX_SCALE):
+            raise ValueError(f"target box {list(target)} is not a box in [0, {BOX_SCALE})")
+        box = parse_box(prediction)
+        parsed += box is not None
+        ious.append(box_iou(box, target) if box is not None else 0.0)
+    hits = sum(iou >= threshold for iou in ious)
+    return GroundingResult(hits / len(ious), sum(ious) / len(ious), parsed / len(ious), ious, threshold, len(ious))
