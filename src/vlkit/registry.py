@@ -63,4 +63,5 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def _load_presets() -> None:
-    import vlkit.models.presets  # noqa: F401  (registers on import)
+    import vlkit.lm.presets
+    import vlkit.models.presets  # noqa: F401  (both register on import)

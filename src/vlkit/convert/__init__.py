@@ -11,6 +11,13 @@ it. ``export_hf(model, path)``: the reverse, a directory transformers' ``from_pr
 | siglip2    | Siglip2Model (NaFlex)                                 | DualEncoder (sigmoid loss)        |
 | vit        | ViTForImageClassification, ViTModel                   | ImageClassifier (0 classes: none) |
 | convnext   | ConvNextForImageClassification, ConvNextModel         | ImageClassifier                   |
+| llama      | LlamaForCausalLM                                      | DecoderLM                         |
+| qwen2      | Qwen2ForCausalLM                                      | DecoderLM                         |
+| opt        | OPTForCausalLM                                        | DecoderLM                         |
+
+Language models load through their module's ``load_directory``: built on the meta device and filled tensor by tensor,
+keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards (``model-0000i-of-0000n.safetensors``
++ ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
 """
 
 from __future__ import annotations
@@ -19,22 +26,32 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from vlkit.convert import clip, convnext, siglip, siglip2, vit
+import torch
+from safetensors.torch import save_file
+
+from vlkit.convert import clip, convnext, llama, opt, siglip, siglip2, vit
 from vlkit.convert.common import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
     ConversionError,
     HFCheckpoint,
     read_weights,
-    write_weights,
 )
 from vlkit.data.processors import Processor
 from vlkit.files import atomic_write, read_json, write_json
+from vlkit.lm import DecoderLM
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.text.tokenizer import load_tokenizer
 
-FORMATS: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (clip, siglip, siglip2, vit, convnext)}
+FORMATS: dict[str, ModuleType] = {
+    model_type: module
+    for module in (clip, siglip, siglip2, vit, convnext, llama, opt)
+    for model_type in getattr(module, "MODEL_TYPES", (module.MODEL_TYPE,))
+}
+MAX_SHARD_BYTES = 5 * 2**30
 
 
-def load_hf_directory(path: str | Path) -> DualEncoder | ImageClassifier:
+def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> DualEncoder | ImageClassifier | DecoderLM:
     directory = Path(path)
     config = read_json(directory / "config.json")
     model_type = config.get("model_type")
@@ -48,16 +65,26 @@ def load_hf_directory(path: str | Path) -> DualEncoder | ImageClassifier:
             f"{directory}: architecture {unsupported[0]} is not supported for {model_type}; "
             f"supported: {list(module.ARCHITECTURES)}"
         )
-    model = module.load(HFCheckpoint(config, read_weights(directory)), str(directory))
+    if hasattr(module, "load_directory"):
+        model = module.load_directory(directory, config, dtype)
+    else:
+        model = module.load(HFCheckpoint(config, read_weights(directory)), str(directory))
+        if dtype is not None:
+            model = model.to(dtype)
     if isinstance(model, DualEncoder):
         model.tokenizer = load_tokenizer(directory, model.config.text.max_seq_len, model_type)
+    elif isinstance(model, DecoderLM):
+        model.tokenizer = load_tokenizer(directory, model.config.max_seq_len, model_type)
     return model
 
 
-def export_hf(model: Any, path: str | Path, processor: Processor | None = None) -> Path:
-    """Write ``model`` as a Hugging Face directory: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``
-    and ``tokenizer_config.json`` when the model has a tokenizer, + ``preprocessor_config.json`` when a processor
-    with an image processor is given). Raises ``ConversionError`` naming every option the format cannot express."""
+def export_hf(
+    model: Any, path: str | Path, processor: Processor | None = None, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> Path:
+    """Write ``model`` as a Hugging Face directory: ``config.json`` + ``model.safetensors`` (or its shards above
+    ``max_shard_bytes``) (+ ``tokenizer.json`` and ``tokenizer_config.json`` when the model has a tokenizer,
+    + ``preprocessor_config.json`` when a processor with an image processor is given). Raises ``ConversionError``
+    naming every option the format cannot express."""
     module = _format_of(model)
     checkpoint = module.export(model)
     directory = Path(path)
@@ -66,7 +93,7 @@ def export_hf(model: Any, path: str | Path, processor: Processor | None = None) 
     hf_config = {**checkpoint.config}
     if len(dtypes) == 1:
         hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    write_weights(directory / "model.safetensors", checkpoint.weights)
+    _write_shards(directory, checkpoint.weights, max_shard_bytes)
     write_json(directory / "config.json", hf_config)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
@@ -86,8 +113,41 @@ def export_hf(model: Any, path: str | Path, processor: Processor | None = None) 
     return directory
 
 
+def _write_shards(directory: Path, weights: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """One ``model.safetensors``, or shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its own)
+    with transformers' index. Each shard's tensors are copied just before writing (views of one parameter share
+    storage, which safetensors refuses), so at most one shard exists twice in memory."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(weights):
+        nbytes = weights[key].numel() * weights[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = weights[key]
+        size += nbytes
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        copies = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in shard.items()}
+        atomic_write(directory / name, lambda tmp, copies=copies: save_file(copies, tmp, metadata={"format": "pt"}))
+        del copies
+    stale = [directory / INDEX_NAME] if len(shards) == 1 else [directory / WEIGHTS_NAME]
+    for path in stale:  # a directory written before with the other layout would be ambiguous to readers
+        path.unlink(missing_ok=True)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in weights.values())
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 def _format_of(model: Any) -> ModuleType:
-    if isinstance(model, DualEncoder):
+    if isinstance(model, DecoderLM):
+        candidates = [llama, opt]
+    elif isinstance(model, DualEncoder):
         candidates = [clip, siglip2, siglip]  # siglip2 first: SigLIP also matches its MAP-pooled towers
     elif isinstance(model, ImageClassifier):
         candidates = [vit, convnext]
@@ -96,6 +156,11 @@ def _format_of(model: Any) -> ModuleType:
     for module in candidates:
         if module.matches(model.config):
             return module
+    if isinstance(model, DecoderLM):
+        problems = "; ".join(opt._problems(model.config))
+        raise ConversionError(
+            f"no Hugging Face format for this DecoderLM: not a Llama/Qwen2 layout, and as OPT: {problems}"
+        )
     vision = model.config.vision
     raise ConversionError(
         f"no Hugging Face format for a {type(model).__name__} with a {type(vision).__name__} image tower "

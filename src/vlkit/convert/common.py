@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vlkit.files import atomic_write, read_json
+from vlkit.files import atomic_write, load_safetensors, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -222,17 +221,21 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.exists():
-        return _read_safetensors(single)
+        return load_safetensors(single)
     if index.exists():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(f"{index}: no weight_map")
+        if not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ConversionError(f"{index}: weight_map values must be shard file names")
         weights: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = directory / shard
-            if Path(shard).name != shard or not shard_path.exists():
-                raise ConversionError(f"{index}: shard {shard!r} is missing or outside the directory")
-            tensors = _read_safetensors(shard_path)
+            if Path(shard).name != shard:
+                raise ConversionError(f"{index}: shard {shard!r} is not a file name in the model directory")
+            if not shard_path.exists():
+                raise ConversionError(f"{shard_path} is missing (listed in {index.name})")
+            tensors = load_safetensors(shard_path)
             listed = {key for key, name in weight_map.items() if name == shard}
             if set(tensors) != listed:
                 raise ConversionError(
@@ -248,11 +251,6 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
             "safetensors first (e.g. transformers' save_pretrained(..., safe_serialization=True))"
         )
     raise ConversionError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (safe_open is not a dict)
 
 
 def write_weights(target: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from vlkit.config import config_from_dict
-from vlkit.files import atomic_write
+from vlkit.files import atomic_write, load_safetensors, read_json
 
 MODEL_CLASSES: dict[str, type[PretrainedModel]] = {}
 FORMAT_VERSION = 1
@@ -22,6 +23,9 @@ class PretrainedModel(nn.Module):
     config_class: ClassVar[type]
     config: Any
     tokenizer: Any = None
+    # True where every parameter is in the state dict and nothing else needs initialising (no buffers): loading then
+    # builds the model on the meta device and assigns the read tensors, so weights exist once and keep their dtype.
+    meta_init: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -53,25 +57,42 @@ def build_model(config: Any) -> PretrainedModel:
     return MODEL_CLASSES[config.kind](config)
 
 
-def load_vlkit_directory(path: Path) -> PretrainedModel:
-    data = json.loads((path / "config.json").read_text())
+def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> PretrainedModel:
+    config_file = path / "config.json"
+    data = read_json(config_file)
     data.pop("vlkit_format", None)
-    config = config_from_dict(object, data)
-    model = build_model(config)
+    try:
+        config = config_from_dict(object, data)
+    except (ValueError, TypeError) as error:
+        # A config that parses but describes no model (hand-edited, or from another vlkit version): name the file.
+        raise ValueError(f"{config_file}: {error}") from None
     weights = path / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    if getattr(MODEL_CLASSES.get(config.kind), "meta_init", False):
+        # Built on the meta device and given the read tensors themselves: the weights exist once, in the stored dtype.
+        with torch.device("meta"):
+            model = build_model(config)
+        state = load_safetensors(weights)
+        if dtype is not None:
+            state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    else:
+        model = build_model(config)
+        missing, unexpected = model.load_state_dict(load_safetensors(weights), strict=False)
+        if dtype is not None:
+            model = model.to(dtype)
     if missing or unexpected:
         raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
     tokenizer_file = path / "tokenizer.json"
-    if tokenizer_file.exists() and hasattr(config, "text"):
+    max_len = config.text.max_seq_len if hasattr(config, "text") else getattr(config, "max_seq_len", None)
+    if tokenizer_file.exists() and max_len is not None:
         if (path / "tokenizer_config.json").exists():
             from vlkit.text.tokenizer import load_tokenizer
 
-            model.tokenizer = load_tokenizer(path, max_len=config.text.max_seq_len)
+            model.tokenizer = load_tokenizer(path, max_len=max_len)
         else:
             from vlkit.text import Tokenizer
 
-            model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=config.text.max_seq_len)
+            model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=max_len)
     return model

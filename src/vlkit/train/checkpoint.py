@@ -20,11 +20,19 @@ The folder is written under a temporary name in the same parent and renamed into
 ``checkpoints/latest`` pointer is replaced atomically, so a crash at any moment leaves either the old or the
 new checkpoint, never half of one. Nothing is unpickled: ``torch.load`` is never used (DCP's metadata file is the
 one pickle, and ``torch.distributed.checkpoint`` reads only checkpoints this run's own processes wrote).
+
+Damage after publication (a disk that filled up or lost a write, a copy of the run folder that stopped early, a
+file deleted by hand) is caught by ``manifest.json``, written last into the folder: the size and SHA-256 of every
+other file (``sha256sum`` checks them too). ``load_latest`` verifies candidates newest first, logs a warning
+naming each damaged one and why, and returns the newest intact one, so a resumed run continues from there.
+Checkpoints written before the manifest existed get the checks their files allow: ``trainer_state.json`` parses,
+every safetensors header parses and the file is exactly as long as the header says.
 """
 
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import random
 import shutil
@@ -36,10 +44,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from vlkit.files import write_text_atomic
+from vlkit.files import DamagedFileError, check_safetensors, load_safetensors, read_json, sha256_file, write_text_atomic
 from vlkit.train import distributed
 
 __all__ = [
@@ -51,8 +60,11 @@ __all__ = [
     "load_sharded_checkpoint",
     "save_checkpoint",
     "save_sharded_checkpoint",
+    "verify_checkpoint",
     "write_text_atomic",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "checkpoints"
 LATEST_FILENAME = "latest"
@@ -60,6 +72,10 @@ _STEP_PREFIX = "step_"
 _TEMP_PREFIX = ".tmp-"
 _TRAINER_STATE = "trainer_state.json"
 _SHARDED_DIRNAME = "dcp"
+_MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = 1
+# The files every single-file checkpoint holds, whatever vlkit version wrote it; sharded ones hold dcp/ instead.
+_SINGLE_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 @dataclass
@@ -240,6 +256,56 @@ def _write_trainer_state(
     (folder / _TRAINER_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
+def _write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file in ``folder``; called last, once everything else is written."""
+    files = {}
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_file() and entry != folder / _MANIFEST:
+            # Hashing reads the files back, so the digest is of what reached the filesystem, not of what we meant.
+            files[entry.relative_to(folder).as_posix()] = {"size": entry.stat().st_size, "sha256": sha256_file(entry)}
+    manifest = {"format": _MANIFEST_FORMAT, "files": files}
+    (folder / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ``DamagedFileError`` (naming the damaged file) unless the checkpoint folder ``path`` is intact.
+
+    With a manifest every recorded file must exist with its recorded size and SHA-256. Without one (written
+    before vlkit recorded manifests) the trainer state must parse, the expected files exist and every safetensors
+    file be structurally whole (see ``vlkit.files.check_safetensors``).
+    """
+    path = Path(path)
+    manifest_file = path / _MANIFEST
+    if manifest_file.is_file():
+        files = read_json(manifest_file).get("files")
+        if not isinstance(files, dict) or _TRAINER_STATE not in files:
+            raise DamagedFileError(manifest_file, "does not list the checkpoint's files")
+        for name, record in sorted(files.items()):
+            if not (isinstance(record, dict) and isinstance(record.get("size"), int) and "sha256" in record):
+                raise DamagedFileError(manifest_file, f"bad entry for {name!r}")
+            entry = path / name
+            if not entry.is_file():
+                raise DamagedFileError(entry, "missing (listed in manifest.json)")
+            size = entry.stat().st_size
+            if size != record["size"]:
+                raise DamagedFileError(entry, f"{size} bytes, but {record['size']} were written (truncated?)")
+            if sha256_file(entry) != record["sha256"]:
+                raise DamagedFileError(entry, "contents differ from those written (SHA-256 mismatch)")
+        return
+    if not (path / _TRAINER_STATE).is_file():
+        raise DamagedFileError(path / _TRAINER_STATE, "missing")
+    read_json(path / _TRAINER_STATE)
+    if is_sharded_checkpoint(path):
+        required = [f"{_SHARDED_DIRNAME}/.metadata", "rng.safetensors"]
+    else:
+        required = list(_SINGLE_FILES)
+    for name in required:
+        if not (path / name).is_file():
+            raise DamagedFileError(path / name, "missing")
+    for entry in sorted(path.glob("*.safetensors")):
+        check_safetensors(entry)
+
+
 def save_checkpoint(
     out_dir: Path,
     step: int,
@@ -267,6 +333,7 @@ def save_checkpoint(
     optimizer_tensors, optimizer_json = _optimizer_to_safetensors(optimizer)
     save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
     _write_trainer_state(temporary, step, trainer_state, rng_states, optimizer=optimizer_json)
+    _write_manifest(temporary)
     _publish(root, temporary, final, keep_checkpoints)
     return final
 
@@ -303,10 +370,11 @@ def save_sharded_checkpoint(
         dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(temporary / _SHARDED_DIRNAME))
     if distributed.is_main_process():
         _write_trainer_state(temporary, step, trainer_state, rng_states, world_size=distributed.get_world_size())
-    # Every shard is on disk before rank 0 publishes (dcp.save returns once the metadata is written, but a rank
-    # may still be flushing); and nobody moves on before the checkpoint is visible.
+    # Every shard is on disk before rank 0 records the manifest and publishes (dcp.save returns once the metadata is
+    # written, but a rank may still be flushing); and nobody moves on before the checkpoint is visible.
     distributed.barrier()
     if distributed.is_main_process():
+        _write_manifest(temporary)
         _publish(root, temporary, final, keep_checkpoints)
     distributed.barrier()
     return final
@@ -327,23 +395,41 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def load_latest(out_dir: Path) -> Path | None:
-    """Return the newest complete checkpoint folder under ``out_dir``, or ``None``.
+    """Return the newest intact checkpoint folder under ``out_dir``, or ``None`` when it holds none at all.
 
-    ``checkpoints/latest`` is trusted when it names an existing checkpoint; otherwise the highest published
-    ``step_*`` folder is used. Temporary folders from interrupted writes are never returned.
+    The folder ``checkpoints/latest`` names comes first when it exists, then the published ``step_*`` folders from
+    the highest step down; the first that passes ``verify_checkpoint`` is returned, and each damaged one before it
+    is logged as a warning naming the damaged file. Temporary folders from interrupted writes are never returned.
+    When checkpoints exist but none is intact, raises ``DamagedFileError`` naming the checkpoints folder: the run
+    can no longer be resumed, and silently starting it over would overwrite its log.
     """
     root = Path(out_dir) / CHECKPOINT_DIRNAME
+    candidates = [path for _, path in sorted(_step_dirs(root), reverse=True)]
     pointer = root / LATEST_FILENAME
     if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if candidate.name.startswith(_STEP_PREFIX) and (candidate / _TRAINER_STATE).is_file():
-            return candidate
-    complete = [path for _, path in sorted(_step_dirs(root)) if (path / _TRAINER_STATE).is_file()]
-    return complete[-1] if complete else None
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    damaged: list[str] = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except DamagedFileError as error:
+            logger.warning("checkpoint %s is damaged, skipping it: %s", candidate, error)
+            where = error.path.relative_to(root) if error.path.is_relative_to(root) else error.path
+            damaged.append(f"{where}: {error.reason}")
+            continue
+        if damaged:
+            logger.warning("continuing from %s, the newest intact checkpoint", candidate)
+        return candidate
+    if damaged:
+        raise DamagedFileError(root, f"no intact checkpoint to resume from: {'; '.join(damaged)}")
+    return None
 
 
 def _restore_rank_rng(path: Path, state: dict[str, Any], rank: int) -> bool:
-    rng = _rank_rng(load_file(path / "rng.safetensors"), state, rank)
+    rng = _rank_rng(load_safetensors(path / "rng.safetensors"), state, rank)
     if rng is None:
         return False
     _restore_rng(rng.tensors, rng.states)
@@ -367,10 +453,16 @@ def load_checkpoint(
     path = Path(path)
     if is_sharded_checkpoint(path):
         raise ValueError(f"{path} is a sharded (FSDP) checkpoint; resume it with --strategy fsdp")
-    load_model(model, path / "model.safetensors", strict=True)
-    state = json.loads((path / _TRAINER_STATE).read_text(encoding="utf-8"))
+    weights = path / "model.safetensors"
+    # load_model (not load_safetensors) because it restores tied parameters that save_model stored once.
+    check_safetensors(weights)
+    try:
+        load_model(model, weights, strict=True)
+    except SafetensorError as error:
+        raise DamagedFileError(weights, f"not a valid safetensors file ({error})") from None
+    state = read_json(path / _TRAINER_STATE)
     if optimizer is not None:
-        _optimizer_from_safetensors(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+        _optimizer_from_safetensors(optimizer, load_safetensors(path / "optimizer.safetensors"), state["optimizer"])
     state["rng_restored"] = restore_rng and _restore_rank_rng(path, state, rank)
     return state
 
@@ -394,6 +486,6 @@ def load_sharded_checkpoint(
     with _single_process_dcp():
         dcp.load(loaded, checkpoint_id=str(path / _SHARDED_DIRNAME))
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    state = json.loads((path / _TRAINER_STATE).read_text(encoding="utf-8"))
+    state = read_json(path / _TRAINER_STATE)
     state["rng_restored"] = restore_rng and _restore_rank_rng(path, state, rank)
     return state

@@ -1,0 +1,225 @@
+"""Batched generation with a preallocated KV cache: greedy, or sampling with temperature / top-k / top-p (Holtzman
+et al., 2020), repetition penalty (Keskar et al., 2019), stop tokens and stop strings, streaming.
+
+``stream_generate(model, input_ids (B, T), attention_mask, inputs_embeds, config)`` yields the new token of every row
+per step (B,); ``generate`` collects them into prompt + new ids (B, T + steps), as transformers' decoder-only
+``generate`` does: a finished row continues with ``pad_token_id``, and generation ends when every row has finished or
+after ``max_new_tokens``. Prompts are left-padded. Per step the host does no more than the model's forward pass, one
+argmax (or sampling) and, only when stop tokens exist, one check whether every row has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from vlkit.lm.model import DecoderLM
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """``stop_token_ids`` None: the model's end-of-sequence ids; ``pad_token_id`` None: the model's pad id, else its
+    first end-of-sequence id. ``temperature``, ``top_k`` and ``top_p`` apply only with ``do_sample``; the repetition
+    penalty applies to greedy decoding too."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive (use do_sample=False for greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if isinstance(self.stop_strings, str):
+            raise TypeError("stop_strings is a tuple of strings, not one string")
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on tokens already in the sequence: a positive logit is divided by ``penalty``, a negative one
+    multiplied by it. ``logits`` (B, V), ``seen`` bool (B, V)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row (B,) from logits (B, V): temperature, then top-k, then top-p (nucleus), then a draw."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        # Keep the smallest prefix whose probability reaches top_p: drop a token once the mass before it does.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_prompt(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> tuple[int, int]:
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("generate needs input_ids or inputs_embeds")
+    shape = tuple(inputs_embeds.shape[:2]) if inputs_embeds is not None else tuple(input_ids.shape)  # type: ignore[union-attr]
+    if input_ids is not None and tuple(input_ids.shape) != shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {shape} describe different prompts")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {shape}")
+        if shape[1] and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
+    return shape  # type: ignore[return-value]
+
+
+def stream_generate(
+    model: DecoderLM,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    generator: torch.Generator | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens (B,) (``pad_token_id`` for rows that have finished).
+
+    ``inputs_embeds`` (B, T, E), when given, is what the model reads for the prompt (a VLM's merged text and image
+    embeddings); ``input_ids`` then only feed the repetition penalty. Runs without autograd.
+    """
+    config = config or GenerationConfig()
+    _check_prompt(input_ids, attention_mask, inputs_embeds)
+    if config.stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function (a tokenizer's decode)")
+    stop_ids = model.config.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+    pad = config.pad_token_id
+    if pad is None:
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop_ids or (0,))[0]
+    if config.max_new_tokens == 0:
+        return iter(())
+    return _steps(model, input_ids, attention_mask, inputs_embeds, config, stop_ids, pad, generator, decode)
+
+
+@torch.no_grad()  # as a decorator, no_grad is switched on and off around each step, not leaked to the caller
+def _steps(
+    model: DecoderLM,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    config: GenerationConfig,
+    stop_ids: tuple[int, ...],
+    pad: int,
+    generator: torch.Generator | None,
+    decode: Callable[[Sequence[int]], str] | None,
+) -> Iterator[torch.Tensor]:
+    batch, prompt_len = _check_prompt(input_ids, attention_mask, inputs_embeds)
+    device = model.token_embed.weight.device
+    cache = model.new_cache(batch, prompt_len + config.max_new_tokens)
+    view = cache.view(cache.allocate(batch))
+    hidden = model.forward_features(
+        None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=view
+    )
+    logits = model.forward_head(hidden[:, -1])  # (B, V): the prompt's other positions need no logits
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        if input_ids is not None:
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            counts = torch.zeros(seen.shape, device=device).scatter_add_(
+                1, input_ids.to(device), real.float().to(device)
+            )
+            seen = counts > 0
+    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    texts: list[list[int]] = [[] for _ in range(batch)]
+    window = max((len(s) for s in config.stop_strings), default=0) + 8
+    for step in range(config.max_new_tokens):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, config.repetition_penalty)
+        if config.do_sample:
+            tokens = sample_logits(logits, config.temperature, config.top_k, config.top_p, generator)
+        else:
+            tokens = logits.argmax(-1)
+        if stop_tensor is not None or config.stop_strings:
+            tokens = tokens.masked_fill(finished, pad)
+        if stop_tensor is not None:
+            finished |= torch.isin(tokens, stop_tensor)
+        if config.stop_strings:
+            finished |= _stop_string_hits(tokens, finished, texts, config.stop_strings, window, decode)  # type: ignore[arg-type]
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        yield tokens
+        last = step == config.max_new_tokens - 1
+        if last or ((stop_tensor is not None or config.stop_strings) and bool(finished.all())):
+            return
+        hidden = model.forward_features(tokens[:, None], cache=view)
+        logits = model.forward_head(hidden[:, -1])
+
+
+def _stop_string_hits(
+    tokens: torch.Tensor,
+    finished: torch.Tensor,
+    texts: list[list[int]],
+    stop_strings: Sequence[str],
+    window: int,
+    decode: Callable[[Sequence[int]], str],
+) -> torch.Tensor:
+    """Rows (B,) bool whose generated text now contains a stop string, looking at the last ``window`` tokens (each
+    step checks, so an earlier occurrence would already have stopped the row)."""
+    hits = torch.zeros_like(finished)
+    done = finished.tolist()
+    for row, token in enumerate(tokens.tolist()):
+        if done[row]:
+            continue
+        texts[row].append(token)
+        text = decode(texts[row][-window:])
+        if any(stop in text for stop in stop_strings):
+            hits[row] = True
+    return hits
+
+
+def generate(
+    model: DecoderLM,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    streamer: Callable[[torch.Tensor], Any] | None = None,
+    generator: torch.Generator | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> torch.Tensor:
+    """Prompt + generated ids (B, T + steps); only the generated ids (B, steps) when the prompt came as
+    ``inputs_embeds`` without ``input_ids``. ``streamer`` is called with each step's tokens (B,)."""
+    steps = []
+    for tokens in stream_generate(model, input_ids, attention_mask, inputs_embeds, config, generator, decode):
+        if streamer is not None:
+            streamer(tokens)
+        steps.append(tokens)
+    device = model.token_embed.weight.device
+    batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]  # type: ignore[union-attr]
+    new = torch.stack(steps, dim=1) if steps else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    return new if input_ids is None else torch.cat([input_ids.to(device), new], dim=1)

@@ -1,0 +1,303 @@
+"""Decoder-only language model: ids (B, T) or embeddings (B, T, E) -> blocks -> final norm -> logits (B, T, V).
+
+One configurable decoder for Llama (Touvron et al., 2023), Qwen2 (Yang et al., 2024) and OPT (Zhang et al., 2022);
+``LMConfig`` lists the options. Attention is causal, grouped-query where ``num_kv_heads < num_heads`` (Ainslie et al.,
+2023), with one fused QKV projection and ``F.scaled_dot_product_attention``. Queries and keys may differ in length:
+with a ``CacheView`` the new tokens attend to everything their cache slots hold (prefill, then one token per decode
+step). Position ids follow the attention mask (cumsum), so a left-padded row gets the positions it would have alone.
+
+``inputs_embeds`` replaces the token lookup, which is how a vision-language model feeds image tokens in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.layers import Rope1d, build_mlp, build_norm
+from vlkit.layers.linear import linear, use_fast_linears
+from vlkit.lm.cache import CacheStep, CacheView, KVCache
+from vlkit.lm.config import LMConfig
+from vlkit.models.base import PretrainedModel
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+class AttentionContext(NamedTuple):
+    """What every block of one forward pass shares, computed once."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sign-folded sin: (B, T, 1, head_dim)
+    mask: torch.Tensor | None  # bool (B, 1, T, L), True = attend
+    is_causal: bool  # no mask and no cache: SDPA's own causal pattern
+    step: CacheStep | None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        assert config.num_kv_heads is not None and config.head_dim is not None
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.dim, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, config.qkv_bias)
+        self.proj = nn.Linear(self.num_heads * self.head_dim, config.dim, bias=config.out_bias)
+
+    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
+        if context.rope is not None:
+            cos, sin = context.rope
+            qk = qkv[:, :, : heads + kv_heads]  # queries and keys rotate together: one set of ops per layer
+            # rotate_half(x) = roll(x, head_dim/2) with the first half negated; the sign is folded into sin.
+            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+        else:
+            q, k = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads]
+        v = qkv[:, :, heads + kv_heads :]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if context.step is not None:
+            k, v = context.step.update(layer, k, v)  # (B, kv_heads, L, head_dim)
+        groups = heads // kv_heads
+        if length == 1:
+            # One query per row: the query heads sharing a key head become that head's query rows, so keys and
+            # values are read once instead of being repeated per group.
+            q = q.reshape(batch, kv_heads, groups, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask)  # (B, kv_heads, groups, hd)
+            return self.proj(out.reshape(batch, 1, heads * head_dim))
+        if groups > 1:
+            keys_len = k.shape[2]
+            k = k[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
+            v = v[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, is_causal=context.is_causal)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))  # (B, T, heads * hd)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm x + attn(norm1(x)), x + mlp(norm2(x)); or post-norm norm1(x + attn(x)), norm2(x + mlp(x)) (OPT-350M)."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.norm1 = build_norm(config.norm, config.dim, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = build_norm(config.norm, config.dim, config.norm_eps)
+        self.mlp = build_mlp(config.dim, config.mlp_dim, config.mlp, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), context, layer)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, context, layer))
+        return self.norm2(x + self.mlp(x))
+
+
+class DecoderLM(PretrainedModel):
+    config_class = LMConfig
+    meta_init = True
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.embed_width
+        self.token_embed = nn.Embedding(config.vocab_size, width)
+        self.embed_in = nn.Linear(width, config.dim, bias=False) if config.token_embed_dim else None
+        self.pos_embed = (
+            nn.Embedding(config.max_seq_len + config.position_offset, config.dim)
+            if config.positions == "learned"
+            else None
+        )
+        assert config.head_dim is not None
+        self.rope = (
+            Rope1d(
+                config.head_dim,
+                config.rope_theta,
+                config.rope_scaling,
+                config.rope_factor,
+                config.rope_original_max_seq_len or config.max_seq_len,
+                config.rope_low_freq_factor,
+                config.rope_high_freq_factor,
+            )
+            if config.positions == "rope"
+            else None
+        )
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.depth))
+        self.norm = build_norm(config.norm, config.dim, config.norm_eps) if config.final_norm else None
+        self.embed_out = nn.Linear(config.dim, width, bias=False) if config.token_embed_dim else None
+        # Tied: the head reads token_embed.weight directly, so the state dict holds one tensor (safetensors refuses
+        # two names for shared storage).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(width, config.vocab_size, bias=False)
+        self._init_weights()
+        use_fast_linears(self)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.token_embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(
+        self, num_slots: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> KVCache:
+        """An empty KV cache for ``num_slots`` sequences of up to ``max_len`` positions each."""
+        config, weight = self.config, self.token_embed.weight
+        assert config.num_kv_heads is not None and config.head_dim is not None
+        return KVCache(
+            config.depth, num_slots, config.num_kv_heads, max_len, config.head_dim,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )  # fmt: skip
+
+    # --- forward
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, E): what ``inputs_embeds`` replaces."""
+        return self.token_embed(input_ids)
+
+    def forward_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: CacheView | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, E), E = ``config.embed_width``; the LM head is ``forward_head``.
+
+        ``attention_mask`` (B, T) marks real tokens (1) and padding (0). With ``cache`` it may also span the cached
+        tokens too, as transformers passes it (B, past + T): its last T columns describe the new tokens.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # type: ignore[arg-type]
+        batch, length = x.shape[:2]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -length:]
+        step = None
+        if cache is not None:
+            if len(cache) != batch:
+                raise ValueError(f"cache view has {len(cache)} slots for a batch of {batch}")
+            step = cache.begin(length, attention_mask)
+            start = cache.rows(cache.cache.next_position)  # (B,)
+            mask, is_causal = step.attention_mask, False
+        else:
+            start = None
+            mask, is_causal = _padding_mask(attention_mask, length)
+        if position_ids is None:
+            position_ids = _positions(attention_mask, start, batch, length, x.device)
+        if self.embed_in is not None:
+            x = self.embed_in(x)
+        if self.pos_embed is not None:
+            if int(position_ids.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len}")
+            x = x + self.pos_embed(position_ids + self.config.position_offset)
+        rope = self._rope(position_ids, x.dtype) if self.rope is not None else None
+        context = AttentionContext(rope, mask, is_causal, step)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, context, layer)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.embed_out is not None:
+            x = self.embed_out(x)
+        if step is not None:
+            assert start is not None
+            step.finish(start + (length if attention_mask is None else attention_mask.sum(-1)))
+        return x
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.rope is not None
+        cos, sin = self.rope(position_ids)  # (B, T, head_dim) float32
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        # In the activations' dtype, as the reference implementations rotate (bf16 models rotate in bf16).
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, head_dim)
+
+    def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., E)."""
+        return linear(hidden, self.head_weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: CacheView | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """``labels`` (B, T) are the targets aligned with the inputs (shifted inside, as transformers does);
+        -100 marks positions without a target."""
+        hidden = self.forward_features(input_ids, attention_mask, inputs_embeds, position_ids, cache)
+        logits = self.forward_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return LMOutput(logits, loss)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        streamer: Callable[[torch.Tensor], Any] | None = None,
+        generator: torch.Generator | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Prompt + new ids (B, T + steps), as transformers' decoder-only ``generate``; see ``vlkit.lm.generate``.
+
+        ``options`` are ``GenerationConfig`` fields (do_sample, temperature, top_k, top_p, repetition_penalty,
+        stop_token_ids, stop_strings, pad_token_id). Stop strings are matched in text decoded by ``decode``, by
+        default this model's tokenizer.
+        """
+        from vlkit.lm.generate import GenerationConfig, generate
+
+        if decode is None and self.tokenizer is not None:
+            decode = self.tokenizer.decode
+        return generate(
+            self,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            GenerationConfig(max_new_tokens=max_new_tokens, **options),
+            streamer=streamer,
+            generator=generator,
+            decode=decode,
+        )
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:
+    """Without a cache: SDPA's causal kernel when nothing is padded, else a bool (B, 1, T, T) mask."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, True
+    device = attention_mask.device
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
+    # Each position also sees itself, so a padded query row is never empty (SDPA would give NaN there).
+    mask = (causal & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
+    return mask[:, None], False  # (B, 1, T, T)
+
+
+def _positions(
+    attention_mask: torch.Tensor | None, start: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Position ids (B, T): counted over real tokens only (left padding sits at 0), from each slot's next position."""
+    if attention_mask is None:
+        positions = torch.arange(length, device=device).expand(batch, length)
+    else:
+        real = attention_mask.long()
+        positions = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)
+    return positions if start is None else positions + start[:, None]

@@ -1,0 +1,249 @@
+"""Language-model checkpoints: transformers' Llama / Qwen2 / OPT directories <-> vlkit ``DecoderLM``.
+
+Each case builds the transformers model from a tiny random config (the cases vary every option the converters read),
+saves it, loads it with ``vlkit.from_pretrained`` and checks logits (fp32, 1e-4) and greedy generation on a
+left-padded batch token for token; then exports with ``vlkit.export_hf`` and loads that back with transformers.
+Real-size presets are compared with the public architectures on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.convert import ConversionError, llama, opt
+from vlkit.lm import DecoderLM
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+LLAMAS = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, eos_token_id=2, pad_token_id=0)  # fmt: skip
+OPTS = dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, eos_token_id=2, pad_token_id=1, bos_token_id=2)  # fmt: skip
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama_mha": ("Llama", LLAMAS),
+    "llama_gqa_biases_llama3_tied": ("Llama", {
+        **LLAMAS, "num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16, "rope_theta": 500000.0}}),
+    "llama_mqa_head_dim_linear": ("Llama", {
+        **LLAMAS, "num_key_value_heads": 1, "head_dim": 12, "rms_norm_eps": 1e-5,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # max_position_embeddings 8: the prompt and generation run past it, where dynamic NTK scaling changes the base
+    "llama_dynamic": ("Llama", {**LLAMAS, "max_position_embeddings": 8, "rope_scaling": {"rope_type": "dynamic",
+                                                                                       "factor": 2.0}}),
+    "qwen2_gqa_tied": ("Qwen2", {**LLAMAS, "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 1e6}),
+    "qwen2_mha_untied": ("Qwen2", {**LLAMAS, "num_attention_heads": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-5}),
+    "opt_pre_norm_relu_tied": ("OPT", OPTS),
+    "opt_post_norm_projected_gelu_untied": ("OPT", {
+        **OPTS, "do_layer_norm_before": False, "word_embed_proj_dim": 16, "activation_function": "gelu",
+        "tie_word_embeddings": False}),
+    "opt_no_bias_no_final_norm": ("OPT", {**OPTS, "enable_bias": False, "_remove_final_layer_norm": True}),
+}  # fmt: skip
+
+
+def _reference(family: str, options: dict[str, Any], seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{family}Config")(**options)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # no weight at a special init (unit norms, zero biases); large enough for decisive argmaxes
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _batch(vocab: int, pad: int, lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _check_logits(model: Any, reference: Any, inputs: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        ours, theirs = model(**inputs).logits, reference(**inputs).logits
+    real = inputs["attention_mask"].bool()  # padded positions' outputs are meaningless in both libraries
+    torch.testing.assert_close(ours[real], theirs[real], **TOLERANCE)
+
+
+def _load_back(path: Path, family: str) -> Any:
+    model, info = getattr(transformers, f"{family}ForCausalLM").from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parity_both_directions(case: str, tmp_path: Path) -> None:
+    family, options = CASES[case]
+    reference = _reference(family, options)
+    reference.save_pretrained(tmp_path / "hf")
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert isinstance(model, DecoderLM)
+    inputs = _batch(options["vocab_size"], options["pad_token_id"], [5, 10, 7])
+    _check_logits(model, reference, inputs)
+
+    ours = model.generate(**inputs, max_new_tokens=8)
+    theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+    vlkit.export_hf(model, tmp_path / "out")
+    back = _load_back(tmp_path / "out", family)
+    _check_logits(model, back, inputs)
+    assert vlkit.from_pretrained(tmp_path / "out").config == model.config
+
+
+def test_generation_stops_at_eos_like_transformers(tmp_path: Path) -> None:
+    options = {**LLAMAS, "num_key_value_heads": 2}
+    reference = _reference("Llama", options, seed=1)
+    inputs = _batch(96, 0, [4, 6, 6], seed=1)
+    free = reference.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None)[:, 6:]
+    eos = int(free[0, 2])  # row 0 ends after three tokens; the others whenever they produce it, if at all
+    reference.config.eos_token_id = reference.generation_config.eos_token_id = eos
+    reference.save_pretrained(tmp_path / "hf")
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert model.config.eos_token_ids == (eos,)
+    ours = model.generate(**inputs, max_new_tokens=10)
+    theirs = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ours, theirs)
+    assert (ours[0, 9:] == 0).all() and ours[0, 8] == eos
+
+
+def test_sharded_export_loads_both_ways(tmp_path: Path) -> None:
+    reference = _reference("Qwen2", {**LLAMAS, "num_key_value_heads": 2})
+    reference.save_pretrained(tmp_path / "hf")
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    vlkit.export_hf(model, tmp_path / "out", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "out" / "model.safetensors").exists()
+    assert all((tmp_path / "out" / shard).exists() for shard in shards)
+    _check_logits(model, _load_back(tmp_path / "out", "Qwen2"), _batch(96, 0, [6, 4]))
+    again = vlkit.from_pretrained(tmp_path / "out")  # vlkit reads shards too
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_stored_dtype_is_kept(tmp_path: Path) -> None:
+    reference = _reference("Llama", {**LLAMAS, "num_key_value_heads": 2}).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf")
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    inputs = _batch(96, 0, [5, 3])
+    assert model.generate(**inputs, max_new_tokens=3).shape == (2, 8)
+    wide = vlkit.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    # A fresh fp32 reference: .float() on the bf16 one would keep its RoPE frequencies rounded to bf16.
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    _check_logits(wide, fresh, inputs)
+
+
+def test_legacy_rope_config_keys(tmp_path: Path) -> None:
+    """Configs written before transformers 5 carry ``rope_theta`` + ``rope_scaling`` with "type"."""
+    reference = _reference("Llama", {**LLAMAS, "rope_scaling": {"rope_type": "linear", "factor": 3.0}})
+    reference.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("rope_parameters")
+    config |= {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 3.0}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert (model.config.rope_scaling, model.config.rope_factor) == ("linear", 3.0)
+    _check_logits(model, reference, _batch(96, 0, [7, 4]))
+
+
+def test_tokenizer_is_loaded_and_stop_strings_use_it(tmp_path: Path) -> None:
+    from vlkit.text import train_tokenizer
+
+    texts = ["a red circle left of a blue square", "two green triangles above a small circle"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=96)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token="<eos>",
+                                                pad_token="<pad>")  # fmt: skip
+    reference = _reference("Llama", {**LLAMAS, "eos_token_id": None})
+    reference.save_pretrained(tmp_path / "hf")
+    fast.save_pretrained(tmp_path / "hf")
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert (
+        model.tokenizer is not None and model.tokenizer.decode(tokenizer.encode("red circle")).strip() == "red circle"
+    )
+    inputs = _batch(96, 0, [6])
+    free = model.generate(**inputs, max_new_tokens=8)[0, 6:].tolist()
+    cut = next(k for k in range(1, 9) if len(model.tokenizer.decode(free[:k]).strip()) >= 2)
+    stop = model.tokenizer.decode(free[:cut]).strip()[-2:]  # completed by token cut - 1 (or earlier)
+    out = model.generate(**inputs, max_new_tokens=8, stop_strings=(stop,))[0, 6:].tolist()
+    assert len(out) <= cut and out == free[: len(out)]
+    assert stop in model.tokenizer.decode(out) and stop not in model.tokenizer.decode(out[:-1])
+
+
+def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="yarn"):
+        llama.config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "x")
+    with pytest.raises(ConversionError, match="sliding"):
+        llama.config_from_hf({"model_type": "qwen2", "use_sliding_window": True}, "x")
+    with pytest.raises(ConversionError, match="SwiGLU"):
+        llama.config_from_hf({"model_type": "llama", "hidden_act": "gelu"}, "x")
+    with pytest.raises(ConversionError, match="elementwise"):
+        opt.config_from_hf({"model_type": "opt", "layer_norm_elementwise_affine": False}, "x")
+    reference = _reference("Llama", LLAMAS)
+    reference.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="unpickles"):
+        vlkit.from_pretrained(tmp_path / "hf")
+    odd = vlkit.create_model("test_llama_lm", positions="learned")  # RMSNorm + SwiGLU + learned positions
+    with pytest.raises(ConversionError, match="no Hugging Face format"):
+        vlkit.export_hf(odd, tmp_path / "odd")
+
+
+def test_wrong_shapes_are_named(tmp_path: Path) -> None:
+    reference = _reference("Llama", {**LLAMAS, "num_key_value_heads": 2})
+    reference.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
+    with pytest.raises(ConversionError, match="k_proj"):
+        vlkit.from_pretrained(tmp_path / "hf")
+
+
+PUBLIC = {
+    "vicuna_7b": ("Llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                rms_norm_eps=1e-5, pad_token_id=0), 6_738_415_616),
+    "qwen2_0_5b": ("Qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                                 rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643,
+                                 eos_token_id=151643), 494_032_768),
+    "opt_2_7b": ("OPT", dict(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
+                             num_attention_heads=32, max_position_embeddings=2048), 2_651_596_800),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_real_size_presets_match_the_public_architectures(name: str) -> None:
+    family, options, count = PUBLIC[name]
+    with torch.device("meta"):
+        reference = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**options))
+        model = vlkit.create_model(name)
+    module = opt if family == "OPT" else llama
+    hf_config = reference.config.to_dict()
+    assert module.config_from_hf(hf_config, name) == model.config  # the converter reads the preset back exactly
+    hf_shapes = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    vlkit_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    rules = module.rules(model.config)
+    for rule in rules:  # every vlkit tensor is the concatenation of its foreign tensors
+        foreign = [hf_shapes[key] for key in rule.hf]
+        assert sum(s[0] for s in foreign) == vlkit_shapes[rule.vlkit[0]][0], rule
+        assert all(s[1:] == vlkit_shapes[rule.vlkit[0]][1:] for s in foreign), rule
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    assert {key for r in rules for key in r.hf} == set(hf_shapes) - tied
+    assert {key for r in rules for key in r.vlkit} == set(vlkit_shapes)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters()) == count

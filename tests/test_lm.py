@@ -1,0 +1,293 @@
+"""The decoder LM, its KV cache and generation: cached decoding equals recomputing everything, padding changes
+nothing, each sampling option does what it says, cache slots can join and leave a running batch, and the loss ignores
+-100 labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlkit
+from vlkit.layers.linear import Linear, linear
+from vlkit.lm import DecoderLM, GenerationConfig, KVCache, LMConfig, sample_logits, stream_generate
+from vlkit.lm.generate import penalize_repetition
+
+PRESETS = ["test_llama_lm", "test_qwen2_lm", "test_opt_lm"]
+
+
+def _model(name: str, seed: int = 0) -> DecoderLM:
+    torch.manual_seed(seed)
+    model = vlkit.create_model(name).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so the argmax is decided by the input, not noise
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model
+
+
+def _prompts(lengths: list[int], vocab: int, pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (B, max(lengths)) of random tokens (never 0-2, the special ids) and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def _greedy_without_cache(model: DecoderLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """The obvious reference: rerun the whole sequence for every new token."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, mask).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_forward_backward(name: str) -> None:
+    model = _model(name).train()
+    ids, mask = _prompts([7, 5, 9], model.config.vocab_size, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, mask, labels=labels)
+    assert out.logits.shape == (3, 9, model.config.vocab_size)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"{name}: {param_name} got no gradient"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_cached_generation_equals_uncached(name: str) -> None:
+    model = _model(name)
+    ids, mask = _prompts([6, 3, 8], model.config.vocab_size, 0)
+    expected = _greedy_without_cache(model, ids, mask, steps=10)
+    got = model.generate(ids, mask, max_new_tokens=10, stop_token_ids=())
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_left_padding_equals_each_row_alone(name: str) -> None:
+    model = _model(name, seed=1)
+    lengths = [4, 9, 6]
+    ids, mask = _prompts(lengths, model.config.vocab_size, 0, seed=1)
+    batched = model.generate(ids, mask, max_new_tokens=8, stop_token_ids=())
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+    for row, length in enumerate(lengths):
+        alone = ids[row : row + 1, -length:]
+        assert torch.equal(model.generate(alone, max_new_tokens=8, stop_token_ids=())[0, -8:], batched[row, -8:])
+        with torch.no_grad():
+            torch.testing.assert_close(model(alone).logits[0], logits[row, -length:], atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_embeds_and_streaming() -> None:
+    model = _model("test_llama_lm")
+    ids, mask = _prompts([5, 7], model.config.vocab_size, 0)
+    expected = model.generate(ids, mask, max_new_tokens=6, stop_token_ids=())
+    streamed: list[torch.Tensor] = []
+    new = model.generate(
+        inputs_embeds=model.embed(ids),
+        attention_mask=mask,
+        max_new_tokens=6,
+        stop_token_ids=(),
+        streamer=streamed.append,
+    )
+    assert torch.equal(new, expected[:, -6:])  # only the new ids when the prompt came as embeddings
+    assert torch.equal(torch.stack(streamed, dim=1), new)
+    config = GenerationConfig(max_new_tokens=6, stop_token_ids=())
+    steps = list(stream_generate(model, ids, mask, config=config))
+    assert len(steps) == 6 and torch.equal(torch.stack(steps, dim=1), new)
+
+
+def test_top_k_one_equals_greedy_and_sampling_is_seeded() -> None:
+    model = _model("test_qwen2_lm")
+    ids, mask = _prompts([5, 8], model.config.vocab_size, 0)
+    greedy = model.generate(ids, mask, max_new_tokens=8, stop_token_ids=())
+    top1 = model.generate(ids, mask, max_new_tokens=8, stop_token_ids=(), do_sample=True, top_k=1, temperature=5.0)
+    assert torch.equal(top1, greedy)
+
+    def sampled(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(ids, mask, max_new_tokens=8, stop_token_ids=(), do_sample=True, generator=generator)
+
+    assert torch.equal(sampled(0), sampled(0))
+    assert not torch.equal(sampled(0), sampled(1))
+
+
+def test_top_p_and_top_k_keep_exactly_the_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, 4)
+    generator = torch.Generator().manual_seed(0)
+    # top_p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it -> {0, 1}, drawn 5:3.
+    draws = sample_logits(logits, top_p=0.7, generator=generator)
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[2] == counts[3] == 0 and counts[0] > 0 and counts[1] > 0
+    assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.03
+    draws = sample_logits(logits, top_k=3, generator=generator)
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[3] == 0 and (counts[:3] > 0).all()
+    # A low temperature sharpens towards the argmax.
+    draws = sample_logits(logits, temperature=0.05, generator=generator)
+    assert (draws == 0).float().mean() > 0.99
+
+
+def test_repetition_penalty_as_defined() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(penalize_repetition(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+
+    model = _model("test_llama_lm")
+    ids, mask = _prompts([6, 4], model.config.vocab_size, 0)
+    with torch.no_grad():
+        last = model(ids, mask).logits[:, -1]
+    seen = torch.zeros_like(last, dtype=torch.bool)
+    for row in range(2):
+        seen[row, ids[row][mask[row] == 1]] = True  # the prompt's real tokens; padding is not text
+    expected = penalize_repetition(last, seen, 1.5).argmax(-1)
+    first = model.generate(ids, mask, max_new_tokens=1, stop_token_ids=(), repetition_penalty=1.5)[:, -1]
+    assert torch.equal(first, expected)
+    # Strong enough, the penalty forbids repeating anything: 12 greedy tokens, all different from the prompt.
+    out = model.generate(ids[:1, -6:], max_new_tokens=12, stop_token_ids=(), repetition_penalty=1e6)[0]
+    assert len(set(out.tolist())) == len(out)
+
+
+def test_stop_tokens_and_stop_strings() -> None:
+    model = _model("test_llama_lm")
+    ids, mask = _prompts([5, 7], model.config.vocab_size, 0)
+    free = model.generate(ids, mask, max_new_tokens=10, stop_token_ids=())
+    new = free[:, -10:]
+    stop = int(new[0, 2])  # row 0 produces it at step 2; row 1 may or may not
+    out = model.generate(ids, mask, max_new_tokens=10, stop_token_ids=(stop,), pad_token_id=0)
+    first = {row: int((new[row] == stop).nonzero()[0]) if (new[row] == stop).any() else None for row in range(2)}
+    for row in range(2):
+        got = out[row, ids.shape[1] :]
+        end = first[row]
+        if end is None:
+            assert torch.equal(got, new[row, : len(got)])
+        else:
+            assert torch.equal(got[: end + 1], new[row, : end + 1]) and (got[end + 1 :] == 0).all()
+    if all(end is not None for end in first.values()):  # generation ends when every row has stopped
+        assert out.shape[1] == ids.shape[1] + max(first.values()) + 1  # type: ignore[type-var]
+
+    def decode(tokens: list[int]) -> str:
+        return "".join(chr(ord("a") + t % 26) for t in tokens)
+
+    text = decode(new[1].tolist())
+    stop_string = text[3:5]  # completed by row 1's token 4 (or earlier if the letters repeat)
+    out = model.generate(ids, mask, max_new_tokens=10, stop_token_ids=(), stop_strings=(stop_string,), decode=decode)
+    generated = out[1, ids.shape[1] :].tolist()
+    cut = next(i for i in range(10) if stop_string in decode(new[1, : i + 1].tolist()))
+    assert generated[: cut + 1] == new[1, : cut + 1].tolist() and cut <= 4
+    with pytest.raises(ValueError, match="decode"):
+        model.generate(ids, mask, max_new_tokens=2, stop_strings=("x",))
+
+
+def test_cache_slots_join_and_leave_a_running_batch() -> None:
+    """Sequences in slots 0 and 2 (slot 1 freed in between) decode together with different lengths and give the
+    same logits as each decoded alone."""
+    model = _model("test_qwen2_lm")
+    a, _ = _prompts([6], model.config.vocab_size, 0, seed=3)
+    b, _ = _prompts([3], model.config.vocab_size, 0, seed=4)
+    cache = model.new_cache(num_slots=3, max_len=32)
+    assert cache.allocate(2) == [0, 1]
+    cache.release([1])
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.release([1])
+    assert cache.allocate(2) == [1, 2]
+    with torch.no_grad():  # a previous occupant leaves 12 positions in slot 2; its successor must never see them
+        model(_prompts([12], model.config.vocab_size, 0, seed=5)[0], cache=cache.view([2]))
+    cache.release([1, 2])
+    assert cache.allocate(2) == [1, 2]
+    cache.release([1])
+    with pytest.raises(RuntimeError, match="free slots"):
+        cache.allocate(2)
+
+    def alone(ids: torch.Tensor, steps: list[int]) -> list[torch.Tensor]:
+        own = model.new_cache(1, 32)
+        view = own.view(own.allocate(1))
+        with torch.no_grad():
+            out = [model(ids, cache=view).logits[:, -1]]
+            out += [model(torch.tensor([[t]]), cache=view).logits[:, -1] for t in steps]
+        return out
+
+    with torch.no_grad():
+        model(a, cache=cache.view([0]))  # sequence a arrives first: prefill, then two steps alone
+        model(torch.tensor([[5]]), cache=cache.view([0]))
+        model(torch.tensor([[6]]), cache=cache.view([0]))
+        b_prefill = model(b, cache=cache.view([2])).logits[:, -1]  # b joins
+        joint = model(torch.tensor([[9], [7]]), cache=cache.view([2, 0])).logits[:, -1]  # one step, unequal lengths
+    assert cache.lengths == [9, 0, 4]
+    expected_a, expected_b = alone(a, [5, 6, 7])[-1], alone(b, [9])
+    torch.testing.assert_close(b_prefill, expected_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joint[0], expected_b[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joint[1], expected_a[0], atol=1e-5, rtol=1e-5)
+    cache.release([0, 2])
+    assert cache.allocate(3) == [0, 1, 2] and cache.lengths == [0, 0, 0]
+
+
+def test_cache_errors_and_layout() -> None:
+    model = _model("test_llama_lm")
+    cache = model.new_cache(num_slots=2, max_len=8)
+    config = model.config
+    assert isinstance(cache, KVCache)
+    assert cache.keys.shape == (config.depth, 2, config.num_kv_heads, 8, config.head_dim)
+    view = cache.view(cache.allocate(1))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="overflow"):
+        model(torch.arange(3, 12)[None], cache=view)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_loss_ignores_minus_100() -> None:
+    model = _model("test_opt_lm")
+    ids, _ = _prompts([8, 8], model.config.vocab_size, 0)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, 3] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+    only = torch.full_like(ids, -100)
+    only[1, 6] = ids[1, 6]
+    torch.testing.assert_close(model(ids, labels=only).loss, F.cross_entropy(out.logits[1, 5:6], ids[1, 6:7]))
+
+
+def test_config_validation_and_round_trip(tmp_path: Path) -> None:
+    config = LMConfig(vocab_size=50, dim=32, depth=1, num_heads=4, mlp_dim=48)
+    assert config.num_kv_heads == 4 and config.head_dim == 8
+    with pytest.raises(ValueError, match="multiple"):
+        LMConfig(dim=32, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="positions='rope'"):
+        LMConfig(dim=32, num_heads=4, positions="learned", rope_scaling="linear")
+    model = _model("test_qwen2_lm")
+    model.save_pretrained(tmp_path / "m")
+    loaded = vlkit.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    ids, _ = _prompts([5], model.config.vocab_size, 0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    half = vlkit.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.generate(ids, max_new_tokens=3).shape == (1, 8)
+
+
+def test_fast_linear_matches_f_linear() -> None:
+    layer = torch.nn.Linear(40, 24)
+    fast = Linear(40, 24)
+    fast.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x))
+        torch.testing.assert_close(linear(x[:, -1], layer.weight), F.linear(x[:, -1], layer.weight))
+    out = fast(x)  # with autograd: the plain kernel, gradients flow
+    out.sum().backward()
+    assert fast.weight.grad is not None
