@@ -86,6 +86,20 @@ def test_left_padding_equals_each_row_alone(name: str) -> None:
             torch.testing.assert_close(model(alone).logits[0], logits[row, -length:], atol=1e-5, rtol=1e-5)
 
 
+def test_positions_past_max_seq_len() -> None:
+    """RoPE has no length limit (the position tables grow); OPT's learned table does, and says so."""
+    model = _model("test_llama_lm")
+    ids, _ = _prompts([60], model.config.vocab_size, 0)
+    out = model.generate(ids, max_new_tokens=10, stop_token_ids=())
+    assert torch.equal(out, _greedy_without_cache(model, ids, torch.ones_like(ids), steps=10))
+    with torch.no_grad():  # explicit position ids take the direct formula instead of the tables: same numbers
+        direct = model(out, position_ids=torch.arange(out.shape[1])[None]).logits
+        assert torch.equal(direct, model(out).logits)
+    opt = _model("test_opt_lm")
+    with torch.no_grad(), pytest.raises(ValueError, match="max_seq_len"):
+        opt(torch.full((1, 65), 5))
+
+
 def test_inputs_embeds_and_streaming() -> None:
     model = _model("test_llama_lm")
     ids, mask = _prompts([5, 7], model.config.vocab_size, 0)
@@ -288,6 +302,11 @@ def test_fast_linear_matches_f_linear() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fast(x), layer(x))
         torch.testing.assert_close(linear(x[:, -1], layer.weight), F.linear(x[:, -1], layer.weight))
+        packed = linear(x, layer.weight, layer.bias, pack=True)
+        torch.testing.assert_close(packed, layer(x))
+        layer.weight.mul_(-2)  # the packed copy follows changes of the weight
+        torch.testing.assert_close(linear(x, layer.weight, layer.bias, pack=True), layer(x))
+        assert not torch.allclose(packed, layer(x))
     out = fast(x)  # with autograd: the plain kernel, gradients flow
     out.sum().backward()
     assert fast.weight.grad is not None

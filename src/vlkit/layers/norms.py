@@ -19,6 +19,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same numbers bit for bit as the lines below, in one call instead of nine (a decoder's per-token cost).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32: under bf16 the mean of squares loses too many bits.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

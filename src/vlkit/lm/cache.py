@@ -1,9 +1,9 @@
 """Preallocated key/value cache with per-sequence slots, for decoding without a per-token ``torch.cat``.
 
-``KVCache`` holds keys and values (layers, slots, kv_heads, max_len, head_dim), the mask of stored positions that are
-real tokens (slots, max_len) (left padding is stored but never attended to), each slot's next position id, and each
-slot's length on the host. A sequence owns a slot from ``allocate`` to ``release``, so a server can add and remove
-sequences of a running batch between decode steps; ``view(slots)`` names the rows of one forward pass.
+``KVCache`` holds keys and values (layers, slots, kv_heads, max_len, head_dim), an additive bias per stored position
+(slots, max_len): 0 for real tokens, -inf for left padding (stored but never attended to), each slot's next position
+id, and each slot's length on the host. A sequence owns a slot from ``allocate`` to ``release``, so a server can add
+and remove sequences of a running batch between decode steps; ``view(slots)`` names the rows of one forward pass.
 
 Each forward pass opens one ``CacheStep`` for all layers: it writes the new tokens' mask, decides the attention mask
 once (none at all while no slot holds padding and a single token is decoded), and gives every layer a write-then-read
@@ -31,7 +31,8 @@ class KVCache:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(num_slots, max_len, dtype=torch.bool, device=device)
+        # Additive attention bias per stored position: 0 for a real token, -inf for padding (and never-written room).
+        self.key_bias = torch.full((num_slots, max_len), float("-inf"), dtype=dtype, device=device)
         self.next_position = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.lengths = [0] * num_slots
         self.padded = [False] * num_slots  # whether the slot stores any position that is not attended to
@@ -106,21 +107,32 @@ class CacheStep:
         self.view = view
         self.length = length
         self.starts = view.lengths
-        self.uniform = len(set(self.starts)) == 1
         self.end = max(self.starts) + length
         if self.end > cache.max_len:
             raise RuntimeError(f"KV cache overflow: {self.end} positions needed, max_len is {cache.max_len}")
+        # The common case (a batch decoding in lockstep from consecutive slots) reads and writes through slices.
+        self.sliced = len(set(self.starts)) == 1 and view.range is not None
         has_padding = attention_mask is not None and not bool(attention_mask.all())
-        new_mask = (
-            torch.ones(len(view), length, dtype=torch.bool, device=cache.keys.device)
+        new_bias = (
+            0.0
             if attention_mask is None
-            else attention_mask.to(device=cache.keys.device, dtype=torch.bool)
+            else torch.zeros(attention_mask.shape, dtype=cache.key_bias.dtype, device=cache.keys.device).masked_fill(
+                attention_mask.to(cache.keys.device) == 0, float("-inf")
+            )
         )
-        if self.uniform and view.range is not None:
-            cache.key_mask[view.range[0] : view.range[1], self.starts[0] : self.end] = new_mask
+        if self.sliced:
+            first, last = view.range  # type: ignore[misc]
+            start = self.starts[0]
+            cache.key_bias[first:last, start : self.end] = new_bias
+            # (layers, B, kv_heads, ., head_dim) views made once here, so a layer only selects its own.
+            self.write = (
+                cache.keys[:, first:last, :, start : self.end],
+                cache.values[:, first:last, :, start : self.end],
+            )
+            self.read = (cache.keys[:, first:last, :, : self.end], cache.values[:, first:last, :, : self.end])
         else:
             rows, columns = self._positions()
-            cache.key_mask[rows, columns] = new_mask
+            cache.key_bias[rows, columns] = new_bias
         for slot in view.slots:
             cache.padded[slot] = cache.padded[slot] or has_padding
         self.attention_mask = self._attention_mask()
@@ -133,34 +145,33 @@ class CacheStep:
         return self.view.index[:, None].expand_as(columns), columns
 
     def _attention_mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, length, end), True = attend; None when every query may see every stored key."""
+        """(B, 1, length, end) for SDPA: None when every query may see every stored key; for one token per row in
+        lockstep, the slots' additive key bias itself (0 / -inf, nothing computed); else a bool mask, True = attend."""
         cache, view = self.view.cache, self.view
-        any_padding = any(cache.padded[s] for s in view.slots)
-        if self.length == 1 and self.uniform and not any_padding:
+        lockstep = self.length == 1 and len(set(self.starts)) == 1
+        if lockstep and not any(cache.padded[s] for s in view.slots):
             return None
-        keys_real = view.rows(cache.key_mask)[:, : self.end]  # (B, end)
-        if self.length == 1 and self.uniform:
-            return keys_real[:, None, None, :]
-        device = keys_real.device
+        key_bias = view.rows(cache.key_bias)[:, : self.end]  # (B, end)
+        if lockstep:
+            return key_bias[:, None, None, :]
+        device = key_bias.device
         starts = torch.tensor(self.starts, device=device)
         query_at = starts[:, None] + torch.arange(self.length, device=device)  # (B, length) absolute positions
         key_at = torch.arange(self.end, device=device)
         causal = key_at[None, None, :] <= query_at[:, :, None]  # (B, length, end)
         # Each query also sees itself: a padded query would otherwise have no key at all, and SDPA's NaN for that row
         # would reach the real tokens through the cached values of later layers.
-        mask = (causal & keys_real[:, None, :]) | (key_at[None, None, :] == query_at[:, :, None])
+        mask = (causal & (key_bias == 0)[:, None, :]) | (key_at[None, None, :] == query_at[:, :, None])
         return mask[:, None]  # (B, 1, length, end)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values (B, kv_heads, length, head_dim) of ``layer``; return all stored ones
         (B, kv_heads, end, head_dim)."""
+        if self.sliced:
+            self.write[0][layer].copy_(keys)
+            self.write[1][layer].copy_(values)
+            return self.read[0][layer], self.read[1][layer]
         cache, view = self.view.cache, self.view
-        if self.uniform and view.range is not None:
-            first, last = view.range
-            start = self.starts[0]
-            cache.keys[layer, first:last, :, start : self.end] = keys
-            cache.values[layer, first:last, :, start : self.end] = values
-            return cache.keys[layer, first:last, :, : self.end], cache.values[layer, first:last, :, : self.end]
         rows, columns = self._positions()
         # Advanced indices on dims 0 and 2 of (slots, heads, len, dim) put the indexed dims first: (B, length, ...).
         cache.keys[layer][rows, :, columns] = keys.transpose(1, 2)

@@ -20,10 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.layers import Rope1d, build_mlp, build_norm
-from vlkit.layers.linear import linear, use_fast_linears
+from vlkit.layers.linear import Linear, linear, release_packed, use_fast_linears
 from vlkit.lm.cache import CacheStep, CacheView, KVCache
 from vlkit.lm.config import LMConfig
 from vlkit.models.base import PretrainedModel
+
+# CPU inference keeps oneDNN-packed copies of the linear weights (see vlkit.layers.linear) when they take at most this
+# much memory in fp32: the copies double the weights' memory, which a 7B model cannot afford on a 24 GB machine.
+PACK_BUDGET_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -36,7 +40,7 @@ class AttentionContext(NamedTuple):
     """What every block of one forward pass shares, computed once."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sign-folded sin: (B, T, 1, head_dim)
-    mask: torch.Tensor | None  # bool (B, 1, T, L), True = attend
+    mask: torch.Tensor | None  # (B, 1, T, L): bool, True = attend, or an additive 0 / -inf bias
     is_causal: bool  # no mask and no cache: SDPA's own causal pattern
     step: CacheStep | None
 
@@ -100,6 +104,9 @@ class DecoderBlock(nn.Module):
 
 
 class DecoderLM(PretrainedModel):
+    """``forward`` -> ``LMOutput(logits, loss)``; ``forward_features`` / ``forward_head`` split it at the final hidden
+    states; ``generate`` decodes with a KV cache (``new_cache`` makes one for a server's own loop)."""
+
     config_class = LMConfig
     meta_init = True
 
@@ -134,8 +141,11 @@ class DecoderLM(PretrainedModel):
         # Tied: the head reads token_embed.weight directly, so the state dict holds one tensor (safetensors refuses
         # two names for shared storage).
         self.lm_head = None if config.tie_embeddings else nn.Linear(width, config.vocab_size, bias=False)
+        self._rope_tables: tuple[tuple[torch.device, torch.dtype], torch.Tensor, torch.Tensor] | None = None  # (L, hd)
         self._init_weights()
-        use_fast_linears(self)
+        linear_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        linear_params += self.token_embed.weight.numel() if self.lm_head is None else 0
+        self.set_weight_packing(4 * linear_params <= PACK_BUDGET_BYTES)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -143,6 +153,15 @@ class DecoderLM(PretrainedModel):
                 nn.init.normal_(module.weight, std=self.config.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def set_weight_packing(self, enabled: bool) -> None:
+        """Whether CPU inference runs on packed copies of the linear weights (faster at batch 1-8, twice the
+        memory); on by default for models whose linear weights fit ``PACK_BUDGET_BYTES`` in fp32."""
+        self.pack_weights = enabled
+        use_fast_linears(self, pack=enabled)
+        if not enabled:
+            release_packed(m.weight for m in self.modules() if isinstance(m, Linear))
+            release_packed([self.head_weight])
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -194,15 +213,19 @@ class DecoderLM(PretrainedModel):
         else:
             start = None
             mask, is_causal = _padding_mask(attention_mask, length)
+        limit = None  # positions stay below it: known on the host unless the caller passed position ids
         if position_ids is None:
             position_ids = _positions(attention_mask, start, batch, length, x.device)
+            limit = step.end if step is not None else length
         if self.embed_in is not None:
             x = self.embed_in(x)
         if self.pos_embed is not None:
-            if int(position_ids.max()) >= self.config.max_seq_len:
+            if (limit is None or limit > self.config.max_seq_len) and int(
+                position_ids.max()
+            ) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len}")
             x = x + self.pos_embed(position_ids + self.config.position_offset)
-        rope = self._rope(position_ids, x.dtype) if self.rope is not None else None
+        rope = self._rope(position_ids, x.dtype, limit) if self.rope is not None else None
         context = AttentionContext(rope, mask, is_causal, step)
         for layer, block in enumerate(self.blocks):
             x = block(x, context, layer)
@@ -215,17 +238,26 @@ class DecoderLM(PretrainedModel):
             step.finish(start + (length if attention_mask is None else attention_mask.sum(-1)))
         return x
 
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, limit: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (B, T, 1, head_dim) in the activations' dtype, as the reference implementations
+        rotate (bf16 models rotate in bf16). ``limit``: a bound on the positions known without reading them."""
         assert self.rope is not None
-        cos, sin = self.rope(position_ids)  # (B, T, head_dim) float32
-        half = sin.shape[-1] // 2
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        # In the activations' dtype, as the reference implementations rotate (bf16 models rotate in bf16).
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, head_dim)
+        if limit is None or self.config.rope_scaling == "dynamic":  # dynamic: frequencies follow the longest position
+            cos, sin = _signed(*self.rope(position_ids))
+            return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
+        tables = self._rope_tables
+        if tables is None or tables[0] != (position_ids.device, dtype) or tables[1].shape[0] < limit:
+            # One row per position, computed as the direct formula computes it: a decode step then costs two lookups.
+            positions = torch.arange(max(limit, self.config.max_seq_len), device=position_ids.device)[None]
+            cos, sin = _signed(*self.rope(positions))
+            tables = self._rope_tables = ((position_ids.device, dtype), cos[0].to(dtype), sin[0].to(dtype))
+        return F.embedding(position_ids, tables[1])[:, :, None], F.embedding(position_ids, tables[2])[:, :, None]
 
     def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of hidden states (..., E)."""
-        return linear(hidden, self.head_weight)
+        return linear(hidden, self.head_weight, pack=self.pack_weights)
 
     def forward(
         self,
@@ -278,6 +310,12 @@ class DecoderLM(PretrainedModel):
             generator=generator,
             decode=decode,
         )
+
+
+def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_half(x) * sin == roll(x, head_dim/2) * (sin with its first half negated)."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:

@@ -1,0 +1,190 @@
+"""Decode speed: vlkit's ``DecoderLM.generate`` against transformers' ``generate`` on the same weights.
+
+A Qwen2-style decoder of about 56 M parameters (dim 512, 8 layers, 8 query / 2 key-value heads, SwiGLU 1408, vocab
+32000, untied head) is built by transformers with random weights, saved, and loaded by ``vlkit.from_pretrained``. The
+prompt is what a VLM feeds its language model: 64 image positions (random embeddings) followed by a few text tokens,
+given to both libraries as ``inputs_embeds`` (transformers' decoder-only ``generate`` accepts them) with an attention
+mask; at batch 8 the text lengths differ, so rows are left-padded. Both decode greedily for the same number of new
+tokens with no end-of-sequence token; the outputs must be identical.
+
+Decode speed excludes the prefill: rate = new tokens / (time(N new tokens) - time(1 new token)), best of
+``--repeats`` (the two libraries alternate, so drifts of the machine's load hit both). At batch 1 decoding streams
+every weight once per token, so the script also measures the memory bandwidth (sums over a 512 MB tensor: the median
+of five rounds, each the best of three) and reports the bound = bandwidth / bytes of weights read per token (every
+layer weight and the LM head, fp32; the embedding lookup reads one row), and ``linear_only_tok_s``: the rate if a
+step were only its matrix products, run back to back through vlkit's kernels (what the GEMV kernels alone allow).
+
+    python bench/generate.py --threads 2 --out bench/results/generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vlkit
+
+IMAGE_TOKENS = 64
+CONFIG = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=1000000.0,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0,
+)  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def read_bandwidth(tensors: list[torch.Tensor], rounds: int = 5, repeats: int = 3) -> list[float]:
+    """Bytes/s of summing ``tensors``: the best of ``repeats`` in each of ``rounds`` rounds (this machine's memory
+    bandwidth drifts between rounds by up to 2x, so the rounds are reported, not only their best)."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    rates = []
+    for _ in range(rounds):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for tensor in tensors:
+                tensor.sum()
+            best = min(best, time.perf_counter() - start)
+        rates.append(nbytes / best)
+    return rates
+
+
+def linear_only_rate(model: Any, batch: int, repeats: int = 7) -> float:
+    """Tokens/s if a decode step were nothing but its matrix products: every linear layer and the head run back to back
+    through the same kernels as ``generate`` (the ceiling the kernels allow, without attention, norms or dispatch)."""
+    from vlkit.layers.linear import linear
+
+    weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w, _ in weights}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for weight, bias in weights:
+                linear(inputs[weight.shape[1]], weight, bias, pack=model.pack_weights)
+            best = min(best, time.perf_counter() - start)
+    return batch / best
+
+
+def _prompt(embed: torch.nn.Embedding, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs_embeds (B, 64 + text, D) and attention_mask: image embeddings, then 4..8 text tokens, left-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = embed.embedding_dim
+    lengths = [8] if batch == 1 else [4 + row % 5 for row in range(batch)]
+    width = IMAGE_TOKENS + max(lengths)
+    embeds = torch.zeros(batch, width, dim)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            image = torch.randn(IMAGE_TOKENS, dim, generator=generator) * 0.02
+            text = embed(torch.randint(3, embed.num_embeddings, (length,), generator=generator))
+            embeds[row, width - IMAGE_TOKENS - length :] = torch.cat([image, text])
+            mask[row, width - IMAGE_TOKENS - length :] = 1
+    return embeds, mask
+
+
+def decode_rates(runs: dict[str, Any], batch: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Per library: tokens/s of the decode steps alone (prefill subtracted) and the ids of its long run. The libraries
+    alternate within each repeat, so a change in the machine's load or bandwidth hits both alike; best of repeats."""
+    short = dict.fromkeys(runs, float("inf"))
+    long = dict.fromkeys(runs, float("inf"))
+    ids: dict[str, torch.Tensor] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(1)
+            short[name] = min(short[name], time.perf_counter() - start)
+            start = time.perf_counter()
+            ids[name] = run(new_tokens)
+            long[name] = min(long[name], time.perf_counter() - start)
+    return {name: (batch * (new_tokens - 1) / (long[name] - short[name]), ids[name]) for name in runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/generate.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = vlkit.from_pretrained(directory).eval()
+    params = sum(p.numel() for p in model.parameters())
+    # Read per token: every parameter except the embedding table (one row of it).
+    read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "token_embed.weight")
+    # Read bandwidth: a 512 MB tensor (the bound's definition), and the decoder's own weights (what decoding reads).
+    rates = read_bandwidth([torch.ones(128 * 2**20)])
+    weight_rates = read_bandwidth([p for n, p in model.named_parameters() if n != "token_embed.weight"])
+    bandwidth = statistics.median(rates)
+
+    results: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "model": {**CONFIG, "parameters": params, "bytes_read_per_token": read_bytes, "dtype": "float32"},
+        "prompt": f"{IMAGE_TOKENS} image positions + 4-8 text tokens, as inputs_embeds in both libraries",
+        "new_tokens": args.new_tokens,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "bandwidth_rounds_gb_s": [round(r / 1e9, 1) for r in rates],
+        "weights_read_gb_s": [round(r / 1e9, 1) for r in weight_rates],
+    }
+    identical = True
+    for batch in (1, 8):
+        embeds, mask = _prompt(reference.model.embed_tokens, batch, seed=batch)
+
+        def run_vlkit(n: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
+            return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n)
+
+        def run_reference(n: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
+            with torch.inference_mode():
+                return reference.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
+        rates = decode_rates({"vlkit": run_vlkit, "reference": run_reference}, batch, args.new_tokens, args.repeats)
+        (ours, ours_ids), (theirs, their_ids) = rates["vlkit"], rates["reference"]
+        identical = identical and torch.equal(ours_ids, their_ids[:, -ours_ids.shape[1] :])
+        bound = bandwidth / read_bytes
+        results[f"batch{batch}"] = {
+            "vlkit_tok_s": round(ours, 1),
+            "reference_tok_s": round(theirs, 1),
+            "bound_tok_s": round(bound, 1),
+            "linear_only_tok_s": round(linear_only_rate(model, batch), 1),
+            "speedup": round(ours / theirs, 2),
+            "fraction_of_bound": round(ours / batch / bound, 3),
+        }
+        print(f"batch {batch}: {results[f'batch{batch}']}", flush=True)
+    results["greedy_identical"] = identical
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
