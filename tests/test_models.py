@@ -23,8 +23,12 @@ from vlkit.losses import build_contrastive_loss, contrastive_loss_inputs
 from vlkit.models import DualEncoder, DualEncoderConfig, DualEncoderOutput, ImageClassifier
 from vlkit.text import TextConfig, TextTransformer
 
-# Image and dual-encoder presets; the language models' (``test_*_lm``) have their own sweep in test_lm.py.
-SWEEP = [name for name in vlkit.list_models("test_*") + vlkit.list_models("shapes_*") if not name.endswith("_lm")]
+# Image and dual-encoder presets; language models (test_lm.py) and VLMs (test_vlm.py) have their own tests.
+SWEEP = [
+    name
+    for name in vlkit.list_models("test_*") + vlkit.list_models("shapes_*")
+    if vlkit.get_config(name).kind not in ("lm", "vlm")
+]
 
 
 def _image_size(config: ViTConfig | ConvNeXtConfig) -> tuple[int, int]:

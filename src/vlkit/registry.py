@@ -63,5 +63,6 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def _load_presets() -> None:
+    # Presets register on import: the language models', and the image / dual-encoder families' (one module each).
     import vlkit.lm.presets
-    import vlkit.models.presets  # noqa: F401  (both register on import)
+    import vlkit.models.presets  # noqa: F401

@@ -34,8 +34,7 @@ import torch
 
 from vlkit.data import shapes
 from vlkit.data.transforms import ImageTransform
-from vlkit.eval.zero_shot import encode_images, encode_texts_as_tokens, uses_token_interaction
-from vlkit.losses import filip_similarity
+from vlkit.eval.similarity import image_text_similarity
 from vlkit.models import DualEncoder
 from vlkit.recipes import get_recipe
 from vlkit.recipes.base import InitFrom, Recipe
@@ -246,31 +245,12 @@ def hard_negative_set(config: shapes.ShapesConfig, transform: ImageTransform, si
     return HardNegativeSet(torch.stack(pixels), captions, negatives)
 
 
-@torch.no_grad()
-def image_text_similarity(
-    model: DualEncoder, tokenizer: Tokenizer, pixels: torch.Tensor, texts: Sequence[str], batch_size: int = 256
-) -> torch.Tensor:
-    """(N, M): how the model scores each image against each text (pooled cosine, or FILIP's image -> text)."""
-    batches = pixels.split(batch_size)
-    if uses_token_interaction(model):
-        text_tokens, text_mask = encode_texts_as_tokens(model, tokenizer, texts, batch_size)
-        rows = [
-            filip_similarity(model.encode_image_tokens(batch).float(), text_tokens, text_mask)[0] for batch in batches
-        ]
-        return torch.cat(rows)
-    features = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(list(texts[start : start + batch_size]))
-        features.append(model.encode_text(encoded.input_ids, encoded.attention_mask, normalize=True).float())
-    return encode_images(model, batches) @ torch.cat(features).T
-
-
 def hard_negative_scores(model: DualEncoder, tokenizer: Tokenizer, data: HardNegativeSet) -> dict[str, float]:
     """``hard_negative_accuracy``: the share of images scoring their caption above its hard negative;
     ``hard_negative_r1``: the share whose best text among all captions and negatives is their caption."""
     count = len(data.captions)
     texts = data.captions + data.negatives
-    similarity = image_text_similarity(model, tokenizer, data.pixels, texts)  # (N, 2N)
+    similarity, _ = image_text_similarity(model, tokenizer, data.pixels.split(256), texts)  # (N, 2N) image -> text
     rows = torch.arange(count)
     accuracy = (similarity[rows, rows] > similarity[rows, rows + count]).float().mean()
     best = similarity.argmax(dim=1).tolist()

@@ -7,7 +7,11 @@ A spec is a frozen config (``kind`` tag, JSON round trip) and says how its train
 - ``ShapesObjects``: one-object ShapesWorld scenes rendered on demand (classification), of which a
   ``colourless_fraction`` are *replaced* by their colourless copy;
 - ``Digits``: scikit-learn's scanned digits with digit captions (``data.digits``);
-- ``Manifest``: a user's JSONL / CSV manifest or WebDataset shards (``vlkit train --train-data``).
+- ``Manifest``: a user's JSONL / CSV manifest or WebDataset shards (``vlkit train --train-data``);
+- ``ShapesText``: ShapesWorld text alone (captions, questions with their answers, ``<ref>``/``<box>`` strings), for
+  pre-training a language model;
+- ``ShapesInstructions``: ShapesWorld scenes rendered on demand as conversations of ``turns`` instruction items of
+  the given ``kinds`` (``data.shapes_vqa``), for vision-language models.
 
 A task says which kinds it can train on; the runner hands it the stage's spec.
 """
@@ -27,7 +31,17 @@ from vlkit.data import shapes
 from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS, digits_split
 from vlkit.data.readers import ImageTextRecord, ReadResult, WebDatasetSource, read_records
 
-__all__ = ["DataSpec", "Digits", "Manifest", "ShapesObjects", "ShapesScenes", "image_text_records"]
+__all__ = [
+    "INSTRUCTION_KINDS",
+    "DataSpec",
+    "Digits",
+    "Manifest",
+    "ShapesInstructions",
+    "ShapesObjects",
+    "ShapesScenes",
+    "ShapesText",
+    "image_text_records",
+]
 
 
 @register_config
@@ -93,7 +107,49 @@ class Manifest(ConfigBase):
             raise ValueError("a Manifest data spec needs a path")
 
 
-DataSpec = ShapesScenes | ShapesObjects | Digits | Manifest
+@register_config
+@dataclass(frozen=True)
+class ShapesText(ConfigBase):
+    """The ``text_samples`` of ``train_size`` training scenes."""
+
+    kind: ClassVar[str] = "shapes_text"
+    config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
+    train_size: int = 2000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):
+            object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+
+
+INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
+
+
+@register_config
+@dataclass(frozen=True)
+class ShapesInstructions(ConfigBase):
+    """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
+    the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
+    scenes of seen and of held-out colour x shape combinations."""
+
+    kind: ClassVar[str] = "shapes_instructions"
+    config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
+    train_size: int = 10_000
+    eval_size: int = 100
+    kinds: tuple[str, ...] = INSTRUCTION_KINDS
+    turns: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):
+            object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        unknown = sorted(set(self.kinds) - set(INSTRUCTION_KINDS))
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
+        if self.turns < 1:
+            raise ValueError(f"turns must be >= 1, got {self.turns}")
+
+
+DataSpec = ShapesScenes | ShapesObjects | Digits | Manifest | ShapesText | ShapesInstructions
 
 
 def image_text_records(spec: DataSpec, data_dir: Path, progress: bool) -> list[ImageTextRecord] | WebDatasetSource:

@@ -171,12 +171,19 @@ class ViT(nn.Module):
             tokens = torch.cat([tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :] + table], 1)
         return tokens, grid
 
-    def forward_features(self, pixels: torch.Tensor | PackedImages) -> EncoderOutput | PackedFeatures:
+    def forward_features(
+        self, pixels: torch.Tensor | PackedImages, layer: int | None = None
+    ) -> EncoderOutput | PackedFeatures:
         """(B, 3, H, W) -> ``EncoderOutput`` (B, N, D); ``PackedImages`` -> ``PackedFeatures`` (S, L, D).
 
-        With patch dropout in training, N counts the kept tokens, not the grid's h*w.
+        With patch dropout in training, N counts the kept tokens, not the grid's h*w. ``layer`` returns an
+        intermediate hidden state instead, numbered as transformers' ``hidden_states``: 0 is the embedding (after any
+        pre-norm), k the output of block k, negative counts from the end; no final norm (what LLaVA's
+        ``vision_feature_layer`` selects).
         """
         if isinstance(pixels, PackedImages):
+            if layer is not None:
+                raise ValueError("packed inputs return the last layer only")
             return self._forward_packed(pixels)
         tokens, grid = self.embed(pixels)
         keep = None
@@ -184,9 +191,13 @@ class ViT(nn.Module):
             tokens, keep = self._drop_patches(tokens)
         rope = self._grid_rope(grid, keep, tokens.device) if self.rope is not None else None
         tokens = self.norm_pre(tokens)
-        for block in self.blocks:
+        depth = len(self.blocks)
+        if layer is not None and not -depth - 1 <= layer <= depth:
+            raise ValueError(f"layer {layer} is outside this ViT's hidden states 0..{depth} (or -{depth + 1}..-1)")
+        stop = depth if layer is None else layer % (depth + 1)
+        for block in self.blocks[:stop]:
             tokens = block(tokens, rope=rope)
-        if self.config.final_norm == "tokens":
+        if layer is None and self.config.final_norm == "tokens":
             tokens = self.norm(tokens)
         return EncoderOutput(tokens, grid, self.num_prefix_tokens)
 

@@ -3,8 +3,8 @@
 image_features (N, E), text_features (M, E), text_to_image (M,) -> R@1/5/10 in both directions.
 
 FILIP models (token-wise interaction, Yao et al., 2021) rank texts for an image by the image -> text similarity and
-images for a text by the text -> image one: ``similarity_retrieval_metrics`` takes the two matrices separately and
-``evaluate_retrieval`` picks the branch from the model.
+images for a text by the text -> image one: ``similarity_retrieval_metrics`` takes the two matrices separately, and
+``evaluate_retrieval`` gets both from the model's own similarity (``vlkit.eval.similarity``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlkit.losses import filip_similarity
+from vlkit.eval.similarity import image_text_similarity
 from vlkit.models import DualEncoder
 from vlkit.text import Tokenizer
 
@@ -82,21 +82,5 @@ def evaluate_retrieval(
     ks: Sequence[int] = (1, 5, 10),
 ) -> RetrievalResult:
     """Retrieval with the model's own similarity: pooled cosine, or FILIP's two token-wise similarities."""
-    from vlkit.eval.zero_shot import encode_images, encode_texts_as_tokens, uses_token_interaction
-
-    device = next(model.parameters()).device
-    if not uses_token_interaction(model):
-        text_features = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]))
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            text_features.append(model.encode_text(ids, mask, normalize=True).float().cpu())
-        return retrieval_metrics(encode_images(model, pixel_batches), torch.cat(text_features), text_to_image, ks)
-    text_tokens, text_mask = encode_texts_as_tokens(model, tokenizer, texts, batch_size)
-    image_to_text, text_to_image_rows = [], []
-    for pixels in pixel_batches:  # (b, N, E) image tokens per batch, never the whole set's at once
-        image_tokens = model.encode_image_tokens(pixels.to(device)).float().cpu()
-        i2t, t2i = filip_similarity(image_tokens, text_tokens, text_mask)  # (b, M) each
-        image_to_text.append(i2t)
-        text_to_image_rows.append(t2i)
-    return similarity_retrieval_metrics(torch.cat(image_to_text), torch.cat(text_to_image_rows), text_to_image, ks)
+    image_to_text, text_to_image_similarity = image_text_similarity(model, tokenizer, pixel_batches, texts, batch_size)
+    return similarity_retrieval_metrics(image_to_text, text_to_image_similarity, text_to_image, ks)

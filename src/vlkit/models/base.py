@@ -69,10 +69,16 @@ def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> Pretra
     weights = path / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
+    model = None
     if getattr(MODEL_CLASSES.get(config.kind), "meta_init", False):
         # Built on the meta device and given the read tensors themselves: the weights exist once, in the stored dtype.
         with torch.device("meta"):
             model = build_model(config)
+        # A non-persistent buffer (a ViT's 2D RoPE frequencies) is in no file and would stay on the meta device:
+        # such a model is built the ordinary way.
+        if set(dict(model.named_buffers())) - set(model.state_dict()):
+            model = None
+    if model is not None:
         state = load_safetensors(weights)
         if dtype is not None:
             state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
@@ -85,7 +91,9 @@ def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> Pretra
     if missing or unexpected:
         raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
     tokenizer_file = path / "tokenizer.json"
-    max_len = config.text.max_seq_len if hasattr(config, "text") else getattr(config, "max_seq_len", None)
+    # The tokenizer's length limit is the text tower's, or the language model's (a VLM's ``lm``).
+    text_config = getattr(config, "text", None) or getattr(config, "lm", None) or config
+    max_len = getattr(text_config, "max_seq_len", None)
     if tokenizer_file.exists() and max_len is not None:
         if (path / "tokenizer_config.json").exists():
             from vlkit.text.tokenizer import load_tokenizer

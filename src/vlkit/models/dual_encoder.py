@@ -185,15 +185,36 @@ class DualEncoder(PretrainedModel):
             bias,
         )
 
+    def similarity(
+        self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, chunk_size: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's image-text similarity on encoded features: (image -> text, text -> image), each (N, M)
+        indexed [image, text]. Images rank texts by the first, texts rank images by the second.
+
+        ``interaction="global"``: L2-normalised pooled features, image (N, E) and text (M, E) -> their cosines, the
+        same matrix twice. ``interaction="token"`` (FILIP): per-token features, image (N, n, E) and text (M, T, E)
+        with its real-token mask (M, T) -> the two token-wise similarities, chunked over ``chunk_size`` text rows
+        (``filip_similarity``). Evaluation, the claims bench and ``logits`` all score through here.
+        """
+        if self.config.interaction == "token":
+            return filip_similarity(image, text, text_mask, chunk_size=chunk_size)
+        if image.ndim != 2 or text.ndim != 2 or text_mask is not None:
+            raise ValueError(
+                f"interaction='global' scores pooled features, image (N, E) and text (M, E) without a mask; got "
+                f"{tuple(image.shape)} and {tuple(text.shape)}" + (" and a text mask" if text_mask is not None else "")
+            )
+        cosine = image @ text.T  # (N, M)
+        return cosine, cosine
+
     def logits(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Image-text logits (B_img, B_txt) as the model's loss sees them: scale * cos + bias."""
+        """Image-text logits (B_img, B_txt) as the model's image -> text loss rows see them: scale * similarity +
+        bias (for FILIP, the image -> text token-wise similarity)."""
         out = self(pixels, input_ids, attention_mask)
         if out.image_tokens is not None:
-            # FILIP: the image -> text token-wise similarity, the one its image-to-text loss rows use.
-            similarity, _ = filip_similarity(out.image_tokens, out.text_tokens, out.text_mask)
-            logits = out.logit_scale * similarity
-            return logits + out.logit_bias if out.logit_bias is not None else logits
-        logits = out.logit_scale * out.image_features @ out.text_features.T
+            similarity, _ = self.similarity(out.image_tokens, out.text_tokens, out.text_mask)
+        else:
+            similarity, _ = self.similarity(out.image_features, out.text_features)
+        logits = out.logit_scale * similarity
         return logits + out.logit_bias if out.logit_bias is not None else logits

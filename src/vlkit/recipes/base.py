@@ -263,4 +263,5 @@ def get_recipe(name: str) -> Recipe:
 
 def _load() -> None:
     import vlkit.recipes.contrastive
-    import vlkit.recipes.family  # noqa: F401
+    import vlkit.recipes.family
+    import vlkit.recipes.vlm  # noqa: F401

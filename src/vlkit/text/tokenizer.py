@@ -77,15 +77,30 @@ class Tokenizer:
         return TokenBatch(ids, mask)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_len: int = 32) -> Tokenizer:
-    """Fit a lower-cased BPE tokenizer that wraps every text as ``<bos> ... <eos>``."""
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    max_len: int = 32,
+    extra_special_tokens: Sequence[str] = (),
+    split_digits: bool = False,
+) -> Tokenizer:
+    """Fit a lower-cased BPE tokenizer that wraps every text as ``<bos> ... <eos>``.
+
+    ``extra_special_tokens`` (e.g. ``<image>``, ``<ref>``) are single tokens that are never split or lower-cased.
+    ``split_digits`` makes every digit its own token, so numbers (box coordinates) are spelled digit by digit.
+    """
     backend = _HFTokenizer(models.BPE(unk_token="<unk>"))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([byte_level, pre_tokenizers.Digits(individual_digits=True)])
+        if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *(t for t in extra_special_tokens if t not in SPECIAL_TOKENS)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -1,0 +1,204 @@
+"""``VisionLanguageModel``: image encoder -> bridge -> the image's placeholder tokens in the text -> language model.
+
+    pixel_values (I, 3, H, W) --encoder (hidden state ``feature_layer``, class token dropped or kept)--> (I, N, D_vis)
+        --bridge--> (I, M, D_lm)
+    input_ids (B, T) with M ``image_token_id`` placeholders per image --LM token embedding, placeholders filled by
+        masked scatter in order (sample 0's images first)--> (B, T, D_lm) --LM--> logits (B, T, V)
+
+LLaVA (Liu et al., 2023) is this with a CLIP ViT-L/14, a linear (LLaVA) or two-layer MLP (LLaVA-1.5) bridge and a
+Llama / Vicuna LM; the other VLMs change the bridge (Q-Former, resampler, abstractors, pooling, merger) and the LM.
+Samples may hold several images or none (text-only samples in the same batch): a sample's placeholders take the next
+images in ``pixel_values`` order, and a count that does not match the bridge's output is an error naming the sample.
+The call takes the processor's names (``input_ids``, ``attention_mask``, ``pixel_values``), so
+``model(**processor(...))`` and ``model.generate(**processor(...))`` work as with transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from vlkit.bridges import BridgeConfig, BridgeOutput, MLPBridgeConfig, build_bridge
+from vlkit.config import ConfigBase, register_config
+from vlkit.encoders import ConvNeXtConfig, ViTConfig, build_encoder
+from vlkit.lm.config import LMConfig
+from vlkit.lm.model import DecoderLM, LMOutput
+from vlkit.models.base import PretrainedModel
+from vlkit.registry import get_config, register_preset
+
+__all__ = ["VLMConfig", "VisionLanguageModel"]
+
+
+@register_config
+@dataclass(frozen=True)
+class VLMConfig(ConfigBase):
+    """``feature_layer``: the encoder hidden state the bridge reads (transformers' numbering: -1 the last block's
+    output, -2 the one before, as LLaVA-1.5; no final norm). ``keep_class_token``: LLaVA's "full" feature strategy
+    (default: "default", patch tokens only). ``image_token_id``: the placeholder id in the LM's vocabulary.
+    ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat)."""
+
+    kind: ClassVar[str] = "vlm"
+
+    vision: ViTConfig | ConvNeXtConfig
+    bridge: BridgeConfig
+    lm: LMConfig
+    feature_layer: int = -1
+    keep_class_token: bool = False
+    image_token_id: int = 32000
+    chat_template: str = "vicuna_v1"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vision, ViTConfig):
+            raise ValueError(f"a VLM's encoder must be a ViT, got {type(self.vision).__name__}")
+        if not 0 <= self.image_token_id < self.lm.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the LM vocabulary "
+                             f"({self.lm.vocab_size})")  # fmt: skip
+        if self.keep_class_token and not self.vision.class_token:
+            raise ValueError("keep_class_token needs a ViT with a class token")
+
+
+class VisionLanguageModel(PretrainedModel):
+    config_class = VLMConfig
+    # Loaded on the meta device like the LMs (every weight is in the state dict; a tower with non-persistent buffers
+    # falls back to an ordinary build in ``load_vlkit_directory``), so a 7B VLM's weights exist once.
+    meta_init = True
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config.vision)
+        self.bridge = build_bridge(config.bridge, config.vision.dim, config.lm.dim)
+        self.lm = DecoderLM(config.lm)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        # Kept on the LM, whose generate decodes stop strings with it.
+        self.lm.tokenizer = value
+
+    def tokens_per_image(self) -> int:
+        """M for one image at the configured size: how many placeholders a prompt holds per image."""
+        rows, cols = self.config.vision.grid
+        count = int(self.bridge.num_output_tokens(torch.tensor([[rows, cols]]))[0])
+        return count + int(self.config.keep_class_token)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> BridgeOutput:
+        """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype."""
+        features = self.encoder.forward_features(pixel_values.to(self._vision_dtype()), layer=self.config.feature_layer)
+        tokens = features.tokens if self.config.keep_class_token else features.patch_tokens  # (I, N, D_vis)
+        rows, cols = features.grid
+        grid = torch.tensor([[rows, cols]], device=tokens.device).expand(tokens.shape[0], 2)
+        out = self.bridge(tokens, grid)
+        return BridgeOutput(out.tokens.to(self.lm.token_embed.weight.dtype), out.grid, out.mask)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T, D_lm) with each image's placeholders replaced by its bridge tokens."""
+        placeholders = input_ids == self.config.image_token_id  # (B, T)
+        embeds = self.lm.embed(input_ids.masked_fill(placeholders, 0))  # (B, T, D_lm)
+        if pixel_values is None:
+            if bool(placeholders.any()):
+                rows = placeholders.any(dim=1).nonzero().flatten().tolist()
+                raise ValueError(f"samples {rows} hold image placeholders but no pixel_values were given")
+            return embeds
+        image = self.embed_image(pixel_values)
+        real = image.tokens if image.mask is None else image.tokens[image.mask]  # (I*M or sum M, D_lm)
+        per_image = (
+            torch.full((image.tokens.shape[0],), image.tokens.shape[1]) if image.mask is None else image.mask.sum(1)
+        ).tolist()
+        _check_placeholders(placeholders.sum(dim=1).tolist(), per_image)
+        return embeds.masked_scatter(placeholders[..., None], real.reshape(-1, real.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """Logits (B, T, V); with ``labels`` (B, T, -100 where nothing is trained on) the next-token loss."""
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        streamer: Callable[[torch.Tensor], Any] | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Prompt + new ids (B, T + steps) for left-padded prompts, greedy by default (``DecoderLM.generate``)."""
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
+                                **options)  # fmt: skip
+
+    def _vision_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+
+def _check_placeholders(counts: list[int], per_image: list[int]) -> None:
+    """Each sample's placeholders must be exactly its images' tokens, images taken in order."""
+    image = 0
+    for sample, count in enumerate(counts):
+        taken = 0
+        while taken < count and image < len(per_image):
+            taken += per_image[image]
+            image += 1
+        if taken != count:
+            tokens = per_image[0] if per_image else 0
+            raise ValueError(f"sample {sample}: {count} image placeholder tokens do not match its images' "
+                             f"{taken} bridge tokens ({tokens} per image): expand each <image> to as many")  # fmt: skip
+    if image != len(per_image):
+        raise ValueError(f"{len(per_image)} images were given but the placeholders of the batch take only {image}")
+
+
+# --- presets (the LM presets live in vlkit.lm.presets, the towers' in vlkit.models.presets)
+
+
+@register_preset
+def llava_1_5_7b() -> VLMConfig:
+    """LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14 at 336 px, its second-to-last layer without the class
+    token, ``mlp2x_gelu``, Vicuna-7B with the vocabulary grown by the <image> token and padding (32064)."""
+    lm = replace(get_config("vicuna_7b"), vocab_size=32064)
+    vision = get_config("clip_vit_large_patch14_336").vision
+    return VLMConfig(vision=vision, bridge=MLPBridgeConfig(act="gelu"), lm=lm, feature_layer=-2, image_token_id=32000,
+                     chat_template="vicuna_v1")  # fmt: skip
+
+
+@register_preset
+def shapes_llava() -> VLMConfig:
+    """The ShapesWorld VLM: ``shapes_siglip``'s image tower (64 patch tokens), an MLP bridge and a small Llama-style
+    LM; the recipe sizes the vocabulary and the image token to its tokenizer."""
+    lm = LMConfig(vocab_size=1024, max_seq_len=192, dim=256, depth=4, num_heads=4, mlp_dim=768, norm_eps=1e-5,
+                  bos_token_id=None, eos_token_ids=(2,), pad_token_id=0)  # fmt: skip
+    return VLMConfig(vision=get_config("shapes_siglip").vision, bridge=MLPBridgeConfig(act="gelu"), lm=lm,
+                     image_token_id=3, chat_template="shapes")  # fmt: skip
+
+
+@register_preset
+def test_llava() -> VLMConfig:
+    vision = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, num_heads=2, mlp_dim=64, act="quick_gelu",
+                       final_norm="pooled", pool="cls")  # fmt: skip
+    return VLMConfig(vision=vision, bridge=MLPBridgeConfig(act="gelu"), lm=get_config("test_llama_lm"),
+                     feature_layer=-2, image_token_id=127, chat_template="vicuna_v1")  # fmt: skip
+
+
+@register_preset
+def llava_siglip_qwen2_0_5b() -> VLMConfig:
+    """LLaVA-OneVision-0.5B's components in the plain LLaVA layout (llava-hf/llava-onevision-qwen2-0.5b-ov-hf without
+    its AnyRes tiling): SigLIP so400m/14 at 384 px cut to its first 26 blocks (the last one is never read) and without
+    the MAP head, every one of its 27 x 27 = 729 patch tokens (strategy "full"; SigLIP has no class token) from the
+    last kept block, ``mlp2x_gelu``, Qwen2-0.5B with the vocabulary grown to 152000 around <image> (151646)."""
+    vision = get_config("siglip_so400m_patch14_384").vision.replace(depth=26, pool="none")
+    lm = replace(get_config("qwen2_0_5b"), vocab_size=152000)
+    return VLMConfig(vision=vision, bridge=MLPBridgeConfig(act="gelu"), lm=lm, feature_layer=-1,
+                     image_token_id=151646, chat_template="chatml")  # fmt: skip

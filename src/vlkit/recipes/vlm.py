@@ -1,0 +1,51 @@
+"""Vision-language recipes on ShapesWorld.
+
+``llava_shapes`` is LLaVA's recipe (Liu et al., 2023, "Visual Instruction Tuning") at ShapesWorld scale, in three
+stages on the model ``shapes_llava`` (``shapes_siglip``'s image tower, an MLP bridge, a small Llama-style LM):
+
+- ``text``: the language model alone on ShapesWorld text (captions, questions with answers, ``<ref>``/``<box>``
+  strings), so that the LM the next stage freezes already speaks the answer formats;
+- ``align``: feature alignment, the bridge alone on captions (image tower and LM frozen); the image tower starts
+  from a ShapesWorld contrastive run (``recipe:siglip_shapes``, trained first into ``OUT/pretrain`` unless given);
+- ``instruct``: bridge and LM on the instruction mix (captions, questions of every kind, referring expressions
+  answered with a box), the image tower still frozen.
+"""
+
+from __future__ import annotations
+
+from vlkit.data.specs import ShapesInstructions, ShapesText
+from vlkit.recipes.base import InitFrom, Recipe, Stage, register_recipe
+from vlkit.recipes.contrastive import SHAPES_DATA
+from vlkit.tasks.vlm import VisionLanguage
+from vlkit.train import ParamGroupRule, TrainConfig
+
+FROZEN_ENCODER = ParamGroupRule(r"encoder\..*", freeze=True)
+FROZEN_LM = ParamGroupRule(r"lm\..*", freeze=True)
+FROZEN_BRIDGE = ParamGroupRule(r"bridge\..*", freeze=True)
+# The image tower of the ShapesWorld contrastive recipes (the demo's SigLIP), as the VLM's encoder.
+SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_shapes", part="image_encoder", share=("vision",))}
+
+TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30, precision="fp32")
+ALIGN_BUDGET = TrainConfig(steps=200, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_steps=20, precision="fp32")
+INSTRUCT_BUDGET = TrainConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40,
+                              precision="fp32")  # fmt: skip
+
+
+CAPTIONS = ShapesInstructions(SHAPES_DATA, kinds=("caption",), turns=1)
+
+
+@register_recipe
+def llava_shapes() -> Recipe:
+    return Recipe(
+        name="llava_shapes",
+        description="LLaVA on ShapesWorld: LM on ShapesWorld text, then the bridge on captions (feature alignment), "
+        "then bridge + LM on the instruction mix (VQA of every kind, captions, grounding with boxes).",
+        model="shapes_llava",
+        task=VisionLanguage(),
+        data=ShapesInstructions(SHAPES_DATA),
+        stages=(
+            Stage(TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE), data=ShapesText(SHAPES_DATA)),
+            Stage(ALIGN_BUDGET, name="align", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS, init=SHAPES_TOWER),
+            Stage(INSTRUCT_BUDGET, name="instruct", rules=(FROZEN_ENCODER,)),
+        ),
+    )

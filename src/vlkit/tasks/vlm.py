@@ -1,0 +1,371 @@
+"""The vision-language task: a ``VisionLanguageModel`` trained on conversations (and, in a text stage, on text alone),
+evaluated by generating answers.
+
+    scene --instruction items (data.shapes_vqa)--> conversation --chat template, <image> x M--> ids, labels
+        --collate (right padding)--> batch --model(input_ids, attention_mask, pixel_values, labels)--> loss
+
+Data kinds: ``ShapesInstructions`` (image + question-answer turns; labels on the answers only) and ``ShapesText``
+(text-only samples, every token trained on: a language-model stage before the LM is frozen or joined to images).
+The task fits one BPE for the run (digits spelled one by one, ``<image>`` and the template's markers as single tokens)
+and sizes the preset's vocabulary and image token to it. Evaluation greedily answers one question of each kind about
+test scenes of seen and of held-out colour x shape combinations: VQA exact match overall and per kind, grounding
+accuracy at IoU >= 0.5 of the ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` answers, caption attribute F1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from vlkit.data import shapes
+from vlkit.data.shapes_vqa import CAPTION_PROMPT, InstructionItem, instruction_items, text_samples
+from vlkit.data.specs import ShapesInstructions, ShapesText
+from vlkit.data.transforms import ImageTransform
+from vlkit.eval.captioning import caption_scores
+from vlkit.eval.grounding import grounding_accuracy, parse_box
+from vlkit.eval.result import EvalResult
+from vlkit.eval.vqa import vqa_accuracy
+from vlkit.models.base import build_model
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.registry import apply_overrides, get_config
+from vlkit.seeding import mix_seed
+from vlkit.tasks.base import RunContext, Task, TrainingInputs, register_task
+from vlkit.text import Tokenizer, train_tokenizer
+from vlkit.text.chat import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    Turn,
+    get_template,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from vlkit.train import StepOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VisionLanguage", "decode_answer"]
+
+GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
+_TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
+
+
+@register_task
+@dataclass(frozen=True)
+class VisionLanguage(Task):
+    """``vocab_size`` of the fitted BPE; ``tokenizer_scenes`` training scenes whose text it is fitted on;
+    ``max_new_tokens`` per evaluated answer; ``eval_batch_size`` prompts generated together."""
+
+    name: ClassVar[str] = "vlm"
+    vocab_size: int = 1024
+    tokenizer_scenes: int = 2000
+    max_new_tokens: int = 40
+    eval_batch_size: int = 64
+
+    # ---------------------------------------------------------------------------------------------- model
+
+    def build_model(self, run: RunContext) -> VisionLanguageModel:
+        recipe = run.recipe
+        if run.init is not None:
+            from vlkit.hub import from_pretrained
+
+            model = from_pretrained(run.init)
+            if not isinstance(model, VisionLanguageModel) or model.tokenizer is None:
+                raise ValueError(f"--init {run.init}: the vlm task continues a vision-language model with a tokenizer")
+            return model
+        base = apply_overrides(get_config(recipe.model), dict(recipe.model_overrides))
+        tokenizer = self._tokenizer(run, base.chat_template, base.lm.max_seq_len)
+        backend = tokenizer.backend
+        overrides = {
+            "lm.vocab_size": tokenizer.vocab_size,
+            "lm.eos_token_ids": (tokenizer.eos_token_id,),
+            "lm.pad_token_id": tokenizer.pad_token_id,
+            "lm.bos_token_id": backend.token_to_id("<bos>"),
+            "image_token_id": backend.token_to_id(IMAGE_PLACEHOLDER),
+        }
+        torch.manual_seed(recipe.stages[0].train.seed)
+        model = build_model(apply_overrides(base, overrides))
+        if not isinstance(model, VisionLanguageModel):
+            raise ValueError(f"recipe {recipe.name}: preset {recipe.model} builds a {type(model).__name__}, but the "
+                             "vlm task trains a VisionLanguageModel")  # fmt: skip
+        model.tokenizer = tokenizer
+        return model
+
+    def _tokenizer(self, run: RunContext, template: str, max_len: int) -> Tokenizer:
+        saved = run.out_dir / "tokenizer.json"
+        if saved.exists():
+            return Tokenizer.from_file(saved, max_len=max_len)
+        config = _shapes_config(run.recipe.data)
+        chat = get_template(template)
+        texts = scene_texts(config, self.tokenizer_scenes)
+        texts += [chat.user_prefix + CAPTION_PROMPT + chat.assistant_prefix]
+        specials = (IMAGE_PLACEHOLDER, *chat.special_tokens, *GROUNDING_TAGS)
+        tokenizer = train_tokenizer(texts, self.vocab_size, max_len, extra_special_tokens=specials, split_digits=True)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(saved)
+        return tokenizer
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def training_inputs(self, run: RunContext, stage: Any, model: nn.Module) -> TrainingInputs:
+        assert isinstance(model, VisionLanguageModel) and model.tokenizer is not None
+        data = run.training_data(stage)
+        seed = stage.train.seed
+        if isinstance(data, ShapesText):
+            dataset: torch.utils.data.Dataset = ShapesTextDataset(data, model.tokenizer)
+        elif isinstance(data, ShapesInstructions):
+            dataset = ShapesInstructionDataset(data, model, seed)
+        else:
+            raise ValueError(f"recipe {run.recipe.name}: the vlm task trains on ShapesInstructions or ShapesText, "
+                             f"not {data.kind!r}")  # fmt: skip
+        return TrainingInputs(dataset, _collate(model.tokenizer.pad_token_id), _step, stage.train.batch_size)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+
+    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult]:
+        assert isinstance(model, VisionLanguageModel)
+        data = run.recipe.data
+        if not isinstance(data, ShapesInstructions):
+            raise ValueError(f"recipe {run.recipe.name}: the vlm task evaluates on ShapesInstructions data")
+        return VLMEvaluation.build(data, model, self.max_new_tokens, self.eval_batch_size)
+
+    def report(self, run: RunContext, result: EvalResult, out_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+        samples = result.artifacts.get("samples")
+        if not samples:
+            return [], []
+        path = out_dir / "answers.png"
+        plot_answers(samples, path)
+        caption = "Test scenes (seen combinations): the question, the model's answer, the true answer; boxes: " \
+                  "green = true, red = predicted."  # fmt: skip
+        return [(caption, path)], []
+
+
+def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+    return StepOutput(loss=out.loss, metrics={"tokens": float((batch["labels"] != IGNORE_INDEX).sum())})
+
+
+def scene_texts(config: shapes.ShapesConfig, count: int) -> list[str]:
+    """``text_samples`` of training scenes 0 .. count - 1."""
+    return [text for index in range(count) for text in text_samples(shapes.generate(config, "train", index), config,
+                                                                     "train")]  # fmt: skip
+
+
+def _shapes_config(data: Any) -> shapes.ShapesConfig:
+    if not isinstance(data, ShapesInstructions | ShapesText):
+        raise ValueError(f"the vlm task's tokenizer is fitted on ShapesWorld text, not {data.kind!r} data")
+    return data.config
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class ShapesTextDataset(torch.utils.data.Dataset):
+    """Every ``text_samples`` string of the spec's scenes, tokenized ``<bos> ... <eos>``, all tokens trained on."""
+
+    def __init__(self, spec: ShapesText, tokenizer: Tokenizer) -> None:
+        self.texts = scene_texts(spec.config, spec.train_size)
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class ShapesInstructionDataset(torch.utils.data.Dataset):
+    """Scene ``index`` rendered on demand, as a conversation of ``turns`` of its items (a seeded draw per epoch)."""
+
+    def __init__(self, spec: ShapesInstructions, model: VisionLanguageModel, seed: int) -> None:
+        self.spec = spec
+        self.tokenizer = model.tokenizer
+        self.template = model.config.chat_template
+        self.tokens_per_image = model.tokens_per_image()
+        self.image_token = model.config.image_token_id
+        self.max_len = model.config.lm.max_seq_len
+        self.transform = ImageTransform(image_size=model.config.vision.image_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.spec.train_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = shapes.generate(self.spec.config, "train", index)
+        items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
+        rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
+        chosen = [items[i] for i in rng.permutation(len(items))[: self.spec.turns]]
+        # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
+        for count in range(len(chosen), 0, -1):
+            conversation = _conversation(chosen[:count], sample.image)
+            ids, labels = tokenize_conversation(conversation, self.template, self.tokenizer, self.image_token,
+                                                self.tokens_per_image)  # fmt: skip
+            if len(ids) <= self.max_len or count == 1:
+                break
+        if len(ids) > self.max_len:
+            raise ValueError(f"ShapesWorld train scene {index}: {len(ids)} tokens for one turn; the LM takes "
+                             f"{self.max_len}")  # fmt: skip
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.transform(sample.image)}
+
+
+def _conversation(items: list[InstructionItem], image: Any) -> Conversation:
+    turns: list[Turn] = []
+    for number, item in enumerate(items):
+        question = f"{IMAGE_PLACEHOLDER}{item.question}" if number == 0 else item.question
+        turns += [Turn("user", question), Turn("assistant", item.answer)]
+    return Conversation(turns=turns, images=[image])
+
+
+def _collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        ids = [sample["input_ids"] for sample in samples]
+        batch = {
+            "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),  # (B, T) right-padded
+            "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
+            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+        }
+        if "pixel_values" in samples[0]:
+            batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])  # (B, 3, H, W)
+        return batch
+
+    return collate
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Question:
+    split: str
+    kind: str
+    question: str
+    answer: str
+    box: tuple[int, int, int, int] | None
+    objects: list[shapes.ShapesObject]
+    image: Any
+    prompt: torch.Tensor  # (T,)
+    pixels: torch.Tensor  # (3, H, W)
+
+
+@dataclass
+class VLMEvaluation:
+    """One question of each kind about each of ``eval_size`` test scenes per split, rendered and tokenized once."""
+
+    questions: list[_Question]
+    max_new_tokens: int
+    batch_size: int
+    pad_id: int
+    eos_id: int
+
+    @classmethod
+    def build(
+        cls, spec: ShapesInstructions, model: VisionLanguageModel, max_new_tokens: int, batch_size: int
+    ) -> VLMEvaluation:
+        tokenizer = model.tokenizer
+        transform = ImageTransform(image_size=model.config.vision.image_size)
+        questions = []
+        for split in ("test", "test_heldout"):
+            for index in range(spec.eval_size):
+                sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
+                first: dict[str, InstructionItem] = {}
+                for item in instruction_items(sample, spec.config, split):  # type: ignore[arg-type]
+                    if item.kind in spec.kinds:
+                        first.setdefault(item.kind, item)
+                pixels = transform(sample.image)
+                for item in first.values():
+                    asked = Conversation([Turn("user", f"{IMAGE_PLACEHOLDER}{item.question}")], [sample.image])
+                    prompt = tokenize_prompt(asked, model.config.chat_template, tokenizer, model.config.image_token_id,
+                                             model.tokens_per_image())  # fmt: skip
+                    questions.append(_Question(split, item.kind, item.question, item.answer, item.box,
+                                               list(sample.objects), sample.image, prompt, pixels))  # fmt: skip
+        return cls(questions, max_new_tokens, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> EvalResult:
+        assert isinstance(model, VisionLanguageModel)
+        answers = self.answer(model)
+        metrics: dict[str, float] = {}
+        for split, suffix in (("test", ""), ("test_heldout", "_heldout")):
+            rows = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == split]
+            vqa = [(q, a) for q, a in rows if q.kind not in ("caption", "grounding")]
+            if vqa:
+                result = vqa_accuracy([a for _, a in vqa], [q.answer for q, _ in vqa], [q.kind for q, _ in vqa])
+                metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
+            grounding = [(q, a) for q, a in rows if q.kind == "grounding"]
+            if grounding:
+                boxes = [q.box for q, _ in grounding]
+                result = grounding_accuracy([a for _, a in grounding], boxes)  # type: ignore[arg-type]
+                metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
+            captions = [(q, a) for q, a in rows if q.kind == "caption"]
+            if captions:
+                scores = caption_scores([a for _, a in captions], [q.objects for q, _ in captions])
+                metrics |= {f"{key}{suffix}": value for key, value in scores.as_dict().items()}
+        samples = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == "test"][:12]
+        return EvalResult(metrics, {"samples": samples})
+
+    def answer(self, model: VisionLanguageModel) -> list[str]:
+        """Greedy answers, in question order; prompts of similar length are generated together (left-padded)."""
+        order = sorted(range(len(self.questions)), key=lambda i: len(self.questions[i].prompt))
+        answers: list[str] = [""] * len(self.questions)
+        device = next(model.parameters()).device
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            prompts = [self.questions[i].prompt for i in chunk]
+            length = max(len(p) for p in prompts)
+            ids = torch.full((len(chunk), length), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(prompts):
+                ids[row, length - len(prompt) :], mask[row, length - len(prompt) :] = prompt, 1
+            pixels = torch.stack([self.questions[i].pixels for i in chunk]).to(device)
+            out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=self.max_new_tokens,
+                                 stop_token_ids=(self.eos_id,), pad_token_id=self.pad_id)  # fmt: skip
+            for row, index in enumerate(chunk):
+                answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.eos_id)
+        return answers
+
+
+def decode_answer(tokenizer: Tokenizer, ids: list[int], eos_id: int) -> str:
+    """The text up to the first end-of-turn, special tokens (``<ref>``, ``<box>``) kept."""
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.backend.decode(ids, skip_special_tokens=False).strip()
+
+
+def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    columns = 4
+    rows = (len(samples) + columns - 1) // columns
+    figure = Figure(figsize=(3.2 * columns, 3.6 * rows))
+    FigureCanvasAgg(figure)
+    for number, (question, answer) in enumerate(samples):
+        axis = figure.add_subplot(rows, columns, number + 1)
+        image = question.image
+        axis.imshow(image)
+        width, height = image.size
+        for box, colour in ((question.box, "#1a7f37"), (parse_box(answer), "#d1242f")):
+            if box is not None:
+                x1, y1, x2, y2 = (box[0] * width / 1000, box[1] * height / 1000, box[2] * width / 1000,
+                                  box[3] * height / 1000)  # fmt: skip
+                axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
+        right = answer.strip() == question.answer.strip()
+        axis.set_title(f"{question.question}\nmodel: {answer[:40]}\ntrue: {question.answer[:40]}", fontsize=7,
+                       color="#1a7f37" if right else "#333333")  # fmt: skip
+        axis.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")

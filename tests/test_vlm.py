@@ -1,0 +1,168 @@
+"""``VisionLanguageModel`` (placeholders, several / no images per sample, generation, save/load), the vlm task's data
+and a tiny ``llava_shapes`` run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.recipes import get_recipe
+from vlkit.recipes.run import run_recipe
+from vlkit.tasks.base import RunContext
+from vlkit.tasks.vlm import ShapesInstructionDataset, decode_answer
+from vlkit.text.chat import IGNORE_INDEX
+
+
+def _model(seed: int = 0) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    model = vlkit.create_model("test_llava").eval()
+    assert isinstance(model, VisionLanguageModel)
+    return model
+
+
+def _ids(model: VisionLanguageModel, images_per_row: list[int], length: int = 40, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (len(images_per_row), length), generator=generator)
+    m = model.tokens_per_image()
+    for row, count in enumerate(images_per_row):
+        for image in range(count):
+            ids[row, 2 + image * (m + 1) : 2 + image * (m + 1) + m] = model.config.image_token_id
+    return ids
+
+
+def test_placeholders_are_filled_with_the_bridge_tokens_in_order() -> None:
+    model = _model()
+    ids = _ids(model, [2, 0, 1])  # two images, a text-only sample, one image
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(ids, pixel_values=pixels).logits
+        image = model.embed_image(pixels).tokens  # (3, M, D)
+        embeds = model.lm.embed(ids.masked_fill(ids == model.config.image_token_id, 0))
+        m = model.tokens_per_image()
+        embeds[0, 2 : 2 + m] = image[0]
+        embeds[0, 3 + m : 3 + 2 * m] = image[1]
+        embeds[2, 2 : 2 + m] = image[2]
+        expected = model.lm(inputs_embeds=embeds).logits
+    torch.testing.assert_close(logits, expected)
+    # The text-only row is the LM's own output on its tokens.
+    torch.testing.assert_close(logits[1], model.lm(ids[1:2]).logits[0])
+
+
+def test_feature_layer_and_class_token_choice() -> None:
+    model = _model()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert model.config.feature_layer == -2 and not model.config.keep_class_token
+    encoder = model.encoder
+    with torch.no_grad():
+        tokens, _ = encoder.embed(pixels)
+        tokens = encoder.norm_pre(tokens)
+        for block in encoder.blocks[:-1]:
+            tokens = block(tokens)
+        features = encoder.forward_features(pixels, layer=-2)
+        torch.testing.assert_close(features.tokens, tokens)
+        bridged = model.embed_image(pixels).tokens
+    assert bridged.shape == (2, model.tokens_per_image(), model.config.lm.dim) and model.tokens_per_image() == 16
+    torch.testing.assert_close(bridged, model.bridge(tokens[:, 1:], torch.tensor([[4, 4], [4, 4]])).tokens)
+    with pytest.raises(ValueError, match="hidden states"):
+        encoder.forward_features(pixels, layer=5)
+
+
+def test_a_placeholder_count_that_does_not_match_names_the_sample() -> None:
+    model = _model()
+    ids = _ids(model, [1, 1])
+    ids[1, 2] = 5  # one placeholder short
+    with pytest.raises(ValueError, match="sample 1: 15 image placeholder"):
+        model(ids, pixel_values=torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(_ids(model, [1]))
+    with pytest.raises(ValueError, match="3 images were given"):
+        model(_ids(model, [1, 1]), pixel_values=torch.randn(3, 3, 32, 32))
+
+
+def test_generation_with_the_cache_equals_recomputing_every_step() -> None:
+    model = _model(1)
+    ids = _ids(model, [1, 1], length=24, seed=3)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    pixels = torch.randn(2, 3, 32, 32)
+    out = model.generate(ids, mask, pixels, max_new_tokens=5, stop_token_ids=())
+    assert out.shape == (2, 29) and torch.equal(out[:, :24], ids)
+    current, current_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(current, current_mask, pixels).logits[:, -1]
+            current = torch.cat([current, logits.argmax(-1, keepdim=True)], dim=1)
+            current_mask = torch.cat([current_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    assert torch.equal(out, current)
+
+
+def test_save_and_load_keep_weights_tokenizer_and_outputs(tmp_path: Path) -> None:
+    model = _model(2)
+    ids, pixels = _ids(model, [1]), torch.randn(1, 3, 32, 32)
+    model.save_pretrained(tmp_path / "vlm")
+    loaded = vlkit.from_pretrained(tmp_path / "vlm").eval()
+    assert isinstance(loaded, VisionLanguageModel) and loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
+
+
+TINY_VLM = {
+    "model.lm.dim": 32, "model.lm.depth": 1, "model.lm.num_heads": 2, "model.lm.num_kv_heads": 2,
+    "model.lm.head_dim": 16, "model.lm.mlp_dim": 64,
+    "model.vision.dim": 32, "model.vision.depth": 1, "model.vision.num_heads": 2, "model.vision.mlp_dim": 64,
+    "model.vision.image_size": 32, "train.steps": 2, "train.batch_size": 4, "train.eval_every": None,
+    "data.eval_size": 2, "task.tokenizer_scenes": 20, "task.vocab_size": 300, "task.max_new_tokens": 6,
+    "stages.text.data.train_size": 20,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    out = tmp_path_factory.mktemp("llava") / "run"
+    # The image tower: a contrastive run of the same tiny vision config, trained first into OUT/pretrain.
+    pretrain = {"train.steps": 2, "train.batch_size": 8, "data.train_size": 16, "data.eval_size": 8,
+                "train.eval_every": None, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
+                "model.text.mlp_dim": 64, "model.embed_dim": 16}  # fmt: skip
+    init = {"encoder": {"kind": "init_from", "source": "recipe:siglip_shapes", "part": "image_encoder",
+                        "share": ["vision"], "overrides": pretrain}}  # fmt: skip
+    run_recipe(recipe.with_overrides({"stages.align.init": init}), out, progress=False, report=True)
+    return out
+
+
+def test_llava_shapes_trains_its_stages_and_writes_the_contract(tiny_llava: Path) -> None:
+    metrics = json.loads((tiny_llava / "metrics.json").read_text())
+    for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "train_seconds", "vqa_accuracy_heldout"):
+        assert isinstance(metrics[key], float), key
+    assert set(metrics["stages"]) == {"text", "align", "instruct"} and metrics["steps"] == 6
+    assert (tiny_llava / "pretrain" / "siglip_shapes" / "metrics.json").exists()
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    assert isinstance(model, VisionLanguageModel) and model.tokenizer is not None
+    # The encoder is the contrastive run's tower, untouched by the frozen stages.
+    tower = vlkit.from_pretrained(tiny_llava / "pretrain" / "siglip_shapes" / "model").image_encoder.state_dict()
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(tensor, tower[name]), name
+    report = (tiny_llava / "report.html").read_text()
+    assert "answers.png" in report and (tiny_llava / "answers.png").exists()
+
+
+def test_instruction_samples_train_on_the_answers_only(tiny_llava: Path) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
+    sample = dataset[3]
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert int((ids == model.config.image_token_id).sum()) == model.tokens_per_image()
+    trained = ids[labels != IGNORE_INDEX].tolist()
+    eos = model.tokenizer.eos_token_id
+    turns = trained.count(eos)  # one end-of-turn per answer
+    assert 1 <= turns <= recipe.data.turns
+    answers = decode_answer(model.tokenizer, trained, eos_id=-1).replace("<eos>", "|")
+    assert len([a for a in answers.split("|") if a.strip()]) == turns
+    assert "user" not in answers and "assistant" not in answers
+    RunContext(recipe, tiny_llava)  # the recipe's data spec is what the dataset read
