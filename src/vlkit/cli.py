@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping")
     train.add_argument("--init", help="start from a vlkit or Hugging Face model directory")
     train.add_argument("--lock", choices=["none", "image", "text"], help="freeze a tower (LiT: image)")
-    train.add_argument("--precision", choices=["fp32", "bf16"])
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="auto (default): bf16 only where a short measurement finds it faster")  # fmt: skip
     train.add_argument("--nproc", type=int, help="launch N processes on this machine (torchrun --standalone)")
     train.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                        help="ddp (replicated weights) or fsdp (FSDP2, sharded); default ddp")  # fmt: skip

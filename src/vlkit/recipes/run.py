@@ -119,7 +119,8 @@ def _train_stage(
                       device=run.device, sampler_factory=inputs.sampler_factory, strategy=run.strategy)  # fmt: skip
     result = trainer.fit(resume=resume)
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
-                               "skipped": result.skipped, "stage": stage.name}  # fmt: skip
+                               "skipped": result.skipped, "stage": stage.name,
+                               "precision": result.precision}  # fmt: skip
     padding = logged_mean(result.log_path, "padding_fraction") if main else None
     if padding is not None:
         metrics["padding_fraction"] = padding

@@ -25,10 +25,9 @@ FROZEN_BRIDGE = ParamGroupRule(r"bridge\..*", freeze=True)
 # The image tower of the ShapesWorld contrastive recipes (the demo's SigLIP), as the VLM's encoder.
 SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_shapes", part="image_encoder", share=("vision",))}
 
-TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30, precision="fp32")
-ALIGN_BUDGET = TrainConfig(steps=200, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_steps=20, precision="fp32")
-INSTRUCT_BUDGET = TrainConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40,
-                              precision="fp32")  # fmt: skip
+TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30)
+ALIGN_BUDGET = TrainConfig(steps=200, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_steps=20)
+INSTRUCT_BUDGET = TrainConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40)
 
 
 CAPTIONS = ShapesInstructions(SHAPES_DATA, kinds=("caption",), turns=1)

@@ -19,6 +19,7 @@ TensorBoard and checkpoints (FSDP2: every rank writes its shards). Evaluation ru
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -53,6 +54,8 @@ from vlkit.train.checkpoint import (
 from vlkit.train.distributed import GlobalBatchSampler, Strategy
 from vlkit.train.optim import ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ResumableSamplerProtocol", "StepOutput", "TrainConfig", "TrainResult", "Trainer"]
 
 # Fields that may change between an interrupted run and its resumption without changing the trajectory.
@@ -76,7 +79,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     param_groups: tuple[ParamGroupRule, ...] = ()
     eval_every: int | None = None
     save_every: int | None = None
@@ -116,8 +119,8 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            problems.append(f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         if self.optimizer not in ("adamw", "lamb"):
             problems.append(f"optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         for name in ("eval_every", "save_every"):
@@ -174,6 +177,7 @@ class TrainResult:
     skipped: int
     log_path: Path
     final_artifacts: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # what the run trained in ("auto" resolved)
 
 
 class ResumableSamplerProtocol(Protocol):
@@ -320,6 +324,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0
+        self.precision = config.precision if config.precision != "auto" else "fp32"
         self.skipped = 0
         self.train_seconds = 0.0
 
@@ -339,6 +344,7 @@ class Trainer:
         self.model.train()
         if checkpoint is None:
             self._seed_everything()
+            self.precision = self._resolve_precision()
             if self.is_main:
                 write_text_atomic(self.log_path, "")
         else:
@@ -385,7 +391,13 @@ class Trainer:
                 writer.close()
         final_eval = final_eval or EvalResult({})
         return TrainResult(
-            self.step, self.train_seconds, final_eval.metrics, self.skipped, self.log_path, final_eval.artifacts
+            self.step,
+            self.train_seconds,
+            final_eval.metrics,
+            self.skipped,
+            self.log_path,
+            final_eval.artifacts,
+            self.precision,
         )
 
     def _seed_everything(self) -> None:
@@ -405,7 +417,30 @@ class Trainer:
         return distributed.unwrap_model(self.model)
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _resolve_precision(self) -> str:
+        """``config.precision``, with "auto" measured on this run's first micro-batch (``train.precision``) on one
+        process; a distributed run takes bf16 on CUDA and fp32 on CPU (rank-local timings could disagree)."""
+        if self.config.precision != "auto":
+            return self.config.precision
+        if self.world_size > 1 or self.streaming:
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            return "bf16" if bf16 else "fp32"
+        from vlkit.train.precision import measure_precision
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        samples = [self.dataset[index] for index in range(self.local_micro_batch_size)]
+        collate = self.loader.collate_fn
+        batch = _to_device(collate(samples), self.device)
+        batch.pop("skipped", None)
+        choice, seconds = measure_precision(self.module, self.step_fn, batch, self.device)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        if seconds:
+            logger.info("precision auto: %s (fp32 %.3f s, bf16 %.3f s per micro-batch)", choice, seconds["fp32"],
+                        seconds["bf16"])  # fmt: skip
+        return choice
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         if self.streaming:
@@ -557,6 +592,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "world_size": self.world_size,
             "strategy": self.strategy,
+            "precision": self.precision,
         }
         rng_states = distributed.all_gather_object(capture_rng_state())
         if self.strategy == "fsdp":
@@ -612,6 +648,9 @@ class Trainer:
                 "the run will not reproduce an uninterrupted one",
                 stacklevel=3,
             )
+        # A resumed run keeps the precision it resolved to (checkpoints from before "auto" trained as configured).
+        saved_precision = state.get("precision", saved_config.get("precision", "bf16"))
+        self.precision = self.config.precision if self.config.precision != "auto" else saved_precision
         self.step = int(state["step"])
         self.sampler_state = state["sampler"]
         self.epoch = int(self.sampler_state["epoch"])

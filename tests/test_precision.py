@@ -1,0 +1,80 @@
+"""``precision="auto"``: the measurement picks a precision, leaves the model and the random state untouched, is
+cached, and a run records what it resolved to and keeps it on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlkit.train import StepOutput, TrainConfig, Trainer
+from vlkit.train import precision as precision_module
+from vlkit.train.precision import measure_precision
+
+
+class Regression(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        return {"x": torch.randn(8, generator=generator), "y": torch.randn(1, generator=generator)}
+
+
+def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+    return StepOutput(loss=nn.functional.mse_loss(model(batch["x"]).float(), batch["y"]))
+
+
+def test_measurement_leaves_no_trace_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 1)}
+    rng = torch.get_rng_state()
+    choice, seconds = measure_precision(model, step, batch, torch.device("cpu"))
+    assert choice in ("fp32", "bf16") and set(seconds) == {"fp32", "bf16"}
+    assert (choice == "bf16") == (seconds["fp32"] >= 1.1 * seconds["bf16"])
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout drew nothing from the run's stream
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())
+    cached = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert [entry["precision"] for entry in cached.values()] == [choice]
+    # Cached: the same model and batch shape are not measured again; another batch shape is.
+    assert measure_precision(model, step, batch, torch.device("cpu")) == (choice, {})
+    other = {"x": torch.randn(2, 8), "y": torch.randn(2, 1)}
+    assert measure_precision(model, step, other, torch.device("cpu"))[1]
+
+
+def test_a_run_records_the_resolved_precision_and_a_resume_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = precision_module.measure_precision
+
+    def forced(*args, **kwargs):
+        calls.append(1)
+        original(*args, **kwargs)
+        return "bf16", {"fp32": 2.0, "bf16": 1.0}
+
+    monkeypatch.setattr(precision_module, "measure_precision", forced)
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-2, save_every=2, progress=False)
+    assert config.precision == "auto"
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(nn.Linear(8, 1), config, Regression(), None, step, tmp_path / "run")
+
+    first = trainer()
+    result = first.fit()
+    assert result.precision == "bf16" and calls == [1]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["precision"] == "bf16"
+    # Resumed from step 2: no new measurement, the saved precision.
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
+    resumed = trainer().fit(resume=True)
+    assert resumed.precision == "bf16" and calls == [1]
