@@ -166,3 +166,42 @@ def test_instruction_samples_train_on_the_answers_only(tiny_llava: Path) -> None
     assert len([a for a in answers.split("|") if a.strip()]) == turns
     assert "user" not in answers and "assistant" not in answers
     RunContext(recipe, tiny_llava)  # the recipe's data spec is what the dataset read
+
+
+def test_chat_answers_streams_and_refuses_bad_input(tiny_llava: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from vlkit import cli
+    from vlkit.serve.chat import ChatSession, load_chat_model
+
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    assert cli.main(["chat", "--model", str(tiny_llava / "model"), "--image", str(image), "--prompt",
+                     "what colour is the circle?", "--max-new-tokens", "4"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    # What was streamed is what generate() answers for the same prompt.
+    session = ChatSession(load_chat_model(tiny_llava / "model"), image, max_new_tokens=4)
+    pieces = list(session.ask("what colour is the circle?"))
+    assert printed.strip() == "".join(pieces).strip()
+    assert [turn.role for turn in session.turns] == ["user", "assistant"]
+    for args, reason in (
+        (["--image", str(tmp_path / "missing.png")], "missing.png"),
+        (["--image", str(tmp_path)], str(tmp_path)),
+    ):
+        assert cli.main(["chat", "--model", str(tiny_llava / "model"), *args, "--prompt", "hi"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and reason in error and "Traceback" not in error
+    not_a_vlm = tiny_llava / "pretrain" / "siglip_shapes" / "model"
+    assert cli.main(["chat", "--model", str(not_a_vlm), "--image", str(image), "--prompt", "hi"]) == 2
+    assert "not a vision-language model" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_directory_uses_its_recorded_task_and_data(tiny_llava: Path, tmp_path: Path) -> None:
+    from vlkit import cli
+
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(tiny_llava / "model"), "--out", str(out)]) == 0
+    evaluated = json.loads(out.read_text())
+    trained = json.loads((tiny_llava / "metrics.json").read_text())
+    for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "vqa_accuracy_heldout"):
+        assert evaluated[key] == pytest.approx(trained[key]), key

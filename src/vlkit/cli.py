@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlkit.files import write_json
+
 
 def _parse_value(text: str) -> Any:
     try:
@@ -132,6 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlkit.eval import digits_suite, shapes_suite
     from vlkit.recipes import get_recipe
 
+    if (Path(args.model) / "recipe.json").exists():
+        return _eval_recorded(args)
     model = from_pretrained(args.model).eval()
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: zero-shot evaluation needs one")
@@ -146,8 +150,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_recorded(args: argparse.Namespace) -> int:
+    """A model directory a recipe run wrote: its recipe.json names the task and the data to evaluate on."""
+    import tempfile
+
+    from vlkit import from_pretrained
+    from vlkit.files import read_json
+    from vlkit.recipes.base import recipe_from_dict
+    from vlkit.tasks.base import RunContext
+
+    recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
+    model = from_pretrained(args.model).eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        evaluation = recipe.task.evaluation(RunContext(recipe, Path(scratch), progress=False), model)
+        if evaluation is None:
+            raise ValueError(f"{args.model}: the {recipe.task.name} task has no evaluation")
+        with torch_no_grad():
+            metrics = evaluation(model).metrics
+    _print_metrics(metrics)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def torch_no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from vlkit.serve.chat import run_chat
+
+    return run_chat(args.model, args.image, args.prompt, args.max_new_tokens)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlkit.recipes import get_recipe
+    """SigLIP on ShapesWorld, then the LLaVA-style VLM on its image tower; one report with both."""
+    from vlkit.recipes import InitFrom, get_recipe
     from vlkit.recipes.run import run_recipe, stage_dir
     from vlkit.train import write_report
 
@@ -155,23 +196,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     recipe = get_recipe("siglip_shapes").with_overrides(_parse_overrides(args.set or []))
     result = run_recipe(recipe, out / "contrastive", resume=True, progress=not args.quiet)
-    metrics = {"contrastive": result.metrics, "demo_seconds": time.perf_counter() - start}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics: dict[str, Any] = {"contrastive": result.metrics}
     figures = [(caption, out / "contrastive" / name) for caption, name in _DEMO_FIGURES]
+    notes = [
+        "A SigLIP dual encoder trained from scratch on ShapesWorld (recipe siglip_shapes).",
+        "zero_shot_top1: single-object test images over all colour x shape classes; "
+        "zero_shot_top1_heldout: colour x shape combinations never seen in training.",
+        f"Full training report: {out / 'contrastive' / 'report.html'}",
+    ]
+    if not args.no_vlm:
+        tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
+        vlm_recipe = get_recipe("llava_shapes").with_overrides(
+            {"stages.align.init": tower, **_parse_overrides(args.vlm_set or [])}
+        )
+        vlm = run_recipe(vlm_recipe, out / "vlm", resume=True, progress=not args.quiet)
+        metrics["vlm"] = vlm.metrics
+        figures.append(
+            ("The VLM's answers on test scenes (boxes: green true, red predicted).", out / "vlm" / "answers.png")
+        )
+        notes += [
+            "A LLaVA-style VLM (recipe llava_shapes) on the SigLIP's image tower: vqa_accuracy (exact match), "
+            "grounding_acc50 (IoU >= 0.5 of the <box> answers), caption_f1 (colour-shape mentions); the _heldout "
+            "keys are test scenes of held-out colour x shape combinations.",
+            f"Full VLM report: {out / 'vlm' / 'report.html'}",
+        ]
+    metrics["demo_seconds"] = time.perf_counter() - start
+    write_json(out / "metrics.json", metrics)
     write_report(
         out,
-        "vlkit demo · SigLIP on ShapesWorld",
+        "vlkit demo · SigLIP and a LLaVA-style VLM on ShapesWorld",
         metrics,
         stage_dir(out / "contrastive", recipe, recipe.stages[-1]) / "log.jsonl",
         [(caption, path) for caption, path in figures if path.exists()],
-        [
-            "A SigLIP dual encoder trained from scratch on ShapesWorld (recipe siglip_shapes).",
-            "zero_shot_top1: single-object test images over all colour x shape classes; "
-            "zero_shot_top1_heldout: colour x shape combinations never seen in training.",
-            f"Full training report: {out / 'contrastive' / 'report.html'}",
-        ],
+        notes,
     )
     _print_metrics(result.metrics)
+    if "vlm" in metrics:
+        _print_metrics(metrics["vlm"])
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -226,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a saved dual encoder")
+    evaluate = sub.add_parser("eval", help="evaluate a saved model (a run's model/ evaluates on its own task and data)")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--suite", choices=["shapes", "digits"], default="shapes")
     evaluate.add_argument("--size", type=int, default=400)
@@ -234,9 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="train SigLIP on ShapesWorld and write a report")
+    chat = sub.add_parser("chat", help="talk with a vision-language model about an image (tokens streamed)")
+    chat.add_argument("--model", required=True, help="a VLM directory (a vlkit run's model/ or a LLaVA checkpoint)")
+    chat.add_argument("--image", required=True)
+    chat.add_argument("--prompt", help="ask once and exit; without it the session is interactive")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(func=cmd_chat)
+
+    demo = sub.add_parser("demo", help="train SigLIP, then a LLaVA-style VLM, on ShapesWorld and write a report")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for the SigLIP recipe")
+    demo.add_argument("--vlm-set", nargs="*", metavar="KEY=VALUE", help="overrides for the VLM recipe (llava_shapes)")
+    demo.add_argument("--no-vlm", action="store_true", help="the SigLIP part only")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
 

@@ -14,10 +14,12 @@ it. ``export_hf(model, path)``: the reverse, a directory transformers' ``from_pr
 | llama      | LlamaForCausalLM                                      | DecoderLM                         |
 | qwen2      | Qwen2ForCausalLM                                      | DecoderLM                         |
 | opt        | OPTForCausalLM                                        | DecoderLM                         |
+| llava      | LlavaForConditionalGeneration (CLIP / SigLIP tower,   | VisionLanguageModel               |
+|            | Llama / Qwen2 LM)                                     |                                   |
 
-Language models load through their module's ``load_directory``: built on the meta device and filled tensor by tensor,
-keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards (``model-0000i-of-0000n.safetensors``
-+ ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
+Language models and LLaVA load through their module's ``load_directory``: built on the meta device and filled tensor
+by tensor, keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards
+(``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vlkit.convert import clip, convnext, llama, opt, siglip, siglip2, vit
+from vlkit.convert import clip, convnext, llama, llava, opt, siglip, siglip2, vit
 from vlkit.convert.common import (
     INDEX_NAME,
     WEIGHTS_NAME,
@@ -37,21 +39,24 @@ from vlkit.convert.common import (
     HFCheckpoint,
     read_weights,
 )
-from vlkit.data.processors import Processor
+from vlkit.data.processors import Processor, VLMProcessor
 from vlkit.files import atomic_write, read_json, write_json
 from vlkit.lm import DecoderLM
 from vlkit.models import DualEncoder, ImageClassifier
+from vlkit.models.vlm import VisionLanguageModel
 from vlkit.text.tokenizer import load_tokenizer
 
 FORMATS: dict[str, ModuleType] = {
     model_type: module
-    for module in (clip, siglip, siglip2, vit, convnext, llama, opt)
+    for module in (clip, siglip, siglip2, vit, convnext, llama, opt, llava)
     for model_type in getattr(module, "MODEL_TYPES", (module.MODEL_TYPE,))
 }
 MAX_SHARD_BYTES = 5 * 2**30
 
 
-def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> DualEncoder | ImageClassifier | DecoderLM:
+def load_hf_directory(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> DualEncoder | ImageClassifier | DecoderLM | VisionLanguageModel:
     directory = Path(path)
     config = read_json(directory / "config.json")
     model_type = config.get("model_type")
@@ -75,6 +80,8 @@ def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> Dua
         model.tokenizer = load_tokenizer(directory, model.config.text.max_seq_len, model_type)
     elif isinstance(model, DecoderLM):
         model.tokenizer = load_tokenizer(directory, model.config.max_seq_len, model_type)
+    elif isinstance(model, VisionLanguageModel):
+        model.tokenizer = load_tokenizer(directory, model.config.lm.max_seq_len, model_type)
     return model
 
 
@@ -83,8 +90,8 @@ def export_hf(
 ) -> Path:
     """Write ``model`` as a Hugging Face directory: ``config.json`` + ``model.safetensors`` (or its shards above
     ``max_shard_bytes``) (+ ``tokenizer.json`` and ``tokenizer_config.json`` when the model has a tokenizer,
-    + ``preprocessor_config.json`` when a processor with an image processor is given). Raises ``ConversionError``
-    naming every option the format cannot express."""
+    + ``preprocessor_config.json`` when a processor with an image processor is given, + ``processor_config.json``
+    for a LLaVA processor). Raises ``ConversionError`` naming every option the format cannot express."""
     module = _format_of(model)
     checkpoint = module.export(model)
     directory = Path(path)
@@ -110,6 +117,11 @@ def export_hf(
         )
     if processor is not None and processor.image_processor is not None:
         write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
+    if isinstance(processor, VLMProcessor):  # LlavaProcessor's settings; prompts for generation pad on the left
+        write_json(directory / "processor_config.json", processor.to_hf_dict())
+        if tokenizer is not None:
+            settings = read_json(directory / "tokenizer_config.json")
+            write_json(directory / "tokenizer_config.json", {**settings, "padding_side": processor.padding_side})
     return directory
 
 
@@ -151,6 +163,8 @@ def _format_of(model: Any) -> ModuleType:
         candidates = [clip, siglip2, siglip]  # siglip2 first: SigLIP also matches its MAP-pooled towers
     elif isinstance(model, ImageClassifier):
         candidates = [vit, convnext]
+    elif isinstance(model, VisionLanguageModel):
+        return llava  # its export names every option LLaVA cannot express
     else:
         raise ConversionError(f"no Hugging Face format for {type(model).__name__}")
     for module in candidates:

@@ -15,6 +15,12 @@ transformers' processor for that model does, so a checkpoint sees the numbers it
   ``pixel_attention_mask`` (B, max_num_patches) int32, ``spatial_shapes`` (B, 2) (rows, cols).
 - text: ids padded to ``max_length`` (the model's, capped by the tokenizer's own settings) with a mask, truncated
   with the end-of-text token kept.
+- LLaVA (``VLMProcessor``, transformers' ``LlavaProcessor``): each ``<image>`` in a prompt expanded to the model's
+  number of image features, prompts tokenized with their special tokens and padded to the longest on the left
+  (``padding_side``), images as above (``LlavaImageProcessor`` adds LLaVA's pad-to-square with the mean colour).
+
+``ProcessorOutput`` is a mapping of the inputs present, so ``model(**processor(...))`` and
+``model.generate(**processor(...))`` work as with transformers.
 
 The numbers follow transformers 5's PIL backend (``*ImageProcessorPil``), which ``AutoImageProcessor`` returns when
 torchvision is not installed: sizes from ``int(size * long / short)``, PIL resampling of the uint8 image, centre
@@ -27,10 +33,10 @@ pipeline, which rounds the crop offset instead of flooring it, so it is not reus
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +55,11 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
         "do_center_crop": True, "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
         "square": False,
+    },
+    "LlavaImageProcessor": {
+        "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+        "do_center_crop": True, "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "square": False, "do_pad": False,
     },
     "SiglipImageProcessor": {
         "size": {"height": 224, "width": 224}, "resample": 3, "do_convert_rgb": True,
@@ -98,6 +109,7 @@ class ImageProcessor:
     std: tuple[float, float, float] = CLIP_STD
     patch_size: int | None = None
     max_num_patches: int | None = None
+    do_pad: bool = False
 
     def __post_init__(self) -> None:
         if self.do_center_crop and self.crop_size is None:
@@ -154,6 +166,7 @@ class ImageProcessor:
             do_normalize=bool(merged.get("do_normalize", True)),
             mean=_triple(merged["image_mean"]),
             std=_triple(merged["image_std"]),
+            do_pad=bool(merged.get("do_pad", False)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -179,10 +192,14 @@ class ImageProcessor:
             out["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
         if self.crop_pct is not None:
             out["crop_pct"] = self.crop_pct
+        if self.do_pad:
+            out["do_pad"] = True
         return out
 
     def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         image = to_rgb(_as_pil(image))
+        if self.do_pad:
+            image = _pad_to_square(image, tuple(int(value * 255) for value in self.mean))
         if self.do_resize:
             image = self._resize(image)
         array = np.array(image, dtype=np.uint8)  # (H, W, 3)
@@ -243,7 +260,9 @@ class ImageProcessor:
 
 
 @dataclass
-class ProcessorOutput:
+class ProcessorOutput(Mapping[str, torch.Tensor]):
+    """The model inputs; a mapping of the present ones by name, so ``model(**processor(...))`` works directly."""
+
     pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float32; NaFlex: (B, L, p*p*3)
     input_ids: torch.Tensor | None = None  # (B, T) long
     attention_mask: torch.Tensor | None = None  # (B, T) long, 1 = real token
@@ -252,7 +271,22 @@ class ProcessorOutput:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The inputs that are present, by name (e.g. for a transformers model's ``**inputs``)."""
-        return {key: value for key, value in vars(self).items() if value is not None}
+        return dict(self.items())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = getattr(self, key, None) if key in _OUTPUT_FIELDS else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in _OUTPUT_FIELDS if getattr(self, key) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_OUTPUT_FIELDS = tuple(field.name for field in fields(ProcessorOutput))
 
 
 @dataclass
@@ -291,24 +325,159 @@ class Processor:
         return out
 
 
+@dataclass
+class VLMProcessor(Processor):
+    """LLaVA's processor (transformers' ``LlavaProcessor``): images as the image processor prepares them, and each
+    ``<image>`` in the prompts expanded to as many copies as the model has image features, the i-th placeholder of
+    the batch taking the i-th image; prompts tokenized with the tokenizer's special tokens and padded to the longest
+    on ``padding_side`` (left by default: generation appends at the right).
+
+    Image features per image: (H // patch_size) * (W // patch_size) of the processed image, + ``extra_image_tokens``
+    (the class token a CLIP tower adds), - 1 with the "default" strategy (which drops it): 576 for LLaVA-1.5.
+    """
+
+    image_token: str = "<image>"
+    image_token_id: int = 0
+    patch_size: int = 14
+    extra_image_tokens: int = 0
+    feature_select_strategy: Literal["default", "full"] = "default"
+    padding_side: Literal["left", "right"] = "left"
+
+    def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
+        """Image features of one processed image (3, H, W)."""
+        height, width = pixel_values.shape[-2:]
+        count = (height // self.patch_size) * (width // self.patch_size) + self.extra_image_tokens
+        return count - int(self.feature_select_strategy == "default")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """``processor_config.json`` as transformers' ``LlavaProcessor`` writes it (without the image processor's
+        settings, which go to ``preprocessor_config.json``)."""
+        return {
+            "processor_class": "LlavaProcessor",
+            "image_token": self.image_token,
+            "patch_size": self.patch_size,
+            "num_additional_image_tokens": self.extra_image_tokens,
+            "vision_feature_select_strategy": self.feature_select_strategy,
+        }
+
+    def __call__(  # type: ignore[override]
+        self,
+        images: Image.Image | np.ndarray | Sequence[Any] | None = None,
+        text: str | Sequence[str] | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> ProcessorOutput:
+        """``images``: one image, a list, or a list per prompt (flattened in order); ``text``: one prompt or a batch.
+        -> ``input_ids`` / ``attention_mask`` (B, T) long, ``pixel_values`` (I, 3, H, W) float32."""
+        if images is None and text is None:
+            raise ValueError("pass images, text or both")
+        out = ProcessorOutput()
+        counts: list[int] = []
+        if images is not None:
+            if self.image_processor is None:
+                raise ValueError("this processor has no image processor")
+            flat = _flat_images(images)
+            out.pixel_values = self.image_processor.batch(flat)  # (I, 3, H, W)
+            counts = [self.tokens_per_image(pixels) for pixels in out.pixel_values]
+        if text is None:
+            return out
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        prompts = [text] if isinstance(text, str) else list(text)
+        placeholders = sum(prompt.count(self.image_token) for prompt in prompts)
+        if placeholders != len(counts):
+            raise ValueError(f"the prompts hold {placeholders} {self.image_token} placeholders but {len(counts)} "
+                             "images were given; each image needs one")  # fmt: skip
+        remaining = iter(counts)
+        expanded = [
+            "".join(part if k == 0 else self.image_token * next(remaining) + part
+                    for k, part in enumerate(prompt.split(self.image_token)))
+            for prompt in prompts
+        ]  # fmt: skip
+        encoded = [encoding.ids for encoding in self.tokenizer.backend.encode_batch(expanded)]
+        width = max(len(ids) for ids in encoded)
+        if width > self.tokenizer.max_len:
+            raise ValueError(f"a prompt has {width} tokens (images expanded), more than the model's "
+                             f"{self.tokenizer.max_len} positions")  # fmt: skip
+        out.input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        out.attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        left = (padding_side or self.padding_side) == "left"
+        for row, ids in enumerate(encoded):
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            out.input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            out.attention_mask[row, span] = 1
+        return out
+
+
+def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
+    if isinstance(images, Image.Image | np.ndarray):
+        return [images]
+    flat: list[Image.Image | np.ndarray] = []
+    for item in images:
+        flat += _flat_images(item)
+    return flat
+
+
 def load_processor(path: str | Path) -> Processor:
-    """The processor of a Hugging Face model directory (``preprocessor_config.json`` and/or ``tokenizer.json``)."""
+    """The processor of a Hugging Face model directory (``preprocessor_config.json`` and/or ``tokenizer.json``); a
+    LLaVA directory's is a ``VLMProcessor``."""
     directory = Path(path)
     image_file = directory / "preprocessor_config.json"
     image_processor = (
         ImageProcessor.from_hf_dict(read_json(image_file), str(image_file)) if image_file.exists() else None
     )
     model_type, max_len = None, None
+    config: dict[str, Any] = {}
     if (directory / "config.json").exists():
         config = read_json(directory / "config.json")
         model_type = config.get("model_type")
         text_config = config.get("text_config") or {}
         max_len = text_config.get("max_position_embeddings") or TEXT_DEFAULTS.get(str(model_type), (0, 0, None))[2]
+    if model_type == "llava":
+        return _llava_processor(directory, config, image_processor)
     loaded = read_tokenizer_directory(directory, max_len, model_type)
     if image_processor is None and loaded is None:
         raise FileNotFoundError(f"{directory}: neither preprocessor_config.json nor tokenizer.json")
     tokenizer, padding = loaded if loaded is not None else (None, "max_length")
     return Processor(image_processor, tokenizer, padding)
+
+
+def _llava_processor(directory: Path, config: dict[str, Any], image_processor: ImageProcessor | None) -> VLMProcessor:
+    """``processor_config.json`` (transformers 5 keeps the image processor's settings there too) over what the model's
+    config implies: the tower's patch size, its class token (counted, then dropped by "default") and the strategy."""
+    from vlkit.convert.llava import config_from_hf, strategy  # here: vlkit.convert imports this module
+    from vlkit.encoders import ViTConfig
+
+    model = config_from_hf(config, str(directory / "config.json"))
+    settings_file = directory / "processor_config.json"
+    settings = read_json(settings_file) if settings_file.exists() else {}
+    if image_processor is None and isinstance(settings.get("image_processor"), dict):
+        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], str(settings_file))
+    if image_processor is None:
+        raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
+    loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, "llava")
+    if loaded is None:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+    tokenizer = loaded[0]
+    image_token = str(settings.get("image_token") or "<image>")
+    token_id = tokenizer.backend.token_to_id(image_token)
+    if token_id != model.image_token_id:
+        raise ValueError(f"{directory}: the tokenizer's {image_token!r} is id {token_id}, the model's "
+                         f"image_token_index {model.image_token_id}")  # fmt: skip
+    tokenizer_config = directory / "tokenizer_config.json"
+    side = (read_json(tokenizer_config) if tokenizer_config.exists() else {}).get("padding_side") or "left"
+    assert isinstance(model.vision, ViTConfig)
+    extra = settings.get("num_additional_image_tokens")
+    return VLMProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        padding="longest",
+        image_token=image_token,
+        image_token_id=model.image_token_id,
+        patch_size=int(settings.get("patch_size") or model.vision.patch_size),
+        extra_image_tokens=int(extra if extra is not None else model.vision.class_token),
+        feature_select_strategy=settings.get("vision_feature_select_strategy") or strategy(model),
+        padding_side=side,
+    )
 
 
 def _size(value: Any, square: bool, name: str, where: str) -> int | tuple[int, int]:
@@ -330,6 +499,17 @@ def _triple(value: Any) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"expected three channel values, got {value}")
     return (values[0], values[1], values[2])
+
+
+def _pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``expand2square``: the image centred (offset floored) on a square of the longer side in ``color``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), color)  # type: ignore[arg-type]
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def _as_pil(image: Image.Image | np.ndarray) -> Image.Image:

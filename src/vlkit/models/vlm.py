@@ -36,7 +36,8 @@ __all__ = ["VLMConfig", "VisionLanguageModel"]
 @dataclass(frozen=True)
 class VLMConfig(ConfigBase):
     """``feature_layer``: the encoder hidden state the bridge reads (transformers' numbering: -1 the last block's
-    output, -2 the one before, as LLaVA-1.5; no final norm). ``keep_class_token``: LLaVA's "full" feature strategy
+    output, -2 the one before, as LLaVA-1.5; no final norm); None: the encoder's output, final norm included (BLIP-2
+    reads the vision model's ``last_hidden_state``). ``keep_class_token``: LLaVA's "full" feature strategy
     (default: "default", patch tokens only). ``image_token_id``: the placeholder id in the LM's vocabulary.
     ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat)."""
 
@@ -45,7 +46,7 @@ class VLMConfig(ConfigBase):
     vision: ViTConfig | ConvNeXtConfig
     bridge: BridgeConfig
     lm: LMConfig
-    feature_layer: int = -1
+    feature_layer: int | None = -1
     keep_class_token: bool = False
     image_token_id: int = 32000
     chat_template: str = "vicuna_v1"
@@ -85,7 +86,7 @@ class VisionLanguageModel(PretrainedModel):
     def tokens_per_image(self) -> int:
         """M for one image at the configured size: how many placeholders a prompt holds per image."""
         rows, cols = self.config.vision.grid
-        count = int(self.bridge.num_output_tokens(torch.tensor([[rows, cols]]))[0])
+        count = int(self.bridge.num_output_tokens(torch.tensor([[rows, cols]], device="cpu"))[0])
         return count + int(self.config.keep_class_token)
 
     def embed_image(self, pixel_values: torch.Tensor) -> BridgeOutput:

@@ -86,6 +86,8 @@ def run_recipe(
         model, stages[stage.name] = _train_stage(run, stage, stage.task or recipe.task, model, folder, resume)
         if main:
             model.save_pretrained(weights)
+            # The model directory records what it was trained for, so `vlkit eval` / `vlkit chat` need no recipe.
+            write_json(weights / "recipe.json", recipe.to_dict())
             write_json(folder / "metrics.json", stages[stage.name])
     final = stages[recipe.stages[-1].name]
     metrics = {**final, "train_seconds": sum(m["train_seconds"] for m in stages.values()),

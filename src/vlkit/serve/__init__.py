@@ -1,0 +1,1 @@
+"""Talking to trained models: ``chat`` (one-shot or interactive, tokens streamed as they are generated)."""

@@ -1,0 +1,119 @@
+"""Chat with a vision-language model about one image: ``vlkit chat --model DIR --image PATH [--prompt TEXT]``.
+
+The prompt is rendered with the model's chat template (``VLMConfig.chat_template``), the ``<image>`` placeholder
+expanded to the bridge's token count, and the answer is generated greedily (or sampled) with the tokens printed as
+they are produced. Without ``--prompt`` the session is interactive: each question joins the conversation so far.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from vlkit.data.images import load_image
+from vlkit.data.transforms import ImageTransform
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn, get_template, tokenize_prompt
+
+__all__ = ["ChatSession", "load_chat_model"]
+
+
+def load_chat_model(path: str | Path) -> VisionLanguageModel:
+    from vlkit.hub import from_pretrained
+
+    model = from_pretrained(path)
+    if not isinstance(model, VisionLanguageModel):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a vision-language model: chat needs one")
+    if model.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer.json: chat needs one")
+    return model.eval()
+
+
+class ChatSession:
+    """One image and the turns so far; ``ask`` streams the answer's text pieces and keeps the answer as a turn."""
+
+    def __init__(self, model: VisionLanguageModel, image: str | Path, max_new_tokens: int = 64, **options: Any):
+        self.model = model
+        self.image = load_image(image)
+        self.pixels = ImageTransform(image_size=model.config.vision.image_size)(self.image)[None]  # (1, 3, H, W)
+        self.turns: list[Turn] = []
+        self.max_new_tokens = max_new_tokens
+        self.options = options
+        template = get_template(model.config.chat_template)
+        self.eos_ids = {*model.config.lm.eos_token_ids, model.tokenizer.eos_token_id}
+        end = model.tokenizer.backend.token_to_id(template.end_of_turn)
+        if end is not None:
+            self.eos_ids.add(end)
+
+    def ask(self, question: str) -> Iterator[str]:
+        text = question if self.turns else f"{IMAGE_PLACEHOLDER}\n{question}"
+        conversation = Conversation([*self.turns, Turn("user", text)], [self.image])
+        prompt = tokenize_prompt(conversation, self.model.config.chat_template, self.model.tokenizer,
+                                 self.model.config.image_token_id, self.model.tokens_per_image())[None]  # fmt: skip
+        produced: list[int] = []
+        pieces: list[str] = []
+        decode = self.model.tokenizer.backend.decode
+
+        def streamer(tokens: torch.Tensor) -> None:
+            token = int(tokens[0])
+            if token in self.eos_ids or (produced and produced[-1] in self.eos_ids):
+                produced.append(token)
+                return
+            before = decode(produced, skip_special_tokens=False)
+            produced.append(token)
+            pieces.append(decode(produced, skip_special_tokens=False)[len(before) :])
+
+        answer = []
+        for piece in _streamed(self.model, prompt, self.pixels, self.max_new_tokens, streamer, pieces, self.options):
+            answer.append(piece)
+            yield piece
+        self.turns += [Turn("user", text), Turn("assistant", "".join(answer).strip() or "…")]
+
+
+def _streamed(
+    model: VisionLanguageModel,
+    prompt: torch.Tensor,
+    pixels: torch.Tensor,
+    max_new_tokens: int,
+    streamer: Callable[[torch.Tensor], None],
+    pieces: list[str],
+    options: dict[str, Any],
+) -> Iterator[str]:
+    """Yields each new piece of text as soon as its token exists (generation runs token by token in a generator)."""
+    from vlkit.lm.generate import GenerationConfig, stream_generate
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, **options)
+    embeds = model.embed_inputs(prompt, pixels)
+    with torch.no_grad():
+        for tokens in stream_generate(model.lm, prompt, torch.ones_like(prompt), embeds, config):
+            streamer(tokens)
+            while pieces:
+                yield pieces.pop(0)
+
+
+def run_chat(model_dir: str, image: str, prompt: str | None, max_new_tokens: int, out: TextIO = sys.stdout,
+             read: Callable[[str], str] = input) -> int:  # fmt: skip
+    session = ChatSession(load_chat_model(model_dir), image, max_new_tokens)
+    questions = [prompt] if prompt is not None else None
+    while True:
+        if questions is not None:
+            if not questions:
+                return 0
+            question = questions.pop(0)
+        else:
+            try:
+                question = read("you> ").strip()
+            except EOFError:
+                return 0
+            if question in ("", "exit", "quit"):
+                return 0
+        if questions is None:
+            out.write("model> ")
+        for piece in session.ask(question):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
