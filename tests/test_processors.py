@@ -113,7 +113,7 @@ def test_export_writes_a_processor_transformers_reads(images: list[Image.Image],
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"image_processor_type": "BlipImageProcessor"}, "not supported"),
+        ({"image_processor_type": "DonutImageProcessor"}, "not supported"),
         ({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 300}}, "longest_edge"),
     ],
 )

@@ -118,6 +118,10 @@ class QFormer(Bridge):
         if config.text_input:
             self.word_embed = nn.Embedding(config.vocab_size, config.dim)
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
+            # BERT's 0.02, not nn.Embedding's 1.0: the generation head is tied to these rows, and unit-scale
+            # embeddings start its loss at ~160 instead of log V.
+            nn.init.trunc_normal_(self.word_embed.weight, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed.weight, std=0.02)
         self.embed_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         frequency = config.cross_attention_frequency
         self.layers = nn.ModuleList(

@@ -16,9 +16,11 @@ it. ``export_hf(model, path)``: the reverse, a directory transformers' ``from_pr
 | opt        | OPTForCausalLM                                        | DecoderLM                         |
 | llava      | LlavaForConditionalGeneration (CLIP / SigLIP tower,   | VisionLanguageModel               |
 |            | Llama / Qwen2 LM)                                     |                                   |
+| blip-2     | Blip2ForConditionalGeneration (EVA ViT, Q-Former,     | VisionLanguageModel (Q-Former     |
+|            | OPT / Llama / Qwen2 LM)                               | bridge)                           |
 
-Language models and LLaVA load through their module's ``load_directory``: built on the meta device and filled tensor
-by tensor, keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards
+Language models, LLaVA and BLIP-2 load through their module's ``load_directory``: built on the meta device and
+filled tensor by tensor, keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards
 (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
 """
 
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vlkit.convert import clip, convnext, llama, llava, opt, siglip, siglip2, vit
+from vlkit.bridges import QFormerConfig
+from vlkit.convert import blip2, clip, convnext, llama, llava, opt, siglip, siglip2, vit
 from vlkit.convert.common import (
     INDEX_NAME,
     WEIGHTS_NAME,
@@ -48,7 +51,7 @@ from vlkit.text.tokenizer import load_tokenizer
 
 FORMATS: dict[str, ModuleType] = {
     model_type: module
-    for module in (clip, siglip, siglip2, vit, convnext, llama, opt, llava)
+    for module in (clip, siglip, siglip2, vit, convnext, llama, opt, llava, blip2)
     for model_type in getattr(module, "MODEL_TYPES", (module.MODEL_TYPE,))
 }
 MAX_SHARD_BYTES = 5 * 2**30
@@ -91,7 +94,7 @@ def export_hf(
     """Write ``model`` as a Hugging Face directory: ``config.json`` + ``model.safetensors`` (or its shards above
     ``max_shard_bytes``) (+ ``tokenizer.json`` and ``tokenizer_config.json`` when the model has a tokenizer,
     + ``preprocessor_config.json`` when a processor with an image processor is given, + ``processor_config.json``
-    for a LLaVA processor). Raises ``ConversionError`` naming every option the format cannot express."""
+    for a LLaVA or BLIP-2 processor). Raises ``ConversionError`` naming every option the format cannot express."""
     module = _format_of(model)
     checkpoint = module.export(model)
     directory = Path(path)
@@ -117,7 +120,7 @@ def export_hf(
         )
     if processor is not None and processor.image_processor is not None:
         write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
-    if isinstance(processor, VLMProcessor):  # LlavaProcessor's settings; prompts for generation pad on the left
+    if isinstance(processor, VLMProcessor):  # Llava/Blip2Processor's settings; prompts to generate pad on the left
         write_json(directory / "processor_config.json", processor.to_hf_dict())
         if tokenizer is not None:
             settings = read_json(directory / "tokenizer_config.json")
@@ -164,7 +167,8 @@ def _format_of(model: Any) -> ModuleType:
     elif isinstance(model, ImageClassifier):
         candidates = [vit, convnext]
     elif isinstance(model, VisionLanguageModel):
-        return llava  # its export names every option LLaVA cannot express
+        # A Q-Former bridge is BLIP-2's; any other is LLaVA's. Each export names every option it cannot express.
+        return blip2 if isinstance(model.config.bridge, QFormerConfig) else llava
     else:
         raise ConversionError(f"no Hugging Face format for {type(model).__name__}")
     for module in candidates:

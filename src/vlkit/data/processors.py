@@ -18,6 +18,9 @@ transformers' processor for that model does, so a checkpoint sees the numbers it
 - LLaVA (``VLMProcessor``, transformers' ``LlavaProcessor``): each ``<image>`` in a prompt expanded to the model's
   number of image features, prompts tokenized with their special tokens and padded to the longest on the left
   (``padding_side``), images as above (``LlavaImageProcessor`` adds LLaVA's pad-to-square with the mean colour).
+- BLIP-2 (``Blip2Processor``, transformers' ``Blip2Processor``): the prompts tokenized and padded to the longest, then
+  ``num_query_tokens`` image placeholders put before each (begin-of-text and padding included), one image per
+  prompt; ``BlipImageProcessor`` resizes to a fixed (H, W) (bicubic) and normalises with CLIP's mean and std.
 
 ``ProcessorOutput`` is a mapping of the inputs present, so ``model(**processor(...))`` and
 ``model.generate(**processor(...))`` work as with transformers.
@@ -64,6 +67,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "SiglipImageProcessor": {
         "size": {"height": 224, "width": 224}, "resample": 3, "do_convert_rgb": True,
         "image_mean": IMAGENET_STANDARD, "image_std": IMAGENET_STANDARD, "square": False,
+    },
+    "BlipImageProcessor": {
+        "size": {"height": 384, "width": 384}, "resample": 3, "do_convert_rgb": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "square": True,
     },
     "ViTImageProcessor": {
         "size": {"height": 224, "width": 224}, "resample": 2, "image_mean": IMAGENET_STANDARD,
@@ -408,6 +415,66 @@ class VLMProcessor(Processor):
         return out
 
 
+@dataclass
+class Blip2Processor(VLMProcessor):
+    """BLIP-2's processor (transformers' ``Blip2Processor``): the prompts tokenized with their special tokens and
+    padded to the longest on ``padding_side``, then, when images are given (one per prompt), ``num_query_tokens``
+    copies of the image token put in front of every row: before its begin-of-text token and before its padding, where
+    the Q-Former's outputs take their place. (The LLaVA fields ``patch_size``, ``extra_image_tokens`` and
+    ``feature_select_strategy`` play no part: the count is the number of queries, whatever the image size.)"""
+
+    num_query_tokens: int = 32
+
+    def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
+        return self.num_query_tokens
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """``processor_config.json`` as transformers' ``Blip2Processor`` writes it."""
+        return {"processor_class": "Blip2Processor", "num_query_tokens": self.num_query_tokens}
+
+    def __call__(  # type: ignore[override]
+        self,
+        images: Image.Image | np.ndarray | Sequence[Any] | None = None,
+        text: str | Sequence[str] | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> ProcessorOutput:
+        """``images``: one image or one per prompt; ``text``: one prompt or a batch. -> ``input_ids`` /
+        ``attention_mask`` (B, M + T) long, ``pixel_values`` (B, 3, H, W) float32."""
+        if images is None and text is None:
+            raise ValueError("pass images, text or both")
+        out = ProcessorOutput()
+        flat: list[Image.Image | np.ndarray] = []
+        if images is not None:
+            if self.image_processor is None:
+                raise ValueError("this processor has no image processor")
+            flat = _flat_images(images)
+            out.pixel_values = self.image_processor.batch(flat)  # (B, 3, H, W)
+        if text is None:
+            return out
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        prompts = [text] if isinstance(text, str) else list(text)
+        if images is not None and len(flat) != len(prompts):
+            raise ValueError(f"{len(flat)} images for {len(prompts)} prompts: BLIP-2 takes one image per prompt")
+        encoded = [encoding.ids for encoding in self.tokenizer.backend.encode_batch(prompts)]
+        width = max(len(ids) for ids in encoded)
+        queries = self.num_query_tokens if images is not None else 0
+        if queries + width > self.tokenizer.max_len:
+            raise ValueError(f"a prompt has {queries + width} tokens (the queries included), more than the model's "
+                             f"{self.tokenizer.max_len} positions")  # fmt: skip
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        left = (padding_side or self.padding_side) == "left"
+        for row, tokens in enumerate(encoded):
+            span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, span] = 1
+        prefix = torch.full((len(encoded), queries), self.image_token_id, dtype=torch.long)  # (B, M)
+        out.input_ids = torch.cat([prefix, ids], dim=1)  # (B, M + T)
+        out.attention_mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
+        return out
+
+
 def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
     if isinstance(images, Image.Image | np.ndarray):
         return [images]
@@ -419,7 +486,7 @@ def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
 
 def load_processor(path: str | Path) -> Processor:
     """The processor of a Hugging Face model directory (``preprocessor_config.json`` and/or ``tokenizer.json``); a
-    LLaVA directory's is a ``VLMProcessor``."""
+    LLaVA directory's is a ``VLMProcessor``, a BLIP-2 one's a ``Blip2Processor``."""
     directory = Path(path)
     image_file = directory / "preprocessor_config.json"
     image_processor = (
@@ -434,6 +501,8 @@ def load_processor(path: str | Path) -> Processor:
         max_len = text_config.get("max_position_embeddings") or TEXT_DEFAULTS.get(str(model_type), (0, 0, None))[2]
     if model_type == "llava":
         return _llava_processor(directory, config, image_processor)
+    if model_type == "blip-2":
+        return _blip2_processor(directory, config, image_processor)
     loaded = read_tokenizer_directory(directory, max_len, model_type)
     if image_processor is None and loaded is None:
         raise FileNotFoundError(f"{directory}: neither preprocessor_config.json nor tokenizer.json")
@@ -478,6 +547,35 @@ def _llava_processor(directory: Path, config: dict[str, Any], image_processor: I
         feature_select_strategy=settings.get("vision_feature_select_strategy") or strategy(model),
         padding_side=side,
     )
+
+
+def _blip2_processor(directory: Path, config: dict[str, Any], image_processor: ImageProcessor | None) -> Blip2Processor:
+    """``processor_config.json`` (``num_query_tokens``, the image processor in transformers 5) over the model's
+    config (its number of queries and image token)."""
+    from vlkit.convert.blip2 import config_from_hf  # here: vlkit.convert imports this module
+
+    model = config_from_hf(config, str(directory / "config.json"))
+    settings_file = directory / "processor_config.json"
+    settings = read_json(settings_file) if settings_file.exists() else {}
+    if image_processor is None and isinstance(settings.get("image_processor"), dict):
+        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], str(settings_file))
+    if image_processor is None:
+        raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
+    loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, "blip-2")
+    if loaded is None:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+    tokenizer = loaded[0]
+    image_token = "<image>"
+    if tokenizer.backend.token_to_id(image_token) != model.image_token_id:
+        raise ValueError(f"{directory}: the tokenizer's {image_token!r} is id "
+                         f"{tokenizer.backend.token_to_id(image_token)}, the model's image_token_index "
+                         f"{model.image_token_id}")  # fmt: skip
+    tokenizer_config = directory / "tokenizer_config.json"
+    side = (read_json(tokenizer_config) if tokenizer_config.exists() else {}).get("padding_side") or "right"
+    queries = settings.get("num_query_tokens") or getattr(model.bridge, "num_queries")  # noqa: B009
+    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, padding="longest",
+                          image_token=image_token, image_token_id=model.image_token_id, padding_side=side,
+                          num_query_tokens=int(queries))  # fmt: skip
 
 
 def _size(value: Any, square: bool, name: str, where: str) -> int | tuple[int, int]:

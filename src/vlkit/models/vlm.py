@@ -11,17 +11,33 @@ Samples may hold several images or none (text-only samples in the same batch): a
 images in ``pixel_values`` order, and a count that does not match the bridge's output is an error naming the sample.
 The call takes the processor's names (``input_ids``, ``attention_mask``, ``pixel_values``), so
 ``model(**processor(...))`` and ``model.generate(**processor(...))`` work as with transformers.
+
+BLIP-2 (Li et al., 2023) is this with a Q-Former bridge reading the tower's normed output (class token kept) and an
+OPT or Llama-family LM. Its first training stage trains the Q-Former against the image tower alone, with
+image-text contrastive, matching and grounded-generation losses (``vlkit.tasks.qformer``); a config with
+``embed_dim`` holds the heads those losses need (``QFormerHeads``), which nothing else reads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from vlkit.bridges import BridgeConfig, BridgeOutput, MLPBridgeConfig, build_bridge
+from vlkit.bridges import (
+    BridgeConfig,
+    BridgeOutput,
+    CAbstractorConfig,
+    DAbstractorConfig,
+    LinearBridgeConfig,
+    MLPBridgeConfig,
+    QFormerConfig,
+    build_bridge,
+)
 from vlkit.config import ConfigBase, register_config
 from vlkit.encoders import ConvNeXtConfig, ViTConfig, build_encoder
 from vlkit.lm.config import LMConfig
@@ -29,7 +45,7 @@ from vlkit.lm.model import DecoderLM, LMOutput
 from vlkit.models.base import PretrainedModel
 from vlkit.registry import get_config, register_preset
 
-__all__ = ["VLMConfig", "VisionLanguageModel"]
+__all__ = ["QFormerHeads", "VLMConfig", "VisionLanguageModel"]
 
 
 @register_config
@@ -39,7 +55,9 @@ class VLMConfig(ConfigBase):
     output, -2 the one before, as LLaVA-1.5; no final norm); None: the encoder's output, final norm included (BLIP-2
     reads the vision model's ``last_hidden_state``). ``keep_class_token``: LLaVA's "full" feature strategy
     (default: "default", patch tokens only). ``image_token_id``: the placeholder id in the LM's vocabulary.
-    ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat)."""
+    ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat). ``embed_dim``: the
+    width of BLIP-2's stage-1 image-text contrastive space; set, the model holds ``QFormerHeads`` (a Q-Former bridge
+    with text input only)."""
 
     kind: ClassVar[str] = "vlm"
 
@@ -50,6 +68,7 @@ class VLMConfig(ConfigBase):
     keep_class_token: bool = False
     image_token_id: int = 32000
     chat_template: str = "vicuna_v1"
+    embed_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vision, ViTConfig):
@@ -59,6 +78,23 @@ class VLMConfig(ConfigBase):
                              f"({self.lm.vocab_size})")  # fmt: skip
         if self.keep_class_token and not self.vision.class_token:
             raise ValueError("keep_class_token needs a ViT with a class token")
+        if self.embed_dim is not None and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input):
+            raise ValueError("embed_dim (BLIP-2's stage-1 heads) needs a Q-Former bridge with text_input=True")
+
+
+class QFormerHeads(nn.Module):
+    """BLIP-2's stage-1 heads on the Q-Former (Li et al., 2023, Sec. 3.2): ``image_proj`` / ``text_proj`` map the
+    query and text outputs (D_q) into the contrastive space (E), ``logit_scale`` is the learnable log inverse
+    temperature (BLIP-2 starts at 1 / 0.07), ``itm_head`` scores a bidirectional pass's query outputs as matched or
+    not (2 logits). Image-grounded generation needs no head of its own: its logits are the Q-Former's word
+    embeddings, tied."""
+
+    def __init__(self, dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.image_proj = nn.Linear(dim, embed_dim)
+        self.text_proj = nn.Linear(dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.itm_head = nn.Linear(dim, 2)
 
 
 class VisionLanguageModel(PretrainedModel):
@@ -73,6 +109,11 @@ class VisionLanguageModel(PretrainedModel):
         self.encoder = build_encoder(config.vision)
         self.bridge = build_bridge(config.bridge, config.vision.dim, config.lm.dim)
         self.lm = DecoderLM(config.lm)
+        self.qformer_heads = (
+            QFormerHeads(config.bridge.dim, config.embed_dim)  # type: ignore[union-attr]
+            if config.embed_dim is not None
+            else None
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -87,14 +128,21 @@ class VisionLanguageModel(PretrainedModel):
         """M for one image at the configured size: how many placeholders a prompt holds per image."""
         rows, cols = self.config.vision.grid
         count = int(self.bridge.num_output_tokens(torch.tensor([[rows, cols]], device="cpu"))[0])
-        return count + int(self.config.keep_class_token)
+        # A kept class token passes a per-token bridge as one more output; learned queries (Q-Former, resampler)
+        # give M whatever they read.
+        per_token = isinstance(self.config.bridge, LinearBridgeConfig | MLPBridgeConfig)
+        return count + int(self.config.keep_class_token and per_token)
 
-    def embed_image(self, pixel_values: torch.Tensor) -> BridgeOutput:
-        """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype."""
+    def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, 3, H, W) -> the encoder tokens the bridge reads (I, N, D_vis) and their grid (I, 2)."""
         features = self.encoder.forward_features(pixel_values.to(self._vision_dtype()), layer=self.config.feature_layer)
         tokens = features.tokens if self.config.keep_class_token else features.patch_tokens  # (I, N, D_vis)
         rows, cols = features.grid
-        grid = torch.tensor([[rows, cols]], device=tokens.device).expand(tokens.shape[0], 2)
+        return tokens, torch.tensor([[rows, cols]], device=tokens.device).expand(tokens.shape[0], 2)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> BridgeOutput:
+        """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype."""
+        tokens, grid = self.image_tokens(pixel_values)
         out = self.bridge(tokens, grid)
         return BridgeOutput(out.tokens.to(self.lm.token_embed.weight.dtype), out.grid, out.mask)
 
@@ -186,6 +234,44 @@ def shapes_llava() -> VLMConfig:
 
 
 @register_preset
+def shapes_blip2() -> VLMConfig:
+    """BLIP-2 at ShapesWorld scale: ``shapes_siglip``'s image tower read at its output (final norm included, as
+    BLIP-2 reads ``last_hidden_state``), a 4-layer Q-Former as wide as the tower (half the LM's width, as BLIP-2's
+    is narrower than its tower and LM) with 16 queries, cross-attention every second layer as BLIP-2's, text input
+    and the stage-1 heads (contrastive space 64), and ``shapes_llava``'s LM. The Q-Former's text side reads the
+    VLM's tokenizer: its vocabulary is sized as the LM's."""
+    base = shapes_llava()
+    qformer = QFormerConfig(num_queries=16, dim=128, depth=4, num_heads=4, mlp_dim=512, cross_attention_frequency=2,
+                            text_input=True, vocab_size=base.lm.vocab_size, max_seq_len=64)  # fmt: skip
+    return base.replace(bridge=qformer, feature_layer=None, embed_dim=64)
+
+
+@register_preset
+def shapes_honeybee_c() -> VLMConfig:
+    """Honeybee's C-Abstractor (Cha et al., 2023) in ``shapes_llava``: 16 output tokens (4 x 4, a quarter of the
+    tower's 8 x 8), RegNet blocks as wide as the tower (3 before and 3 after the pooling, the paper's depth) and a
+    learned position table on the tower's grid."""
+    base = shapes_llava()
+    vision = base.vision
+    assert isinstance(vision, ViTConfig)
+    bridge = CAbstractorConfig(num_queries=16, dim=vision.dim, depth=3, mlp_depth=2, pos_embed_grid=vision.grid)
+    return base.replace(bridge=bridge)
+
+
+@register_preset
+def shapes_honeybee_d() -> VLMConfig:
+    """Honeybee's D-Abstractor in ``shapes_llava``: 16 queries (4 x 4 reference points, initialised from the
+    adaptively pooled features), two deformable-attention decoder layers as wide as the tower, 4 sampling points per
+    head, and a learned position table on the tower's grid."""
+    base = shapes_llava()
+    vision = base.vision
+    assert isinstance(vision, ViTConfig)
+    bridge = DAbstractorConfig(num_queries=16, dim=vision.dim, depth=2, num_heads=4, num_points=4,
+                               pos_embed_grid=vision.grid)  # fmt: skip
+    return base.replace(bridge=bridge)
+
+
+@register_preset
 def test_llava() -> VLMConfig:
     vision = ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, num_heads=2, mlp_dim=64, act="quick_gelu",
                        final_norm="pooled", pool="cls")  # fmt: skip
@@ -203,3 +289,16 @@ def llava_siglip_qwen2_0_5b() -> VLMConfig:
     lm = replace(get_config("qwen2_0_5b"), vocab_size=152000)
     return VLMConfig(vision=vision, bridge=MLPBridgeConfig(act="gelu"), lm=lm, feature_layer=-1,
                      image_token_id=151646, chat_template="chatml")  # fmt: skip
+
+
+@register_preset
+def blip2_opt_2_7b() -> VLMConfig:
+    """BLIP-2 OPT-2.7b (Salesforce/blip2-opt-2.7b): EVA's ViT-g/14 at 224 px (39 pre-norm blocks of width 1408, class
+    token and learned positions, read at ``post_layernorm`` with the class token), the BERT-base Q-Former with 32
+    queries cross-attending every second layer and its language projection, and OPT-2.7B with the vocabulary grown to
+    50304 around <image> (50265) and BLIP-2's end of text, the newline (50118)."""
+    vision = ViTConfig(image_size=224, patch_size=14, dim=1408, depth=39, num_heads=16, mlp_dim=6144, act="gelu",
+                       norm_eps=1e-6, class_token=True, pre_norm=False, final_norm="tokens", pool="cls")  # fmt: skip
+    lm = replace(get_config("opt_2_7b"), vocab_size=50304, eos_token_ids=(50118,))
+    return VLMConfig(vision=vision, bridge=QFormerConfig(num_queries=32), lm=lm, feature_layer=None,
+                     keep_class_token=True, image_token_id=50265, chat_template="plain")  # fmt: skip

@@ -262,6 +262,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 def _load() -> None:
+    import vlkit.recipes.blip2
     import vlkit.recipes.contrastive
     import vlkit.recipes.family
     import vlkit.recipes.vlm  # noqa: F401

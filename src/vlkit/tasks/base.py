@@ -125,4 +125,5 @@ def task_from_dict(data: dict[str, Any]) -> Task:
 def _load() -> None:
     import vlkit.tasks.classification
     import vlkit.tasks.contrastive
+    import vlkit.tasks.qformer
     import vlkit.tasks.vlm  # noqa: F401

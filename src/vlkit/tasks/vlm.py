@@ -91,6 +91,8 @@ class VisionLanguage(Task):
             "lm.bos_token_id": backend.token_to_id("<bos>"),
             "image_token_id": backend.token_to_id(IMAGE_PLACEHOLDER),
         }
+        if getattr(base.bridge, "text_input", False):  # a Q-Former that reads text (BLIP-2 stage 1) shares the BPE
+            overrides["bridge.vocab_size"] = tokenizer.vocab_size
         torch.manual_seed(recipe.stages[0].train.seed)
         model = build_model(apply_overrides(base, overrides))
         if not isinstance(model, VisionLanguageModel):

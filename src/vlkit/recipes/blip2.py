@@ -1,0 +1,85 @@
+"""BLIP-2 and Honeybee on ShapesWorld.
+
+``blip2_shapes`` is BLIP-2's recipe (Li et al., 2023) at ShapesWorld scale on ``shapes_blip2`` (``shapes_siglip``'s
+image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in three stages:
+
+- ``text``: the language model alone on ShapesWorld text, as in ``llava_shapes`` (BLIP-2 starts from a trained LM;
+  this stage makes one that speaks the answer formats);
+- ``qformer``: stage 1, vision-language representation learning: the Q-Former (and its stage-1 heads) against the
+  frozen image tower on captions, with the contrastive, matching and grounded-generation losses
+  (``tasks.qformer``); the tower starts from ``recipe:siglip_shapes`` as in ``llava_shapes``;
+- ``generate``: stage 2, vision-to-language generative learning: the Q-Former and its projection into the frozen LM,
+  on the instruction mix (image tower and LM frozen throughout).
+
+``honeybee_c_shapes`` and ``honeybee_d_shapes`` are ``llava_shapes``' stages (text, align, instruct) with Honeybee's
+locality-preserving bridges (Cha et al., 2023) in place of the MLP: the C-Abstractor (``shapes_honeybee_c``) and the
+D-Abstractor (``shapes_honeybee_d``), each with M = 16 output tokens (4 x 4 from the tower's 8 x 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vlkit.data.specs import ShapesInstructions, ShapesText
+from vlkit.recipes.base import Recipe, Stage, register_recipe
+from vlkit.recipes.contrastive import SHAPES_DATA
+from vlkit.recipes.vlm import (
+    CAPTIONS,
+    FROZEN_BRIDGE,
+    FROZEN_ENCODER,
+    FROZEN_LM,
+    SHAPES_TOWER,
+    TEXT_BUDGET,
+    llava_shapes,
+)
+from vlkit.tasks.qformer import QFormerPretraining
+from vlkit.tasks.vlm import VisionLanguage
+from vlkit.train import ParamGroupRule, TrainConfig
+
+# The stage-1 heads train in the qformer stage only; the generation stage never reads them.
+FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
+
+QFORMER_BUDGET = TrainConfig(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30)
+GENERATE_BUDGET = TrainConfig(steps=800, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
+
+
+@register_recipe
+def blip2_shapes() -> Recipe:
+    return Recipe(
+        name="blip2_shapes",
+        description="BLIP-2 on ShapesWorld: LM on ShapesWorld text, then the Q-Former against the frozen image tower "
+        "(contrastive, matching and grounded-generation losses on captions), then the Q-Former into the frozen LM on "
+        "the instruction mix (VQA of every kind, captions, grounding with boxes).",
+        model="shapes_blip2",
+        task=VisionLanguage(),
+        data=ShapesInstructions(SHAPES_DATA),
+        stages=(
+            Stage(TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
+                  data=ShapesText(SHAPES_DATA)),
+            Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
+                  task=QFormerPretraining(), init=SHAPES_TOWER),
+            Stage(GENERATE_BUDGET, name="generate", rules=(FROZEN_ENCODER, FROZEN_LM, FROZEN_HEADS)),
+        ),
+    )  # fmt: skip
+
+
+@register_recipe
+def honeybee_c_shapes() -> Recipe:
+    return dataclasses.replace(
+        llava_shapes(),
+        name="honeybee_c_shapes",
+        description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
+        "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
+        model="shapes_honeybee_c",
+    )
+
+
+@register_recipe
+def honeybee_d_shapes() -> Recipe:
+    return dataclasses.replace(
+        llava_shapes(),
+        name="honeybee_d_shapes",
+        description="Honeybee with the D-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
+        "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
+        model="shapes_honeybee_d",
+    )
