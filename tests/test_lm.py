@@ -310,3 +310,25 @@ def test_fast_linear_matches_f_linear() -> None:
     out = fast(x)  # with autograd: the plain kernel, gradients flow
     out.sum().backward()
     assert fast.weight.grad is not None
+
+
+def test_packed_weights_follow_an_optimizer_step_between_evaluations() -> None:
+    # Generation in eval mode packs the weights; a (fused) optimizer step in train mode changes them in place; the
+    # next evaluation must see the new weights, not the packed copies of the old ones.
+    torch.manual_seed(0)
+    model = vlkit.create_model("test_llama_lm")
+    ids = torch.randint(3, 100, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # packs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        packed = model(ids).logits
+    model.set_weight_packing(False)
+    with torch.no_grad():
+        plain = model(ids).logits
+    torch.testing.assert_close(packed, plain)

@@ -163,6 +163,14 @@ class DecoderLM(PretrainedModel):
             release_packed(m.weight for m in self.modules() if isinstance(m, Linear))
             release_packed([self.head_weight])
 
+    def train(self, mode: bool = True) -> DecoderLM:
+        """Training changes the weights behind the packed copies, and an optimizer's fused in-place step need not bump
+        a tensor's version counter: the copies are dropped whenever the model goes back to training."""
+        if mode:
+            release_packed(m.weight for m in self.modules() if isinstance(m, Linear))
+            release_packed([self.head_weight])
+        return super().train(mode)
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.token_embed.weight if self.lm_head is None else self.lm_head.weight
