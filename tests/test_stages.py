@@ -102,3 +102,13 @@ def test_overrides_address_every_stage_or_one() -> None:
     assert recipe.with_overrides({"lock": "none"}).stages[0].rules == ()
     with pytest.raises(KeyError, match="no stage"):
         recipe.with_overrides({"stages.missing.train.lr": 0.1})
+
+
+def test_a_stage_can_skip_its_evaluation(tmp_path: Path) -> None:
+    recipe = two_stage_recipe()
+    first, second = recipe.stages
+    recipe = dataclasses.replace(recipe, stages=(dataclasses.replace(first, evaluate=False), second))
+    run_recipe(recipe, tmp_path / "run", progress=False, report=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "zero_shot_top1" not in metrics["stages"]["locked"] and "zero_shot_top1" in metrics["stages"]["both"]
+    assert recipe_from_dict(json.loads((tmp_path / "run" / "recipe.json").read_text())).stages[0].evaluate is False

@@ -97,7 +97,8 @@ class InitFrom(ConfigBase):
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage; ``data`` / ``task`` default to the recipe's (``None``)."""
+    """One training stage; ``data`` / ``task`` default to the recipe's (``None``). ``evaluate=False`` skips the
+    task's evaluation at the stage's end (an intermediate stage whose numbers mean little, e.g. a text-only one)."""
 
     train: TrainConfig
     name: str = "train"
@@ -105,6 +106,7 @@ class Stage:
     data: DataSpec | None = None
     task: Task | None = None
     init: Mapping[str, InitFrom] = field(default_factory=dict)
+    evaluate: bool = True
 
     def __post_init__(self) -> None:
         # JSON (recipe.json, ``--set stages.NAME.init={...}``) -> typed values.
@@ -220,6 +222,7 @@ def _stage_dict(stage: Stage) -> dict[str, Any]:
         "data": None if stage.data is None else stage.data.to_dict(),
         "task": None if stage.task is None else stage.task.to_dict(),
         "init": {part: _json(init.to_dict()) for part, init in stage.init.items()},
+        "evaluate": stage.evaluate,
     }
 
 

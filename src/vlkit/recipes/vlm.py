@@ -43,8 +43,21 @@ def llava_shapes() -> Recipe:
         task=VisionLanguage(),
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
-            Stage(TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE), data=ShapesText(SHAPES_DATA)),
-            Stage(ALIGN_BUDGET, name="align", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS, init=SHAPES_TOWER),
+            Stage(
+                TEXT_BUDGET,
+                name="text",
+                rules=(FROZEN_ENCODER, FROZEN_BRIDGE),
+                data=ShapesText(SHAPES_DATA),
+                evaluate=False,
+            ),
+            Stage(
+                ALIGN_BUDGET,
+                name="align",
+                rules=(FROZEN_ENCODER, FROZEN_LM),
+                data=CAPTIONS,
+                init=SHAPES_TOWER,
+                evaluate=False,
+            ),
             Stage(INSTRUCT_BUDGET, name="instruct", rules=(FROZEN_ENCODER,)),
         ),
     )

@@ -186,7 +186,8 @@ class ShapesTextDataset(torch.utils.data.Dataset):
 
 
 class ShapesInstructionDataset(torch.utils.data.Dataset):
-    """Scene ``index`` rendered on demand, as a conversation of ``turns`` of its items (a seeded draw per epoch)."""
+    """Scene ``index`` rendered on demand, as a conversation of ``turns`` of its items of different kinds (a seeded
+    draw per epoch)."""
 
     def __init__(self, spec: ShapesInstructions, model: VisionLanguageModel, seed: int) -> None:
         self.spec = spec
@@ -209,7 +210,16 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         sample = shapes.generate(self.spec.config, "train", index)
         items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
         rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
-        chosen = [items[i] for i in rng.permutation(len(items))[: self.spec.turns]]
+        # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
+        # would starve the kinds that have few (grounding, captions) of training turns.
+        by_kind: dict[str, list[InstructionItem]] = {}
+        for item in items:
+            by_kind.setdefault(item.kind, []).append(item)
+        kinds = list(by_kind)
+        chosen = []
+        for kind in rng.permutation(len(kinds))[: self.spec.turns]:
+            group = by_kind[kinds[kind]]
+            chosen.append(group[int(rng.integers(len(group)))])
         # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
         for count in range(len(chosen), 0, -1):
             conversation = _conversation(chosen[:count], sample.image)
@@ -366,7 +376,8 @@ def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
                                   box[3] * height / 1000)  # fmt: skip
                 axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
         right = answer.strip() == question.answer.strip()
-        axis.set_title(f"{question.question}\nmodel: {answer[:40]}\ntrue: {question.answer[:40]}", fontsize=7,
+        shown = "".join(c if c.isprintable() else "?" for c in answer[:40])
+        axis.set_title(f"{question.question}\nmodel: {shown}\ntrue: {question.answer[:40]}", fontsize=7,
                        color="#1a7f37" if right else "#333333")  # fmt: skip
         axis.axis("off")
     path.parent.mkdir(parents=True, exist_ok=True)
