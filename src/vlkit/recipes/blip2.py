@@ -55,7 +55,7 @@ def blip2_shapes() -> Recipe:
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
             Stage(TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
-                  data=ShapesText(SHAPES_DATA)),
+                  data=ShapesText(SHAPES_DATA), evaluate=False),
             Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
                   task=QFormerPretraining(), init=SHAPES_TOWER),
             Stage(GENERATE_BUDGET, name="generate", rules=(FROZEN_ENCODER, FROZEN_LM, FROZEN_HEADS)),
