@@ -239,19 +239,10 @@ def strategy(config: VLMConfig) -> str:
 
 
 def _read(config: VLMConfig, source: Any, where: str, dtype: torch.dtype | None) -> VisionLanguageModel:
-    """Build the model on the meta device and fill it through ``rules`` from ``source``; every name and shape is
-    checked before any tensor is read."""
     key_map = rules(config)
-    with torch.device("meta"):
-        model = VisionLanguageModel(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    uncovered = sorted(set(expected) - {key for r in key_map for key in r.vlkit})
-    if uncovered:
-        raise ConversionError(f"converter bug: vlkit keys no rule fills: {uncovered[:8]}")
-    available = source.keys()
     wanted = {key for r in key_map for key in r.hf}
     ignored = {"language_model.lm_head.weight"} if config.lm.tie_embeddings else set()
-    for key in available - wanted:  # position ids that older vision towers saved as a buffer: checked and dropped
+    for key in source.keys() - wanted:  # position ids that older vision towers saved as a buffer: checked and dropped
         if key.endswith("embeddings.position_ids"):
             ids = source.read(key).reshape(-1).long()
             if not torch.equal(ids, torch.arange(ids.numel())):
@@ -259,6 +250,28 @@ def _read(config: VLMConfig, source: Any, where: str, dtype: torch.dtype | None)
                     f"{where}: {key} is not 0..{ids.numel() - 1}; custom position ids are unsupported"
                 )
             ignored.add(key)
+    return read_vlm(config, key_map, source, where, dtype, ignored, _fused_sizes(config))
+
+
+def read_vlm(
+    config: VLMConfig,
+    key_map: list[Rule],
+    source: WeightSource,
+    where: str,
+    dtype: torch.dtype | None,
+    ignored: set[str],
+    sizes: dict[str, list[int]],
+) -> VisionLanguageModel:
+    """Build ``VisionLanguageModel(config)`` on the meta device and fill it through ``key_map`` from ``source``;
+    every name and shape is checked before any tensor is read. ``ignored``: foreign keys that may be present unread
+    (a tied head); ``sizes``: dim-0 sizes of the foreign tensors a fused vlkit tensor joins (GQA's q, k, v)."""
+    with torch.device("meta"):
+        model = VisionLanguageModel(config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    uncovered = sorted(set(expected) - {key for r in key_map for key in r.vlkit})
+    if uncovered:
+        raise ConversionError(f"converter bug: vlkit keys no rule fills: {uncovered[:8]}")
+    available, wanted = source.keys(), {key for r in key_map for key in r.hf}
     problems = []
     missing = sorted(wanted - available)
     if missing:
@@ -266,7 +279,6 @@ def _read(config: VLMConfig, source: Any, where: str, dtype: torch.dtype | None)
     unexpected = sorted(available - wanted - ignored)
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-    sizes = _fused_sizes(config)
     for r in key_map:
         if any(key in missing for key in r.hf):
             continue
