@@ -56,6 +56,8 @@ __all__ = ["VisionLanguage", "decode_answer"]
 
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
+_EVAL_STREAM = 12  # which item of each kind a test scene is asked
+SPLIT_IDS = {"test": 0, "test_heldout": 1}
 
 
 @register_task
@@ -292,12 +294,16 @@ class VLMEvaluation:
         for split in ("test", "test_heldout"):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
-                first: dict[str, InstructionItem] = {}
+                by_kind: dict[str, list[InstructionItem]] = {}
                 for item in instruction_items(sample, spec.config, split):  # type: ignore[arg-type]
                     if item.kind in spec.kinds:
-                        first.setdefault(item.kind, item)
+                        by_kind.setdefault(item.kind, []).append(item)
+                # One item of each kind, drawn (seeded by the scene): a scene's first item of a kind is not a fair
+                # sample (its first spatial question is mostly answered "no", its first count one is the total).
+                rng = np.random.default_rng(mix_seed(_EVAL_STREAM, SPLIT_IDS[split], index))
                 pixels = transform(sample.image)
-                for item in first.values():
+                for group in by_kind.values():
+                    item = group[int(rng.integers(len(group)))]
                     asked = Conversation([Turn("user", f"{IMAGE_PLACEHOLDER}{item.question}")], [sample.image])
                     prompt = tokenize_prompt(asked, model.config.chat_template, tokenizer, model.config.image_token_id,
                                              model.tokens_per_image())  # fmt: skip
