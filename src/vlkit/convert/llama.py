@@ -18,6 +18,7 @@ so the weights are held once. By default they keep the dtype they were stored in
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from vlkit.convert.common import INDEX_NAME, WEIGHTS_NAME, ConversionError, HFCheckpoint, Rule, raise_if, rule
 from vlkit.files import check_safetensors, read_json
@@ -149,17 +151,29 @@ def read_lm(
     config: LMConfig, rules: list[Rule], source: WeightSource, where: str, dtype: torch.dtype | None = None,
     ignored: Iterable[str] = (), sizes: dict[str, list[int]] | None = None,
 ) -> DecoderLM:  # fmt: skip
-    """Build ``DecoderLM(config)`` on the meta device and fill it through ``rules`` from ``source``.
-
-    Every key is checked (missing, unexpected, misshapen) before any tensor is read. ``dtype`` None keeps the stored
-    floating dtype (the most common one, should a checkpoint mix them); ``ignored`` foreign keys may be present.
-    ``sizes``: for a vlkit key fused from several foreign tensors, their sizes along dim 0 (q, k, v differ under GQA).
-    """
+    """Build ``DecoderLM(config)`` on the meta device and fill it through ``rules`` from ``source`` (``fill_model``)."""
     with torch.device("meta"):
         model = DecoderLM(config)
+    return fill_model(model, rules, source, where, dtype, ignored, sizes)
+
+
+def fill_model(
+    model: nn.Module, rules: list[Rule], source: WeightSource, where: str, dtype: torch.dtype | None = None,
+    ignored: Iterable[str] = (), sizes: dict[str, list[int]] | None = None,
+) -> nn.Module:  # fmt: skip
+    """Fill ``model`` (built on the meta device) through ``rules`` from ``source``; the read tensors become its
+    parameters (no random initialisation, no second copy).
+
+    Every key is checked (missing, unexpected, misshapen) before any tensor is read. ``dtype`` None keeps the stored
+    floating dtype (the most common one, should a checkpoint mix them); ``ignored`` foreign keys may be present unread
+    (a tied head). ``sizes``: for a vlkit key fused from several foreign tensors, their sizes along dim 0 (q, k, v
+    differ under GQA).
+    """
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    available = source.keys()
-    wanted = {key for r in rules for key in r.hf}
+    uncovered = sorted(set(expected) - {key for r in rules for key in r.vlkit})
+    if uncovered:
+        raise ConversionError(f"converter bug: vlkit keys no rule fills: {uncovered[:8]}")
+    available, wanted = source.keys(), {key for r in rules for key in r.hf}
     problems = []
     missing = sorted(wanted - available)
     if missing:
@@ -167,19 +181,18 @@ def read_lm(
     unexpected = sorted(available - wanted - set(ignored))
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-    uncovered = sorted(set(expected) - {key for r in rules for key in r.vlkit})
-    if uncovered:
-        raise ConversionError(f"converter bug: vlkit keys no rule fills: {uncovered[:8]}")
     for r in rules:
         if any(key in missing for key in r.hf):
             continue
         shapes = [source.shape(key) for key in r.hf]
         targets = [expected[key] for key in r.vlkit]
-        parts = (sizes or {}).get(r.vlkit[0])
-        wrong_parts = parts is not None and [s[0] for s in shapes] != parts
-        if len({s[1:] for s in shapes + targets}) != 1 or sum(s[0] for s in shapes) != sum(s[0] for s in targets):
-            wrong_parts = True
-        if wrong_parts:
+        if r.hf_shape is not None:
+            bad = shapes != [r.hf_shape] or math.prod(r.hf_shape) != math.prod(targets[0])
+        else:
+            parts = (sizes or {}).get(r.vlkit[0])
+            bad = (parts is not None and [s[0] for s in shapes] != parts) or len({s[1:] for s in shapes + targets}) != 1
+            bad = bad or sum(s[0] for s in shapes) != sum(s[0] for s in targets)
+        if bad:
             problems.append(f"{' + '.join(r.hf)} have shapes {shapes}; {' + '.join(r.vlkit)} need {targets}")
     raise_if(problems, f"{where}: checkpoint does not match its config")
     if dtype is None:
@@ -188,15 +201,16 @@ def read_lm(
     state: dict[str, torch.Tensor] = {}
     for r in rules:
         tensors = [source.read(key) for key in r.hf]
-        joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        joined = joined.to(dtype)
+        joined = (tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)).to(dtype)
         if len(r.vlkit) == 1:
-            state[r.vlkit[0]] = joined
+            state[r.vlkit[0]] = joined.reshape(expected[r.vlkit[0]])
         else:
             for key, part in zip(r.vlkit, joined.split([expected[k][0] for k in r.vlkit]), strict=True):
                 state[key] = part
-    # assign=True makes the read tensors the parameters: no random initialisation, no second copy.
     model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ConversionError(f"converter bug: {left[:5]} stayed on the meta device (buffers no checkpoint holds)")
     return model
 
 

@@ -30,8 +30,6 @@ Options read: ``vision_config.model_type`` (``clip_vision_model`` / ``siglip_vis
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,7 @@ from vlkit.convert.common import (
     square_size,
     with_defaults,
 )
-from vlkit.convert.llama import WeightSource
+from vlkit.convert.llama import WeightSource, fill_model
 from vlkit.encoders import ViTConfig
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
 
@@ -262,55 +260,10 @@ def read_vlm(
     ignored: set[str],
     sizes: dict[str, list[int]],
 ) -> VisionLanguageModel:
-    """Build ``VisionLanguageModel(config)`` on the meta device and fill it through ``key_map`` from ``source``;
-    every name and shape is checked before any tensor is read. ``ignored``: foreign keys that may be present unread
-    (a tied head); ``sizes``: dim-0 sizes of the foreign tensors a fused vlkit tensor joins (GQA's q, k, v)."""
+    """Build ``VisionLanguageModel(config)`` on the meta device and fill it through ``key_map`` (``fill_model``)."""
     with torch.device("meta"):
         model = VisionLanguageModel(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    uncovered = sorted(set(expected) - {key for r in key_map for key in r.vlkit})
-    if uncovered:
-        raise ConversionError(f"converter bug: vlkit keys no rule fills: {uncovered[:8]}")
-    available, wanted = source.keys(), {key for r in key_map for key in r.hf}
-    problems = []
-    missing = sorted(wanted - available)
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    unexpected = sorted(available - wanted - ignored)
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-    for r in key_map:
-        if any(key in missing for key in r.hf):
-            continue
-        shapes = [source.shape(key) for key in r.hf]
-        targets = [expected[key] for key in r.vlkit]
-        if r.hf_shape is not None:
-            bad = shapes != [r.hf_shape] or math.prod(r.hf_shape) != math.prod(targets[0])
-        else:
-            parts = sizes.get(r.vlkit[0])
-            bad = (parts is not None and [s[0] for s in shapes] != parts) or len({s[1:] for s in shapes + targets}) != 1
-            bad = bad or sum(s[0] for s in shapes) != sum(s[0] for s in targets)
-        if bad:
-            problems.append(f"{' + '.join(r.hf)} have shapes {shapes}; {' + '.join(r.vlkit)} need {targets}")
-    raise_if(problems, f"{where}: checkpoint does not match its config")
-    if dtype is None:
-        stored = Counter(d for d in (source.dtype(k) for k in wanted) if d is not None and d.is_floating_point)
-        dtype = stored.most_common(1)[0][0] if stored else torch.float32
-    state: dict[str, torch.Tensor] = {}
-    for r in key_map:
-        tensors = [source.read(key) for key in r.hf]
-        joined = (tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)).to(dtype)
-        if len(r.vlkit) == 1:
-            state[r.vlkit[0]] = joined.reshape(expected[r.vlkit[0]])
-        else:
-            for key, part in zip(r.vlkit, joined.split([expected[k][0] for k in r.vlkit]), strict=True):
-                state[key] = part
-    # assign=True makes the read tensors the parameters: no random initialisation, no second copy.
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise ConversionError(f"converter bug: {left[:5]} stayed on the meta device (buffers no checkpoint holds)")
-    return model
+    return fill_model(model, key_map, source, where, dtype, ignored, sizes)
 
 
 def _check_architecture(hf: dict[str, Any], where: str) -> None:
