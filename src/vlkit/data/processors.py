@@ -510,6 +510,36 @@ def load_processor(path: str | Path) -> Processor:
     return Processor(image_processor, tokenizer, padding)
 
 
+def _processor_settings(directory: Path) -> dict[str, Any]:
+    settings_file = directory / "processor_config.json"
+    return read_json(settings_file) if settings_file.exists() else {}
+
+
+def _vlm_parts(
+    directory: Path, settings: dict[str, Any], image_processor: ImageProcessor | None, model: Any, model_type: str,
+    image_token: str,
+) -> tuple[ImageProcessor, Tokenizer, str | None]:  # fmt: skip
+    """What every VLM processor reads: the image processor (``preprocessor_config.json``, or transformers 5's
+    ``processor_config.json``), the tokenizer, whose ``image_token`` must be the model's image token id, and the
+    tokenizer's padding side (None when it names none)."""
+    if image_processor is None and isinstance(settings.get("image_processor"), dict):
+        where = str(directory / "processor_config.json")
+        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], where)
+    if image_processor is None:
+        raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
+    loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, model_type)
+    if loaded is None:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+    tokenizer = loaded[0]
+    token_id = tokenizer.backend.token_to_id(image_token)
+    if token_id != model.image_token_id:
+        raise ValueError(f"{directory}: the tokenizer's {image_token!r} is id {token_id}, the model's "
+                         f"image_token_index {model.image_token_id}")  # fmt: skip
+    tokenizer_config = directory / "tokenizer_config.json"
+    side = (read_json(tokenizer_config) if tokenizer_config.exists() else {}).get("padding_side")
+    return image_processor, tokenizer, side
+
+
 def _llava_processor(directory: Path, config: dict[str, Any], image_processor: ImageProcessor | None) -> VLMProcessor:
     """``processor_config.json`` (transformers 5 keeps the image processor's settings there too) over what the model's
     config implies: the tower's patch size, its class token (counted, then dropped by "default") and the strategy."""
@@ -517,23 +547,10 @@ def _llava_processor(directory: Path, config: dict[str, Any], image_processor: I
     from vlkit.encoders import ViTConfig
 
     model = config_from_hf(config, str(directory / "config.json"))
-    settings_file = directory / "processor_config.json"
-    settings = read_json(settings_file) if settings_file.exists() else {}
-    if image_processor is None and isinstance(settings.get("image_processor"), dict):
-        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], str(settings_file))
-    if image_processor is None:
-        raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
-    loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, "llava")
-    if loaded is None:
-        raise FileNotFoundError(f"{directory}: no tokenizer.json")
-    tokenizer = loaded[0]
+    settings = _processor_settings(directory)
     image_token = str(settings.get("image_token") or "<image>")
-    token_id = tokenizer.backend.token_to_id(image_token)
-    if token_id != model.image_token_id:
-        raise ValueError(f"{directory}: the tokenizer's {image_token!r} is id {token_id}, the model's "
-                         f"image_token_index {model.image_token_id}")  # fmt: skip
-    tokenizer_config = directory / "tokenizer_config.json"
-    side = (read_json(tokenizer_config) if tokenizer_config.exists() else {}).get("padding_side") or "left"
+    image_processor, tokenizer, side = _vlm_parts(directory, settings, image_processor, model, "llava", image_token)
+    side = side or "left"
     assert isinstance(model.vision, ViTConfig)
     extra = settings.get("num_additional_image_tokens")
     return VLMProcessor(
@@ -555,23 +572,10 @@ def _blip2_processor(directory: Path, config: dict[str, Any], image_processor: I
     from vlkit.convert.blip2 import config_from_hf  # here: vlkit.convert imports this module
 
     model = config_from_hf(config, str(directory / "config.json"))
-    settings_file = directory / "processor_config.json"
-    settings = read_json(settings_file) if settings_file.exists() else {}
-    if image_processor is None and isinstance(settings.get("image_processor"), dict):
-        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], str(settings_file))
-    if image_processor is None:
-        raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
-    loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, "blip-2")
-    if loaded is None:
-        raise FileNotFoundError(f"{directory}: no tokenizer.json")
-    tokenizer = loaded[0]
+    settings = _processor_settings(directory)
     image_token = "<image>"
-    if tokenizer.backend.token_to_id(image_token) != model.image_token_id:
-        raise ValueError(f"{directory}: the tokenizer's {image_token!r} is id "
-                         f"{tokenizer.backend.token_to_id(image_token)}, the model's image_token_index "
-                         f"{model.image_token_id}")  # fmt: skip
-    tokenizer_config = directory / "tokenizer_config.json"
-    side = (read_json(tokenizer_config) if tokenizer_config.exists() else {}).get("padding_side") or "right"
+    image_processor, tokenizer, side = _vlm_parts(directory, settings, image_processor, model, "blip-2", image_token)
+    side = side or "right"
     queries = settings.get("num_query_tokens") or getattr(model.bridge, "num_queries")  # noqa: B009
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, padding="longest",
                           image_token=image_token, image_token_id=model.image_token_id, padding_side=side,
