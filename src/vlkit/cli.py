@@ -154,6 +154,8 @@ def _eval_recorded(args: argparse.Namespace) -> int:
     """A model directory a recipe run wrote: its recipe.json names the task and the data to evaluate on."""
     import tempfile
 
+    import torch
+
     from vlkit import from_pretrained
     from vlkit.files import read_json
     from vlkit.recipes.base import recipe_from_dict
@@ -165,19 +167,13 @@ def _eval_recorded(args: argparse.Namespace) -> int:
         evaluation = recipe.task.evaluation(RunContext(recipe, Path(scratch), progress=False), model)
         if evaluation is None:
             raise ValueError(f"{args.model}: the {recipe.task.name} task has no evaluation")
-        with torch_no_grad():
+        with torch.no_grad():
             metrics = evaluation(model).metrics
     _print_metrics(metrics)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
-
-
-def torch_no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

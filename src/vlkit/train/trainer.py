@@ -305,28 +305,32 @@ class Trainer:
         self.data_seed = distributed.rank_seed(config.seed, self.rank)
         # A private generator seeds the workers, so building a loader never consumes the global RNG stream.
         self.generator = torch.Generator().manual_seed(self.data_seed)
-        rank_sampler = (
-            None
-            if self.sampler is None
-            else GlobalBatchSampler(self.sampler, config.micro_batch_size, self.rank, self.world_size)
-        )
-        self.loader = DataLoader(
-            dataset,
-            batch_size=self.local_micro_batch_size,
-            sampler=rank_sampler,
-            collate_fn=collate_fn,
-            drop_last=True,
-            num_workers=config.num_workers,
-            generator=self.generator,
-            persistent_workers=False,
-            pin_memory=self.device.type == "cuda",
-        )
+        self.loader = self._build_loader(collate_fn)
         self.step = 0
         self.epoch = 0
         self.position = 0
         self.precision = config.precision if config.precision != "auto" else "fp32"
         self.skipped = 0
         self.train_seconds = 0.0
+
+    def _build_loader(self, collate_fn: Callable[[list[Any]], dict[str, Any]] | None) -> DataLoader:
+        """This rank's loader: its slice of every global micro-batch (no sampler for a streaming dataset)."""
+        rank_sampler = (
+            None
+            if self.sampler is None
+            else GlobalBatchSampler(self.sampler, self.config.micro_batch_size, self.rank, self.world_size)
+        )
+        return DataLoader(
+            self.dataset,
+            batch_size=self.local_micro_batch_size,
+            sampler=rank_sampler,
+            collate_fn=collate_fn,
+            drop_last=True,
+            num_workers=self.config.num_workers,
+            generator=self.generator,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``config.steps``; with ``resume`` continue from the latest checkpoint in ``out_dir`` if any."""
