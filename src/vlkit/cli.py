@@ -120,7 +120,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     scale = QUICK if args.quick else Scale(steps=args.steps_scale)
     if args.set:
-        scale = dataclasses.replace(scale, overrides={**scale.overrides, **_parse_overrides(args.set)})
+        changes = _parse_overrides(args.set)
+        vlm = None if scale.vlm_overrides is None else {**scale.vlm_overrides, **changes}
+        scale = dataclasses.replace(scale, overrides={**scale.overrides, **changes}, vlm_overrides=vlm)
+    if args.suite == "bridges":
+        from vlkit.bench.bridges import bridges_table, run_bridges
+
+        print(bridges_table(run_bridges(args.out, scale, only=args.only, progress=not args.quiet)), end="")
+        print(f"bridges: {Path(args.out) / 'bridges.md'}")
+        return 0
     results = run_claims(args.out, scale, only=args.only, progress=not args.quiet)
     for result in results:
         print(f"  {result.key:22s} reproduced: {'yes' if result.reproduced else 'no'}")
@@ -306,12 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="controlled comparisons of the papers' claims (vlkit bench claims --out DIR)")
-    bench.add_argument("suite", choices=["claims"])
+    bench = sub.add_parser("bench", help="the papers' claims; every bridge under one budget (bench claims/bridges)")
+    bench.add_argument("suite", choices=["claims", "bridges"])
     bench.add_argument("--out", required=True, help="runs go to OUT/runs/<name>; finished runs are reused")
     bench.add_argument("--quick", action="store_true", help="tiny models and a few steps: checks the wiring only")
     bench.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's training steps")
-    bench.add_argument("--only", nargs="*", metavar="CLAIM", help="run only these claims (default: all)")
+    bench.add_argument("--only", nargs="*", metavar="NAME", help="run only these claims / bridge rows (default: all)")
     bench.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="every run: e.g. train.save_every=200")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -1,4 +1,4 @@
-"""Small controlled comparisons of the dual-encoder papers' claims on ShapesWorld: ``vlkit bench claims --out DIR``.
+"""Small controlled comparisons of the papers' claims on ShapesWorld: ``vlkit bench claims --out DIR``.
 
 Each claim is a handful of recipe runs that differ in one thing (the loss, a locked tower, the interaction, patch
 dropout, the input policy) and share everything else: the recipes' ShapesWorld data and budget (``SHAPES_DATA`` /
@@ -14,6 +14,12 @@ now; otherwise the bench stops and names it.
                         at little accuracy cost, and wins at equal wall time
     navit_packing       NaViT (Dehghani et al., 2023): packing native aspect ratios beats resize / pad to square at
                         equal token slots per batch
+    honeybee_locality   Honeybee (Cha et al., 2023): a locality-preserving bridge (C-Abstractor) answers spatial
+                        questions better than a resampler at equal M
+    blip2_stage1        BLIP-2 (Li et al., 2023): a Q-Former trained in stage 1 makes stage 2 into a frozen LM better
+
+The last two are rows of ``vlkit bench bridges`` (``vlkit.bench.bridges``, where they are defined): they read the
+bridges bench's runs in the same ``DIR/runs``, so running both benches trains nothing twice.
 
 Every claim states its rule for "reproduced" next to the numbers in ``DIR/claims.md``; ``DIR/claims.json`` holds the
 same as data. ``claims_table`` renders the table for a README.
@@ -76,6 +82,9 @@ class Scale:
     hard_negative_size: int = 500
     report: bool = True
     label: str | None = None  # how claims.md names the scale; by default the steps factor
+    # The vision-language runs' (``vlkit bench bridges``, the VLM claims) overrides in place of ``overrides``;
+    # None: ``overrides``. A quick scale shrinks a VLM differently (its bridges are sized to the tower's 8 x 8 grid).
+    vlm_overrides: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -94,6 +103,16 @@ QUICK = Scale(
     hard_negative_size=16,
     report=False,
     label="quick (tiny models, a few steps: the numbers check the wiring, not the claims)",
+    # Tiny towers and LM, the image size (and so the 8 x 8 grid every bridge row is sized to) kept; the bridges keep
+    # their own widths. A few scenes and tokens: one evaluation is a few short generations.
+    vlm_overrides={
+        "train.steps": 2, "train.batch_size": 4, "train.eval_every": None, "data.train_size": 16,
+        "data.eval_size": 3, "model.vision.dim": 32, "model.vision.depth": 1, "model.vision.num_heads": 2,
+        "model.vision.mlp_dim": 64, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
+        "model.text.mlp_dim": 64, "model.lm.dim": 32, "model.lm.depth": 1, "model.lm.num_heads": 2,
+        "model.lm.num_kv_heads": 2, "model.lm.head_dim": 16, "model.lm.mlp_dim": 64, "task.tokenizer_scenes": 20,
+        "task.max_new_tokens": 6, "stages.text.data.train_size": 20,
+    },
 )  # fmt: skip
 
 
@@ -122,33 +141,41 @@ class ClaimsBench:
     def run_dir(self, name: str) -> Path:
         return self.out_dir / "runs" / name
 
-    def recipe(self, recipe_name: str, overrides: Mapping[str, Any] | None = None) -> Recipe:
-        """The recipe with the scale's overrides (those its preset can take), then ``overrides``."""
-        recipe = get_recipe(recipe_name)
-        fields = {item.name for item in dataclasses.fields(get_config(recipe.model))}
-        changes = {
-            key: value
-            for key, value in self.scale.overrides.items()
-            if not key.startswith("model.") or key.split(".")[1] in fields
+    def recipe(self, recipe: str | Recipe, overrides: Mapping[str, Any] | None = None) -> Recipe:
+        """The recipe (a name, or one built here) with the scale's overrides, those it can take (a ``model.*`` key
+        its preset has, a ``task.*`` key its task has, a ``stages.NAME.*`` key of a stage it has), then
+        ``overrides``."""
+        recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+        task_fields = dataclasses.fields(recipe.task) if dataclasses.is_dataclass(recipe.task) else ()
+        takes = {
+            "model": {item.name for item in dataclasses.fields(get_config(recipe.model))},
+            "task": {item.name for item in task_fields},
+            "stages": {name for index, stage in enumerate(recipe.stages) for name in (stage.name, str(index))},
         }
+        changes = {}
+        for key, value in self.scale.overrides.items():
+            head, _, rest = key.partition(".")
+            if head not in takes or rest.partition(".")[0] in takes[head]:
+                changes[key] = value
         changes |= dict(overrides or {})
         if "train.steps" not in changes and self.scale.steps != 1.0:
             for stage in recipe.stages:
                 changes[f"stages.{stage.name}.train.steps"] = max(1, round(stage.train.steps * self.scale.steps))
         return recipe.with_overrides(changes)
 
-    def run(self, name: str, recipe_name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Train (or reuse) run ``name`` and return its metrics."""
-        recipe = self.recipe(recipe_name, overrides)
+    def run(self, name: str, recipe: str | Recipe, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Train (or reuse) run ``name`` of ``recipe`` (a name or one built by the caller, at the recipes' own
+        scale: the bench applies its own) and return its metrics."""
+        recipe = self.recipe(recipe, overrides)
         run_dir = self.run_dir(name)
         metrics_file = run_dir / "metrics.json"
         if metrics_file.exists():
             saved = json.loads((run_dir / "recipe.json").read_text())
             if saved != json.loads(json.dumps(recipe.to_dict())):
-                raise ValueError(f"{run_dir} was trained with other settings than the bench's {recipe_name} now; "
+                raise ValueError(f"{run_dir} was trained with other settings than the bench's {recipe.name} now; "
                                  "delete it to retrain, or bench into a new --out")  # fmt: skip
             return json.loads(metrics_file.read_text())
-        logger.info("claims: training %s (%s) in %s", name, recipe_name, run_dir)
+        logger.info("claims: training %s (%s) in %s", name, recipe.name, run_dir)
         return run_recipe(recipe, run_dir, resume=True, progress=self.progress, report=self.scale.report).metrics
 
     def batch_size(self, name: str) -> int:
@@ -397,12 +424,26 @@ def navit_packing(bench: ClaimsBench) -> ClaimResult:
     )
 
 
+def _bridges_claim(name: str) -> Callable[[ClaimsBench], ClaimResult]:
+    """A claim about bridges, defined with the bridges bench whose runs it reads (imported late: it imports this)."""
+
+    def claim(bench: ClaimsBench) -> ClaimResult:
+        from vlkit.bench import bridges
+
+        return getattr(bridges, name)(bench)
+
+    claim.__name__ = name
+    return claim
+
+
 CLAIMS: dict[str, Callable[[ClaimsBench], ClaimResult]] = {
     "sigmoid_vs_softmax": sigmoid_vs_softmax,
     "lit": lit,
     "filip_fine_grained": filip_fine_grained,
     "eva_patch_dropout": eva_patch_dropout,
     "navit_packing": navit_packing,
+    "honeybee_locality": _bridges_claim("honeybee_locality"),
+    "blip2_stage1": _bridges_claim("blip2_stage1"),
 }
 
 
@@ -430,10 +471,11 @@ def load_claims(path: str | Path) -> list[ClaimResult]:
 def claims_markdown(results: Sequence[ClaimResult], scale: Scale) -> str:
     size = scale.label or f"the recipes' own budget x {scale.steps:g} steps"
     return (
-        "# vlkit: the dual-encoder papers' claims on ShapesWorld\n\n"
+        "# vlkit: the papers' claims on ShapesWorld\n\n"
         f"Scale: {size}. Each row's runs share data, model size and budget and differ in the one thing the claim is "
         'about; "reproduced" applies the row\'s rule to the numbers beside it. Zero-shot top-1 is on single-object '
-        "test scenes of seen colour x shape combinations.\n\n" + claims_table(results)
+        "test scenes of seen colour x shape combinations; VQA is exact match on one question of each kind per test "
+        "scene of seen combinations.\n\n" + claims_table(results)
     )
 
 
