@@ -14,7 +14,7 @@ from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes import get_recipe
 from vlkit.recipes.run import run_recipe
 from vlkit.tasks.base import RunContext
-from vlkit.tasks.vlm import ShapesInstructionDataset, decode_answer
+from vlkit.tasks.vlm import ShapesInstructionDataset, VisionLanguage, _collate, _step, answer_weights, decode_answer
 from vlkit.text.chat import IGNORE_INDEX
 
 
@@ -205,3 +205,37 @@ def test_eval_of_a_run_directory_uses_its_recorded_task_and_data(tiny_llava: Pat
     trained = json.loads((tiny_llava / "metrics.json").read_text())
     for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "vqa_accuracy_heldout"):
         assert evaluated[key] == pytest.approx(trained[key]), key
+
+
+def test_answer_weights_weigh_each_answer_as_the_mode_says() -> None:
+    ignore = IGNORE_INDEX
+    # Row 0: two answers of 2 tokens, the second at the row's end; row 1: one of 3 tokens at its start (which must
+    # not join row 0's last) and one of 1 token.
+    labels = torch.tensor([[ignore, 5, 6, ignore, 7, 8], [1, 2, 3, ignore, ignore, 4]])
+    answer = answer_weights(labels, "answer")
+    expected = torch.tensor([[0, 0.5, 0.5, 0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3, 0, 0, 1]])
+    torch.testing.assert_close(answer, expected)
+    sqrt = answer_weights(labels, "sqrt")
+    assert sqrt[1, :3].tolist() == pytest.approx([3**-0.5] * 3)
+    assert torch.equal(answer_weights(labels, "token"), (labels != ignore).float())
+    # Every answer weighs the same in "answer" mode: the sum is the number of answers.
+    assert float(answer.sum()) == pytest.approx(4.0)
+
+
+def test_answer_weighting_changes_the_loss_only_through_the_weights(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model").eval()
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
+    samples = [dataset[index] for index in range(4)]
+    pad = model.tokenizer.pad_token_id
+    plain, weighted = _collate(pad)(samples), _collate(pad, "answer")(samples)
+    assert "loss_weights" not in plain
+    with torch.no_grad():
+        token_loss = _step(model, plain).loss
+        answer_loss = _step(model, weighted).loss
+        # With all weights equal the weighted path is the plain mean.
+        ones = dict(weighted, loss_weights=(weighted["labels"] != IGNORE_INDEX).float())
+        assert float(_step(model, ones).loss) == pytest.approx(float(token_loss), rel=1e-5)
+    assert float(answer_loss) != pytest.approx(float(token_loss), rel=1e-4)
+    with pytest.raises(ValueError, match="answer_weighting"):
+        VisionLanguage(answer_weighting="tokens")  # type: ignore[arg-type]

@@ -18,10 +18,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -52,7 +53,9 @@ from vlkit.train import StepOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VisionLanguage", "decode_answer"]
+__all__ = ["AnswerWeighting", "VisionLanguage", "answer_weights", "decode_answer"]
+
+AnswerWeighting = Literal["token", "answer", "sqrt"]
 
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
@@ -64,13 +67,22 @@ SPLIT_IDS = {"test": 0, "test_heldout": 1}
 @dataclass(frozen=True)
 class VisionLanguage(Task):
     """``vocab_size`` of the fitted BPE; ``tokenizer_scenes`` training scenes whose text it is fitted on;
-    ``max_new_tokens`` per evaluated answer; ``eval_batch_size`` prompts generated together."""
+    ``max_new_tokens`` per evaluated answer; ``eval_batch_size`` prompts generated together.
+
+    ``answer_weighting`` is how the loss weighs the answers of a batch (``answer_weights``): ``"token"`` every
+    trained token alike (the plain mean, LLaVA's), ``"answer"`` every answer alike, ``"sqrt"`` a token of an
+    answer of n tokens by 1 / sqrt(n) (InternVL 2.5's "square averaging", Chen et al., 2024)."""
 
     name: ClassVar[str] = "vlm"
     vocab_size: int = 1024
     tokenizer_scenes: int = 2000
     max_new_tokens: int = 40
     eval_batch_size: int = 64
+    answer_weighting: AnswerWeighting = "token"
+
+    def __post_init__(self) -> None:
+        if self.answer_weighting not in ("token", "answer", "sqrt"):
+            raise ValueError(f"answer_weighting must be 'token', 'answer' or 'sqrt', got {self.answer_weighting!r}")
 
     # ---------------------------------------------------------------------------------------------- model
 
@@ -130,7 +142,10 @@ class VisionLanguage(Task):
         else:
             raise ValueError(f"recipe {run.recipe.name}: the vlm task trains on ShapesInstructions or ShapesText, "
                              f"not {data.kind!r}")  # fmt: skip
-        return TrainingInputs(dataset, _collate(model.tokenizer.pad_token_id), _step, stage.train.batch_size)
+        # Text samples train on every token: one answer each, which only the plain mean weighs as text.
+        weighting = "token" if isinstance(data, ShapesText) else self.answer_weighting
+        collate = _collate(model.tokenizer.pad_token_id, weighting)
+        return TrainingInputs(dataset, collate, _step, stage.train.batch_size)
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
@@ -153,8 +168,33 @@ class VisionLanguage(Task):
 
 
 def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-    out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
-    return StepOutput(loss=out.loss, metrics={"tokens": float((batch["labels"] != IGNORE_INDEX).sum())})
+    labels, weights = batch["labels"], batch.get("loss_weights")
+    metrics = {"tokens": float((labels != IGNORE_INDEX).sum())}
+    if weights is None:
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels)
+        return StepOutput(loss=out.loss, metrics=metrics)
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")).logits
+    targets, weights = labels[:, 1:], weights[:, 1:]  # position t predicts token t + 1
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none")  # fmt: skip
+    return StepOutput(loss=(losses * weights.flatten()).sum() / weights.sum(), metrics=metrics)
+
+
+def answer_weights(labels: torch.Tensor, weighting: AnswerWeighting) -> torch.Tensor:
+    """(B, T) loss weights for ``labels`` (B, T): each maximal run of trained positions is one answer (its text and
+    end-of-turn); a token of an answer of n tokens weighs 1 (``"token"``), 1 / n (``"answer"``) or 1 / sqrt(n)
+    (``"sqrt"``); untrained positions weigh 0."""
+    trained = labels != IGNORE_INDEX
+    flat = trained.flatten()
+    # A run starts where a trained position follows an untrained one (or a row's start): number the runs.
+    starts = flat & ~torch.cat([flat.new_zeros(1), flat[:-1]])
+    starts.view_as(trained)[:, 0] = trained[:, 0]
+    run = torch.cumsum(starts.long(), 0) - 1  # (B * T,) the run of each trained position
+    lengths = torch.bincount(run[flat], minlength=int(starts.sum())).float()
+    per_token = {"token": torch.ones_like(lengths), "answer": 1 / lengths, "sqrt": lengths.rsqrt()}[weighting]
+    weights = torch.zeros(flat.shape)
+    weights[flat] = per_token[run[flat]]
+    return weights.view_as(labels)
 
 
 def scene_texts(config: shapes.ShapesConfig, count: int) -> list[str]:
@@ -243,7 +283,9 @@ def _conversation(items: list[InstructionItem], image: Any) -> Conversation:
     return Conversation(turns=turns, images=[image])
 
 
-def _collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+def _collate(
+    pad_id: int, weighting: AnswerWeighting = "token"
+) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         ids = [sample["input_ids"] for sample in samples]
         batch = {
@@ -253,6 +295,8 @@ def _collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str,
         }
         if "pixel_values" in samples[0]:
             batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])  # (B, 3, H, W)
+        if weighting != "token":
+            batch["loss_weights"] = answer_weights(batch["labels"], weighting)
         return batch
 
     return collate
