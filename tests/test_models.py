@@ -4,10 +4,12 @@ where it should, and the real-size presets have exactly the parameters of the pu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -497,3 +499,22 @@ def test_published_sizes_of_siglip_so400m() -> None:
     vision = sum(p.numel() for p in model.image_encoder.parameters())
     assert 400e6 < vision < 430e6
     assert model.image_encoder.patch_embed(torch.empty(1, 3, 384, 384, device="meta"))[1] == (27, 27)
+
+
+def test_an_override_can_replace_a_sub_config_by_kind() -> None:
+    from vlkit.bridges import ResamplerConfig
+    from vlkit.config import register_config
+    from vlkit.registry import apply_overrides, get_config
+
+    config = apply_overrides(get_config("shapes_llava"), {"bridge": {"kind": "resampler", "num_queries": 16}})
+    assert config.bridge == ResamplerConfig(num_queries=16)
+    with pytest.raises(ValueError, match="num_querie"):
+        apply_overrides(get_config("shapes_llava"), {"bridge": {"kind": "resampler", "num_querie": 16}})
+
+    # A second class cannot take a registered kind (saved configs of that kind would load as the wrong class).
+    @dataclasses.dataclass(frozen=True)
+    class Impostor:
+        kind: ClassVar[str] = "resampler"
+
+    with pytest.raises(ValueError, match="resampler"):
+        register_config(Impostor)

@@ -22,6 +22,12 @@ def register_config(cls: type[T]) -> type[T]:
     kind = getattr(cls, "kind", None)
     if not isinstance(kind, str):
         raise TypeError(f"{cls.__name__} needs a class attribute `kind: ClassVar[str]`")
+    known = _CONFIG_KINDS.get(kind)
+    # The same class registering again (a module reloaded) is fine; another class taking a kind would silently make
+    # saved configs of that kind load as the wrong class.
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"config kind {kind!r} is taken by {known.__module__}.{known.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} needs another kind")  # fmt: skip
     _CONFIG_KINDS[kind] = cls
     return cls
 

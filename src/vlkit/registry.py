@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from vlkit.config import ConfigBase, config_from_dict
+
 _PRESETS: dict[str, Callable[[], Any]] = {}
 
 F = TypeVar("F", bound=Callable[[], Any])
@@ -45,7 +47,9 @@ def create_model(name: str, **overrides: Any) -> Any:
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of a (nested) frozen config with ``{"a.b": value}`` fields replaced.
 
-    All changes to one sub-config are applied in one ``replace`` so validation sees the final combination.
+    All changes to one sub-config are applied in one ``replace`` so validation sees the final combination. A whole
+    sub-config may be given as a JSON dict naming its ``kind`` (``{"bridge": {"kind": "resampler"}}``, or
+    ``--set 'model.bridge={"kind": "resampler"}'``): it replaces the field with that registered config.
     """
     direct: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
@@ -55,6 +59,8 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
             raise KeyError(f"{type(config).__name__} has no field {head!r} (in override {key!r})")
         if rest:
             nested.setdefault(head, {})[rest] = value
+        elif isinstance(value, dict) and "kind" in value and isinstance(getattr(config, head), ConfigBase):
+            direct[head] = config_from_dict(type(getattr(config, head)), value)
         else:
             direct[head] = value
     for head, changes in nested.items():
