@@ -1,0 +1,80 @@
+"""``bench/train_step.py --quick`` and ``bench/profile_step.py --quick`` run end to end and write sane results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_train_step_quick_writes_both_libraries_times_peaks_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "train_step.json"
+    _run("train_step.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    for name in ("clip", "convnext"):
+        for precision in ("fp32", "bf16"):
+            row = result[name][precision]
+            for library in ("vlkit", "reference"):
+                assert row[f"{library}_step_s"] > 0 and row[f"{library}_cpu_s"] > 0
+                memory = row["memory"][library]
+                assert memory["step_peak_mib"] > 0 and memory["state_mib"] > 0
+                assert memory["peak_mib"] == pytest.approx(memory["step_peak_mib"] + memory["state_mib"])
+            # The same architecture on both sides, and every ratio is vlkit's number over the reference's.
+            assert row["parameters"]["vlkit"] == row["parameters"]["reference"]
+            assert row["ratio"] == pytest.approx(row["vlkit_step_s"] / row["reference_step_s"])
+            assert row["ratio_cpu_time"] == pytest.approx(row["vlkit_cpu_s"] / row["reference_cpu_s"])
+            assert row["ratio_min"] == pytest.approx(min(row["vlkit_steps_s"]) / min(row["reference_steps_s"]))
+            peaks = row["memory"]
+            assert row["memory_ratio"] == pytest.approx(
+                peaks["vlkit"]["step_peak_mib"] / peaks["reference"]["step_peak_mib"]
+            )
+            assert row["gflops_achieved"]["vlkit"] > 0
+    shapes = result["shapes"]
+    for precision in ("fp32", "bf16"):
+        assert shapes[precision]["vlkit_step_s"] > 0 and shapes[precision]["vlkit_cpu_s"] > 0
+        assert shapes[precision]["memory"]["vlkit"]["step_peak_mib"] > 0
+    ratios = shapes["bf16_over_fp32"]
+    assert ratios["ratio"] == pytest.approx(shapes["bf16"]["vlkit_step_s"] / shapes["fp32"]["vlkit_step_s"])
+    assert ratios["ratio_cpu_time"] == pytest.approx(shapes["bf16"]["vlkit_cpu_s"] / shapes["fp32"]["vlkit_cpu_s"])
+    machine = result["machine"]
+    for precision in ("fp32", "bf16"):
+        runs = machine["matmul_peaks_gflops"]
+        best = max(max(runs["before"][precision].values()), max(runs["after"][precision].values()))
+        assert machine[f"{precision}_matmul_peak_gflops"] == best > 0
+        assert set(runs["before"][precision]) == {"128", "256"}
+    assert machine["cpu_model"] and isinstance(machine["amx"], bool) and isinstance(machine["avx512_bf16"], bool)
+    assert result["config"]["quick"] is True
+
+
+def test_profile_step_quick_attributes_every_op_once(tmp_path: Path) -> None:
+    _run("profile_step.py", "--quick", "--models", "shapes", "--precisions", "fp32,bf16", "--out", str(tmp_path))
+    assert (tmp_path / "summary.md").exists()
+    for precision in ("fp32", "bf16"):
+        result = json.loads((tmp_path / f"shapes_{precision}_cpu.json").read_text())
+        total = result["total_ms"]
+        assert total > 0
+        # Kinds, groups and ops are three partitions of the same self times.
+        assert sum(result["kinds_ms"].values()) == pytest.approx(total)
+        assert sum(sum(phases.values()) for phases in result["groups_ms"].values()) == pytest.approx(total)
+        assert sum(op["self_ms"] for op in result["ops"]) == pytest.approx(total)
+        groups = result["groups_ms"]
+        # The model's matmuls land in its MLP and attention groups, forward and backward, and the loss and the
+        # optimizer in theirs: the scopes and the sequence-number link to the backward both worked.
+        for group in ("MLP linears", "attention qkv/out projections", "attention core (SDPA, reshapes)"):
+            assert groups[group]["forward"] > 0 and groups[group]["backward"] > 0
+        assert groups["optimizer"]["optimizer"] > 0 and groups["loss"]["loss"] > 0
+        assert result["group_kinds_ms"]["MLP linears"]["GEMM"] > 0
+        assert result["group_kinds_ms"]["attention core (SDPA, reshapes)"]["attention kernel (SDPA)"] > 0
+        assert result["kinds_ms"]["optimizer kernels"] > 0
+        markdown = (tmp_path / f"shapes_{precision}_cpu.md").read_text()
+        assert "| MLP linears |" in markdown and "aten::" in markdown
