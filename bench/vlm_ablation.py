@@ -1,0 +1,84 @@
+"""One change to the instruct stage of a finished ShapesWorld VLM run, everything before it reused.
+
+The README's "Why existence, spatial and grounding stay low" table: each row retrains only the last stage of a
+``llava_shapes`` / ``honeybee_c_shapes`` run (its ``text`` and ``align`` stages and tokenizer are copied from
+``--from``, so every row starts from the same LM, bridge and tower; a change that alters what ``align`` sees,
+``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). The runner's
+``--resume`` skips the copied stages. Writes ``OUT/metrics.json`` as ``vlkit train`` does.
+
+    python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]
+        [--feature-layer -2 --tower SIGLIP_RUN/model] [--set task.answer_weighting=answer ...]
+        [--kinds existence --turns 1] [--steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vlkit.recipes import InitFrom, get_recipe
+from vlkit.recipes.run import run_recipe, stage_dir
+from vlkit.train import ParamGroupRule
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", required=True, help="a finished run of --recipe (its OUT)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--recipe", default="llava_shapes")
+    parser.add_argument("--steps", type=int, help="the instruct stage's steps (default: the recipe's)")
+    parser.add_argument("--train-tower", type=float, help="train the image tower at this lr scale (default: frozen)")
+    parser.add_argument("--feature-layer", type=int, help="read the tower here (retrains align; needs --tower)")
+    parser.add_argument("--tower", help="the image tower's model directory (for a retrained align)")
+    parser.add_argument("--kinds", nargs="*", help="train on these question kinds only")
+    parser.add_argument("--turns", type=int)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides")
+    args = parser.parse_args(argv)
+
+    recipe = get_recipe(args.recipe)
+    last = recipe.stages[-1]
+    overrides: dict[str, Any] = {}
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    reused = [stage for stage in recipe.stages[:-1]]
+    if args.feature_layer is not None:
+        if not args.tower:
+            parser.error("--feature-layer retrains the align stage: give --tower")
+        overrides["model.feature_layer"] = args.feature_layer
+        align = recipe.stages[-2]
+        overrides[f"stages.{align.name}.init"] = {"encoder": InitFrom(args.tower, part="image_encoder")}
+        reused = reused[:-1]
+    if args.kinds:
+        overrides["data.kinds"] = tuple(args.kinds)
+    if args.turns:
+        overrides["data.turns"] = args.turns
+    if args.steps:
+        overrides[f"stages.{last.name}.train.steps"] = args.steps
+    recipe = recipe.with_overrides(overrides)
+    if args.train_tower is not None:
+        stages = list(recipe.stages)
+        rule = ParamGroupRule(r"encoder\..*", lr_scale=args.train_tower)
+        stages[-1] = dataclasses.replace(stages[-1], rules=(rule,))
+        recipe = dataclasses.replace(recipe, stages=tuple(stages))
+
+    source, out = Path(args.source), Path(args.out)
+    if not out.exists():
+        out.mkdir(parents=True)
+        shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+        for stage in reused:
+            shutil.copytree(stage_dir(source, recipe, stage), stage_dir(out, recipe, stage))
+    metrics = run_recipe(recipe, out, resume=True, report=False).metrics
+    keys = ("vqa_accuracy", "vqa_accuracy_existence", "vqa_accuracy_spatial", "grounding_acc50", "caption_f1")
+    print(json.dumps({key: round(metrics[key], 3) for key in keys if key in metrics}))
+
+
+if __name__ == "__main__":
+    main()
