@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     if not args.no_vlm:
         tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
-        vlm_recipe = get_recipe("llava_shapes").with_overrides(
+        vlm_recipe = get_recipe(args.vlm_recipe).with_overrides(
             {"stages.align.init": tower, **_parse_overrides(args.vlm_set or [])}
         )
         vlm = run_recipe(vlm_recipe, out / "vlm", resume=True, progress=not args.quiet)
@@ -219,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ("The VLM's answers on test scenes (boxes: green true, red predicted).", out / "vlm" / "answers.png")
         )
         notes += [
-            "A LLaVA-style VLM (recipe llava_shapes) on the SigLIP's image tower: vqa_accuracy (exact match), "
+            f"A LLaVA-style VLM (recipe {args.vlm_recipe}) on the SigLIP's image tower: vqa_accuracy (exact match), "
             "grounding_acc50 (IoU >= 0.5 of the <box> answers), caption_f1 (colour-shape mentions); the _heldout "
             "keys are test scenes of held-out colour x shape combinations.",
             f"Full VLM report: {out / 'vlm' / 'report.html'}",
@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train SigLIP, then a LLaVA-style VLM, on ShapesWorld and write a report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for the SigLIP recipe")
-    demo.add_argument("--vlm-set", nargs="*", metavar="KEY=VALUE", help="overrides for the VLM recipe (llava_shapes)")
+    # LLaVA's stages with Honeybee's C-Abstractor: 16 image tokens instead of the MLP's 64 train the VLM 1.7x faster
+    # at the same accuracy (README, "Vision-language models on ShapesWorld").
+    demo.add_argument("--vlm-recipe", default="honeybee_c_shapes", help="the VLM recipe (llava_shapes: the MLP bridge)")
+    demo.add_argument("--vlm-set", nargs="*", metavar="KEY=VALUE", help="overrides for the VLM recipe")
     demo.add_argument("--no-vlm", action="store_true", help="the SigLIP part only")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
