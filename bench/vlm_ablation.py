@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlkit.cli import _parse_overrides
 from vlkit.recipes import InitFrom, get_recipe
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.train import ParamGroupRule
@@ -41,14 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = get_recipe(args.recipe)
     last = recipe.stages[-1]
-    overrides: dict[str, Any] = {}
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    reused = [stage for stage in recipe.stages[:-1]]
+    overrides: dict[str, Any] = _parse_overrides(args.set)  # as `vlkit train --set` reads them
+    reused = list(recipe.stages[:-1])
     if args.feature_layer is not None:
         if not args.tower:
             parser.error("--feature-layer retrains the align stage: give --tower")
