@@ -12,6 +12,7 @@ from vlkit.data.shapes_vqa import (
     CAPTION_PROMPT,
     KINDS,
     answer_format_corpus,
+    described_conversations,
     instruction_items,
     normalise_box,
     scene_conversation,
@@ -190,3 +191,20 @@ def test_scene_conversation_layout() -> None:
     assert conversation.turns[0].content == "<image>\n" + items[0].question
     assert [turn.content for turn in conversation.turns[1::2]] == [item.answer for item in items]
     assert conversation.meta["kinds"] == [item.kind for item in items]
+
+
+def test_described_conversations_put_the_caption_where_the_image_goes() -> None:
+    for sample in SCENES[:20]:
+        conversations = described_conversations(sample, CONFIG, "train", turns=3)
+        items = [i for i in instruction_items(sample, CONFIG, "train") if i.kind not in ("spatial", "grounding")]
+        asked = []
+        for conversation in conversations:
+            assert not conversation.images and 1 <= len(conversation.turns) // 2 <= 3
+            assert [turn.role for turn in conversation.turns] == ["user", "assistant"] * (len(conversation.turns) // 2)
+            first = conversation.turns[0].content
+            assert first.startswith(sample.captions[0] + " ")
+            questions = [first[len(sample.captions[0]) + 1 :]] + [t.content for t in conversation.turns[2::2]]
+            asked += list(zip(questions, [t.content for t in conversation.turns[1::2]], strict=True))
+        # Every item the caption answers is asked exactly once, with its answer; positions and boxes never.
+        assert sorted(asked) == sorted((i.question, i.answer) for i in items)
+    assert described_conversations(SCENES[5], CONFIG, "train") == described_conversations(SCENES[5], CONFIG, "train")

@@ -10,11 +10,22 @@ import pytest
 import torch
 
 import vlkit
+from vlkit.data import shapes
+from vlkit.data.specs import ShapesText
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes import get_recipe
+from vlkit.recipes.contrastive import SHAPES_DATA
 from vlkit.recipes.run import run_recipe
 from vlkit.tasks.base import RunContext
-from vlkit.tasks.vlm import ShapesInstructionDataset, VisionLanguage, _collate, _step, answer_weights, decode_answer
+from vlkit.tasks.vlm import (
+    ShapesInstructionDataset,
+    ShapesTextDataset,
+    VisionLanguage,
+    _collate,
+    _step,
+    answer_weights,
+    decode_answer,
+)
 from vlkit.text.chat import IGNORE_INDEX
 
 
@@ -239,3 +250,18 @@ def test_answer_weighting_changes_the_loss_only_through_the_weights(tiny_llava: 
     assert float(answer_loss) != pytest.approx(float(token_loss), rel=1e-4)
     with pytest.raises(ValueError, match="answer_weighting"):
         VisionLanguage(answer_weighting="tokens")  # type: ignore[arg-type]
+
+
+def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    spec = ShapesText(SHAPES_DATA, train_size=3, described=True, turns=2)
+    plain = ShapesTextDataset(ShapesText(SHAPES_DATA, train_size=3), model)
+    dataset = ShapesTextDataset(spec, model)
+    assert len(dataset) > len(plain) and torch.equal(dataset[0]["labels"], plain[0]["labels"])
+    sample = dataset[len(plain)]  # the first described conversation
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert model.config.image_token_id not in ids.tolist()
+    text = decode_answer(model.tokenizer, ids.tolist(), eos_id=-1)
+    assert shapes.generate(SHAPES_DATA, "train", 0).captions[0] in text
+    trained = decode_answer(model.tokenizer, ids[labels != IGNORE_INDEX].tolist(), eos_id=-1)
+    assert trained.count("<eos>") == 2 and "user" not in trained and "assistant" not in trained

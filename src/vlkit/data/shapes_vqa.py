@@ -4,6 +4,7 @@ grounding format, Bai et al., 2023).
 
     instruction_items(sample, config, split) -> [InstructionItem(kind, question, answer, box)]
     text_samples(sample, config, split) -> [str]    the same answers as text, to pre-train a language model on
+    described_conversations(sample, config, split) -> [Conversation]   the questions with the caption in context
     write_llava(out_dir, config, sizes) -> {split: llava_<split>.json}   LLaVA's conversation JSON + images
 
 Kinds: caption, colour, shape, count, spatial (left / right / above / below), existence (yes and no in equal
@@ -216,6 +217,27 @@ def text_samples(sample: ShapesSample, config: ShapesConfig, split: Split) -> li
     later frozen (BLIP-2) can already produce the answer formats."""
     items = instruction_items(sample, config, split)
     return list(sample.captions) + [f"question: {item.question} answer: {item.answer}" for item in items]
+
+
+def described_conversations(
+    sample: ShapesSample, config: ShapesConfig, split: Split, turns: int = 4
+) -> list[Conversation]:
+    """The scene's items that its caption answers (all but spatial and grounding: the caption gives no positions)
+    as text-only conversations of up to ``turns`` turns in a seeded order, the caption standing where the image
+    stands in ``scene_conversation`` (right before the first question). A language model trained on them answers
+    from a description in its context; the bridge of a VLM is then trained to write that description."""
+    items = [item for item in instruction_items(sample, config, split) if item.kind not in ("spatial", "grounding")]
+    rng = np.random.default_rng(mix_seed(zlib.crc32(sample.captions[0].encode("utf-8")), _VQA_STREAM, 1))
+    order = [items[k] for k in rng.permutation(len(items))]
+    conversations = []
+    for start in range(0, len(order), turns):
+        turn_items = order[start : start + turns]
+        dialogue: list[Turn] = []
+        for number, item in enumerate(turn_items):
+            question = f"{sample.captions[0]} {item.question}" if number == 0 else item.question
+            dialogue += [Turn("user", question), Turn("assistant", item.answer)]
+        conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in turn_items]}))
+    return conversations
 
 
 def answer_format_corpus(config: ShapesConfig, split: Split, count: int, start: int = 0) -> Iterator[str]:

@@ -27,7 +27,13 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from vlkit.data import shapes
-from vlkit.data.shapes_vqa import CAPTION_PROMPT, InstructionItem, instruction_items, text_samples
+from vlkit.data.shapes_vqa import (
+    CAPTION_PROMPT,
+    InstructionItem,
+    described_conversations,
+    instruction_items,
+    text_samples,
+)
 from vlkit.data.specs import ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.captioning import caption_scores
@@ -136,7 +142,7 @@ class VisionLanguage(Task):
         data = run.training_data(stage)
         seed = stage.train.seed
         if isinstance(data, ShapesText):
-            dataset: torch.utils.data.Dataset = ShapesTextDataset(data, model.tokenizer)
+            dataset: torch.utils.data.Dataset = ShapesTextDataset(data, model)
         elif isinstance(data, ShapesInstructions):
             dataset = ShapesInstructionDataset(data, model, seed)
         else:
@@ -213,16 +219,31 @@ def _shapes_config(data: Any) -> shapes.ShapesConfig:
 
 
 class ShapesTextDataset(torch.utils.data.Dataset):
-    """Every ``text_samples`` string of the spec's scenes, tokenized ``<bos> ... <eos>``, all tokens trained on."""
+    """Every ``text_samples`` string of the spec's scenes, tokenized ``<bos> ... <eos>``, all tokens trained on; with
+    ``spec.described``, then every ``described_conversations`` conversation in the model's chat template, answers
+    trained on."""
 
-    def __init__(self, spec: ShapesText, tokenizer: Tokenizer) -> None:
+    def __init__(self, spec: ShapesText, model: VisionLanguageModel) -> None:
+        assert model.tokenizer is not None
         self.texts = scene_texts(spec.config, spec.train_size)
-        self.tokenizer = tokenizer
+        self.tokenizer = model.tokenizer
+        self.template = model.config.chat_template
+        self.image_token = model.config.image_token_id
+        self.conversations = []
+        if spec.described:
+            for index in range(spec.train_size):
+                sample = shapes.generate(spec.config, "train", index)
+                self.conversations += described_conversations(sample, spec.config, "train", spec.turns)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.texts) + len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index >= len(self.texts):
+            conversation = self.conversations[index - len(self.texts)]
+            ids, labels = tokenize_conversation(conversation, self.template, self.tokenizer, self.image_token, 0,
+                                                self.tokenizer.max_len)  # fmt: skip
+            return {"input_ids": ids, "labels": labels}
         ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
         return {"input_ids": ids, "labels": ids.clone()}
 
