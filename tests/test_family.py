@@ -20,6 +20,7 @@ from vlkit.recipes.contrastive import SHAPES_BUDGET, SHAPES_COLOURLESS_COPIES, S
 from vlkit.recipes.parts import source_part
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.tasks.base import RunContext
+from vlkit.train import TrainConfig
 from vlkit.train import trainer as trainer_module
 from vlkit.train.optim import Lamb
 
@@ -207,6 +208,15 @@ def test_bench_claims_quick_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert cli.main(["bench", "claims", "--out", str(out), "--quick", "--quiet"]) == 0
     assert json.loads((out / "claims.json").read_text()) == data
     assert sorted(path.name for path in (out / "runs").iterdir()) == runs
+    # ... also one whose recipe.json predates a field that is now at its default ...
+    path = out / "runs" / "clip_b8" / "recipe.json"
+    saved = json.loads(path.read_text())
+    train = saved["stages"][0]["train"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    del train[next(key for key, value in train.items() if key in defaults and value == defaults[key])]
+    path.write_text(json.dumps(saved))
+    reused = ClaimsBench(out, QUICK).run("clip_b8", "clip_shapes", {"train.batch_size": 8})
+    assert reused == json.loads((out / "runs" / "clip_b8" / "metrics.json").read_text())
     # ... and refuses one trained with other settings.
     other = ClaimsBench(out, dataclasses.replace(QUICK, overrides={**QUICK.overrides, "train.lr": 0.5}))
     with pytest.raises(ValueError, match="other settings"):

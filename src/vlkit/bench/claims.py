@@ -43,7 +43,7 @@ from vlkit.data.transforms import ImageTransform
 from vlkit.eval.similarity import image_text_similarity
 from vlkit.models import DualEncoder
 from vlkit.recipes import get_recipe
-from vlkit.recipes.base import InitFrom, Recipe
+from vlkit.recipes.base import InitFrom, Recipe, recipe_from_dict
 from vlkit.recipes.run import run_recipe
 from vlkit.registry import get_config
 from vlkit.text import Tokenizer
@@ -170,8 +170,9 @@ class ClaimsBench:
         run_dir = self.run_dir(name)
         metrics_file = run_dir / "metrics.json"
         if metrics_file.exists():
-            saved = json.loads((run_dir / "recipe.json").read_text())
-            if saved != json.loads(json.dumps(recipe.to_dict())):
+            # Read back through the recipe classes, so that a field added since (at its default) is no change.
+            saved = recipe_from_dict(json.loads((run_dir / "recipe.json").read_text())).to_dict()
+            if json.loads(json.dumps(saved)) != json.loads(json.dumps(recipe.to_dict())):
                 raise ValueError(f"{run_dir} was trained with other settings than the bench's {recipe.name} now; "
                                  "delete it to retrain, or bench into a new --out")  # fmt: skip
             return json.loads(metrics_file.read_text())

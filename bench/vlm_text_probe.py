@@ -1,0 +1,109 @@
+"""Can a ShapesWorld VLM's language model answer from a description in its context?
+
+The README's "Why existence, spatial and grounding stay low" section: the questions of test scenes are asked in the
+chat layout with the scene's caption where the image would stand (``described_conversations``: caption, colour,
+shape, size, count and existence questions, which the caption answers), and each answer is scored teacher-forced
+(exact match of every answer token). With ``--steps N`` the language model first trains N more steps on the
+described conversations of the training scenes alone, and is probed every ``--every`` steps, to show how fast it
+learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
+
+    python bench/vlm_text_probe.py --model RUN/stages/0-text/model --out probe.json [--steps 800 --lr 1e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlkit.data import shapes
+from vlkit.data.shapes_vqa import described_conversations
+from vlkit.hub import from_pretrained
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.recipes.contrastive import SHAPES_DATA
+from vlkit.tasks.vlm import _collate, _step
+from vlkit.text.chat import IGNORE_INDEX, tokenize_conversation
+
+
+def _samples(model: VisionLanguageModel, split: str, scenes: range, turns: int) -> list[dict]:
+    out = []
+    for index in scenes:
+        sample = shapes.generate(SHAPES_DATA, split, index)  # type: ignore[arg-type]
+        for conversation in described_conversations(sample, SHAPES_DATA, split, turns=turns):  # type: ignore[arg-type]
+            ids, labels = tokenize_conversation(conversation, model.config.chat_template, model.tokenizer,
+                                                model.config.image_token_id, 0)  # fmt: skip
+            out.append({"input_ids": ids, "labels": labels, "kind": conversation.meta["kinds"][0]})
+    return out
+
+
+@torch.no_grad()
+def probe(model: VisionLanguageModel, samples: list[dict], collate, batch_size: int = 128) -> dict[str, float]:
+    """Teacher-forced exact-match accuracy per question kind (one-turn conversations)."""
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = collate([{k: s[k] for k in ("input_ids", "labels")} for s in chunk])
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+        predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        for row, sample in enumerate(chunk):
+            trained = labels[row] != IGNORE_INDEX
+            hits[sample["kind"]].append(bool((predicted[row][trained] == labels[row][trained]).all()))
+    model.train()
+    return {kind: round(float(np.mean(values)), 3) for kind, values in sorted(hits.items())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a ShapesWorld VLM model directory (e.g. a text stage's)")
+    parser.add_argument("--out", required=True, help="the JSON file to write")
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps on described conversations")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--every", type=int, default=100, help="probe every this many steps")
+    parser.add_argument("--train-scenes", type=int, default=2000)
+    parser.add_argument("--probe-scenes", type=int, default=100, help="test scenes asked about")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = from_pretrained(args.model)
+    if not isinstance(model, VisionLanguageModel) or model.tokenizer is None:
+        raise SystemExit(f"error: {args.model} is not a VLM with a tokenizer")
+    collate = _collate(model.tokenizer.pad_token_id)
+    held_out = _samples(model, "test", range(args.probe_scenes), turns=1)
+    results = [{"step": 0, "accuracy": probe(model, held_out, collate)}]
+    print(results[-1], flush=True)
+    if args.steps:
+        train = _samples(model, "train", range(args.train_scenes), turns=4)
+        for sample in train:
+            del sample["kind"]
+        trainable = [p for name, p in model.named_parameters() if name.startswith("lm.")]
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
+        rng = np.random.default_rng(args.seed)
+        start = time.perf_counter()
+        for step in tqdm(range(1, args.steps + 1), desc="described text", unit="step"):
+            batch = collate([train[k] for k in rng.integers(len(train), size=args.batch_size)])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _step(model, batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % args.every == 0 or step == args.steps:
+                seconds = round(time.perf_counter() - start, 1)
+                results.append({"step": step, "loss": round(loss.item(), 4), "seconds": seconds,
+                                "accuracy": probe(model, held_out, collate)})  # fmt: skip
+                tqdm.write(str(results[-1]))
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    Path(args.out).write_text(json.dumps({"settings": settings, "probes": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
