@@ -3,6 +3,7 @@ and a tiny ``llava_shapes`` run end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vlkit.tasks.vlm import (
     ShapesInstructionDataset,
     ShapesTextDataset,
     VisionLanguage,
+    VLMEvaluation,
     _collate,
     _step,
     answer_weights,
@@ -265,3 +267,25 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
     assert shapes.generate(SHAPES_DATA, "train", 0).captions[0] in text
     trained = decode_answer(model.tokenizer, ids[labels != IGNORE_INDEX].tolist(), eos_id=-1)
     assert trained.count("<eos>") == 2 and "user" not in trained and "assistant" not in trained
+
+
+def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Path) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    image = model.config.image_token_id
+
+    def asked_before_image(ids: torch.Tensor) -> bool:
+        ids_list = ids.tolist()
+        before = decode_answer(model.tokenizer, ids_list[: ids_list.index(image)], eos_id=-1)
+        return before.replace("<bos>", "").strip() != "user:"  # more than the template's opening
+
+    layouts = {}
+    for probability in (0.0, 0.5, 1.0):
+        spec = dataclasses.replace(recipe.data, question_first=probability)
+        dataset = ShapesInstructionDataset(spec, model, seed=0)
+        layouts[probability] = {asked_before_image(dataset[k]["input_ids"]) for k in range(16)}
+        evaluation = VLMEvaluation.build(spec, model, max_new_tokens=4, batch_size=4)
+        assert {asked_before_image(q.prompt) for q in evaluation.questions} == {probability >= 0.5}
+    assert layouts == {0.0: {False}, 0.5: {False, True}, 1.0: {True}}
+    with pytest.raises(ValueError, match="question_first is a probability"):
+        dataclasses.replace(recipe.data, question_first=1.5)

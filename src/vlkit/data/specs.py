@@ -136,7 +136,11 @@ INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existenc
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
     the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
-    scenes of seen and of held-out colour x shape combinations."""
+    scenes of seen and of held-out colour x shape combinations.
+
+    ``question_first``: the probability that a training conversation puts its first question before the image
+    rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
+    is at least 0.5. Asked first, the question is in the context of every image token."""
 
     kind: ClassVar[str] = "shapes_instructions"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -144,6 +148,7 @@ class ShapesInstructions(ConfigBase):
     eval_size: int = 100
     kinds: tuple[str, ...] = INSTRUCTION_KINDS
     turns: int = 4
+    question_first: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
@@ -154,6 +159,8 @@ class ShapesInstructions(ConfigBase):
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if not 0.0 <= self.question_first <= 1.0:
+            raise ValueError(f"question_first is a probability, got {self.question_first}")
 
 
 DataSpec = ShapesScenes | ShapesObjects | Digits | Manifest | ShapesText | ShapesInstructions

@@ -283,9 +283,11 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         for kind in rng.permutation(len(kinds))[: self.spec.turns]:
             group = by_kind[kinds[kind]]
             chosen.append(group[int(rng.integers(len(group)))])
+        # No draw at 0 keeps the image-first stream as it was.
+        question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
         # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
         for count in range(len(chosen), 0, -1):
-            conversation = _conversation(chosen[:count], sample.image)
+            conversation = _conversation(chosen[:count], sample.image, question_first)
             ids, labels = tokenize_conversation(conversation, self.template, self.tokenizer, self.image_token,
                                                 self.tokens_per_image)  # fmt: skip
             if len(ids) <= self.max_len or count == 1:
@@ -296,10 +298,14 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels, "pixel_values": self.transform(sample.image)}
 
 
-def _conversation(items: list[InstructionItem], image: Any) -> Conversation:
+def _first_question(question: str, question_first: bool) -> str:
+    return f"{question}{IMAGE_PLACEHOLDER}" if question_first else f"{IMAGE_PLACEHOLDER}{question}"
+
+
+def _conversation(items: list[InstructionItem], image: Any, question_first: bool = False) -> Conversation:
     turns: list[Turn] = []
     for number, item in enumerate(items):
-        question = f"{IMAGE_PLACEHOLDER}{item.question}" if number == 0 else item.question
+        question = _first_question(item.question, question_first) if number == 0 else item.question
         turns += [Turn("user", question), Turn("assistant", item.answer)]
     return Conversation(turns=turns, images=[image])
 
@@ -369,7 +375,8 @@ class VLMEvaluation:
                 pixels = transform(sample.image)
                 for group in by_kind.values():
                     item = group[int(rng.integers(len(group)))]
-                    asked = Conversation([Turn("user", f"{IMAGE_PLACEHOLDER}{item.question}")], [sample.image])
+                    question = _first_question(item.question, spec.question_first >= 0.5)
+                    asked = Conversation([Turn("user", question)], [sample.image])
                     prompt = tokenize_prompt(asked, model.config.chat_template, tokenizer, model.config.image_token_id,
                                              model.tokens_per_image())  # fmt: skip
                     questions.append(_Question(split, item.kind, item.question, item.answer, item.box,
