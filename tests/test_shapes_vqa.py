@@ -144,6 +144,16 @@ def test_yes_and_no_are_balanced() -> None:
     assert existence["yes"] == existence["no"]
 
 
+def test_count_questions_name_absent_combinations_as_often_as_present_ones() -> None:
+    # Were every (colour, shape) a count question names present, the questions would teach that a named combination
+    # is always there, and a model trained on them answers "yes" to every existence question.
+    combo = re.compile(r"how many (\w+) (?!objects)(\w+) are there\?")
+    for sample in SCENES:
+        answers = [item.answer for item in instruction_items(sample, CONFIG, "train") if combo.fullmatch(item.question)]
+        present = len({(o.colour, o.shape) for o in sample.objects})
+        assert len(answers) == 2 * present and answers.count("0") == present, answers
+
+
 def test_heldout_combinations_stay_out_of_training_text() -> None:
     heldout = [f"{colour} {shape}" for colour, shape in CONFIG.heldout]
     for sample in SCENES:

@@ -111,7 +111,7 @@ def instruction_items(sample: ShapesSample, config: ShapesConfig, split: Split) 
     rng = scene_rng(sample)
     objects = sample.objects
     items = [InstructionItem("caption", CAPTION_PROMPT, sample.captions[0])]
-    items += _count_items(objects, config, rng)
+    items += _count_items(objects, config, split, rng)
     items += _attribute_items(objects)
     items += _spatial_items(objects, rng)
     items += _existence_items(objects, config, split, rng)
@@ -119,7 +119,9 @@ def instruction_items(sample: ShapesSample, config: ShapesConfig, split: Split) 
     return items
 
 
-def _count_items(objects: list[ShapesObject], config: ShapesConfig, rng: np.random.Generator) -> list[InstructionItem]:
+def _count_items(
+    objects: list[ShapesObject], config: ShapesConfig, split: Split, rng: np.random.Generator
+) -> list[InstructionItem]:
     colours = Counter(o.colour for o in objects)
     shapes = Counter(o.shape for o in objects)
     combos = Counter((o.colour, o.shape) for o in objects)
@@ -135,11 +137,23 @@ def _count_items(objects: list[ShapesObject], config: ShapesConfig, rng: np.rand
     items = [InstructionItem("count", "how many objects are there?", str(len(objects)))]
     items += [InstructionItem("count", f"how many {c} objects are there?", str(colours[c])) for c in asked_colours]
     items += [InstructionItem("count", f"how many {_plural(s)} are there?", str(shapes[s])) for s in asked_shapes]
+    # As many absent (colour, shape) combinations as present ones, from the combinations the split may name (as
+    # existence questions do): were every combination asked about present, "how many red circles" would teach that
+    # a named combination is always there, and the model answers "yes" to every existence question.
+    absent_combos = [combo for combo in _nameable_combos(config, split) if combo not in combos]
+    asked_combos = sorted(combos.items(), key=lambda pair: class_index(config, *pair[0]))
+    asked_combos += [(absent_combos[k], 0) for k in rng.permutation(len(absent_combos))[: len(combos)]]
     items += [
         InstructionItem("count", f"how many {colour} {_plural(shape)} are there?", str(number))
-        for (colour, shape), number in sorted(combos.items(), key=lambda pair: class_index(config, *pair[0]))
+        for (colour, shape), number in asked_combos
     ]
     return items
+
+
+def _nameable_combos(config: ShapesConfig, split: Split) -> list[tuple[str, str]]:
+    """The (colour, shape) combinations a question about ``split`` may name: never a held-out one outside
+    ``test_heldout``, so training data never mentions a held-out combination."""
+    return allowed_combos(config, "train") + (list(config.heldout) if split == "test_heldout" else [])
 
 
 def _attribute_items(objects: list[ShapesObject]) -> list[InstructionItem]:
@@ -190,8 +204,7 @@ def _existence_items(
     objects: list[ShapesObject], config: ShapesConfig, split: Split, rng: np.random.Generator
 ) -> list[InstructionItem]:
     present = sorted({(o.colour, o.shape) for o in objects}, key=lambda combo: class_index(config, *combo))
-    pool = allowed_combos(config, "train") + (list(config.heldout) if split == "test_heldout" else [])
-    absent = [combo for combo in pool if combo not in present]
+    absent = [combo for combo in _nameable_combos(config, split) if combo not in present]
     asked = min(2, len(present), len(absent))  # as many "no" as "yes"
     chosen = [(present[k], "yes") for k in rng.permutation(len(present))[:asked]]
     chosen += [(absent[k], "no") for k in rng.permutation(len(absent))[:asked]]
