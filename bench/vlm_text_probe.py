@@ -49,7 +49,7 @@ def probe(model: VisionLanguageModel, samples: list[dict], collate, batch_size: 
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        batch = collate([{k: s[k] for k in ("input_ids", "labels")} for s in chunk])
+        batch = collate(chunk)  # the collate reads ids and labels, not the kind
         logits = model(batch["input_ids"], batch["attention_mask"]).logits
         predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
         for row, sample in enumerate(chunk):
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     print(results[-1], flush=True)
     if args.steps:
         train = _samples(model, "train", range(args.train_scenes), turns=4)
-        for sample in train:
-            del sample["kind"]
         trainable = [p for name, p in model.named_parameters() if name.startswith("lm.")]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
         rng = np.random.default_rng(args.seed)

@@ -244,12 +244,9 @@ def described_conversations(
     order = [items[k] for k in rng.permutation(len(items))]
     conversations = []
     for start in range(0, len(order), turns):
-        turn_items = order[start : start + turns]
-        dialogue: list[Turn] = []
-        for number, item in enumerate(turn_items):
-            question = f"{sample.captions[0]} {item.question}" if number == 0 else item.question
-            dialogue += [Turn("user", question), Turn("assistant", item.answer)]
-        conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in turn_items]}))
+        chunk = order[start : start + turns]
+        dialogue = item_turns(chunk, f"{sample.captions[0]} {chunk[0].question}")
+        conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in chunk]}))
     return conversations
 
 
@@ -265,11 +262,17 @@ def scene_conversation(
     """One multi-turn conversation about one image: the image leads the first question (LLaVA's layout)."""
     if not items:
         raise ValueError("a conversation needs at least one item")
+    turns = item_turns(items, f"{IMAGE_PLACEHOLDER}\n{items[0].question}")
+    return Conversation(turns=turns, images=[image], id=id, meta={"kinds": [item.kind for item in items]})
+
+
+def item_turns(items: Sequence[InstructionItem], first_question: str) -> list[Turn]:
+    """User and assistant turns asking ``items`` in order; the first user turn reads ``first_question`` (the first
+    item's question with what leads it: an image placeholder, or a description)."""
     turns: list[Turn] = []
     for number, item in enumerate(items):
-        question = f"{IMAGE_PLACEHOLDER}\n{item.question}" if number == 0 else item.question
-        turns += [Turn("user", question), Turn("assistant", item.answer)]
-    return Conversation(turns=turns, images=[image], id=id, meta={"kinds": [item.kind for item in items]})
+        turns += [Turn("user", first_question if number == 0 else item.question), Turn("assistant", item.answer)]
+    return turns
 
 
 def llava_entry(conversation: Conversation, image: str) -> dict[str, object]:

@@ -32,6 +32,7 @@ from vlkit.data.shapes_vqa import (
     InstructionItem,
     described_conversations,
     instruction_items,
+    item_turns,
     text_samples,
 )
 from vlkit.data.specs import ShapesInstructions, ShapesText
@@ -225,14 +226,15 @@ class ShapesTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, spec: ShapesText, model: VisionLanguageModel) -> None:
         assert model.tokenizer is not None
-        self.texts = scene_texts(spec.config, spec.train_size)
         self.tokenizer = model.tokenizer
         self.template = model.config.chat_template
         self.image_token = model.config.image_token_id
-        self.conversations = []
-        if spec.described:
-            for index in range(spec.train_size):
-                sample = shapes.generate(spec.config, "train", index)
+        self.texts: list[str] = []
+        self.conversations: list[Conversation] = []
+        for index in range(spec.train_size):  # each scene rendered once
+            sample = shapes.generate(spec.config, "train", index)
+            self.texts += text_samples(sample, spec.config, "train")
+            if spec.described:
                 self.conversations += described_conversations(sample, spec.config, "train", spec.turns)
 
     def __len__(self) -> int:
@@ -303,11 +305,7 @@ def _first_question(question: str, question_first: bool) -> str:
 
 
 def _conversation(items: list[InstructionItem], image: Any, question_first: bool = False) -> Conversation:
-    turns: list[Turn] = []
-    for number, item in enumerate(items):
-        question = _first_question(item.question, question_first) if number == 0 else item.question
-        turns += [Turn("user", question), Turn("assistant", item.answer)]
-    return Conversation(turns=turns, images=[image])
+    return Conversation(turns=item_turns(items, _first_question(items[0].question, question_first)), images=[image])
 
 
 def _collate(
