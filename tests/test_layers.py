@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -147,6 +148,50 @@ def test_attention_causal_combined_with_padding_mask(kind: str) -> None:
     mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
     allowed = keep & torch.ones(6, 6, dtype=torch.bool).tril()
     torch.testing.assert_close(attn(x, mask=mask, is_causal=True), _reference_self_attention(attn, x, allowed), **TIGHT)
+
+
+@pytest.mark.parametrize("case", ["none", "bool", "additive", "causal", "cross"])
+def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """On CPUs without AMX, attention under bf16 autocast runs in fp32 (faster there). Its outputs and gradients must
+    be those of SDPA on fp32 copies of q, k, v (to bf16 rounding), and autograd must keep no fp32 tensor the size of
+    q, k or v (so the path costs no more memory than the bf16 kernel)."""
+    from vlkit.layers import attention
+
+    monkeypatch.setattr(attention, "_cpu_bf16_attention_is_slow", lambda: True)
+    torch.manual_seed(6)
+    keys = 12 if case == "cross" else 9
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, keys, 16), torch.randn(2, 4, keys, 16)
+    keep = torch.rand(2, 1, 9, keys) > 0.3
+    keep[..., 0] = True
+    mask = {"bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))}.get(case)
+    causal = case == "causal"
+    grad_out = torch.randn(q.shape).bfloat16()
+
+    def run(sdpa: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*leaves)
+        out.backward(grad_out)
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    ours = run(lambda q, k, v: attention._sdpa(q, k, v, mask, causal))
+    cast = run(lambda q, k, v: F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).bfloat16())  # fmt: skip
+    for got, expected in zip(ours, cast, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+    module = _randomize(CrossAttention(64, num_heads=4) if case == "cross" else Attention(64, num_heads=4))
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    keep_saved = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with keep_saved, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, torch.randn(2, 12, 64)) if case == "cross" else module(x, mask=mask, is_causal=causal)
+    large_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= q.numel()]
+    assert not large_fp32, f"fp32 tensors kept for backward: {large_fp32}"
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_cross_attention_matches_naive() -> None:
