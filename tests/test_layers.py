@@ -175,7 +175,7 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
         out.backward(grad_out)
         return [out, *(leaf.grad for leaf in leaves)]
 
-    ours = run(lambda q, k, v: attention._sdpa(q, k, v, mask, causal))
+    ours = run(lambda q, k, v: attention.sdpa(q, k, v, mask, causal))
     cast = run(lambda q, k, v: F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).bfloat16())  # fmt: skip
     for got, expected in zip(ours, cast, strict=True):

@@ -86,6 +86,28 @@ def test_left_padding_equals_each_row_alone(name: str) -> None:
             torch.testing.assert_close(model(alone).logits[0], logits[row, -length:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_right_padding_equals_each_row_alone(name: str) -> None:
+    """Training batches are right-padded and run SDPA's causal kernel without a mask; the real tokens' logits and
+    the loss must be each row's own, and a pad left of a real token (which the shortcut cannot take) too."""
+    model = _model(name, seed=2)
+    lengths = [4, 9, 6]
+    ids, mask = _prompts(lengths, model.config.vocab_size, 0, seed=2)
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row, length in enumerate(lengths):
+        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    gap_mask = right_mask.clone()
+    gap_mask[1, 2] = 0  # a pad inside the row: this row must not see position 2
+    with torch.no_grad():
+        logits = model(right_ids, right_mask).logits
+        gapped = model(right_ids, gap_mask).logits
+        for row, length in enumerate(lengths):
+            alone = model(right_ids[row : row + 1, :length]).logits[0]
+            torch.testing.assert_close(logits[row, :length], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(gapped[1, 3:9], logits[1, 3:9], atol=1e-4)
+        torch.testing.assert_close(gapped[0, :4], logits[0, :4], atol=1e-5, rtol=1e-5)
+
+
 def test_positions_past_max_seq_len() -> None:
     """RoPE has no length limit (the position tables grow); OPT's learned table does, and says so."""
     model = _model("test_llama_lm")

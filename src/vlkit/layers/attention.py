@@ -78,7 +78,7 @@ class _Fp32Attention(torch.autograd.Function):
         return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None, None)
 
 
-def _sdpa(
+def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the output in the dtype of q.
@@ -155,7 +155,7 @@ class Attention(nn.Module):
                 mask = mask & causal
             else:
                 mask = mask + torch.zeros_like(causal, dtype=mask.dtype).masked_fill(~causal, float("-inf"))
-        out = _sdpa(q, k, v, mask, is_causal and mask is None)
+        out = sdpa(q, k, v, mask, is_causal and mask is None)
         return self.proj(_merge_heads(out))
 
 
@@ -200,7 +200,7 @@ class CrossAttention(nn.Module):
             pos_k = F.linear(key_pos, self.kv.weight[: self.num_heads * self.head_dim])
             k = k + pos_k.view(-1, length, self.num_heads, self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, head_dim)
-        out = _sdpa(q, k, v, mask)
+        out = sdpa(q, k, v, mask)
         return self.proj(_merge_heads(out))
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.layers import Rope1d, build_mlp, build_norm
+from vlkit.layers.attention import sdpa
 from vlkit.layers.linear import Linear, linear, release_packed, use_fast_linears
 from vlkit.lm.cache import CacheStep, CacheView, KVCache
 from vlkit.lm.config import LMConfig
@@ -80,7 +81,9 @@ class CausalSelfAttention(nn.Module):
             keys_len = k.shape[2]
             k = k[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
             v = v[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, is_causal=context.is_causal)
+        if q.dtype != v.dtype:  # under autocast the rotation left q, k in fp32: SDPA would cast them to v's bf16 anyway
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        out = sdpa(q, k, v, context.mask, context.is_causal)  # without AMX, bf16 runs in the fp32 kernel (see sdpa)
         return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))  # (B, T, heads * hd)
 
 
@@ -327,8 +330,12 @@ def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:
-    """Without a cache: SDPA's causal kernel when nothing is padded, else a bool (B, 1, T, T) mask."""
+    """Without a cache: SDPA's causal kernel when nothing is padded or the padding is all on the right (a training
+    batch: under the causal pattern no real token sees a later pad, and a pad's own output, which nothing reads,
+    still sees the real tokens), else a bool (B, 1, T, T) mask."""
     if attention_mask is None or bool(attention_mask.all()):
+        return None, True
+    if not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):  # no real token after a pad
         return None, True
     device = attention_mask.device
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
