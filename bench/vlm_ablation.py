@@ -9,6 +9,7 @@ The README's "Why existence, spatial and grounding stay low" table: each row ret
     python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]
         [--feature-layer -2 --tower SIGLIP_RUN/model] [--set task.answer_weighting=answer ...]
         [--kinds existence --turns 1] [--steps 600]
+    python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes --train-lm
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from vlkit.cli import _parse_overrides
 from vlkit.recipes import InitFrom, get_recipe
 from vlkit.recipes.run import run_recipe, stage_dir
+from vlkit.recipes.vlm import FROZEN_LM
 from vlkit.train import ParamGroupRule
 
 
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="llava_shapes")
     parser.add_argument("--steps", type=int, help="the instruct stage's steps (default: the recipe's)")
     parser.add_argument("--train-tower", type=float, help="train the image tower at this lr scale (default: frozen)")
+    parser.add_argument("--train-lm", action="store_true", help="train the LM in the last stage (BLIP-2 freezes it)")
     parser.add_argument("--feature-layer", type=int, help="read the tower here (retrains align; needs --tower)")
     parser.add_argument("--tower", help="the image tower's model directory (for a retrained align)")
     parser.add_argument("--kinds", nargs="*", help="train on these question kinds only")
@@ -62,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         stages = list(recipe.stages)
         rule = ParamGroupRule(r"encoder\..*", lr_scale=args.train_tower)
         stages[-1] = dataclasses.replace(stages[-1], rules=(rule,))
+        recipe = dataclasses.replace(recipe, stages=tuple(stages))
+
+    if args.train_lm:
+        stages = list(recipe.stages)
+        stages[-1] = dataclasses.replace(stages[-1], rules=tuple(r for r in stages[-1].rules if r != FROZEN_LM))
         recipe = dataclasses.replace(recipe, stages=tuple(stages))
 
     source, out = Path(args.source), Path(args.out)
