@@ -9,7 +9,7 @@ The README's "Why existence, spatial and grounding stay low" table: each row ret
     python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]
         [--feature-layer -2 --tower SIGLIP_RUN/model] [--set task.answer_weighting=answer ...]
         [--kinds existence --turns 1] [--steps 600]
-    python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes --train-lm
+    python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes (--train-lm | --drop-stage qformer)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="the instruct stage's steps (default: the recipe's)")
     parser.add_argument("--train-tower", type=float, help="train the image tower at this lr scale (default: frozen)")
     parser.add_argument("--train-lm", action="store_true", help="train the LM in the last stage (BLIP-2 freezes it)")
+    parser.add_argument("--drop-stage", help="leave this stage out, its init going to the next (BLIP-2 w/o stage 1)")
     parser.add_argument("--feature-layer", type=int, help="read the tower here (retrains align; needs --tower)")
     parser.add_argument("--tower", help="the image tower's model directory (for a retrained align)")
     parser.add_argument("--kinds", nargs="*", help="train on these question kinds only")
@@ -72,10 +73,23 @@ def main(argv: list[str] | None = None) -> None:
         stages[-1] = dataclasses.replace(stages[-1], rules=tuple(r for r in stages[-1].rules if r != FROZEN_LM))
         recipe = dataclasses.replace(recipe, stages=tuple(stages))
 
+    if args.drop_stage:
+        names = [stage.name for stage in recipe.stages]
+        if args.drop_stage not in names[:-1]:
+            parser.error(f"--drop-stage {args.drop_stage!r}: the stages before the last are {names[:-1]}")
+        index = names.index(args.drop_stage)
+        dropped, following = recipe.stages[index], recipe.stages[index + 1]
+        # The next stage takes its parts from where the dropped one did (BLIP-2's stage 1 brings the image tower).
+        following = dataclasses.replace(following, init={**dropped.init, **following.init})
+        recipe = dataclasses.replace(recipe, stages=(*recipe.stages[:index], following, *recipe.stages[index + 2 :]))
+        reused = [stage for stage in reused if names.index(stage.name) < index]  # every later stage trains again
+
     source, out = Path(args.source), Path(args.out)
     if not out.exists():
         out.mkdir(parents=True)
         shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+        if (source / "pretrain").is_dir():  # the same image tower (and any other pretrained part)
+            shutil.copytree(source / "pretrain", out / "pretrain")
         for stage in reused:
             shutil.copytree(stage_dir(source, recipe, stage), stage_dir(out, recipe, stage))
     metrics = run_recipe(recipe, out, resume=True, report=False).metrics
