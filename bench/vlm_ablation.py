@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = get_recipe(args.recipe)
     last = recipe.stages[-1]
     overrides: dict[str, Any] = _parse_overrides(args.set)  # as `vlkit train --set` reads them
-    reused = list(recipe.stages[:-1])
+    reused = [stage.name for stage in recipe.stages[:-1]]  # by name: --set may change a reused stage's fields
     if args.feature_layer is not None:
         if not args.tower:
             parser.error("--feature-layer retrains the align stage: give --tower")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         # The next stage takes its parts from where the dropped one did (BLIP-2's stage 1 brings the image tower).
         following = dataclasses.replace(following, init={**dropped.init, **following.init})
         recipe = dataclasses.replace(recipe, stages=(*recipe.stages[:index], following, *recipe.stages[index + 2 :]))
-        reused = [stage for stage in reused if names.index(stage.name) < index]  # every later stage trains again
+        reused = [name for name in reused if names.index(name) < index]  # every later stage trains again
 
     source, out = Path(args.source), Path(args.out)
     if not out.exists():
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
         if (source / "pretrain").is_dir():  # the same image tower (and any other pretrained part)
             shutil.copytree(source / "pretrain", out / "pretrain")
-        for stage in reused:
+        for stage in (stage for stage in recipe.stages if stage.name in reused):
             shutil.copytree(stage_dir(source, recipe, stage), stage_dir(out, recipe, stage))
     metrics = run_recipe(recipe, out, resume=True, report=False).metrics
     keys = ("vqa_accuracy", "vqa_accuracy_existence", "vqa_accuracy_spatial", "grounding_acc50", "caption_f1")
