@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from vlkit.cli import _parse_overrides
-from vlkit.recipes import InitFrom, get_recipe
+from vlkit.recipes import InitFrom, Recipe, get_recipe
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.recipes.vlm import FROZEN_LM
 from vlkit.train import ParamGroupRule
+
+
+def _with_last_rules(recipe: Recipe, rules: tuple[Any, ...]) -> Recipe:
+    """``recipe`` with its last stage's parameter rules replaced."""
+    last = dataclasses.replace(recipe.stages[-1], rules=rules)
+    return dataclasses.replace(recipe, stages=(*recipe.stages[:-1], last))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,15 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         overrides[f"stages.{last.name}.train.steps"] = args.steps
     recipe = recipe.with_overrides(overrides)
     if args.train_tower is not None:
-        stages = list(recipe.stages)
-        rule = ParamGroupRule(r"encoder\..*", lr_scale=args.train_tower)
-        stages[-1] = dataclasses.replace(stages[-1], rules=(rule,))
-        recipe = dataclasses.replace(recipe, stages=tuple(stages))
-
+        recipe = _with_last_rules(recipe, (ParamGroupRule(r"encoder\..*", lr_scale=args.train_tower),))
     if args.train_lm:
-        stages = list(recipe.stages)
-        stages[-1] = dataclasses.replace(stages[-1], rules=tuple(r for r in stages[-1].rules if r != FROZEN_LM))
-        recipe = dataclasses.replace(recipe, stages=tuple(stages))
+        recipe = _with_last_rules(recipe, tuple(rule for rule in recipe.stages[-1].rules if rule != FROZEN_LM))
 
     if args.drop_stage:
         names = [stage.name for stage in recipe.stages]

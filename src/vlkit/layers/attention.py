@@ -34,11 +34,11 @@ def _fp32_on_this_cpu(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_bf16_attention_is_slow()
 
 
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A bool (True = attend) or additive mask as the additive bias the CPU flash kernel takes."""
+def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool (True = attend) or additive mask as the fp32 additive bias the CPU flash kernel takes."""
     if mask is None or mask.is_floating_point():
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return None if mask is None else mask.float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class _Fp32Attention(torch.autograd.Function):
@@ -87,15 +87,14 @@ def sdpa(
     fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back. Without
     autocast and bf16 (plain fp32 training) this is exactly the plain call.
     """
-    if not _fp32_on_this_cpu(q):
-        if mask is not None and mask.is_floating_point():
-            mask = mask.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if grad and not (mask is not None and mask.requires_grad):
-        return _Fp32Attention.apply(q, k, v, _additive(mask, torch.float32), is_causal)
+    fp32 = _fp32_on_this_cpu(q)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if fp32 and training and not (mask is not None and mask.requires_grad):
+        return _Fp32Attention.apply(q, k, v, _additive_fp32(mask), is_causal)
     if mask is not None and mask.is_floating_point():
-        mask = mask.float()
+        mask = mask.to(torch.float32 if fp32 else q.dtype)
+    if not fp32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 copies back to bf16
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
     return out.to(q.dtype)

@@ -333,10 +333,8 @@ def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> tuple[tor
     """Without a cache: SDPA's causal kernel when nothing is padded or the padding is all on the right (a training
     batch: under the causal pattern no real token sees a later pad, and a pad's own output, which nothing reads,
     still sees the real tokens), else a bool (B, 1, T, T) mask."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None, True
-    if not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):  # no real token after a pad
-        return None, True
+    if attention_mask is None or not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        return None, True  # no real token after a pad
     device = attention_mask.device
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
     # Each position also sees itself, so a padded query row is never empty (SDPA would give NaN there).
