@@ -4,7 +4,9 @@ and a tiny ``llava_shapes`` run end to end."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ import vlkit
 from vlkit.data import shapes
 from vlkit.data.specs import ShapesText
 from vlkit.models.vlm import VisionLanguageModel
-from vlkit.recipes import get_recipe
+from vlkit.recipes import InitFrom, get_recipe
 from vlkit.recipes.contrastive import SHAPES_DATA
+from vlkit.recipes.parts import init_parts
 from vlkit.recipes.run import run_recipe
 from vlkit.tasks.base import RunContext
 from vlkit.tasks.vlm import (
@@ -28,6 +31,7 @@ from vlkit.tasks.vlm import (
     answer_weights,
     decode_answer,
 )
+from vlkit.text import train_tokenizer
 from vlkit.text.chat import IGNORE_INDEX
 
 
@@ -164,6 +168,28 @@ def test_llava_shapes_trains_its_stages_and_writes_the_contract(tiny_llava: Path
     assert "answers.png" in report and (tiny_llava / "answers.png").exists()
 
 
+def test_a_language_model_starts_only_from_a_run_with_the_same_tokenizer(tiny_llava: Path) -> None:
+    """``InitFrom`` copies a part's weights by name; an LM's embeddings mean tokens of its own tokenizer, so copying
+    it into a model whose tokenizer numbers tokens differently is an error naming the source, while parts that read
+    no token ids (the image tower) still copy."""
+    source = str(tiny_llava / "model")
+    target = vlkit.from_pretrained(tiny_llava / "model")
+    assert isinstance(target, VisionLanguageModel) and target.tokenizer is not None
+    torch.manual_seed(0)
+    for parameter in target.parameters():
+        torch.nn.init.normal_(parameter)
+    init_parts(target, {"lm": InitFrom(source)})  # the same tokenizer: copied
+    trained = vlkit.from_pretrained(tiny_llava / "model").lm.state_dict()
+    assert all(torch.equal(tensor, trained[name]) for name, tensor in target.lm.state_dict().items())
+    # The same vocabulary size, other ids: a tokenizer fitted on other text.
+    vocab = target.tokenizer.vocab_size
+    words = [f"token{k} colour{k % 7} shape{k % 5}" for k in range(400)]
+    target.tokenizer = train_tokenizer(words, vocab, target.tokenizer.max_len, split_digits=True)
+    with pytest.raises(ValueError, match=f"{source}.*tokenizer differs"):
+        init_parts(target, {"lm": InitFrom(source)})
+    init_parts(target, {"encoder": InitFrom(source)})
+
+
 def test_instruction_samples_train_on_the_answers_only(tiny_llava: Path) -> None:
     recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
     model = vlkit.from_pretrained(tiny_llava / "model")
@@ -289,3 +315,32 @@ def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Pat
     assert layouts == {0.0: {False}, 0.5: {False, True}, 1.0: {True}}
     with pytest.raises(ValueError, match="question_first is a probability"):
         dataclasses.replace(recipe.data, question_first=1.5)
+
+
+def _bench(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_probe_reads_what_the_tokens_hold_and_probes_every_site(tiny_llava: Path, tmp_path: Path) -> None:
+    probe = _bench("vlm_token_probe")
+    # The probe: tokens that hold the label are read perfectly, tokens that hold none at about chance.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 8, (400,), generator=generator)
+    holding = torch.nn.functional.one_hot(labels, 8).float() + 0.1 * torch.randn(400, 8, generator=generator)
+    noise = torch.randn(400, 8, generator=generator)
+    assert probe.probe_accuracy(holding[:300], labels[:300], holding[300:], labels[300:]) == 1.0
+    assert probe.probe_accuracy(noise[:300], labels[:300], noise[300:], labels[300:]) < 0.3
+    # The token of a centre: row-major cells of the grid, the image's right and bottom edges in the last cell.
+    assert probe._cell((0.0, 0.0), (64, 64), 4) == 0 and probe._cell((64.0, 64.0), (64, 64), 4) == 15
+    assert probe._cell((40.0, 10.0), (64, 64), 4) == 2 and probe._cell((10.0, 40.0), (64, 64), 8) == 41
+    out = tmp_path / "probe.json"
+    probe.main(["--model", str(tiny_llava / "model"), "--out", str(out), "--train-scenes", "40", "--test-scenes", "20"])
+    result = json.loads(out.read_text())
+    depth = vlkit.from_pretrained(tiny_llava / "model").config.vision.depth
+    assert set(result["accuracy"]) == {f"layer{k}" for k in range(depth + 1)} | {"bridge"}
+    assert all(set(row) == set(probe.TARGETS) for row in result["accuracy"].values())
+    assert result["settings"]["train_objects"] > 0 and result["settings"]["test_objects"] > 0

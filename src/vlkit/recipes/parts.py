@@ -32,10 +32,15 @@ _ALIASES = (("image_encoder", "encoder"),)
 
 def init_parts(model: nn.Module, init: Mapping[str, InitFrom], run: RunContext | None = None) -> None:
     """Copy each named part's weights from its source (``run`` is needed for ``recipe:`` sources only)."""
+    from vlkit.hub import from_pretrained
+
     for part, spec in init.items():
         target = model.get_submodule(part)
-        source = source_part(resolve_source(spec, run), part, spec.part)
-        _check_architecture(target, source, f"{spec.source} ({spec.part or part})", part)
+        source_model = from_pretrained(resolve_source(spec, run))
+        source = _part_of(source_model, spec.source, part, spec.part)
+        where = f"{spec.source} ({spec.part or part})"
+        _check_architecture(target, source, where, part)
+        _check_vocabulary(model, source_model, target, where, part)
         target.load_state_dict(source.state_dict())
         logger.info("%s starts from %s", part, spec.source)
 
@@ -44,7 +49,10 @@ def source_part(path: Path | str, target: str, part: str | None = None) -> nn.Mo
     """The module ``part`` (default: ``target`` or its alias) of the model at ``path`` (vlkit or Hugging Face)."""
     from vlkit.hub import from_pretrained
 
-    model = from_pretrained(path)
+    return _part_of(from_pretrained(path), path, target, part)
+
+
+def _part_of(model: nn.Module, path: Path | str, target: str, part: str | None) -> nn.Module:
     names = [part] if part else next((list(group) for group in _ALIASES if target in group), [target])
     for name in names:
         try:
@@ -78,6 +86,22 @@ def resolve_source(spec: InitFrom, run: RunContext | None) -> Path:
 
         run_recipe(recipe, out_dir, resume=True, progress=run.progress, report=run.report)
     return out_dir / "model"
+
+
+def _check_vocabulary(model: nn.Module, source_model: nn.Module, target: nn.Module, where: str, part: str) -> None:
+    """A part that embeds token ids (a language model, a text tower) reads them with its source's tokenizer: both
+    models' tokenizers must give every token the same id, or the copied embeddings would mean other tokens."""
+    embeds = any(isinstance(module, nn.Embedding) for module in target.modules())
+    mine, theirs = _vocabulary(model), _vocabulary(source_model)
+    if embeds and mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"{where}: its tokenizer differs from the model's, so its {part} cannot read the model's "
+                         "token ids; start from a run fitted on the same data settings")  # fmt: skip
+
+
+def _vocabulary(model: nn.Module) -> dict[str, int] | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    backend = getattr(tokenizer, "backend", tokenizer)  # vlkit's Tokenizer wraps a tokenizers.Tokenizer
+    return backend.get_vocab() if hasattr(backend, "get_vocab") else None
 
 
 def _check_architecture(target: nn.Module, source: nn.Module, where: str, part: str) -> None:
