@@ -8,6 +8,7 @@ described conversations of the training scenes alone, and is probed every ``--ev
 learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
 
     python bench/vlm_text_probe.py --model RUN/stages/0-text/model --out probe.json [--steps 800 --lr 1e-3]
+        [--save DIR]
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--probe-scenes", type=int, default=100, help="test scenes asked about")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", help="save the trained model here (a model directory, as --model)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"step": step, "loss": round(loss.item(), 4), "seconds": seconds,
                                 "accuracy": probe(model, held_out, collate)})  # fmt: skip
                 tqdm.write(str(results[-1]))
+    if args.save:
+        model.save_pretrained(args.save)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     Path(args.out).write_text(json.dumps({"settings": settings, "probes": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
