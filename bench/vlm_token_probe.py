@@ -39,29 +39,32 @@ def _cell(centre: tuple[float, float], size: tuple[int, int], grid: int) -> int:
 
 @torch.no_grad()
 def collect(
-    model: VisionLanguageModel, config: shapes.ShapesConfig, split: str, count: int
+    model: VisionLanguageModel, config: shapes.ShapesConfig, split: str, count: int, batch_size: int = 128
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per probed site (tower layer k, bridge): the (N, D) tokens at object centres, and the (N, 3) labels."""
     transform = ImageTransform(image_size=model.config.vision.image_size)
     colours, kinds = sorted(config.colours), sorted(config.shapes)
-    depth = len(model.encoder.blocks)
-    features: dict[str, list[torch.Tensor]] = {f"layer{k}": [] for k in range(depth + 1)} | {"bridge": []}
+    scenes = [shapes.generate(config, split, index) for index in tqdm(range(count), desc=f"{split} scenes")]  # type: ignore[arg-type]
+    scenes = [sample for sample in scenes if len(sample.objects) == 2]
+    sites = [f"layer{k}" for k in range(len(model.encoder.blocks) + 1)] + ["bridge"]
+    features: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
     labels = []
-    for index in tqdm(range(count), desc=f"{split} scenes", unit="scene"):
-        sample = shapes.generate(config, split, index)  # type: ignore[arg-type]
-        if len(sample.objects) != 2:
-            continue
-        pixels = transform(sample.image)[None]
-        sites = {f"layer{k}": model.encoder.forward_features(pixels, layer=k).patch_tokens[0] for k in range(depth + 1)}
-        sites["bridge"] = model.embed_image(pixels).tokens[0].float()
-        size = (sample.image.width, sample.image.height)
-        first, second = sample.objects
-        for obj, other in ((first, second), (second, first)):
-            for name, tokens in sites.items():
-                grid = round(tokens.shape[0] ** 0.5)
-                features[name].append(tokens[_cell(obj.centre, size, grid)].float())
-            labels.append((colours.index(obj.colour), kinds.index(obj.shape), colours.index(other.colour)))
-    return {name: torch.stack(rows) for name, rows in features.items()}, torch.tensor(labels)
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        pixels = torch.stack([transform(sample.image) for sample in chunk])
+        tokens = {
+            site: model.encoder.forward_features(pixels, layer=k).patch_tokens for k, site in enumerate(sites[:-1])
+        }
+        tokens["bridge"] = model.embed_image(pixels).tokens
+        for row, sample in enumerate(chunk):
+            size = (sample.image.width, sample.image.height)
+            first, second = sample.objects
+            for obj, other in ((first, second), (second, first)):
+                for site, grid_tokens in tokens.items():
+                    grid = round(grid_tokens.shape[1] ** 0.5)
+                    features[site].append(grid_tokens[row, _cell(obj.centre, size, grid)].float())
+                labels.append((colours.index(obj.colour), kinds.index(obj.shape), colours.index(other.colour)))
+    return {site: torch.stack(rows) for site, rows in features.items()}, torch.tensor(labels)
 
 
 def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
