@@ -141,6 +141,24 @@ def test_inputs_embeds_and_streaming() -> None:
     assert len(steps) == 6 and torch.equal(torch.stack(steps, dim=1), new)
 
 
+
+def test_generation_leaves_nothing_that_autograd_cannot_use() -> None:
+    """Decoding runs in inference mode; what it hands back (streamed ids, the returned ids) and what it leaves on the
+    model (rotary tables, packed weights) must still serve a training step, e.g. on the model's own samples."""
+    model = _model("test_llama_lm")
+    ids, mask = _prompts([5, 7], model.config.vocab_size, 0)
+    streamed = list(stream_generate(model, ids, mask, config=GenerationConfig(max_new_tokens=4, stop_token_ids=())))
+    sampled = model.generate(ids, mask, max_new_tokens=4, stop_token_ids=())
+    assert not any(t.is_inference() for t in [*streamed, sampled])
+    model.train()
+    new = torch.stack(streamed, dim=1)
+    out = model(inputs_embeds=model.embed(new), labels=new)  # an embedding lookup saves its ids for backward
+    out.loss.backward()
+    assert model.token_embed.weight.grad is not None and model.token_embed.weight.grad.abs().sum() > 0
+    loss = model(sampled, torch.ones_like(sampled), labels=sampled).loss
+    assert loss is not None
+    loss.backward()
+
 def test_top_k_one_equals_greedy_and_sampling_is_seeded() -> None:
     model = _model("test_qwen2_lm")
     ids, mask = _prompts([5, 8], model.config.vocab_size, 0)
