@@ -141,6 +141,34 @@ def test_inputs_embeds_and_streaming() -> None:
     assert len(steps) == 6 and torch.equal(torch.stack(steps, dim=1), new)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_bidirectional_blocks_in_the_cache_equal_recomputing(name: str) -> None:
+    """Blocks (a VLM's image tokens) attend both ways within themselves: the cached prefill of a left-padded batch and
+    the greedy tokens after it equal a full recomputation every step, and differ from causal attention."""
+    model = _model(name, seed=3)
+    ids, mask = _prompts([9, 6, 11], model.config.vocab_size, 0, seed=3)
+    blocks = torch.full_like(ids, -1)
+    blocks[0, 3:7], blocks[1, 6:9], blocks[2, 1:4], blocks[2, 5:9] = 0, 0, 0, 1  # real tokens; row 2 holds two blocks
+    with torch.no_grad():
+        full = model(ids, mask, attention_blocks=blocks).logits
+        causal = model(ids, mask).logits
+        cache = model.new_cache(3, 20)
+        prefill = model.forward_head(model.forward_features(ids, mask, cache=cache.view([0, 1, 2]),
+                                                            attention_blocks=blocks))  # fmt: skip
+    real = mask.bool()
+    torch.testing.assert_close(prefill[real], full[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[real], causal[real], atol=1e-3)
+    got = model.generate(ids, mask, max_new_tokens=6, stop_token_ids=(), attention_blocks=blocks)
+    current, current_mask, current_blocks = ids, mask, blocks
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(current, current_mask, attention_blocks=current_blocks).logits[:, -1]
+            current = torch.cat([current, logits.argmax(-1, keepdim=True)], dim=1)
+            current_mask = torch.cat([current_mask, torch.ones_like(mask[:, :1])], dim=1)
+            current_blocks = torch.cat([current_blocks, torch.full_like(blocks[:, :1], -1)], dim=1)
+    assert torch.equal(got, current)
+    assert not torch.equal(got, model.generate(ids, mask, max_new_tokens=6, stop_token_ids=()))
+
 
 def test_generation_leaves_nothing_that_autograd_cannot_use() -> None:
     """Decoding runs in inference mode; what it hands back (streamed ids, the returned ids) and what it leaves on the
@@ -158,6 +186,7 @@ def test_generation_leaves_nothing_that_autograd_cannot_use() -> None:
     loss = model(sampled, torch.ones_like(sampled), labels=sampled).loss
     assert loss is not None
     loss.backward()
+
 
 def test_top_k_one_equals_greedy_and_sampling_is_seeded() -> None:
     model = _model("test_qwen2_lm")

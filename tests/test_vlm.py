@@ -8,6 +8,7 @@ import importlib.util
 import json
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,9 +36,9 @@ from vlkit.text import train_tokenizer
 from vlkit.text.chat import IGNORE_INDEX
 
 
-def _model(seed: int = 0) -> VisionLanguageModel:
+def _model(seed: int = 0, **overrides: Any) -> VisionLanguageModel:
     torch.manual_seed(seed)
-    model = vlkit.create_model("test_llava").eval()
+    model = vlkit.create_model("test_llava", **overrides).eval()
     assert isinstance(model, VisionLanguageModel)
     return model
 
@@ -101,8 +102,9 @@ def test_a_placeholder_count_that_does_not_match_names_the_sample() -> None:
         model(_ids(model, [1, 1]), pixel_values=torch.randn(3, 3, 32, 32))
 
 
-def test_generation_with_the_cache_equals_recomputing_every_step() -> None:
-    model = _model(1)
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_generation_with_the_cache_equals_recomputing_every_step(image_attention: str) -> None:
+    model = _model(1, image_attention=image_attention)
     ids = _ids(model, [1, 1], length=24, seed=3)
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # left padding
@@ -116,6 +118,34 @@ def test_generation_with_the_cache_equals_recomputing_every_step() -> None:
             current = torch.cat([current, logits.argmax(-1, keepdim=True)], dim=1)
             current_mask = torch.cat([current_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
     assert torch.equal(out, current)
+
+
+def test_bidirectional_image_attention_lets_image_tokens_see_their_whole_image_only() -> None:
+    """Gemma 3's pattern: an image token sees the later tokens of its own image, never a later image or later text;
+    text stays causal. With causal image attention nothing sees a later token."""
+    ids = _ids(_model(), [2], length=40)  # image 0 at 2..17, text at 18, image 1 at 19..34, text after
+    pixels = torch.randn(2, 3, 32, 32)
+    for image_attention in ("causal", "bidirectional"):
+        model = _model(image_attention=image_attention)
+        blocks = model.attention_blocks(ids)
+        with torch.no_grad():
+            embeds = model.embed_inputs(ids, pixels)
+            base = model.lm(inputs_embeds=embeds, attention_blocks=blocks).logits[0]
+            torch.testing.assert_close(model(ids, pixel_values=pixels).logits[0], base)  # the VLM passes its blocks
+            # A token inside image 0, inside image 1, in the text: the first position it reaches is its image's first
+            # token (bidirectional) or itself.
+            for position, block_start in ((10, 2), (25, 19), (36, 36)):
+                moved = embeds.clone()
+                moved[0, position] += 1.0
+                logits = model.lm(inputs_embeds=moved, attention_blocks=blocks).logits[0]
+                first = block_start if image_attention == "bidirectional" else position
+                torch.testing.assert_close(logits[:first], base[:first])
+                assert not torch.allclose(logits[first], base[first]), (image_attention, position)
+    blocks = _model(image_attention="bidirectional").attention_blocks(ids)
+    assert blocks is not None
+    assert blocks[0, 2:18].eq(0).all() and blocks[0, 19:35].eq(1).all() and blocks[0, 18].item() == -1
+    assert blocks[0, :2].eq(-1).all() and blocks[0, 35:].eq(-1).all()
+    assert _model().attention_blocks(ids) is None
 
 
 def test_save_and_load_keep_weights_tokenizer_and_outputs(tmp_path: Path) -> None:

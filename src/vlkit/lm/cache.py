@@ -95,17 +95,21 @@ class CacheView:
         """``tensor[slots]`` for a per-slot tensor (a view when the slots are consecutive)."""
         return tensor[self.range[0] : self.range[1]] if self.range is not None else tensor[self.index]
 
-    def begin(self, length: int, attention_mask: torch.Tensor | None) -> CacheStep:
-        return CacheStep(self, length, attention_mask)
+    def begin(self, length: int, attention_mask: torch.Tensor | None, blocks: torch.Tensor | None = None) -> CacheStep:
+        return CacheStep(self, length, attention_mask, blocks)
 
 
 class CacheStep:
-    """One forward pass of ``length`` new tokens per row; ``attention_mask`` (B, length) marks real tokens."""
+    """One forward pass of ``length`` new tokens per row; ``attention_mask`` (B, length) marks real tokens;
+    ``blocks`` (B, length): new tokens sharing an id >= 0 see each other in both directions."""
 
-    def __init__(self, view: CacheView, length: int, attention_mask: torch.Tensor | None) -> None:
+    def __init__(
+        self, view: CacheView, length: int, attention_mask: torch.Tensor | None, blocks: torch.Tensor | None = None
+    ) -> None:
         cache = view.cache
         self.view = view
         self.length = length
+        self.blocks = blocks
         self.starts = view.lengths
         self.end = max(self.starts) + length
         if self.end > cache.max_len:
@@ -148,7 +152,7 @@ class CacheStep:
         """(B, 1, length, end) for SDPA: None when every query may see every stored key; for one token per row in
         lockstep, the slots' additive key bias itself (0 / -inf, nothing computed); else a bool mask, True = attend."""
         cache, view = self.view.cache, self.view
-        lockstep = self.length == 1 and len(set(self.starts)) == 1
+        lockstep = self.length == 1 and len(set(self.starts)) == 1 and self.blocks is None
         if lockstep and not any(cache.padded[s] for s in view.slots):
             return None
         key_bias = view.rows(cache.key_bias)[:, : self.end]  # (B, end)
@@ -162,6 +166,10 @@ class CacheStep:
         # Each query also sees itself: a padded query would otherwise have no key at all, and SDPA's NaN for that row
         # would reach the real tokens through the cached values of later layers.
         mask = (causal & (key_bias == 0)[:, None, :]) | (key_at[None, None, :] == query_at[:, :, None])
+        if self.blocks is not None:  # blocks are made of this pass's tokens: scatter their ids to their key columns
+            key_blocks = torch.full((len(view), self.end), -1, dtype=torch.long, device=device)
+            key_blocks.scatter_(1, query_at, self.blocks.to(device))
+            mask = mask | same_block(self.blocks.to(device), key_blocks)
         return mask[:, None]  # (B, 1, length, end)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,3 +195,8 @@ class CacheStep:
             cache.next_position[self.view.range[0] : self.view.range[1]] = next_positions
         else:
             cache.next_position[self.view.index] = next_positions
+
+
+def same_block(query_blocks: torch.Tensor, key_blocks: torch.Tensor) -> torch.Tensor:
+    """(B, Tq, Tk) bool: query and key share a bidirectional block (an id >= 0)."""
+    return (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks[:, :, None] >= 0)

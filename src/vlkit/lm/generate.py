@@ -105,11 +105,13 @@ def stream_generate(
     config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
     decode: Callable[[Sequence[int]], str] | None = None,
+    attention_blocks: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens (B,) (``pad_token_id`` for rows that have finished).
 
     ``inputs_embeds`` (B, T, E), when given, is what the model reads for the prompt (a VLM's merged text and image
-    embeddings); ``input_ids`` then only feed the repetition penalty. Runs without autograd.
+    embeddings); ``input_ids`` then only feed the repetition penalty. ``attention_blocks`` (B, T): the prompt's
+    bidirectional blocks (``DecoderLM.forward_features``). Runs without autograd.
     """
     config = config or GenerationConfig()
     _check_prompt(input_ids, attention_mask, inputs_embeds)
@@ -121,7 +123,8 @@ def stream_generate(
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop_ids or (0,))[0]
     if config.max_new_tokens == 0:
         return iter(())
-    steps = _steps(model, input_ids, attention_mask, inputs_embeds, config, stop_ids, pad, generator, decode)
+    steps = _steps(model, input_ids, attention_mask, inputs_embeds, attention_blocks, config, stop_ids, pad,
+                   generator, decode)  # fmt: skip
     # The steps run in inference mode; cloned outside it, the tokens a caller receives are ordinary tensors (an
     # inference tensor cannot be saved for backward, e.g. by an embedding lookup of the generated ids).
     return (tokens.clone() for tokens in steps)
@@ -135,6 +138,7 @@ def _steps(
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
+    attention_blocks: torch.Tensor | None,
     config: GenerationConfig,
     stop_ids: tuple[int, ...],
     pad: int,
@@ -146,7 +150,11 @@ def _steps(
     cache = model.new_cache(batch, prompt_len + config.max_new_tokens)
     view = cache.view(cache.allocate(batch))
     hidden = model.forward_features(
-        None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds, cache=view
+        None if inputs_embeds is not None else input_ids,
+        attention_mask,
+        inputs_embeds,
+        cache=view,
+        attention_blocks=attention_blocks,
     )
     logits = model.forward_head(hidden[:, -1])  # (B, V): the prompt's other positions need no logits
     seen = None
@@ -216,11 +224,14 @@ def generate(
     streamer: Callable[[torch.Tensor], Any] | None = None,
     generator: torch.Generator | None = None,
     decode: Callable[[Sequence[int]], str] | None = None,
+    attention_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prompt + generated ids (B, T + steps); only the generated ids (B, steps) when the prompt came as
     ``inputs_embeds`` without ``input_ids``. ``streamer`` is called with each step's tokens (B,)."""
     steps = []
-    for tokens in stream_generate(model, input_ids, attention_mask, inputs_embeds, config, generator, decode):
+    prompts = stream_generate(model, input_ids, attention_mask, inputs_embeds, config, generator, decode,
+                              attention_blocks)  # fmt: skip
+    for tokens in prompts:
         if streamer is not None:
             streamer(tokens)
         steps.append(tokens)

@@ -22,7 +22,7 @@ from torch import nn
 from vlkit.layers import Rope1d, build_mlp, build_norm
 from vlkit.layers.attention import sdpa
 from vlkit.layers.linear import Linear, linear, release_packed, use_fast_linears
-from vlkit.lm.cache import CacheStep, CacheView, KVCache
+from vlkit.lm.cache import CacheStep, CacheView, KVCache, same_block
 from vlkit.lm.config import LMConfig
 from vlkit.models.base import PretrainedModel
 
@@ -202,11 +202,14 @@ class DecoderLM(PretrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: CacheView | None = None,
+        attention_blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, E), E = ``config.embed_width``; the LM head is ``forward_head``.
 
         ``attention_mask`` (B, T) marks real tokens (1) and padding (0). With ``cache`` it may also span the cached
         tokens too, as transformers passes it (B, past + T): its last T columns describe the new tokens.
+        ``attention_blocks`` (B, T) long: tokens of this pass sharing an id >= 0 see each other in both directions (a
+        VLM's image tokens, as Gemma 3's); -1 (and any token outside a block) attends causally.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -214,16 +217,18 @@ class DecoderLM(PretrainedModel):
         batch, length = x.shape[:2]
         if attention_mask is not None:
             attention_mask = attention_mask[:, -length:]
+        if attention_blocks is not None and (length == 1 or not bool((attention_blocks >= 0).any())):
+            attention_blocks = None  # a block of one token is causal already
         step = None
         if cache is not None:
             if len(cache) != batch:
                 raise ValueError(f"cache view has {len(cache)} slots for a batch of {batch}")
-            step = cache.begin(length, attention_mask)
+            step = cache.begin(length, attention_mask, attention_blocks)
             start = cache.rows(cache.cache.next_position)  # (B,)
             mask, is_causal = step.attention_mask, False
         else:
             start = None
-            mask, is_causal = _padding_mask(attention_mask, length)
+            mask, is_causal = _padding_mask(attention_mask, length, attention_blocks)
         limit = None  # positions stay below it: known on the host unless the caller passed position ids
         if position_ids is None:
             position_ids = _positions(attention_mask, start, batch, length, x.device)
@@ -278,10 +283,11 @@ class DecoderLM(PretrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: CacheView | None = None,
         labels: torch.Tensor | None = None,
+        attention_blocks: torch.Tensor | None = None,
     ) -> LMOutput:
         """``labels`` (B, T) are the targets aligned with the inputs (shifted inside, as transformers does);
-        -100 marks positions without a target."""
-        hidden = self.forward_features(input_ids, attention_mask, inputs_embeds, position_ids, cache)
+        -100 marks positions without a target. ``attention_blocks``: see ``forward_features``."""
+        hidden = self.forward_features(input_ids, attention_mask, inputs_embeds, position_ids, cache, attention_blocks)
         logits = self.forward_head(hidden)
         loss = None
         if labels is not None:
@@ -299,13 +305,15 @@ class DecoderLM(PretrainedModel):
         streamer: Callable[[torch.Tensor], Any] | None = None,
         generator: torch.Generator | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
+        attention_blocks: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """Prompt + new ids (B, T + steps), as transformers' decoder-only ``generate``; see ``vlkit.lm.generate``.
 
         ``options`` are ``GenerationConfig`` fields (do_sample, temperature, top_k, top_p, repetition_penalty,
         stop_token_ids, stop_strings, pad_token_id). Stop strings are matched in text decoded by ``decode``, by
-        default this model's tokenizer.
+        default this model's tokenizer. ``attention_blocks`` (B, T) marks the prompt's bidirectional blocks (see
+        ``forward_features``).
         """
         from vlkit.lm.generate import GenerationConfig, generate
 
@@ -320,6 +328,7 @@ class DecoderLM(PretrainedModel):
             streamer=streamer,
             generator=generator,
             decode=decode,
+            attention_blocks=attention_blocks,
         )
 
 
@@ -329,16 +338,22 @@ def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def _padding_mask(attention_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, bool]:
+def _padding_mask(
+    attention_mask: torch.Tensor | None, length: int, blocks: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, bool]:
     """Without a cache: SDPA's causal kernel when nothing is padded or the padding is all on the right (a training
     batch: under the causal pattern no real token sees a later pad, and a pad's own output, which nothing reads,
-    still sees the real tokens), else a bool (B, 1, T, T) mask."""
-    if attention_mask is None or not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+    still sees the real tokens) and no bidirectional ``blocks`` (B, T) exist, else a bool (B, 1, T, T) mask."""
+    right_padded = attention_mask is None or not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any())
+    if right_padded and blocks is None:
         return None, True  # no real token after a pad
-    device = attention_mask.device
+    device = (attention_mask if attention_mask is not None else blocks).device  # type: ignore[union-attr]
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # (T, T)
+    real = torch.ones(1, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
     # Each position also sees itself, so a padded query row is never empty (SDPA would give NaN there).
-    mask = (causal & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
+    mask = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)  # (B or 1, T, T)
+    if blocks is not None:
+        mask = mask | same_block(blocks, blocks)
     return mask[:, None], False  # (B, 1, T, T)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -57,7 +57,9 @@ class VLMConfig(ConfigBase):
     (default: "default", patch tokens only). ``image_token_id``: the placeholder id in the LM's vocabulary.
     ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat). ``embed_dim``: the
     width of BLIP-2's stage-1 image-text contrastive space; set, the model holds ``QFormerHeads`` (a Q-Former bridge
-    with text input only)."""
+    with text input only). ``image_attention``: ``"causal"`` (LLaVA, BLIP-2, Qwen-VL: the LM is causal throughout) or
+    ``"bidirectional"`` (Gemma 3, Gemma Team, 2025: the tokens of one image, a contiguous run of placeholders, see
+    each other in both directions; text stays causal)."""
 
     kind: ClassVar[str] = "vlm"
 
@@ -69,8 +71,11 @@ class VLMConfig(ConfigBase):
     image_token_id: int = 32000
     chat_template: str = "vicuna_v1"
     embed_dim: int | None = None
+    image_attention: Literal["causal", "bidirectional"] = "causal"
 
     def __post_init__(self) -> None:
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"image_attention must be 'causal' or 'bidirectional', got {self.image_attention!r}")
         if not isinstance(self.vision, ViTConfig):
             raise ValueError(f"a VLM's encoder must be a ViT, got {type(self.vision).__name__}")
         if not 0 <= self.image_token_id < self.lm.vocab_size:
@@ -163,6 +168,15 @@ class VisionLanguageModel(PretrainedModel):
         _check_placeholders(placeholders.sum(dim=1).tolist(), per_image)
         return embeds.masked_scatter(placeholders[..., None], real.reshape(-1, real.shape[-1]))
 
+    def attention_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) the LM's bidirectional blocks: with ``image_attention="bidirectional"`` each contiguous run of image
+        placeholders is one block (numbered per row), every other token -1; None for a causal LM."""
+        if self.config.image_attention == "causal":
+            return None
+        placeholders = input_ids == self.config.image_token_id
+        starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0))
+        return torch.where(placeholders, starts.long().cumsum(1) - 1, -1)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -172,7 +186,8 @@ class VisionLanguageModel(PretrainedModel):
     ) -> LMOutput:
         """Logits (B, T, V); with ``labels`` (B, T, -100 where nothing is trained on) the next-token loss."""
         embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels)
+        return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels,
+                       attention_blocks=self.attention_blocks(input_ids))  # fmt: skip
 
     @torch.no_grad()
     def generate(
@@ -188,7 +203,7 @@ class VisionLanguageModel(PretrainedModel):
         """Prompt + new ids (B, T + steps) for left-padded prompts, greedy by default (``DecoderLM.generate``)."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
-                                **options)  # fmt: skip
+                                attention_blocks=self.attention_blocks(input_ids), **options)  # fmt: skip
 
     def _vision_dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype

@@ -89,7 +89,8 @@ def _streamed(
     config = GenerationConfig(max_new_tokens=max_new_tokens, **options)
     embeds = model.embed_inputs(prompt, pixels)
     with torch.no_grad():
-        for tokens in stream_generate(model.lm, prompt, torch.ones_like(prompt), embeds, config):
+        blocks = model.attention_blocks(prompt)
+        for tokens in stream_generate(model.lm, prompt, torch.ones_like(prompt), embeds, config, None, None, blocks):
             streamer(tokens)
             while pieces:
                 yield pieces.pop(0)
