@@ -220,6 +220,9 @@ def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
     linear = vlkit.get_config("test_llava").replace(bridge=LinearBridgeConfig())
     with pytest.raises(ConversionError, match="two-layer MLP"):
         vlkit.export_hf(VisionLanguageModel(linear), tmp_path / "odd")
+    bidirectional = vlkit.get_config("test_llava").replace(image_attention="bidirectional")
+    with pytest.raises(ConversionError, match="image_attention='bidirectional'"):
+        vlkit.export_hf(VisionLanguageModel(bidirectional), tmp_path / "odd")
     _reference(CASES["clip_llama_layer-2_default"]).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["num_key_value_heads"] = 4

@@ -207,6 +207,8 @@ def _problems(config: VLMConfig) -> list[str]:
         problems.append("embed_dim: the stage-1 heads (QFormerHeads) have no place in Blip2ForConditionalGeneration")
     if not (llama.matches(config.lm) or opt.matches(config.lm)):
         problems.append("the language model is neither an OPT nor a Llama / Qwen2 layout")
+    if config.image_attention != "causal":
+        problems.append(f"image_attention={config.image_attention!r} (BLIP-2's language model is causal throughout)")
     return problems
 
 

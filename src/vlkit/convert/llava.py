@@ -312,6 +312,8 @@ def _problems(config: VLMConfig) -> list[str]:
             problems.append(f"bridge.act={bridge.act!r} has no projector_hidden_act")
     if not llama.matches(config.lm):
         problems.append("the language model is neither a Llama nor a Qwen2 layout")
+    if config.image_attention != "causal":
+        problems.append(f"image_attention={config.image_attention!r} (LLaVA's language model is causal throughout)")
     return problems
 
 
