@@ -3,9 +3,9 @@
 The ShapesWorld VLM answers "what colour is the square?" with the other object's colour (README, "Where the binding
 fails"): its tower's tokens carry the other object's colour and hold their own shape only 70-80 % of the time. This
 script replaces the tower by an oracle, so that only the bridge and the language model are left to learn: the token
-of each of the 8 x 8 patches is the one-hot of the colour, shape and size of the object whose box holds the patch
-centre (or "background"), zero-padded to the tower's width. The image never enters the model; the oracle map travels
-in ``pixel_values`` as (16 + 1, 8, 8).
+of each patch (8 x 8 of them in the recipes) is the one-hot of the colour, shape and size of the object whose box
+holds the patch centre (or "background"), zero-padded to the tower's width. The image never enters the model; the
+oracle map travels in ``pixel_values`` as (8 colours + 5 shapes + 2 sizes + 1, rows, columns).
 
 Everything else is ``bench/vlm_ablation.py``'s retrained-align run from a finished ``honeybee_c_shapes`` run: its
 text stage and tokenizer are copied, the align and instruct stages train again (on the oracle), and every evaluation
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +32,25 @@ from vlkit.models.vlm import VisionLanguageModel
 sys.path.insert(0, str(Path(__file__).parent))
 import vlm_ablation
 
-GRID = 8
-
 
 def oracle_channels(config: shapes.ShapesConfig) -> list[str]:
     """The oracle's channel names: each colour, each shape, each size, then background."""
     return [*config.colours, *config.shapes, *(name for name, _ in config.sizes), "background"]
 
 
-def oracle_map(objects: list[shapes.ShapesObject], size: tuple[int, int], config: shapes.ShapesConfig) -> torch.Tensor:
-    """(channels, 8, 8): per patch, the one-hot colour, shape and size of the object whose box holds its centre."""
+def oracle_map(
+    objects: list[shapes.ShapesObject], size: tuple[int, int], config: shapes.ShapesConfig, grid: tuple[int, int]
+) -> torch.Tensor:
+    """(channels, rows, columns): per patch, the one-hot colour, shape and size of the object whose box holds the
+    patch centre (or background)."""
     channels = oracle_channels(config)
     index = {name: i for i, name in enumerate(channels)}
-    width, height = size
-    out = torch.zeros(len(channels), GRID, GRID)
+    (width, height), (rows, columns) = size, grid
+    out = torch.zeros(len(channels), rows, columns)
     out[index["background"]] = 1.0
-    for row in range(GRID):
-        for col in range(GRID):
-            x, y = (col + 0.5) * width / GRID, (row + 0.5) * height / GRID
+    for row in range(rows):
+        for col in range(columns):
+            x, y = (col + 0.5) * width / columns, (row + 0.5) * height / rows
             for item in objects:
                 x1, y1, x2, y2 = item.box
                 if x1 <= x < x2 and y1 <= y < y2:
@@ -62,23 +64,28 @@ class OracleTransform:
     """Stands in for ``ImageTransform`` in the vlm task: an image that carries its scene's objects becomes the oracle
     map, any other image goes through the real transform."""
 
-    def __init__(self, real: Any, config: shapes.ShapesConfig) -> None:
-        self.real, self.config = real, config
+    def __init__(self, real: Any, config: shapes.ShapesConfig, grid: tuple[int, int]) -> None:
+        self.real, self.config, self.grid = real, config, grid
 
     def __call__(self, image: Any) -> torch.Tensor:
         objects = getattr(image, "oracle_objects", None)
-        return self.real(image) if objects is None else oracle_map(objects, image.size, self.config)
+        return self.real(image) if objects is None else oracle_map(objects, image.size, self.config, self.grid)
 
 
 def oracle_image_tokens(self: VisionLanguageModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``VisionLanguageModel.image_tokens`` for oracle maps (I, C, 8, 8): (I, 64, D_vis) one-hot tokens, zero-padded."""
-    tokens = pixel_values.flatten(2).transpose(1, 2)  # (I, 64, C)
+    """``VisionLanguageModel.image_tokens`` for oracle maps (I, C, rows, columns): (I, N, D_vis) one-hot tokens,
+    zero-padded, and their grid (I, 2)."""
+    rows, columns = pixel_values.shape[2:]
+    tokens = pixel_values.flatten(2).transpose(1, 2)  # (I, N, C)
     tokens = F.pad(tokens, (0, self.config.vision.dim - tokens.shape[-1]))
-    return tokens, torch.tensor([[GRID, GRID]], device=tokens.device).expand(tokens.shape[0], 2)
+    return tokens, torch.tensor([[rows, columns]], device=tokens.device).expand(tokens.shape[0], 2)
 
 
-def install(config: shapes.ShapesConfig) -> None:
-    """Route every ShapesWorld scene of the vlm task through the oracle."""
+def install(
+    config: shapes.ShapesConfig, grid: tuple[int, int], patch: Callable[[Any, str, Any], None] = setattr
+) -> None:
+    """Route every ShapesWorld scene of the vlm task through the oracle, on the tower's ``grid`` (``patch``: how
+    attributes are replaced, e.g. pytest's ``monkeypatch.setattr``, which undoes it)."""
     import vlkit.tasks.vlm as task
 
     generate = shapes.generate
@@ -88,10 +95,10 @@ def install(config: shapes.ShapesConfig) -> None:
         sample.image.oracle_objects = sample.objects  # PIL images take attributes; the report still draws the image
         return sample
 
-    shapes.generate = generate_with_objects  # type: ignore[assignment]
     real_transform = task.ImageTransform
-    task.ImageTransform = lambda **kwargs: OracleTransform(real_transform(**kwargs), config)  # type: ignore[assignment,misc]
-    VisionLanguageModel.image_tokens = oracle_image_tokens  # type: ignore[method-assign]
+    patch(shapes, "generate", generate_with_objects)
+    patch(task, "ImageTransform", lambda **kwargs: OracleTransform(real_transform(**kwargs), config, grid))
+    patch(VisionLanguageModel, "image_tokens", oracle_image_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     from vlkit.recipes import get_recipe
+    from vlkit.registry import get_config
 
-    data = get_recipe(args.recipe).data
-    install(data.config)  # type: ignore[union-attr]
+    recipe = get_recipe(args.recipe)
+    install(recipe.data.config, get_config(recipe.model).vision.grid)  # type: ignore[union-attr]
     forwarded = ["--from", args.source, "--out", args.out, "--recipe", args.recipe, "--feature-layer", "-1",
                  "--tower", args.tower, "--set", *args.set]  # fmt: skip
     vlm_ablation.main(forwarded + (["--steps", str(args.steps)] if args.steps else []))

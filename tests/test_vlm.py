@@ -374,3 +374,32 @@ def test_token_probe_reads_what_the_tokens_hold_and_probes_every_site(tiny_llava
     assert set(result["accuracy"]) == {f"layer{k}" for k in range(depth + 1)} | {"bridge"}
     assert all(set(row) == set(probe.TARGETS) for row in result["accuracy"].values())
     assert result["settings"]["train_objects"] > 0 and result["settings"]["test_objects"] > 0
+
+
+def test_oracle_tower_hands_the_bridge_each_patch_object(tiny_llava: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    oracle = _bench("vlm_oracle")
+    config = SHAPES_DATA
+    square = shapes.ShapesObject(shape="square", colour="red", size="small", box=(0, 0, 16, 16))
+    star = shapes.ShapesObject(shape="star", colour="blue", size="large", box=(32, 40, 64, 64))
+    channels = oracle.oracle_channels(config)
+    grid = oracle.oracle_map([square, star], (64, 64), config, (8, 8))  # 8 px patches: centres at 4, 12, 20, ...
+    on_object = [[(r < 2 and c < 2) or (r >= 5 and c >= 4) for c in range(8)] for r in range(8)]
+    assert grid.shape == (len(channels), 8, 8)
+    assert grid.sum(0).tolist() == [[3.0 if hit else 1.0 for hit in row] for row in on_object]
+    named = {channels[k] for k in grid[:, 0, 1].nonzero().flatten().tolist()}
+    assert named == {"red", "square", "small"}
+    assert {channels[k] for k in grid[:, 7, 7].nonzero().flatten().tolist()} == {"blue", "star", "large"}
+    assert {channels[k] for k in grid[:, 3, 3].nonzero().flatten().tolist()} == {"background"}
+    # Installed, the task's scenes reach the model as oracle maps, and the bridge reads them as tokens.
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    oracle.install(config, model.config.vision.grid, monkeypatch.setattr)
+    spec = get_recipe("llava_shapes").with_overrides(TINY_VLM).data
+    evaluation = VLMEvaluation.build(spec, model, max_new_tokens=4, batch_size=4)
+    question = evaluation.questions[0]
+    grid_shape = model.config.vision.grid
+    assert question.pixels.shape == (len(channels), *grid_shape)
+    expected = oracle.oracle_map(question.objects, question.image.size, config, grid_shape)
+    assert torch.equal(question.pixels, expected)
+    with torch.no_grad():
+        tokens = model.embed_image(question.pixels[None]).tokens
+    assert tokens.shape == (1, model.tokens_per_image(), model.config.lm.dim)

@@ -229,9 +229,9 @@ def generate(
     """Prompt + generated ids (B, T + steps); only the generated ids (B, steps) when the prompt came as
     ``inputs_embeds`` without ``input_ids``. ``streamer`` is called with each step's tokens (B,)."""
     steps = []
-    prompts = stream_generate(model, input_ids, attention_mask, inputs_embeds, config, generator, decode,
-                              attention_blocks)  # fmt: skip
-    for tokens in prompts:
+    stream = stream_generate(model, input_ids, attention_mask, inputs_embeds, config, generator, decode,
+                             attention_blocks)  # fmt: skip
+    for tokens in stream:
         if streamer is not None:
             streamer(tokens)
         steps.append(tokens)
