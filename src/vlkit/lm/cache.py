@@ -167,9 +167,10 @@ class CacheStep:
         # would reach the real tokens through the cached values of later layers.
         mask = (causal & (key_bias == 0)[:, None, :]) | (key_at[None, None, :] == query_at[:, :, None])
         if self.blocks is not None:  # blocks are made of this pass's tokens: scatter their ids to their key columns
+            blocks = self.blocks.to(device)
             key_blocks = torch.full((len(view), self.end), -1, dtype=torch.long, device=device)
-            key_blocks.scatter_(1, query_at, self.blocks.to(device))
-            mask = mask | same_block(self.blocks.to(device), key_blocks)
+            key_blocks.scatter_(1, query_at, blocks)
+            mask = mask | same_block(blocks, key_blocks)
         return mask[:, None]  # (B, 1, length, end)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

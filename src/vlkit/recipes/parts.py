@@ -91,9 +91,10 @@ def resolve_source(spec: InitFrom, run: RunContext | None) -> Path:
 def _check_vocabulary(model: nn.Module, source_model: nn.Module, target: nn.Module, where: str, part: str) -> None:
     """A part that embeds token ids (a language model, a text tower) reads them with its source's tokenizer: both
     models' tokenizers must give every token the same id, or the copied embeddings would mean other tokens."""
-    embeds = any(isinstance(module, nn.Embedding) for module in target.modules())
+    if not any(isinstance(module, nn.Embedding) for module in target.modules()):
+        return  # an image part reads no token ids
     mine, theirs = _vocabulary(model), _vocabulary(source_model)
-    if embeds and mine is not None and theirs is not None and mine != theirs:
+    if mine is not None and theirs is not None and mine != theirs:
         raise ValueError(f"{where}: its tokenizer differs from the model's, so its {part} cannot read the model's "
                          "token ids; start from a run fitted on the same data settings")  # fmt: skip
 

@@ -90,7 +90,9 @@ def _streamed(
     embeds = model.embed_inputs(prompt, pixels)
     with torch.no_grad():
         blocks = model.attention_blocks(prompt)
-        for tokens in stream_generate(model.lm, prompt, torch.ones_like(prompt), embeds, config, None, None, blocks):
+        for tokens in stream_generate(
+            model.lm, prompt, torch.ones_like(prompt), embeds, config, attention_blocks=blocks
+        ):
             streamer(tokens)
             while pieces:
                 yield pieces.pop(0)
