@@ -68,6 +68,9 @@ class DualEncoderOutput:
     image_tokens: torch.Tensor | None = None  # (B, N, E)
     text_tokens: torch.Tensor | None = None  # (B, T, E)
     text_mask: torch.Tensor | None = None  # (B, T) bool
+    # forward(..., output_patch_tokens=True) only: the image encoder's patch tokens (B, N, D) as it outputs them (after
+    # a ViT's token norm, before any projection), for a per-patch objective beside the contrastive one.
+    patch_tokens: torch.Tensor | None = None
 
 
 def _projection(kind: str, dim: int, embed_dim: int, bias: bool) -> nn.Module:
@@ -152,7 +155,11 @@ class DualEncoder(PretrainedModel):
         return self._text_tokens(self.text_encoder.forward_features(input_ids, attention_mask), attention_mask)
 
     def _forward_tokens(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_patch_tokens: bool = False,
     ) -> DualEncoderOutput:
         # One pass per tower feeds both the pooled features and the token features.
         image = self.image_encoder.forward_features(pixels)
@@ -167,23 +174,30 @@ class DualEncoder(PretrainedModel):
             image_tokens=self._image_tokens(image),
             text_tokens=text_tokens,
             text_mask=text_mask,
+            patch_tokens=image.patch_tokens if output_patch_tokens else None,
         )
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale), self.logit_bias
 
     def forward(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_patch_tokens: bool = False,
     ) -> DualEncoderOutput:
         if self.config.interaction == "token":
-            return self._forward_tokens(pixels, input_ids, attention_mask)
+            return self._forward_tokens(pixels, input_ids, attention_mask, output_patch_tokens)
         scale, bias = self.scale_and_bias()
-        return DualEncoderOutput(
-            self.encode_image(pixels, normalize=True),
-            self.encode_text(input_ids, attention_mask, normalize=True),
-            scale,
-            bias,
-        )
+        if not output_patch_tokens:
+            image = self.encode_image(pixels, normalize=True)
+            return DualEncoderOutput(image, self.encode_text(input_ids, attention_mask, normalize=True), scale, bias)
+        # One pass of the image tower feeds the pooled features and the patch tokens.
+        features = self.image_encoder.forward_features(pixels)
+        image = F.normalize(self.image_projection(self.image_encoder.forward_head(features)), dim=-1)
+        text = self.encode_text(input_ids, attention_mask, normalize=True)
+        return DualEncoderOutput(image, text, scale, bias, patch_tokens=features.patch_tokens)
 
     def similarity(
         self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, chunk_size: int = 16

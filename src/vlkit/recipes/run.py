@@ -117,7 +117,8 @@ def _train_stage(
     progress = stage.train.progress and run.progress
     rules = stage.param_group_rules(model)
     config = dataclasses.replace(stage.train, param_groups=rules, batch_size=inputs.batch_size, progress=progress)
-    trainer = Trainer(model, config, inputs.dataset, inputs.collate_fn, inputs.step_fn, folder, evaluate=evaluate,
+    trained = inputs.module if inputs.module is not None else model
+    trainer = Trainer(trained, config, inputs.dataset, inputs.collate_fn, inputs.step_fn, folder, evaluate=evaluate,
                       device=run.device, sampler_factory=inputs.sampler_factory, strategy=run.strategy)  # fmt: skip
     result = trainer.fit(resume=resume)
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,

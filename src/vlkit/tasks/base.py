@@ -28,7 +28,16 @@ if TYPE_CHECKING:
     from vlkit.recipes.base import Recipe, Stage
     from vlkit.train.distributed import Strategy
 
-__all__ = ["EvalResult", "RunContext", "Task", "TrainingInputs", "get_task", "register_task", "task_from_dict"]
+__all__ = [
+    "EvalResult",
+    "RunContext",
+    "Task",
+    "TrainingInputs",
+    "WithHeads",
+    "get_task",
+    "register_task",
+    "task_from_dict",
+]
 
 StepFn = Callable[[nn.Module, dict[str, Any]], StepOutput]
 _TASKS: dict[str, type[Task]] = {}
@@ -77,6 +86,43 @@ class TrainingInputs:
     step_fn: StepFn
     batch_size: int
     sampler_factory: Callable[[int, int], torch.utils.data.Sampler[int]] | None = None
+    # What the trainer trains when the stage adds training-only parts (an auxiliary head) to the model: a
+    # ``WithHeads`` around it. The model itself is what the run saves.
+    module: nn.Module | None = None
+
+
+class WithHeads(nn.Module):
+    """``model`` plus training-only ``heads``, one module for the trainer: the model's parameters keep their own
+    names (so a stage's freeze / lr rules and the checkpoints read as without the heads) beside ``heads.*``; any
+    other attribute (``config``, ``tokenizer``, ``encode_image``...) is the model's, so evaluation runs on it as on the
+    model. ``forward(*args)`` is ``forward_fn(model, heads, *args)``: one call, as DDP's gradient hooks need."""
+
+    def __init__(
+        self, model: nn.Module, heads: nn.Module, forward_fn: Callable[[nn.Module, nn.Module, Any], Any]
+    ) -> None:
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        if hasattr(model, "heads"):
+            raise ValueError(f"{type(model).__name__} has its own 'heads'; name the training heads otherwise")
+        self.heads = heads
+        object.__setattr__(self, "model", model)  # not a child: its modules are registered above, under their names
+        object.__setattr__(self, "forward_fn", forward_fn)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward_fn(self.model, self.heads, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "model" not in self.__dict__:  # still registering the model's parts
+                raise
+            return getattr(self.__dict__["model"], name)
 
 
 class Task:

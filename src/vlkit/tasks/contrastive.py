@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.data import shapes
@@ -42,13 +43,13 @@ from vlkit.losses import build_contrastive_loss, contrastive_loss_inputs
 from vlkit.models import DualEncoder
 from vlkit.models.base import build_model
 from vlkit.registry import apply_overrides, get_config
-from vlkit.tasks.base import RunContext, Task, TrainingInputs, register_task
+from vlkit.tasks.base import RunContext, Task, TrainingInputs, WithHeads, register_task
 from vlkit.text import Tokenizer, train_tokenizer
 from vlkit.train import StepOutput, distributed, plot_confusion_matrix, plot_retrieval_grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Contrastive", "contrastive_step"]
+__all__ = ["Contrastive", "PatchLabels", "contrastive_step", "patch_labels", "patch_supervised_step"]
 
 
 def contrastive_step(loss_fn: nn.Module) -> Callable[[nn.Module, dict[str, Any]], StepOutput]:
@@ -67,13 +68,24 @@ def contrastive_step(loss_fn: nn.Module) -> Callable[[nn.Module, dict[str, Any]]
 @dataclass(frozen=True)
 class Contrastive(Task):
     """``inputs``: how images become tokens; ``pack_oversample`` x more samples than sequences per packed batch,
-    each sequence as long as ``pack_sequence_slots`` square images; ``vocab_size`` of the fitted BPE."""
+    each sequence as long as ``pack_sequence_slots`` square images; ``vocab_size`` of the fitted BPE.
+
+    ``patch_loss``: the weight of a per-patch objective beside the contrastive one (0: none). Each patch token of
+    the image tower classifies, through training-only heads (LayerNorm + linear each), the colour, shape and size
+    of the object whose box holds the patch centre, or "background", and regresses that object's box: dense labels
+    from the records' object boxes (ShapesWorld's manifests carry them; a user's JSONL may, as ``"objects":
+    [{"colour", "shape", "size", "box": [x1, y1, x2, y2]}]`` beside ``"width"`` and ``"height"``). The contrastive
+    loss pools the tower's tokens and never asks which token holds which object, yet a vision-language model's
+    bridge reads exactly that (README, "Where the binding fails"). SigLIP 2 adds a decoder loss (LocCa: captions,
+    referring expressions, boxes) to its sigmoid loss for the same reason: dense, localised features.
+    """
 
     name: ClassVar[str] = "contrastive"
     inputs: Literal["square", "pack", "resize_square", "pad_square"] = "square"
     pack_oversample: float = 1.0
     pack_sequence_slots: int = 1
     vocab_size: int = 512
+    patch_loss: float = 0.0
 
     def __post_init__(self) -> None:
         if self.inputs not in ("square", "pack", "resize_square", "pad_square"):
@@ -82,6 +94,11 @@ class Contrastive(Task):
             raise ValueError(f"task.pack_oversample must be >= 1, got {self.pack_oversample}")
         if self.pack_sequence_slots < 1:
             raise ValueError(f"task.pack_sequence_slots must be >= 1, got {self.pack_sequence_slots}")
+        if self.patch_loss < 0.0:
+            raise ValueError(f"task.patch_loss must be >= 0, got {self.patch_loss}")
+        if self.patch_loss and self.inputs != "square":
+            raise ValueError(f"task.patch_loss needs task.inputs='square' (each image on the tower's own grid), not "
+                             f"{self.inputs!r}")  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- model
 
@@ -154,6 +171,8 @@ class Contrastive(Task):
         if self.inputs == "square":
             transform = ImageTransform(image_size=model.config.vision.image_size)
             dataset = ImageTextDataset(records, transform, tokenizer.encode, tokenizer.max_len, seed=seed, **text)
+            if self.patch_loss:
+                return self._patch_supervised(run, model, records, dataset, loss_fn, stage.train.batch_size, sampler)
             return TrainingInputs(dataset, collate_image_text, contrastive_step(loss_fn), stage.train.batch_size,
                                   sampler)  # fmt: skip
         from vlkit.tasks.navit import MIN_PATCHES, input_policy
@@ -176,6 +195,29 @@ class Contrastive(Task):
         base = ImageTextDataset(records, setup.transform, tokenizer.encode, tokenizer.max_len, seed=seed, **text)
         return TrainingInputs(setup.wrap_dataset(base), setup.collate_fn, setup.step_fn(loss_fn),
                               setup.samples_per_batch * replicas, sampler)  # fmt: skip
+
+    def _patch_supervised(
+        self,
+        run: RunContext,
+        model: DualEncoder,
+        records: list[ImageTextRecord],
+        dataset: ImageTextDataset,
+        loss_fn: nn.Module,
+        batch_size: int,
+        sampler: Callable[[int, int], torch.utils.data.Sampler[int]],
+    ) -> TrainingInputs:
+        vision = model.config.vision
+        if not isinstance(vision, ViTConfig):
+            raise ValueError(f"task.patch_loss needs a ViT image tower, got {type(vision).__name__}")
+        if run.strategy == "fsdp" and distributed.get_world_size() > 1:
+            raise ValueError("task.patch_loss trains a head beside the model: use --strategy ddp")
+        labels = patch_labels(records, PATCH_ATTRIBUTES, ImageTransform(image_size=vision.image_size), vision.grid)
+        outputs = {**{attribute: len(names) for attribute, names in labels.classes.items()}, "box": 4}
+        heads = nn.ModuleDict({name: nn.Sequential(nn.LayerNorm(vision.dim), nn.Linear(vision.dim, size))
+                               for name, size in outputs.items()})  # fmt: skip
+        module = WithHeads(model, heads, _forward_with_patch_heads)
+        step = patch_supervised_step(loss_fn, labels, self.patch_loss)
+        return TrainingInputs(dataset, collate_image_text, step, batch_size, sampler, module=module)
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
@@ -216,6 +258,105 @@ class Contrastive(Task):
                                 path)  # fmt: skip
             figures.append(("Image -> text retrieval: the top 3 captions for test scenes (green = correct).", path))
         return figures, []
+
+
+PATCH_ATTRIBUTES = ("colour", "shape", "size")
+BACKGROUND = "background"
+
+
+@dataclass
+class PatchLabels:
+    """``targets`` (records, attributes, patches): per record and attribute, each patch's class index (raster order);
+    ``classes``: per attribute, its class names, ``BACKGROUND`` first; ``boxes`` (records, patches, 4): the box
+    (x1, y1, x2, y2) of the patch's object in the transformed image, as fractions of its width and height (NaN on
+    background)."""
+
+    targets: torch.Tensor
+    classes: dict[str, list[str]]
+    boxes: torch.Tensor
+
+
+def patch_labels(
+    records: list[ImageTextRecord], attributes: tuple[str, ...], transform: ImageTransform, grid: tuple[int, int]
+) -> PatchLabels:
+    """The dense labels ``Contrastive.patch_loss`` trains on: a patch takes the attributes of the object whose box
+    holds its centre (the last such object, drawn on top), else ``BACKGROUND``. Patch centres are mapped back
+    through ``transform``'s resize and crop to the record's ``width`` x ``height``, where its boxes live."""
+    if transform.resize_mode != "shortest_crop":
+        raise ValueError(f"patch labels follow the 'shortest_crop' transform, not {transform.resize_mode!r}")
+    values: dict[str, set[str]] = {attribute: set() for attribute in attributes}
+    for record in records:
+        objects = record.meta.get("objects")
+        if objects is None or "width" not in record.meta or "height" not in record.meta:
+            raise ValueError(f"{record.item}: task.patch_loss needs each record's 'objects' with their boxes and the "
+                             "image's 'width' and 'height'")  # fmt: skip
+        for item in objects:
+            for attribute in attributes:
+                if attribute not in item or "box" not in item:
+                    raise ValueError(f"{record.item}: an object without a {attribute!r} or 'box': {item}")
+                values[attribute].add(str(item[attribute]))
+    classes = {attribute: [BACKGROUND, *sorted(names)] for attribute, names in values.items()}
+    index = {attribute: {name: i for i, name in enumerate(names)} for attribute, names in classes.items()}
+    (rows, columns), (height, width) = grid, transform.size
+    targets = torch.zeros(len(records), len(attributes), rows * columns, dtype=torch.long)
+    boxes = torch.full((len(records), rows * columns, 4), float("nan"))
+    for r, record in enumerate(records):
+        image_width, image_height = int(record.meta["width"]), int(record.meta["height"])
+        # The transform scales both sides by one factor so the image covers the target, then centre-crops.
+        scale = max(height / image_height, width / image_width)
+        left, top = (image_width * scale - width) / 2, (image_height * scale - height) / 2
+        for p in range(rows * columns):
+            x = ((p % columns + 0.5) * width / columns + left) / scale
+            y = ((p // columns + 0.5) * height / rows + top) / scale
+            for item in record.meta["objects"]:
+                x1, y1, x2, y2 = item["box"]
+                if x1 <= x < x2 and y1 <= y < y2:
+                    for a, attribute in enumerate(attributes):
+                        targets[r, a, p] = index[attribute][str(item[attribute])]
+                    corners = torch.tensor([x1 * scale - left, y1 * scale - top, x2 * scale - left, y2 * scale - top])
+                    boxes[r, p] = (corners / torch.tensor([width, height, width, height])).clamp(0.0, 1.0)
+    return PatchLabels(targets, classes, boxes)
+
+
+def _forward_with_patch_heads(
+    model: nn.Module, heads: nn.Module, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    out = model(pixels, input_ids, attention_mask, output_patch_tokens=True)
+    return out, {name: head(out.patch_tokens) for name, head in heads.items()}
+
+
+def patch_supervised_step(
+    loss_fn: nn.Module, labels: PatchLabels, weight: float
+) -> Callable[[nn.Module, dict[str, Any]], StepOutput]:
+    """The contrastive loss + ``weight`` x the patch loss, on a ``WithHeads`` module whose heads are one per
+    attribute and ``"box"``. The patch loss: per attribute, the cross-entropy over all patches; plus, on the patches
+    that hold an object, the L1 distance (summed over x1, y1, x2, y2) between the box head's output and the object's
+    box, so that a token holds where its object ends as well as what it is (what grounding asks). Logs both losses,
+    each attribute's accuracy and the box error (per coordinate, a fraction of the image side) on object patches."""
+
+    def step(module: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        out, predicted = module(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        contrastive = loss_fn(**contrastive_loss_inputs(out))
+        device = out.patch_tokens.device
+        targets, boxes = labels.targets[batch["index"]].to(device), labels.boxes[batch["index"]].to(device)
+        metrics = {"logit_scale": float(out.logit_scale.detach()), "contrastive_loss": float(contrastive.detach())}
+        if out.logit_bias is not None:
+            metrics["logit_bias"] = float(out.logit_bias.detach())
+        dense = contrastive.new_zeros(())
+        on_object = ~boxes[..., 0].isnan()  # (B, N); background fills most patches: the metrics score the objects'
+        for a, attribute in enumerate(labels.classes):
+            scores = predicted[attribute]  # (B, N, classes)
+            dense = dense + F.cross_entropy(scores.flatten(0, 1).float(), targets[:, a].flatten())
+            hits = (scores.argmax(-1) == targets[:, a])[on_object]
+            metrics[f"patch_{attribute}_accuracy"] = float(hits.float().mean()) if hits.numel() else 0.0
+        if on_object.any():
+            error = (predicted["box"][on_object].float() - boxes[on_object]).abs()  # (objects' patches, 4)
+            dense = dense + error.sum(-1).mean()
+            metrics["patch_box_error"] = float(error.detach().mean())
+        metrics["patch_loss"] = float(dense.detach())
+        return StepOutput(loss=contrastive + weight * dense, metrics=metrics)
+
+    return step
 
 
 def _global_sampler(length: int, seed: int) -> torch.utils.data.Sampler[int]:
