@@ -39,8 +39,8 @@ def test_quick_bench_trains_every_row_on_the_shared_tower_and_lm(quick_bench: Pa
     rows = load_bridges(quick_bench / "bridges.json")
     assert [row["run"] for row in rows] == [row.name for row in ROWS]
     assert sorted(path.name for path in runs.iterdir()) == sorted([*(row.name for row in ROWS), "llava_text",
-                                                                   "vlm_siglip_b4"])  # fmt: skip
-    tower = _state(runs / "vlm_siglip_b4" / "model")
+                                                                   "vlm_siglip_patch_b4"])  # fmt: skip
+    tower = _state(runs / "vlm_siglip_patch_b4" / "model")
     lm = _state(runs / "llava_text" / "model")
     tokenizer = (runs / "llava_text" / "tokenizer.json").read_bytes()
     for row, spec in zip(rows, ROWS, strict=True):
@@ -102,11 +102,11 @@ def test_full_scale_rows_take_llava_shapes_stages_and_share_the_claims_tower(tmp
             assert stage.train == dataclasses.replace(source.train, steps=round(source.train.steps * 0.5),
                                                       warmup_steps=stage.train.warmup_steps)  # fmt: skip
         assert recipe.stages[0].init == {"encoder": tower, "lm": lm} and recipe.model == row.preset
-    # At one scale for both benches the tower is the claims bench's siglip run at the recipe's batch.
+    # At one scale for both benches the tower is the run the claims bench would train under that name.
     name, source, overrides, _ = bench.tower_run()
-    batch = get_recipe("siglip_shapes").stages[0].train.batch_size
-    claims = ClaimsBench(tmp_path, Scale(steps=0.5)).recipe("siglip_shapes", {"train.batch_size": batch})
-    assert name == f"siglip_b{batch}" and bench.recipe(source, overrides).to_dict() == claims.to_dict()
+    batch = get_recipe("siglip_patch_shapes").stages[0].train.batch_size
+    claims = ClaimsBench(tmp_path, Scale(steps=0.5)).recipe("siglip_patch_shapes", {"train.batch_size": batch})
+    assert name == f"siglip_patch_b{batch}" and bench.recipe(source, overrides).to_dict() == claims.to_dict()
 
 
 def test_claim_rules_on_synthetic_numbers() -> None:

@@ -17,8 +17,9 @@ presets that have them (``shapes_llava``'s MLP, ``shapes_blip2``'s Q-Former, ``s
 abstractors) with their M; the others are sized from the tower and the LM.
 
 Runs go to ``DIR/runs/<name>`` through ``ClaimsBench`` (a finished run is reused; one trained with another recipe
-than the bench's now stops the bench, named): the tower (``siglip_b64``, the very run the claims bench trains under
-that name when both run at one scale; ``vlm_siglip_b4`` at the quick scale), ``llava_text``, and one run per row
+than the bench's now stops the bench, named): the tower (``siglip_patch_b64``; ``vlm_siglip_patch_b4`` at the quick
+scale; a tower recipe the claims bench also trains, at its scale, would be its run of that name), ``llava_text``, and
+one run per row
 (``linear_m64``, ..., ``qformer_m16_stage1``). ``DIR/bridges.json`` holds a row per run (bridge, M, the bridge's
 parameters, the last stage's median seconds per step, VQA accuracy overall / on spatial / on counting questions,
 grounding acc@0.5, the row's own training seconds); ``DIR/bridges.md`` the table (``bridges_table``).

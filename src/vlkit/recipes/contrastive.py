@@ -6,6 +6,8 @@ the logit scale/bias initialisation the SigLIP paper pairs with it), so they com
 
 from __future__ import annotations
 
+import dataclasses
+
 from vlkit.data.shapes import ShapesConfig
 from vlkit.data.specs import Digits, ShapesScenes
 from vlkit.recipes.base import Recipe, Stage, register_recipe
@@ -49,6 +51,26 @@ def siglip_shapes() -> Recipe:
         task=Contrastive(),
         data=SHAPES_TRAIN,
         stages=(Stage(SHAPES_BUDGET),),
+    )
+
+
+# The per-patch objective also teaches the pooled embedding faster: 99.75 % / 94.0 % zero-shot at step 1200 of 2400
+# and 100 % / 95.5 % at 1600 (siglip_shapes: 99.5 % / 86.75 % at 2400), so the tower trains 1600 steps.
+PATCH_BUDGET = dataclasses.replace(SHAPES_BUDGET, steps=1600)
+
+
+@register_recipe
+def siglip_patch_shapes() -> Recipe:
+    """The image tower of the vision-language recipes: ``siglip_shapes`` with the contrastive task's per-patch
+    objective (``task.patch_loss``; README, "A tower trained patch by patch")."""
+    return Recipe(
+        name="siglip_patch_shapes",
+        description="SigLIP trained from scratch on ShapesWorld, with a per-patch objective beside the sigmoid loss: "
+        "each patch token names the colour, shape, size and box of the object under it.",
+        model="shapes_siglip",
+        task=Contrastive(patch_loss=1.0),
+        data=SHAPES_TRAIN,
+        stages=(Stage(PATCH_BUDGET),),
     )
 
 

@@ -6,7 +6,8 @@ stages on the model ``shapes_llava`` (``shapes_siglip``'s image tower, an MLP br
 - ``text``: the language model alone on ShapesWorld text (captions, questions with answers, ``<ref>``/``<box>``
   strings), so that the LM the next stage freezes already speaks the answer formats;
 - ``align``: feature alignment, the bridge alone on captions (image tower and LM frozen); the image tower starts
-  from a ShapesWorld contrastive run (``recipe:siglip_shapes``, trained first into ``OUT/pretrain`` unless given);
+  from a ShapesWorld contrastive run (``recipe:siglip_patch_shapes``, trained first into ``OUT/pretrain`` unless
+  given);
 - ``instruct``: bridge and LM on the instruction mix (captions, questions of every kind, referring expressions
   answered with a box), the image tower still frozen.
 """
@@ -22,8 +23,9 @@ from vlkit.train import ParamGroupRule, TrainConfig
 FROZEN_ENCODER = ParamGroupRule(r"encoder\..*", freeze=True)
 FROZEN_LM = ParamGroupRule(r"lm\..*", freeze=True)
 FROZEN_BRIDGE = ParamGroupRule(r"bridge\..*", freeze=True)
-# The image tower of the ShapesWorld contrastive recipes (the demo's SigLIP), as the VLM's encoder.
-SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_shapes", part="image_encoder", share=("vision",))}
+# The image tower of the demo's SigLIP, trained with the per-patch objective (README, "A tower trained patch by
+# patch"): on siglip_shapes' tower the VLM binds attributes to the wrong object.
+SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_patch_shapes", part="image_encoder", share=("vision",))}
 
 TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30)
 ALIGN_BUDGET = TrainConfig(steps=200, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_steps=20)
