@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train SigLIP, then a LLaVA-style VLM, on ShapesWorld and write a report")
     demo.add_argument("--out", default="runs/demo")
     # SigLIP with the per-patch objective: its tokens say which object they hold, which the VLM's bridge reads
-    # (README, "A tower trained patch by patch"); --recipe siglip_shapes for the sigmoid loss alone.
+    # (README, "The image tower, trained patch by patch"); --recipe siglip_shapes for the sigmoid loss alone.
     demo.add_argument("--recipe", default="siglip_patch_shapes", help="the contrastive recipe (the VLM's tower)")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for the SigLIP recipe")
     # LLaVA's stages with Honeybee's C-Abstractor: 16 image tokens instead of the MLP's 64 train the VLM 1.7x faster

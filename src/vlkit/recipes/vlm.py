@@ -23,8 +23,8 @@ from vlkit.train import ParamGroupRule, TrainConfig
 FROZEN_ENCODER = ParamGroupRule(r"encoder\..*", freeze=True)
 FROZEN_LM = ParamGroupRule(r"lm\..*", freeze=True)
 FROZEN_BRIDGE = ParamGroupRule(r"bridge\..*", freeze=True)
-# The image tower of the demo's SigLIP, trained with the per-patch objective (README, "A tower trained patch by
-# patch"): on siglip_shapes' tower the VLM binds attributes to the wrong object.
+# The image tower of the demo's SigLIP, trained with the per-patch objective (README, "The image tower, trained patch
+# by patch"): on siglip_shapes' tower the VLM binds attributes to the wrong object.
 SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_patch_shapes", part="image_encoder", share=("vision",))}
 
 TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30)
