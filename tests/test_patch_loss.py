@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from run_utils import interrupt_after
 from vlkit import from_pretrained
 from vlkit.data.readers import ImageTextRecord
 from vlkit.data.transforms import ImageTransform
@@ -132,15 +133,7 @@ def test_a_resumed_patch_loss_run_ends_as_the_uninterrupted_one(finished: Path, 
     recipe = patch_recipe()
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    folder = stage_dir(out, recipe, recipe.stages[0])
-    for name in ("metrics.json", "model"):
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (folder / "metrics.json").unlink()
-    for checkpoint in (folder / "checkpoints").glob("step_*"):
-        if checkpoint.name != "step_00000100":
-            shutil.rmtree(checkpoint)
-    (folder / "checkpoints" / "latest").write_text("step_00000100\n")
+    interrupt_after(out, stage_dir(out, recipe, recipe.stages[0]), step=100)
     run_recipe(recipe, out, progress=False, report=False, resume=True)
     # The heads come back from the checkpoint too: a fresh head would give other losses from step 101 on.
     assert [step["loss"] for step in log_of(out)] == [step["loss"] for step in log_of(finished)]

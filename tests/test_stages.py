@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_utils import interrupt_after
 from vlkit import from_pretrained
 from vlkit.recipes import Stage, get_recipe
 from vlkit.recipes.base import lock_rules, recipe_from_dict
@@ -63,15 +64,7 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(finished
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     first, second = (stage_dir(out, recipe, stage) for stage in recipe.stages)
-    # Interrupted after step 1 of stage "both": its later checkpoints, metrics and the final outputs never written.
-    for name in ("metrics.json", "model"):
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    (second / "metrics.json").unlink()
-    for checkpoint in (second / "checkpoints").glob("step_*"):
-        if checkpoint.name != "step_00000001":
-            shutil.rmtree(checkpoint)
-    (second / "checkpoints" / "latest").write_text("step_00000001\n")
+    interrupt_after(out, second, step=1)  # stage "both"
     first_log = (first / "log.jsonl").read_text()
     run_recipe(recipe, out, progress=False, report=False, resume=True)
     assert (first / "log.jsonl").read_text() == first_log  # stage "locked" was not trained again

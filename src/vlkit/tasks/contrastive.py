@@ -211,7 +211,7 @@ class Contrastive(Task):
             raise ValueError(f"task.patch_loss needs a ViT image tower, got {type(vision).__name__}")
         if run.strategy == "fsdp" and distributed.get_world_size() > 1:
             raise ValueError("task.patch_loss trains a head beside the model: use --strategy ddp")
-        labels = patch_labels(records, PATCH_ATTRIBUTES, ImageTransform(image_size=vision.image_size), vision.grid)
+        labels = patch_labels(records, PATCH_ATTRIBUTES, dataset.transform, vision.grid)
         outputs = {**{attribute: len(names) for attribute, names in labels.classes.items()}, "box": 4}
         heads = nn.ModuleDict({name: nn.Sequential(nn.LayerNorm(vision.dim), nn.Linear(vision.dim, size))
                                for name, size in outputs.items()})  # fmt: skip
@@ -300,6 +300,7 @@ def patch_labels(
     (rows, columns), (height, width) = grid, transform.size
     targets = torch.zeros(len(records), len(attributes), rows * columns, dtype=torch.long)
     boxes = torch.full((len(records), rows * columns, 4), float("nan"))
+    sides = torch.tensor([width, height, width, height], dtype=torch.float32)
     for r, record in enumerate(records):
         image_width, image_height = int(record.meta["width"]), int(record.meta["height"])
         # The transform scales both sides by one factor so the image covers the target, then centre-crops.
@@ -314,7 +315,7 @@ def patch_labels(
                     for a, attribute in enumerate(attributes):
                         targets[r, a, p] = index[attribute][str(item[attribute])]
                     corners = torch.tensor([x1 * scale - left, y1 * scale - top, x2 * scale - left, y2 * scale - top])
-                    boxes[r, p] = (corners / torch.tensor([width, height, width, height])).clamp(0.0, 1.0)
+                    boxes[r, p] = (corners / sides).clamp(0.0, 1.0)
     return PatchLabels(targets, classes, boxes)
 
 
