@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from run_utils import interrupt_after
+from run_utils import TINY_DUAL_ENCODER, interrupt_after
 from vlkit import from_pretrained
 from vlkit.data.readers import ImageTextRecord
 from vlkit.data.transforms import ImageTransform
@@ -25,12 +25,8 @@ from vlkit.registry import get_config
 from vlkit.tasks.base import WithHeads
 from vlkit.tasks.contrastive import Contrastive, patch_labels
 
-TINY = {
-    "model.vision.image_size": 32, "model.vision.dim": 32, "model.vision.depth": 1, "model.vision.num_heads": 2,
-    "model.vision.mlp_dim": 64, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
-    "model.text.mlp_dim": 64, "model.embed_dim": 16, "train.batch_size": 16, "train.eval_every": None,
-    "train.precision": "fp32", "data.train_size": 48, "data.eval_size": 8, "task.patch_loss": 1.0,
-}  # fmt: skip
+TINY = {**TINY_DUAL_ENCODER, "train.batch_size": 16, "train.eval_every": None, "train.precision": "fp32",
+        "data.train_size": 48, "data.eval_size": 8, "task.patch_loss": 1.0}  # fmt: skip
 
 
 def record(objects: list[dict], width: int, height: int) -> ImageTextRecord:

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_utils import interrupt_after
+from run_utils import TINY_DUAL_ENCODER, interrupt_after
 from vlkit import from_pretrained
 from vlkit.recipes import Stage, get_recipe
 from vlkit.recipes.base import lock_rules, recipe_from_dict
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.tasks.base import RunContext
 
-TINY = {
-    "model.vision.image_size": 32, "model.vision.dim": 32, "model.vision.depth": 1, "model.vision.num_heads": 2,
-    "model.vision.mlp_dim": 64, "model.text.dim": 32, "model.text.depth": 1, "model.text.num_heads": 2,
-    "model.text.mlp_dim": 64, "model.embed_dim": 16, "train.batch_size": 8, "train.eval_every": None,
-    "train.precision": "fp32", "train.save_every": 1, "data.train_size": 24, "data.eval_size": 8,
-}  # fmt: skip
+TINY = {**TINY_DUAL_ENCODER, "train.batch_size": 8, "train.eval_every": None, "train.precision": "fp32",
+        "train.save_every": 1, "data.train_size": 24, "data.eval_size": 8}  # fmt: skip
 
 
 def two_stage_recipe():
