@@ -344,6 +344,34 @@ def test_loss_ignores_minus_100() -> None:
     torch.testing.assert_close(model(ids, labels=only).loss, F.cross_entropy(out.logits[1, 5:6], ids[1, 6:7]))
 
 
+def test_the_loss_alone_runs_the_head_at_the_targets_and_equals_the_full_pass() -> None:
+    model = _model("test_opt_lm")
+    ids, _ = _prompts([8, 8], model.config.vocab_size, 0)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, 3] = -100
+    weights = torch.rand(ids.shape)
+    full, alone = model(ids, labels=labels), model(ids, labels=labels, return_logits=False)
+    assert alone.logits is None
+    torch.testing.assert_close(alone.loss, full.loss)
+    # Weighted: the weighted mean of the token losses, at the targets only.
+    token_losses = F.cross_entropy(full.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    kept = weights[:, 1:] * (labels[:, 1:] != -100)
+    expected = (token_losses * kept).sum() / kept.sum()
+    torch.testing.assert_close(model(ids, labels=labels, loss_weights=weights).loss, expected)
+    torch.testing.assert_close(model(ids, labels=labels, loss_weights=weights, return_logits=False).loss, expected)
+    # The gradients agree too.
+    model.zero_grad()
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone.loss.backward()
+    for before, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, before)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, return_logits=False)
+
+
 def test_config_validation_and_round_trip(tmp_path: Path) -> None:
     config = LMConfig(vocab_size=50, dim=32, depth=1, num_heads=4, mlp_dim=48)
     assert config.num_kv_heads == 4 and config.head_dim == 8

@@ -33,8 +33,8 @@ PACK_BUDGET_BYTES = 2 * 2**30
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+    logits: torch.Tensor | None  # (B, T, V); None when the forward pass computed the loss alone
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100 (weighted: see forward)
 
 
 class AttentionContext(NamedTuple):
@@ -284,17 +284,33 @@ class DecoderLM(PretrainedModel):
         cache: CacheView | None = None,
         labels: torch.Tensor | None = None,
         attention_blocks: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """``labels`` (B, T) are the targets aligned with the inputs (shifted inside, as transformers does);
-        -100 marks positions without a target. ``attention_blocks``: see ``forward_features``."""
+        -100 marks positions without a target. ``attention_blocks``: see ``forward_features``.
+
+        ``loss_weights`` (B, T), aligned with ``labels``: the loss is the weighted mean of the token losses (default:
+        the plain mean). ``return_logits=False`` (training): the head runs only where a target is, and
+        ``LMOutput.logits`` is None; a VLM sample's image tokens and prompt then cost the head nothing."""
         hidden = self.forward_features(input_ids, attention_mask, inputs_embeds, position_ids, cache, attention_blocks)
+        if not return_logits:
+            if labels is None:
+                raise ValueError("return_logits=False computes the loss alone and needs labels")
+            return LMOutput(None, self.next_token_loss(hidden, labels, loss_weights))
         logits = self.forward_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+        loss = None if labels is None else _next_token_loss(logits, labels, loss_weights)
         return LMOutput(logits, loss)
+
+    def next_token_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The next-token loss of final hidden states (B, T, E), the head applied only at positions with a target."""
+        labels = labels.to(hidden.device)
+        trained = labels[:, 1:] != -100  # position t predicts token t + 1
+        logits = self.forward_head(hidden[:, :-1][trained])  # (N, V)
+        weights = None if weights is None else weights[:, 1:][trained.to(weights.device)]
+        return _weighted_cross_entropy(logits, labels[:, 1:][trained], weights)
 
     def generate(
         self,
@@ -330,6 +346,22 @@ class DecoderLM(PretrainedModel):
             decode=decode,
             attention_blocks=attention_blocks,
         )
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The next-token loss of full logits (B, T, V) against ``labels`` (B, T), -100 ignored."""
+    labels = labels.to(logits.device)
+    weights = None if weights is None else weights[:, 1:].flatten()
+    return _weighted_cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), weights)
+
+
+def _weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy (fp32) of logits (N, V), mean over targets != -100, or weighted by ``weights`` (N,)."""
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    losses = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    weights = weights.to(losses).masked_fill(targets == -100, 0.0)
+    return (losses * weights).sum() / weights.sum()
 
 
 def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

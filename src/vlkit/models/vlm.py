@@ -183,11 +183,14 @@ class VisionLanguageModel(PretrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
-        """Logits (B, T, V); with ``labels`` (B, T, -100 where nothing is trained on) the next-token loss."""
+        """Logits (B, T, V); with ``labels`` (B, T, -100 where nothing is trained on) the next-token loss, weighted
+        by ``loss_weights`` (B, T) if given; ``return_logits=False`` computes the loss alone (``DecoderLM.forward``)."""
         embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels,
-                       attention_blocks=self.attention_blocks(input_ids))  # fmt: skip
+        return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels, loss_weights=loss_weights,
+                       return_logits=return_logits, attention_blocks=self.attention_blocks(input_ids))  # fmt: skip
 
     @torch.no_grad()
     def generate(

@@ -22,7 +22,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -175,16 +174,12 @@ class VisionLanguage(Task):
 
 
 def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-    labels, weights = batch["labels"], batch.get("loss_weights")
+    labels = batch["labels"]
     metrics = {"tokens": float((labels != IGNORE_INDEX).sum())}
-    if weights is None:
-        out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels)
-        return StepOutput(loss=out.loss, metrics=metrics)
-    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")).logits
-    targets, weights = labels[:, 1:], weights[:, 1:]  # position t predicts token t + 1
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="none")  # fmt: skip
-    return StepOutput(loss=(losses * weights.flatten()).sum() / weights.sum(), metrics=metrics)
+    # The loss alone: the LM head runs only where a target is (a fifth of the positions of an instruction sample).
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels,
+                loss_weights=batch.get("loss_weights"), return_logits=False)  # fmt: skip
+    return StepOutput(loss=out.loss, metrics=metrics)
 
 
 def answer_weights(labels: torch.Tensor, weighting: AnswerWeighting) -> torch.Tensor:
