@@ -7,6 +7,12 @@ normalisation, and writes every wrong answer as JSON lines
 ``--show`` of each. The README's "Learning curves" reads binding errors off this list: a wrong colour answer that is
 the other object's colour.
 
+Referring expressions are judged as the grounding metric judges them (IoU >= 0.5): a miss is written with both boxes,
+and a line per split says where the parsed boxes err, as the median and mean distance of the box centre along x and
+along y and of the width and height from the true box, in the [0, 1000) coordinates the model writes. The README's
+"The image tower, trained patch by patch" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
+column).
+
     python bench/vlm_errors.py --model RUN/model --out errors.jsonl [--show 12]
 """
 
@@ -18,8 +24,10 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from vlkit.eval.grounding import box_iou, parse_box
 from vlkit.eval.vqa import normalise_answer
 from vlkit.files import read_json
 from vlkit.hub import from_pretrained
@@ -49,7 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         answers = evaluation.answer(model)
     wrong: dict[str, list[dict[str, object]]] = defaultdict(list)
+    box_errors: dict[str, list[list[float]]] = defaultdict(list)  # split -> [|dx|, |dy|, |dw|, |dh|] per parsed box
     for question, answer in zip(evaluation.questions, answers, strict=True):
+        if question.kind == "grounding" and question.box is not None:
+            box = parse_box(answer)
+            if box is not None:
+                box_errors[question.split].append(_box_error(box, question.box))
+            if question.split == "test" and (box is None or box_iou(box, question.box) < 0.5):
+                predicted = None if box is None else list(box)
+                wrong["grounding"].append({"kind": "grounding", "question": question.question, "answer": answer,
+                                           "truth": list(question.box), "box": predicted})  # fmt: skip
         vqa = question.split == "test" and question.kind not in NOT_VQA
         if vqa and normalise_answer(answer) != normalise_answer(question.answer):
             objects = [[o.size, o.colour, o.shape] for o in question.objects]
@@ -59,7 +76,19 @@ def main(argv: list[str] | None = None) -> None:
     for kind, rows in wrong.items():
         print(f"{kind}: {len(rows)} wrong")
         for row in rows[: args.show]:
-            print(f"  {row['question']} -> {row['answer']} (true: {row['truth']}) {row['objects']}")
+            print(f"  {row['question']} -> {row['answer']} (true: {row['truth']}) {row.get('objects', '')}")
+    for split, errors in box_errors.items():
+        table = np.array(errors)
+        names = ("centre x", "centre y", "width", "height")
+        columns = zip(names, np.median(table, 0), table.mean(0), strict=True)
+        cells = ", ".join(f"{name} {median:.0f} / {mean:.0f}" for name, median, mean in columns)
+        print(f"grounding, {split} ({len(errors)} parsed boxes), |error| median / mean: {cells}")
+
+
+def _box_error(box: tuple[int, ...], truth: tuple[int, ...]) -> list[float]:
+    """|dx|, |dy| of the box centres and |dw|, |dh| of the sizes of two (x1, y1, x2, y2) boxes."""
+    return [abs((box[0] + box[2] - truth[0] - truth[2]) / 2), abs((box[1] + box[3] - truth[1] - truth[3]) / 2),
+            abs((box[2] - box[0]) - (truth[2] - truth[0])), abs((box[3] - box[1]) - (truth[3] - truth[1]))]  # fmt: skip
 
 
 if __name__ == "__main__":

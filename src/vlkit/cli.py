@@ -213,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     if not args.no_vlm:
         tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
-        # 600 instruct steps whatever the recipe's (honeybee_c_shapes: 1800), so that both parts fit 15 minutes;
+        # 600 instruct steps whatever the recipe's (1800), so that both parts fit 15 minutes;
         # --vlm-set stages.instruct.train.steps=N overrides it.
         demo = {"stages.align.init": tower, "stages.instruct.train.steps": DEMO_INSTRUCT_STEPS}
         vlm_recipe = get_recipe(args.vlm_recipe).with_overrides({**demo, **_parse_overrides(args.vlm_set or [])})

@@ -10,7 +10,8 @@ Each row is ``llava_shapes`` with one bridge in place of its MLP, at M output to
 
 Everything else is shared: one image tower (the ``recipe:`` run ``llava_shapes`` starts its encoder from, trained
 once), one language model with its tokenizer (``llava_shapes``' text stage alone, trained once: ``llava_text``), and
-``llava_shapes``' other stages (align, instruct) with their budgets as the recipe defines them when the bench runs;
+``llava_shapes``' other stages (align, instruct) with their budgets as the recipe defines them when the bench runs,
+but ``INSTRUCT_STEPS`` (600) instruct steps, where the recipe trains 1800, so that the 14 rows fit two hours;
 the Q-Former + stage 1 row runs ``blip2_shapes``' Q-Former stage before them. Every row reads the encoder where
 ``shapes_llava`` does (its ``feature_layer``), BLIP-2's Q-Former included. The rows take the bridge settings of the
 presets that have them (``shapes_llava``'s MLP, ``shapes_blip2``'s Q-Former, ``shapes_honeybee_c`` / ``_d``'s
@@ -73,6 +74,7 @@ from vlkit.tasks.qformer import QFormerPretraining
 from vlkit.train import ParamGroupRule
 
 __all__ = [
+    "INSTRUCT_STEPS",
     "ROWS",
     "BridgeRow",
     "BridgesBench",
@@ -93,6 +95,8 @@ LLAVA = "llava_shapes"
 BLIP2 = "blip2_shapes"
 LM_RUN = "llava_text"
 PRESET_PREFIX = "bench_bridges_"
+# Instruct steps of every row (llava_shapes trains 1800): at 600 the 14 rows fit the bench's two hours on a 2-core CPU.
+INSTRUCT_STEPS = 600
 
 
 # ---------------------------------------------------------------------------------------------- the rows
@@ -230,6 +234,8 @@ class BridgesBench(ClaimsBench):
             stages = [_stage1(get_recipe(BLIP2)), *later]
         first = _with_init(stages[0], {"encoder": tower, "lm": lm})
         stages = [first, *(_with_init(stage, {}) for stage in stages[1:])]
+        last = stages[-1]
+        stages[-1] = dataclasses.replace(last, train=dataclasses.replace(last.train, steps=INSTRUCT_STEPS))
         names = " + ".join(stage.name for stage in stages)
         return dataclasses.replace(
             llava, name=f"bridges_{row.name}", model=row.preset, stages=tuple(stages),
@@ -491,9 +497,10 @@ def bridges_markdown(rows: Sequence[Mapping[str, Any]], scale: Scale) -> str:
         "# vlkit: every bridge under one budget on ShapesWorld\n\n"
         f"Scale: {size}. Every row is {LLAVA} with another bridge: the same image tower and language model (trained "
         f"once, not counted in train s: the tower's run and `{LM_RUN}`, {LLAVA}' text stage), {LLAVA}' other "
-        f"stages and budget; the Q-Former + stage 1 row trains {BLIP2}' Q-Former stage first (counted). M: bridge "
-        "tokens per image (of 64 patch tokens); parameters: the bridge's; s/step: the median over the last stage's "
-        "steps; VQA: exact match, one question of each kind per test scene of seen combinations, spatial and count "
+        f"stages and budget but {INSTRUCT_STEPS} instruct steps; the Q-Former + stage 1 row trains {BLIP2}' "
+        "Q-Former stage first (counted). M: bridge tokens per image (of 64 patch tokens); parameters: the bridge's; "
+        "s/step: the median over the last stage's steps; VQA: exact match, one question of each kind per test scene "
+        "of seen combinations, spatial and count "
         "its questions of those kinds.\n\n" + bridges_table(rows)
     )
 

@@ -9,7 +9,9 @@ stages on the model ``shapes_llava`` (``shapes_siglip``'s image tower, an MLP br
   from a ShapesWorld contrastive run (``recipe:siglip_patch_shapes``, trained first into ``OUT/pretrain`` unless
   given);
 - ``instruct``: bridge and LM on the instruction mix (captions, questions of every kind, referring expressions
-  answered with a box), the image tower still frozen.
+  answered with a box), the image tower still frozen. 1800 steps: on the patch-trained tower, 1800 took VQA to 0.93
+  and grounding acc@0.5 to 0.61, where 1200 left them at 0.89 / 0.32 and 600 at 0.86 / 0.21 (README, "The image
+  tower, trained patch by patch"); the demo and the bridges bench train fewer to fit their time budgets.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ SHAPES_TOWER = {"encoder": InitFrom("recipe:siglip_patch_shapes", part="image_en
 
 TEXT_BUDGET = TrainConfig(steps=300, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_steps=30)
 ALIGN_BUDGET = TrainConfig(steps=200, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_steps=20)
-INSTRUCT_BUDGET = TrainConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40)
+INSTRUCT_BUDGET = TrainConfig(steps=1800, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=40)
 
 
 CAPTIONS = ShapesInstructions(SHAPES_DATA, kinds=("caption",), turns=1)

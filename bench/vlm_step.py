@@ -1,0 +1,108 @@
+"""The VLM training step with the LM head at every position against the head at the targets only.
+
+Times the ``vlm`` task's training step (forward, loss, backward, fused AdamW) of a ShapesWorld VLM on batches of its
+own instruct data, two ways, alternating in one process: the logits of every position and the loss from them (what
+``model(..., labels)`` returns, as transformers computes it) against the loss alone (``return_logits=False``, the
+task's step: the head runs only at the positions that have a target, a fifth of an instruction sample). Also the
+frozen tower's forward alone, for scale. Writes ``--out`` (JSON: medians and every step's seconds).
+
+    python bench/vlm_step.py --model RUN/stages/1-align/model --out bench/results/vlm_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import train_step as ts
+from vlkit.files import read_json
+from vlkit.hub import from_pretrained
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.recipes.base import recipe_from_dict
+from vlkit.tasks.vlm import ShapesInstructionDataset, _collate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a ShapesWorld VLM model directory a recipe run wrote")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed once per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = from_pretrained(args.model).train()
+    if not isinstance(model, VisionLanguageModel):
+        parser.error(f"{args.model} holds no vision-language model")
+    recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
+    instruct = recipe.stages[-1]
+    for parameter in model.encoder.parameters():  # the instruct stage's rule: the tower frozen
+        parameter.requires_grad_(False)
+    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
+    collate = _collate(model.tokenizer.pad_token_id)
+    size = instruct.train.batch_size
+    batches = [collate([dataset[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(batch: dict[str, torch.Tensor], return_logits: bool) -> None:
+        with autocast:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                        return_logits=return_logits)  # fmt: skip
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def tower(batch: dict[str, torch.Tensor]) -> None:
+        with autocast, torch.no_grad():
+            model.image_tokens(batch["pixel_values"])
+
+    variants = {
+        "head_everywhere": lambda b: step(b, True),
+        "head_at_targets": lambda b: step(b, False),
+        "tower_forward": tower,
+    }
+    for batch in batches:  # warm-up
+        step(batch, True)
+        step(batch, False)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            for batch in batches:
+                start = time.perf_counter()
+                run(batch)
+                seconds[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    lengths = [int(b["attention_mask"].sum(1).float().mean()) for b in batches]
+    result = {
+        **ts.cpu_description(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "recipe": recipe.name,
+        "precision": args.precision,
+        "batch_size": size,
+        "padded_lengths": [int(b["input_ids"].shape[1]) for b in batches],
+        "mean_lengths": lengths,
+        "trained_fraction": float(sum((b["labels"] != -100).float().mean() for b in batches) / len(batches)),
+        "median_s": medians,
+        "speedup": medians["head_everywhere"] / medians["head_at_targets"],
+        "seconds": seconds,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
