@@ -9,7 +9,8 @@ the other object's colour.
 
 Referring expressions are judged as the grounding metric judges them (IoU >= 0.5): a miss is written with both boxes,
 and a line per split says where the parsed boxes err, as the median and mean distance of the box centre along x and
-along y and of the width and height from the true box, in the [0, 1000) coordinates the model writes. The README's
+along y and of the width and height from the true box, in the [0, 1000) coordinates the model writes, and the
+correlation of the predicted with the true centre along each axis. The README's
 "The image tower, trained patch by patch" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
 column).
 
@@ -58,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         answers = evaluation.answer(model)
     wrong: dict[str, list[dict[str, object]]] = defaultdict(list)
     box_errors: dict[str, list[list[float]]] = defaultdict(list)  # split -> [|dx|, |dy|, |dw|, |dh|] per parsed box
+    centres: dict[str, list[list[float]]] = defaultdict(list)  # split -> [x, y, true x, true y] per parsed box
     for question, answer in zip(evaluation.questions, answers, strict=True):
         if question.kind == "grounding" and question.box is not None:
             box = parse_box(answer)
             if box is not None:
                 box_errors[question.split].append(_box_error(box, question.box))
+                centres[question.split].append([*_centre(box), *_centre(question.box)])
             if question.split == "test" and (box is None or box_iou(box, question.box) < 0.5):
                 predicted = None if box is None else list(box)
                 wrong["grounding"].append({"kind": "grounding", "question": question.question, "answer": answer,
@@ -82,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         names = ("centre x", "centre y", "width", "height")
         columns = zip(names, np.median(table, 0), table.mean(0), strict=True)
         cells = ", ".join(f"{name} {median:.0f} / {mean:.0f}" for name, median, mean in columns)
-        print(f"grounding, {split} ({len(errors)} parsed boxes), |error| median / mean: {cells}")
+        points = np.array(centres[split])
+        corr = [np.corrcoef(points[:, axis], points[:, axis + 2])[0, 1] for axis in (0, 1)]
+        print(f"grounding, {split} ({len(errors)} parsed boxes), |error| median / mean: {cells}; correlation of the "
+              f"predicted with the true centre: x {corr[0]:.2f}, y {corr[1]:.2f}")  # fmt: skip
+
+
+def _centre(box: tuple[int, ...]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
 def _box_error(box: tuple[int, ...], truth: tuple[int, ...]) -> list[float]:

@@ -327,12 +327,18 @@ def test_cache_errors_and_layout() -> None:
         model.generate(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
 
 
-def test_loss_ignores_minus_100() -> None:
-    model = _model("test_opt_lm")
+def _labelled(model: DecoderLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of ids and their labels, some positions ignored (-100)."""
     ids, _ = _prompts([8, 8], model.config.vocab_size, 0)
     labels = ids.clone()
     labels[0, :5] = -100
     labels[1, 3] = -100
+    return ids, labels
+
+
+def test_loss_ignores_minus_100() -> None:
+    model = _model("test_opt_lm")
+    ids, labels = _labelled(model)
     out = model(ids, labels=labels)
     logits = out.logits[:, :-1]
     targets = labels[:, 1:]
@@ -346,10 +352,7 @@ def test_loss_ignores_minus_100() -> None:
 
 def test_the_loss_alone_runs_the_head_at_the_targets_and_equals_the_full_pass() -> None:
     model = _model("test_opt_lm")
-    ids, _ = _prompts([8, 8], model.config.vocab_size, 0)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    labels[1, 3] = -100
+    ids, labels = _labelled(model)
     weights = torch.rand(ids.shape)
     full, alone = model(ids, labels=labels), model(ids, labels=labels, return_logits=False)
     assert alone.logits is None
