@@ -55,13 +55,17 @@ __all__ = ["Contrastive", "PatchLabels", "contrastive_step", "patch_labels", "pa
 def contrastive_step(loss_fn: nn.Module) -> Callable[[nn.Module, dict[str, Any]], StepOutput]:
     def step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
-        loss = loss_fn(**contrastive_loss_inputs(out))
-        metrics = {"logit_scale": float(out.logit_scale.detach())}
-        if out.logit_bias is not None:
-            metrics["logit_bias"] = float(out.logit_bias.detach())
-        return StepOutput(loss=loss, metrics=metrics)
+        return StepOutput(loss=loss_fn(**contrastive_loss_inputs(out)), metrics=_scale_metrics(out))
 
     return step
+
+
+def _scale_metrics(out: Any) -> dict[str, float]:
+    """The logged temperature (and SigLIP's bias) of a dual encoder's output."""
+    metrics = {"logit_scale": float(out.logit_scale.detach())}
+    if out.logit_bias is not None:
+        metrics["logit_bias"] = float(out.logit_bias.detach())
+    return metrics
 
 
 @register_task
@@ -301,21 +305,21 @@ def patch_labels(
     targets = torch.zeros(len(records), len(attributes), rows * columns, dtype=torch.long)
     boxes = torch.full((len(records), rows * columns, 4), float("nan"))
     sides = torch.tensor([width, height, width, height], dtype=torch.float32)
+    patch = torch.arange(rows * columns, dtype=torch.float64)
+    centre_x, centre_y = (patch % columns + 0.5) * width / columns, (patch // columns + 0.5) * height / rows
     for r, record in enumerate(records):
         image_width, image_height = int(record.meta["width"]), int(record.meta["height"])
         # The transform scales both sides by one factor so the image covers the target, then centre-crops.
         scale = max(height / image_height, width / image_width)
         left, top = (image_width * scale - width) / 2, (image_height * scale - height) / 2
-        for p in range(rows * columns):
-            x = ((p % columns + 0.5) * width / columns + left) / scale
-            y = ((p // columns + 0.5) * height / rows + top) / scale
-            for item in record.meta["objects"]:
-                x1, y1, x2, y2 = item["box"]
-                if x1 <= x < x2 and y1 <= y < y2:
-                    for a, attribute in enumerate(attributes):
-                        targets[r, a, p] = index[attribute][str(item[attribute])]
-                    corners = torch.tensor([x1 * scale - left, y1 * scale - top, x2 * scale - left, y2 * scale - top])
-                    boxes[r, p] = (corners / sides).clamp(0.0, 1.0)
+        x, y = (centre_x + left) / scale, (centre_y + top) / scale  # patch centres in the record's image
+        for item in record.meta["objects"]:  # in drawing order: an object on top takes the patches it covers
+            x1, y1, x2, y2 = item["box"]
+            inside = (x1 <= x) & (x < x2) & (y1 <= y) & (y < y2)
+            for a, attribute in enumerate(attributes):
+                targets[r, a, inside] = index[attribute][str(item[attribute])]
+            corners = torch.tensor([x1 * scale - left, y1 * scale - top, x2 * scale - left, y2 * scale - top])
+            boxes[r, inside] = (corners / sides).clamp(0.0, 1.0)
     return PatchLabels(targets, classes, boxes)
 
 
@@ -340,9 +344,7 @@ def patch_supervised_step(
         contrastive = loss_fn(**contrastive_loss_inputs(out))
         device = out.patch_tokens.device
         targets, boxes = labels.targets[batch["index"]].to(device), labels.boxes[batch["index"]].to(device)
-        metrics = {"logit_scale": float(out.logit_scale.detach()), "contrastive_loss": float(contrastive.detach())}
-        if out.logit_bias is not None:
-            metrics["logit_bias"] = float(out.logit_bias.detach())
+        metrics = {**_scale_metrics(out), "contrastive_loss": float(contrastive.detach())}
         dense = contrastive.new_zeros(())
         on_object = ~boxes[..., 0].isnan()  # (B, N); background fills most patches: the metrics score the objects'
         for a, attribute in enumerate(labels.classes):
