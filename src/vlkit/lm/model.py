@@ -299,7 +299,7 @@ class DecoderLM(PretrainedModel):
                 raise ValueError("return_logits=False computes the loss alone and needs labels")
             return LMOutput(None, self.next_token_loss(hidden, labels, loss_weights))
         logits = self.forward_head(hidden)
-        loss = None if labels is None else _next_token_loss(logits, labels, loss_weights)
+        loss = None if labels is None else _loss_of_logits(logits, labels, loss_weights)
         return LMOutput(logits, loss)
 
     def next_token_loss(
@@ -348,7 +348,7 @@ class DecoderLM(PretrainedModel):
         )
 
 
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def _loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """The next-token loss of full logits (B, T, V) against ``labels`` (B, T), -100 ignored."""
     labels = labels.to(logits.device)
     weights = None if weights is None else weights[:, 1:].flatten()

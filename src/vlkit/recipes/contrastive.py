@@ -64,13 +64,12 @@ PATCH_BUDGET = dataclasses.replace(SHAPES_BUDGET, steps=1600)
 def siglip_patch_shapes() -> Recipe:
     """The image tower of the vision-language recipes: ``siglip_shapes`` with the contrastive task's per-patch
     objective (``task.patch_loss``; README, "The image tower, trained patch by patch")."""
-    return Recipe(
+    return dataclasses.replace(
+        siglip_shapes(),
         name="siglip_patch_shapes",
         description="SigLIP trained from scratch on ShapesWorld, with a per-patch objective beside the sigmoid loss: "
         "each patch token names the colour, shape, size and box of the object under it.",
-        model="shapes_siglip",
         task=Contrastive(patch_loss=1.0),
-        data=SHAPES_TRAIN,
         stages=(Stage(PATCH_BUDGET),),
     )
 
