@@ -2,7 +2,9 @@
 
 The steps are ``bench/train_step.py``'s (forward, loss, backward, fused AdamW, ``zero_grad``) for ``clip`` (CLIP
 ViT-B/16, batch 16), ``shapes`` (``shapes_siglip``, batch 128) and ``convnext`` (ConvNeXt-T classifier, batch 16),
-in fp32 and under bf16 autocast, on the CPU and on CUDA when there is one.
+and ``llava`` (``shapes_llava``'s instruct step: tower frozen, the loss at the targets only, batch 32 of
+``LLAVA_LENGTH`` tokens, 64 of them the image's), in fp32 and under bf16 autocast, on the CPU and on CUDA when there
+is one.
 
 Attribution. Every op's self time is counted once:
 
@@ -18,7 +20,8 @@ Attribution. Every op's self time is counted once:
 On CUDA the times are device (kernel) times of the ops instead of CPU times. Writes ``DIR/<model>_<precision>_<device>
 .{md,json}`` and ``DIR/summary.md`` (shares side by side).
 
-    python bench/profile_step.py --out bench/results/profile [--models clip,shapes,convnext --precisions fp32,bf16]
+    python bench/profile_step.py --out bench/results/profile [--models clip,shapes,convnext,llava]
+        [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import vlkit
 from vlkit.layers.attention import Attention, AttentionPool, CrossAttention
 from vlkit.layers.mlp import Mlp, SwiGLU
 from vlkit.layers.norms import RMSNorm
+from vlkit.lm.model import CausalSelfAttention
 from vlkit.losses import ClipLoss, SigLipLoss
 
 SCOPE = "vlkit:"  # record_function names: "vlkit:<group>:<module name>" and "vlkit:phase:<phase>"
@@ -109,9 +113,11 @@ def module_groups(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, nn.Embedding) or leaf == "pos_embed":
             group = "embeddings"
             whole.append(name)
-        elif isinstance(module, Attention | CrossAttention | AttentionPool):
+        elif isinstance(module, Attention | CrossAttention | AttentionPool | CausalSelfAttention):
             group = "attention core (SDPA, reshapes)"
-        elif isinstance(parent, Attention | CrossAttention | AttentionPool) and isinstance(module, nn.Linear):
+        elif isinstance(parent, Attention | CrossAttention | AttentionPool | CausalSelfAttention) and isinstance(
+            module, nn.Linear
+        ):
             group = "attention qkv/out projections"
         elif isinstance(parent, Mlp | SwiGLU) or type(parent).__name__ == "ConvNeXtBlock":
             if isinstance(module, nn.Linear):
@@ -171,7 +177,17 @@ MODELS: dict[str, tuple[Forward, Loss]] = {
         lambda out, _: SigLipLoss()(out.image_features, out.text_features, out.logit_scale, out.logit_bias),
     ),
     "convnext": (lambda model, batch: model(batch["pixels"]), lambda out, batch: F.cross_entropy(out, batch["labels"])),
+    # The vlm task's step: the loss alone, the head run at the targets (return_logits=False).
+    "llava": (
+        lambda model, batch: model(
+            batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["labels"], return_logits=False
+        ),
+        lambda out, _: out.loss,
+    ),
 }
+# The llava_shapes instruct batches: ~145 tokens padded (64 image tokens, a four-turn conversation), ~130 real, a
+# sixth of the positions trained on (bench/results/vlm_step.json measured 142-148, 127-132 and 0.17).
+LLAVA_LENGTH, LLAVA_TRAINED = 145, 0.17
 
 
 def train_step(
@@ -252,11 +268,36 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, ts.Batch]:
     if name == "shapes":
         model = vlkit.create_model("shapes_siglip")
         return model, ts.make_shapes_batch(model.config, args.shapes_batch)
+    if name == "llava":
+        return _llava(args.llava_batch)
     size = args.convnext_size
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.convnext_batch, 3, size.image_size, size.image_size, generator=generator)
     labels = torch.randint(0, size.num_classes, (args.convnext_batch,), generator=generator)
     return ts.build_vlkit_convnext(size), {"pixels": pixels, "labels": labels}
+
+
+def _llava(batch_size: int) -> tuple[nn.Module, ts.Batch]:
+    """``shapes_llava`` with random weights, its tower frozen as in the instruct stage, and a batch shaped like that
+    stage's: the image's placeholder tokens after one prompt token, right-padded rows, targets at a sixth of the real
+    positions."""
+    model = vlkit.create_model("shapes_llava")
+    for parameter in model.encoder.parameters():
+        parameter.requires_grad_(False)
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    image_tokens = int(model.bridge.num_output_tokens(torch.tensor([model.config.vision.grid]))[0])
+    ids = torch.randint(4, config.lm.vocab_size, (batch_size, LLAVA_LENGTH), generator=generator)
+    ids[:, 1 : 1 + image_tokens] = config.image_token_id
+    lengths = torch.randint(LLAVA_LENGTH - 30, LLAVA_LENGTH + 1, (batch_size,), generator=generator)
+    lengths[0] = LLAVA_LENGTH
+    real = torch.arange(LLAVA_LENGTH)[None] < lengths[:, None]
+    ids[~real] = config.lm.pad_token_id
+    trained = real & (torch.rand(ids.shape, generator=generator) < LLAVA_TRAINED)
+    trained[:, : 1 + image_tokens] = False
+    size = config.vision.image_size
+    pixels = torch.randn(batch_size, 3, size, size, generator=generator)
+    return model, {"pixels": pixels, "input_ids": ids, "attention_mask": real.long(),
+                   "labels": ids.masked_fill(~trained, -100)}  # fmt: skip
 
 
 def profile_one(name: str, precision: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -295,6 +336,7 @@ def profile_one(name: str, precision: str, device: torch.device, args: argparse.
         "batch": batch["pixels"].shape[0],
         "image_size": batch["pixels"].shape[-1],
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "optimizer": f"AdamW({optimizer_kind})",
         "threads": torch.get_num_threads(),
         "profiled_steps": args.steps,
@@ -382,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="CLIP batch")
     parser.add_argument("--convnext-batch", type=int, default=16)
     parser.add_argument("--shapes-batch", type=int, default=128)
+    parser.add_argument("--llava-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--top", type=int, default=20, help="rows in the top-ops tables")
     parser.add_argument("--quick", action="store_true", help="tiny models and batches: a smoke test")
@@ -389,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     args.clip_size, args.convnext_size = ts.ClipSize(), ts.ConvNeXtSize()
     if args.quick:
         args.clip_size, args.convnext_size = ts.QUICK_CLIP, ts.QUICK_CONVNEXT
-        args.batch, args.convnext_batch, args.shapes_batch, args.warmup = 2, 2, 8, 1
+        args.batch, args.convnext_batch, args.shapes_batch, args.llava_batch, args.warmup = 2, 2, 8, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]

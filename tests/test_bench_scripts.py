@@ -78,3 +78,16 @@ def test_profile_step_quick_attributes_every_op_once(tmp_path: Path) -> None:
         assert result["kinds_ms"]["optimizer kernels"] > 0
         markdown = (tmp_path / f"shapes_{precision}_cpu.md").read_text()
         assert "| MLP linears |" in markdown and "aten::" in markdown
+
+
+def test_profile_step_quick_profiles_the_llava_instruct_step(tmp_path: Path) -> None:
+    _run("profile_step.py", "--quick", "--models", "llava", "--precisions", "bf16", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "llava_bf16_cpu.json").read_text())
+    assert sum(result["kinds_ms"].values()) == pytest.approx(result["total_ms"])
+    groups = result["groups_ms"]
+    # The language model's blocks are scoped like the towers': its matmuls and attention, forward and backward.
+    for group in ("MLP linears", "attention qkv/out projections", "attention core (SDPA, reshapes)"):
+        assert groups[group]["forward"] > 0 and groups[group]["backward"] > 0
+    assert groups["optimizer"]["optimizer"] > 0
+    # The tower is frozen, as in the instruct stage: only the bridge's and the LM's parameters train.
+    assert result["parameters"] > result["trained_parameters"] > 0
