@@ -1,9 +1,9 @@
 """One change to the instruct stage of a finished ShapesWorld VLM run, everything before it reused.
 
-The README's "Why existence, spatial and grounding stay low" table: each row retrains only the last stage of a
-``llava_shapes`` / ``honeybee_c_shapes`` run (its ``text`` and ``align`` stages and tokenizer are copied from
-``--from``, so every row starts from the same LM, bridge and tower; a change that alters what ``align`` sees,
-``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). The runner's
+The experiment log's (docs/experiments.md) "Why existence, spatial and grounding stay low" table: each row retrains
+only the last stage of a ``llava_shapes`` / ``honeybee_c_shapes`` run (its ``text`` and ``align`` stages and tokenizer
+are copied from ``--from``, so every row starts from the same LM, bridge and tower; a change that alters what ``align``
+sees, ``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). The runner's
 ``--resume`` skips the copied stages. Writes ``OUT/metrics.json`` as ``vlkit train`` does.
 
     python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]

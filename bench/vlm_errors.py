@@ -4,8 +4,8 @@ Asks the questions ``vlkit eval`` asks, built as it builds them from the model d
 each kind per test scene; seen colour x shape combinations are listed), judges them by the VQA metric's own answer
 normalisation, and writes every wrong answer as JSON lines
 ``{kind, question, answer, truth, objects: [[size, colour, shape], ...]}``, printing a count per kind and the first
-``--show`` of each. The README's "Learning curves" reads binding errors off this list: a wrong colour answer that is
-the other object's colour.
+``--show`` of each. The experiment log's (docs/experiments.md) "Learning curves" reads binding errors off this list: a
+wrong colour answer that is the other object's colour.
 
 Referring expressions are judged as the grounding metric judges them (IoU >= 0.5): a miss is written with both boxes,
 and a line per split says where the parsed boxes err, as the median and mean distance of the box centre along x and

@@ -1,10 +1,10 @@
 """An oracle image tower: does the language model bind attributes to objects when the image tokens are perfect?
 
-The ShapesWorld VLM answers "what colour is the square?" with the other object's colour (README, "Where the binding
-fails"): its tower's tokens carry the other object's colour and hold their own shape only 70-80 % of the time. This
-script replaces the tower by an oracle, so that only the bridge and the language model are left to learn: the token
-of each patch (8 x 8 of them in the recipes) is the one-hot of the colour, shape and size of the object whose box
-holds the patch centre (or "background"), zero-padded to the tower's width. The image never enters the model; the
+The ShapesWorld VLM answers "what colour is the square?" with the other object's colour (docs/experiments.md, "Where
+the binding fails"): its tower's tokens carry the other object's colour and hold their own shape only 70-80 % of the
+time. This script replaces the tower by an oracle, so that only the bridge and the language model are left to learn:
+the token of each patch (8 x 8 of them in the recipes) is the one-hot of the colour, shape and size of the object whose
+box holds the patch centre (or "background"), zero-padded to the tower's width. The image never enters the model; the
 oracle map travels in ``pixel_values`` as (8 colours + 5 shapes + 2 sizes + 1, rows, columns).
 
 Everything else is ``bench/vlm_ablation.py``'s retrained-align run from a finished ``honeybee_c_shapes`` run: its

@@ -1,10 +1,10 @@
 """Can a ShapesWorld VLM's language model answer from a description in its context?
 
-The README's "Why existence, spatial and grounding stay low" section: the questions of test scenes are asked in the
-chat layout with the scene's caption where the image would stand (``described_conversations``: caption, colour,
-shape, size, count and existence questions, which the caption answers), and each answer is scored teacher-forced
-(exact match of every answer token). With ``--steps N`` the language model first trains N more steps on the
-described conversations of the training scenes alone, and is probed every ``--every`` steps, to show how fast it
+The experiment log's (docs/experiments.md) "The language model cannot read yet" section: the questions of test scenes
+are asked in the chat layout with the scene's caption where the image would stand (``described_conversations``:
+caption, colour, shape, size, count and existence questions, which the caption answers), and each answer is scored
+teacher-forced (exact match of every answer token). With ``--steps N`` the language model first trains N more steps on
+the described conversations of the training scenes alone, and is probed every ``--every`` steps, to show how fast it
 learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
 
     python bench/vlm_text_probe.py --model RUN/stages/0-text/model --out probe.json [--steps 800 --lr 1e-3]

@@ -3,9 +3,9 @@
 For every two-object scene, the token at each object's centre (the tower's patch grid, or the bridge's output grid)
 is probed for the object's own colour, its own shape, and the *other* object's colour. Logistic-regression probes
 are fitted on ``--train-scenes`` training scenes and scored on ``--test-scenes`` test scenes. A token that predicts
-the other object's colour carries scene-level information beside its own object's: the README's "Learning curves"
-reads the VLM's binding errors against this (the answer "blue" to "what colour is the star?" when the other object
-is the blue one). Writes ``--out`` (JSON).
+the other object's colour carries scene-level information beside its own object's: the experiment log's
+(docs/experiments.md) "Learning curves" reads the VLM's binding errors against this (the answer "blue" to "what colour
+is the star?" when the other object is the blue one). Writes ``--out`` (JSON).
 
     python bench/vlm_token_probe.py --model RUN/model --out token_probe.json
 """

@@ -80,8 +80,8 @@ class Contrastive(Task):
     from the records' object boxes (ShapesWorld's manifests carry them; a user's JSONL may, as ``"objects":
     [{"colour", "shape", "size", "box": [x1, y1, x2, y2]}]`` beside ``"width"`` and ``"height"``). The contrastive
     loss pools the tower's tokens and never asks which token holds which object, yet a vision-language model's
-    bridge reads exactly that (README, "Where the binding fails"). SigLIP 2 adds a decoder loss (LocCa: captions,
-    referring expressions, boxes) to its sigmoid loss for the same reason: dense, localised features.
+    bridge reads exactly that (docs/experiments.md, "Where the binding fails"). SigLIP 2 adds a decoder loss (LocCa:
+    captions, referring expressions, boxes) to its sigmoid loss for the same reason: dense, localised features.
     """
 
     name: ClassVar[str] = "contrastive"
