@@ -223,6 +223,10 @@ def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
     bidirectional = vlkit.get_config("test_llava").replace(image_attention="bidirectional")
     with pytest.raises(ConversionError, match="image_attention='bidirectional'"):
         vlkit.export_hf(VisionLanguageModel(bidirectional), tmp_path / "odd")
+    with pytest.raises(ConversionError, match="image_newline"):
+        vlkit.export_hf(
+            VisionLanguageModel(vlkit.get_config("test_llava").replace(image_newline=True)), tmp_path / "odd"
+        )
     _reference(CASES["clip_llama_layer-2_default"]).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["num_key_value_heads"] = 4

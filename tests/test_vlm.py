@@ -90,6 +90,29 @@ def test_feature_layer_and_class_token_choice() -> None:
         encoder.forward_features(pixels, layer=5)
 
 
+def test_image_newline_follows_each_row_of_the_bridge_grid(tmp_path: Path) -> None:
+    model = _model(image_newline=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert model.tokens_per_image() == 4 * 5  # a 4 x 4 grid, each row closed by the separator
+    with torch.no_grad():
+        out = model.embed_image(pixels)
+        rows = model.bridge(*model.image_tokens(pixels)).tokens.view(2, 4, 4, -1)
+    grid = out.tokens.view(2, 4, 5, -1)
+    torch.testing.assert_close(grid[:, :, :4], rows)
+    torch.testing.assert_close(grid[:, :, 4], model.image_newline.expand(2, 4, -1))
+    assert out.grid.tolist() == [[4, 5], [4, 5]]
+    # The separator trains, and the option survives save / load.
+    ids = _ids(model, [1, 1])
+    model(ids, pixel_values=pixels, labels=ids).loss.backward()
+    assert model.image_newline.grad is not None and bool(model.image_newline.grad.abs().sum() > 0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = vlkit.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
+    with pytest.raises(ValueError, match="image_newline"):
+        vlkit.get_config("test_llava").replace(image_newline=True, keep_class_token=True)
+
+
 def test_a_placeholder_count_that_does_not_match_names_the_sample() -> None:
     model = _model()
     ids = _ids(model, [1, 1])

@@ -314,6 +314,8 @@ def _problems(config: VLMConfig) -> list[str]:
         problems.append("the language model is neither a Llama nor a Qwen2 layout")
     if config.image_attention != "causal":
         problems.append(f"image_attention={config.image_attention!r} (LLaVA's language model is causal throughout)")
+    if config.image_newline:
+        problems.append("image_newline=True (LLaVA-NeXT's row separator; LlavaForConditionalGeneration has none)")
     return problems
 
 

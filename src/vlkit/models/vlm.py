@@ -59,7 +59,10 @@ class VLMConfig(ConfigBase):
     width of BLIP-2's stage-1 image-text contrastive space; set, the model holds ``QFormerHeads`` (a Q-Former bridge
     with text input only). ``image_attention``: ``"causal"`` (LLaVA, BLIP-2, Qwen-VL: the LM is causal throughout) or
     ``"bidirectional"`` (Gemma 3, Gemma Team, 2025: the tokens of one image, a contiguous run of placeholders, see
-    each other in both directions; text stays causal)."""
+    each other in both directions; text stays causal). ``image_newline``: LLaVA-NeXT's learned separator (Liu et al.,
+    2024, "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge") after each row of a per-token bridge's output
+    grid, so that the LM sees where each row of the image ends: an image of R x C tokens takes R x (C + 1)
+    placeholders."""
 
     kind: ClassVar[str] = "vlm"
 
@@ -72,6 +75,7 @@ class VLMConfig(ConfigBase):
     chat_template: str = "vicuna_v1"
     embed_dim: int | None = None
     image_attention: Literal["causal", "bidirectional"] = "causal"
+    image_newline: bool = False
 
     def __post_init__(self) -> None:
         if self.image_attention not in ("causal", "bidirectional"):
@@ -85,6 +89,10 @@ class VLMConfig(ConfigBase):
             raise ValueError("keep_class_token needs a ViT with a class token")
         if self.embed_dim is not None and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input):
             raise ValueError("embed_dim (BLIP-2's stage-1 heads) needs a Q-Former bridge with text_input=True")
+        if self.image_newline and not (isinstance(self.bridge, LinearBridgeConfig | MLPBridgeConfig)
+                                       and not self.keep_class_token):  # fmt: skip
+            raise ValueError("image_newline (LLaVA-NeXT's row separator) needs a per-token bridge (linear or MLP) "
+                             "over the patch tokens alone (keep_class_token=False)")  # fmt: skip
 
 
 class QFormerHeads(nn.Module):
@@ -119,6 +127,10 @@ class VisionLanguageModel(PretrainedModel):
             if config.embed_dim is not None
             else None
         )
+        # LLaVA-NeXT initialises its newline embedding as randn / sqrt(D_lm).
+        self.image_newline = (
+            nn.Parameter(torch.randn(config.lm.dim) / math.sqrt(config.lm.dim)) if config.image_newline else None
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -136,7 +148,7 @@ class VisionLanguageModel(PretrainedModel):
         # A kept class token passes a per-token bridge as one more output; learned queries (Q-Former, resampler)
         # give M whatever they read.
         per_token = isinstance(self.config.bridge, LinearBridgeConfig | MLPBridgeConfig)
-        return count + int(self.config.keep_class_token and per_token)
+        return count + int(self.config.keep_class_token and per_token) + (rows if self.config.image_newline else 0)
 
     def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(I, 3, H, W) -> the encoder tokens the bridge reads (I, N, D_vis) and their grid (I, 2)."""
@@ -149,6 +161,8 @@ class VisionLanguageModel(PretrainedModel):
         """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype."""
         tokens, grid = self.image_tokens(pixel_values)
         out = self.bridge(tokens, grid)
+        if self.image_newline is not None:
+            out = _with_newlines(out, self.image_newline)
         return BridgeOutput(out.tokens.to(self.lm.token_embed.weight.dtype), out.grid, out.mask)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,6 +224,18 @@ class VisionLanguageModel(PretrainedModel):
 
     def _vision_dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
+
+
+def _with_newlines(out: BridgeOutput, newline: torch.Tensor) -> BridgeOutput:
+    """A per-token bridge's (I, R*C, D) output with ``newline`` after each of its R rows: (I, R*(C+1), D) on an
+    R x (C+1) grid (the images of one call share their grid, so no output mask exists)."""
+    assert out.grid is not None and out.mask is None
+    images, _, dim = out.tokens.shape
+    rows, cols = (int(v) for v in out.grid[0])
+    grid = out.tokens.view(images, rows, cols, dim)
+    separators = newline.to(grid.dtype).expand(images, rows, 1, dim)
+    tokens = torch.cat([grid, separators], dim=2).reshape(images, rows * (cols + 1), dim)
+    return BridgeOutput(tokens, out.grid + torch.tensor([0, 1], device=out.grid.device), None)
 
 
 def _check_placeholders(counts: list[int], per_image: list[int]) -> None:
