@@ -285,7 +285,7 @@ def _llava(batch_size: int) -> tuple[nn.Module, ts.Batch]:
     for parameter in model.encoder.parameters():
         parameter.requires_grad_(False)
     config, generator = model.config, torch.Generator().manual_seed(0)
-    image_tokens = int(model.bridge.num_output_tokens(torch.tensor([model.config.vision.grid]))[0])
+    image_tokens = model.tokens_per_image()
     ids = torch.randint(4, config.lm.vocab_size, (batch_size, LLAVA_LENGTH), generator=generator)
     ids[:, 1 : 1 + image_tokens] = config.image_token_id
     lengths = torch.randint(LLAVA_LENGTH - 30, LLAVA_LENGTH + 1, (batch_size,), generator=generator)

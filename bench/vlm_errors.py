@@ -97,8 +97,9 @@ def _centre(box: tuple[int, ...]) -> tuple[float, float]:
 
 def _box_error(box: tuple[int, ...], truth: tuple[int, ...]) -> list[float]:
     """|dx|, |dy| of the box centres and |dw|, |dh| of the sizes of two (x1, y1, x2, y2) boxes."""
-    return [abs((box[0] + box[2] - truth[0] - truth[2]) / 2), abs((box[1] + box[3] - truth[1] - truth[3]) / 2),
-            abs((box[2] - box[0]) - (truth[2] - truth[0])), abs((box[3] - box[1]) - (truth[3] - truth[1]))]  # fmt: skip
+    (x, y), (true_x, true_y) = _centre(box), _centre(truth)
+    return [abs(x - true_x), abs(y - true_y), abs((box[2] - box[0]) - (truth[2] - truth[0])),
+            abs((box[3] - box[1]) - (truth[3] - truth[1]))]  # fmt: skip
 
 
 if __name__ == "__main__":
