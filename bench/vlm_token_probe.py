@@ -5,7 +5,14 @@ is probed for the object's own colour, its own shape, and the *other* object's c
 are fitted on ``--train-scenes`` training scenes and scored on ``--test-scenes`` test scenes. A token that predicts
 the other object's colour carries scene-level information beside its own object's: the experiment log's
 (docs/experiments.md) "Learning curves" reads the VLM's binding errors against this (the answer "blue" to "what colour
-is the star?" when the other object is the blue one). Writes ``--out`` (JSON).
+is the star?" when the other object is the blue one).
+
+Where a box is read: ridge-regression probes (R^2 on the test scenes) for the object's centre, x and y as fractions
+of the image side, from the same tokens; and from the language model's hidden state after each of its layers at the
+token before the first digit of a teacher-forced grounding answer (``<ref>the red star</ref><box>(x1,...``, one
+referring expression per scene), for the referred object's centre: what the LM has gathered from the image when it
+writes x1. README, "Why grounding comes last for the MLP bridge", reads ``llava_shapes``' boxes against this. Writes
+``--out`` (JSON).
 
     python bench/vlm_token_probe.py --model RUN/model --out token_probe.json
 """
@@ -21,13 +28,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlkit.data import shapes
+from vlkit.data.shapes_vqa import instruction_items
 from vlkit.data.transforms import ImageTransform
 from vlkit.files import read_json
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes.base import recipe_from_dict
+from vlkit.tasks.vlm import _first_question
+from vlkit.text.chat import Conversation, Turn, segment_encoder, single_token_id, tokenize_conversation
 
 TARGETS = ("own_colour", "own_shape", "other_colour")
+CENTRE = ("centre_x", "centre_y")
 
 
 def _cell(centre: tuple[float, float], size: tuple[int, int], grid: int) -> int:
@@ -48,7 +59,7 @@ def collect(
     scenes = [sample for sample in scenes if len(sample.objects) == 2]
     sites = [f"layer{k}" for k in range(len(model.encoder.blocks) + 1)] + ["bridge"]
     features: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    labels = []
+    labels, centres = [], []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         pixels = torch.stack([transform(sample.image) for sample in chunk])
@@ -64,7 +75,48 @@ def collect(
                     grid = round(grid_tokens.shape[1] ** 0.5)
                     features[site].append(grid_tokens[row, _cell(obj.centre, size, grid)].float())
                 labels.append((colours.index(obj.colour), kinds.index(obj.shape), colours.index(other.colour)))
-    return {site: torch.stack(rows) for site, rows in features.items()}, torch.tensor(labels)
+                centres.append((obj.centre[0] / size[0], obj.centre[1] / size[1]))
+    return {site: torch.stack(rows) for site, rows in features.items()}, torch.tensor(labels), torch.tensor(centres)
+
+
+@torch.no_grad()
+def collect_answer_states(
+    model: VisionLanguageModel, config: shapes.ShapesConfig, split: str, count: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per LM layer: the (N, D) hidden states at the token before x1's first digit of a teacher-forced grounding
+    answer, one referring expression per scene; and the (N, 2) centre of the referred object (fractions of the side)."""
+    transform = ImageTransform(image_size=model.config.vision.image_size)
+    tokenizer, config_vlm = model.tokenizer, model.config
+    box_id = single_token_id(tokenizer, "<box>")
+    encode = segment_encoder(tokenizer)
+    digits = {encode(str(d))[-1] for d in range(10)}  # a byte-level BPE may put a space token first
+    if box_id is None or len(digits) != 10:
+        raise SystemExit("error: the model's tokenizer does not spell boxes as <box> and single digits")
+    states: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: states.append(out[0, -1].float()))
+             for block in model.lm.blocks]  # fmt: skip
+    labels = []
+    try:
+        for index in tqdm(range(count), desc=f"{split} answers"):
+            sample = shapes.generate(config, split, index)  # type: ignore[arg-type]
+            items = [item for item in instruction_items(sample, config, split) if item.kind == "grounding"]  # type: ignore[arg-type]
+            if not items:
+                continue
+            item = items[0]
+            turns = [Turn("user", _first_question(item.question, False)), Turn("assistant", item.answer)]
+            ids = tokenize_conversation(Conversation(turns, [sample.image]), config_vlm.chat_template, tokenizer,
+                                        config_vlm.image_token_id, model.tokens_per_image()).input_ids  # fmt: skip
+            start = int((ids == box_id).nonzero()[0])
+            first_digit = next(i for i in range(start, len(ids)) if int(ids[i]) in digits)
+            model(ids[None, :first_digit], pixel_values=transform(sample.image)[None])
+            x1, y1, x2, y2 = item.box  # type: ignore[misc]
+            labels.append(((x1 + x2) / 2000, (y1 + y2) / 2000))  # [0, 1000) coordinates -> fractions of the side
+    finally:
+        for hook in hooks:
+            hook.remove()
+    depth = len(model.lm.blocks)
+    layers = {f"lm_layer{k + 1}": torch.stack(states[k::depth]) for k in range(depth)}
+    return layers, torch.tensor(labels, dtype=torch.float64)
 
 
 def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> float:
@@ -87,6 +139,17 @@ def probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tenso
         return float(((test @ weight + bias).argmax(-1) == test_y).float().mean())
 
 
+def probe_r2(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor) -> list[float]:
+    """Test R^2 per column of ``train_y`` (N, K) of a ridge regression (lambda 1) on standardised ``train``."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, test = [torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1).double() for x in (train, test)]
+    gram = train.T @ train + torch.eye(train.shape[1], dtype=torch.float64)
+    predicted = test @ torch.linalg.solve(gram, train.T @ train_y.double())
+    test_y = test_y.double()
+    residual = (predicted - test_y).pow(2).sum(0) / (test_y - test_y.mean(0)).pow(2).sum(0)
+    return [round(float(1 - r), 3) for r in residual]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a ShapesWorld VLM model directory (a run's model)")
@@ -100,15 +163,23 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(model, VisionLanguageModel):
         raise SystemExit(f"error: {args.model} is not a vision-language model")
     config = recipe_from_dict(read_json(Path(args.model) / "recipe.json")).data.config  # the data it was trained on
-    train, train_y = collect(model, config, "train", args.train_scenes)
-    test, test_y = collect(model, config, "test", args.test_scenes)
+    train, train_y, train_centre = collect(model, config, "train", args.train_scenes)
+    test, test_y, test_centre = collect(model, config, "test", args.test_scenes)
     results: dict[str, dict[str, float]] = {}
+    centre_r2: dict[str, dict[str, float]] = {}
     for site in train:
         results[site] = {
             target: round(probe_accuracy(train[site], train_y[:, k], test[site], test_y[:, k]), 3)
             for k, target in enumerate(TARGETS)
         }
-        print(site, results[site], flush=True)
+        centre_r2[site] = dict(zip(CENTRE, probe_r2(train[site], train_centre, test[site], test_centre), strict=True))
+        print(site, results[site], "centre R^2", centre_r2[site], flush=True)
+    train_states, train_referred = collect_answer_states(model, config, "train", args.train_scenes)
+    test_states, test_referred = collect_answer_states(model, config, "test", args.test_scenes)
+    for site in train_states:
+        r2 = probe_r2(train_states[site], train_referred, test_states[site], test_referred)
+        centre_r2[site] = dict(zip(CENTRE, r2, strict=True))
+        print(site, "(before x1) referred object's centre R^2", centre_r2[site], flush=True)
     settings = {
         "model": args.model,
         "train_objects": len(train_y),
@@ -116,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         "chance_colour": round(1 / len(config.colours), 3),
         "chance_shape": round(1 / len(config.shapes), 3),
     }
-    Path(args.out).write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
+    settings["referring_expressions"] = {"train": len(train_referred), "test": len(test_referred)}
+    output = {"settings": settings, "accuracy": results, "centre_r2": centre_r2}
+    Path(args.out).write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -233,5 +233,6 @@ def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path
     assert set(metrics["stages"]) == {"text", "align", "instruct"}
     model = vlkit.from_pretrained(out / "model")
     assert model.config.bridge.kind == "c_abstractor" and model.tokens_per_image() == 4
+    assert model.config.feature_layer == -1  # llava_shapes' layer override is not inherited
     assert get_recipe("honeybee_d_shapes").model == "shapes_honeybee_d"
     assert vlkit.get_config("shapes_honeybee_d").bridge.num_queries == 16

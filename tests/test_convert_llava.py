@@ -56,6 +56,9 @@ CASES: dict[str, dict[str, Any]] = {
         vision_config={**SIGLIP, "image_size": 42, "vision_use_head": False}, text_config=QWEN2,
         vision_feature_layer=1, vision_feature_select_strategy="full", projector_hidden_act="quick_gelu",
         multimodal_projector_bias=False),
+    # Several hidden states concatenated along the features (the projector reads 3 x 32), the class token dropped
+    # from each.
+    "clip_llama_layers-1_0_-2_default": dict(vision_config=CLIP, text_config=LLAMA, vision_feature_layer=[-1, 0, -2]),
 }  # fmt: skip
 
 
@@ -196,9 +199,12 @@ def test_a_vlkit_model_exports_to_transformers(tmp_path: Path) -> None:
 
 def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
     base = {"model_type": "llava", "vision_config": CLIP, "text_config": LLAMA, "image_token_index": IMAGE_TOKEN}
-    with pytest.raises(ConversionError, match="concatenates several hidden states"):
+    with pytest.raises(ConversionError, match="vision_feature_layer=-5 is outside the tower's hidden states"):
         llava.config_from_hf({**base, "vision_feature_layer": [-2, -5]}, "x")
+    with pytest.raises(ConversionError, match="needs distinct layers"):
+        llava.config_from_hf({**base, "vision_feature_layer": [-2, -2]}, "x")
     assert llava.config_from_hf({**base, "vision_feature_layer": [-1]}, "x").feature_layer == -1
+    assert llava.config_from_hf({**base, "vision_feature_layer": [0, -1]}, "x").feature_layer == (0, -1)
     with pytest.raises(ConversionError, match="outside the tower's hidden states"):
         llava.config_from_hf({**base, "vision_feature_layer": -5}, "x")
     with pytest.raises(ConversionError, match="drops the first patch token"):
@@ -227,6 +233,9 @@ def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
         vlkit.export_hf(
             VisionLanguageModel(vlkit.get_config("test_llava").replace(image_newline=True)), tmp_path / "odd"
         )
+    normed = vlkit.get_config("test_llava").replace(feature_layer=None)
+    with pytest.raises(ConversionError, match="feature_layer=None"):
+        vlkit.export_hf(VisionLanguageModel(normed), tmp_path / "odd")
     _reference(CASES["clip_llama_layer-2_default"]).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["text_config"]["num_key_value_heads"] = 4

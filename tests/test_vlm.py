@@ -90,6 +90,23 @@ def test_feature_layer_and_class_token_choice() -> None:
         encoder.forward_features(pixels, layer=5)
 
 
+def test_several_feature_layers_are_concatenated_in_order() -> None:
+    """``feature_layer`` as a tuple: the hidden states of one pass concatenated along the features (LLaVA's list of
+    ``vision_feature_layer``), the bridge built D_vis x layers wide; bad tuples are config errors."""
+    model = _model(feature_layer=[-1, 0])  # a --set override arrives as a list
+    assert model.config.feature_layer == (-1, 0) and model.config.vision_feature_dim == 2 * model.config.vision.dim
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.image_tokens(pixels)
+        last, first = (model.encoder.forward_features(pixels, layer=k).patch_tokens for k in (-1, 0))
+    torch.testing.assert_close(tokens, torch.cat([last, first], dim=-1))
+    assert model.bridge.linear_1.in_features == 2 * model.config.vision.dim
+    config = vlkit.get_config("test_llava")
+    for bad, message in (((), "at least one"), ((1, 1), "distinct"), ((0, 9), "feature_layer 9 is outside")):
+        with pytest.raises(ValueError, match=message):
+            config.replace(feature_layer=bad)
+
+
 def test_image_newline_follows_each_row_of_the_bridge_grid(tmp_path: Path) -> None:
     model = _model(image_newline=True)
     pixels = torch.randn(2, 3, 32, 32)
@@ -184,7 +201,7 @@ def test_save_and_load_keep_weights_tokenizer_and_outputs(tmp_path: Path) -> Non
 TINY_VLM = {
     "model.lm.dim": 32, "model.lm.depth": 1, "model.lm.num_heads": 2, "model.lm.num_kv_heads": 2,
     "model.lm.head_dim": 16, "model.lm.mlp_dim": 64,
-    "model.vision.dim": 32, "model.vision.depth": 1, "model.vision.num_heads": 2, "model.vision.mlp_dim": 64,
+    "model.vision.dim": 32, "model.vision.depth": 2, "model.vision.num_heads": 2, "model.vision.mlp_dim": 64,
     "model.vision.image_size": 32, "train.steps": 2, "train.batch_size": 4, "train.eval_every": None,
     "data.eval_size": 2, "task.tokenizer_scenes": 20, "task.vocab_size": 300, "task.max_new_tokens": 6,
     "stages.text.data.train_size": 20,
@@ -213,6 +230,7 @@ def test_llava_shapes_trains_its_stages_and_writes_the_contract(tiny_llava: Path
     assert (tiny_llava / "pretrain" / "siglip_shapes" / "metrics.json").exists()
     model = vlkit.from_pretrained(tiny_llava / "model")
     assert isinstance(model, VisionLanguageModel) and model.tokenizer is not None
+    assert model.config.feature_layer == 2  # the recipe's override of the preset's last layer
     # The encoder is the contrastive run's tower, untouched by the frozen stages.
     tower = vlkit.from_pretrained(tiny_llava / "pretrain" / "siglip_shapes" / "model").image_encoder.state_dict()
     for name, tensor in model.encoder.state_dict().items():
@@ -390,12 +408,22 @@ def test_token_probe_reads_what_the_tokens_hold_and_probes_every_site(tiny_llava
     # The token of a centre: row-major cells of the grid, the image's right and bottom edges in the last cell.
     assert probe._cell((0.0, 0.0), (64, 64), 4) == 0 and probe._cell((64.0, 64.0), (64, 64), 4) == 15
     assert probe._cell((40.0, 10.0), (64, 64), 4) == 2 and probe._cell((10.0, 40.0), (64, 64), 8) == 41
+    # The centre probe: a linear function of the tokens is recovered (R^2 ~ 1), noise is not (R^2 <= ~0).
+    centre = torch.rand(400, 2, generator=generator)
+    linear = torch.cat([centre @ torch.randn(2, 6, generator=generator), noise[:, :2]], 1)
+    assert min(probe.probe_r2(linear[:300], centre[:300], linear[300:], centre[300:])) > 0.99
+    assert max(probe.probe_r2(noise[:300], centre[:300], noise[300:], centre[300:])) < 0.1
     out = tmp_path / "probe.json"
     probe.main(["--model", str(tiny_llava / "model"), "--out", str(out), "--train-scenes", "40", "--test-scenes", "20"])
     result = json.loads(out.read_text())
     depth = vlkit.from_pretrained(tiny_llava / "model").config.vision.depth
     assert set(result["accuracy"]) == {f"layer{k}" for k in range(depth + 1)} | {"bridge"}
     assert all(set(row) == set(probe.TARGETS) for row in result["accuracy"].values())
+    lm_depth = vlkit.from_pretrained(tiny_llava / "model").config.lm.depth
+    lm_sites = {f"lm_layer{k + 1}" for k in range(lm_depth)}
+    assert set(result["centre_r2"]) == set(result["accuracy"]) | lm_sites
+    assert all(set(row) == set(probe.CENTRE) for row in result["centre_r2"].values())
+    assert result["settings"]["referring_expressions"]["test"] > 0
     assert result["settings"]["train_objects"] > 0 and result["settings"]["test_objects"] > 0
 
 

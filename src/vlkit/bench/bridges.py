@@ -218,7 +218,9 @@ class BridgesBench(ClaimsBench):
         that stage fitted (a row must tokenize with it)."""
         llava = get_recipe(LLAVA)
         description = f"{LLAVA}' text stage alone: the LM the bridges bench shares."
-        recipe = dataclasses.replace(llava, name=f"{LLAVA}_text", description=description, stages=(_text_stage(llava),))
+        # The rows read the presets' feature layer, not llava_shapes' override (model_overrides={} there too).
+        recipe = dataclasses.replace(llava, name=f"{LLAVA}_text", description=description, model_overrides={},
+                                     stages=(_text_stage(llava),))  # fmt: skip
         self.run(LM_RUN, recipe)
         return InitFrom(str(self.run_dir(LM_RUN) / "model"), part="lm"), self.run_dir(LM_RUN) / "tokenizer.json"
 
@@ -238,7 +240,7 @@ class BridgesBench(ClaimsBench):
         stages[-1] = dataclasses.replace(last, train=dataclasses.replace(last.train, steps=INSTRUCT_STEPS))
         names = " + ".join(stage.name for stage in stages)
         return dataclasses.replace(
-            llava, name=f"bridges_{row.name}", model=row.preset, stages=tuple(stages),
+            llava, name=f"bridges_{row.name}", model=row.preset, model_overrides={}, stages=tuple(stages),
             description=f"{LLAVA}' stages ({names}) with the {row.label} bridge at M = {row.tokens}, on the image "
             "tower and LM the bridges bench shares.",
         )  # fmt: skip
@@ -347,7 +349,7 @@ def bridge_parameters(config: VLMConfig) -> int:
     if isinstance(bridge, QFormerConfig):
         bridge = bridge.replace(text_input=False)
     with torch.device("meta"):
-        module = build_bridge(bridge, config.vision.dim, config.lm.dim)
+        module = build_bridge(bridge, config.vision_feature_dim, config.lm.dim)
     return sum(parameter.numel() for parameter in module.parameters())
 
 

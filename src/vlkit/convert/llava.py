@@ -23,7 +23,7 @@ dtype unless ``dtype`` is given. (vlkit's CLIP and SigLIP towers hold no buffers
 device; ``_read`` checks that.)
 
 Options read: ``vision_config.model_type`` (``clip_vision_model`` / ``siglip_vision_model``),
-``vision_feature_layer`` (one int; a list of several layers, concatenated by newer transformers, is an error),
+``vision_feature_layer`` (one int, or a list of layers concatenated along the features as transformers does),
 ``vision_feature_select_strategy``, ``projector_hidden_act``, ``multimodal_projector_bias``, ``image_token_index``
 (or ``image_token_id``), ``tie_word_embeddings`` and ``text_config.model_type`` (``llama`` / ``qwen2``).
 """
@@ -165,14 +165,12 @@ def _fused_sizes(config: VLMConfig) -> dict[str, list[int]]:
 # --- config
 
 
-def _feature_layer(value: Any, where: str) -> int:
+def _feature_layer(value: Any, where: str) -> int | tuple[int, ...]:
+    """One int, or a list of layers (concatenated along the features); a list of one is that layer."""
     if isinstance(value, list | tuple):
-        if len(value) != 1:
-            raise ConversionError(
-                f"{where}: vision_feature_layer={list(value)} concatenates several hidden states, which vlkit's "
-                "VisionLanguageModel does not do (it reads one layer); use a checkpoint with a single int layer"
-            )
-        value = value[0]
+        if not value or len(set(value)) != len(value):
+            raise ConversionError(f"{where}: vision_feature_layer={list(value)} needs distinct layers, at least one")
+        return int(value[0]) if len(value) == 1 else tuple(int(layer) for layer in value)
     return int(value)
 
 
@@ -193,9 +191,10 @@ def config_from_hf(hf: dict[str, Any], where: str) -> VLMConfig:
     else:
         vit = siglip.vision_tower(vision, where, size, patch, pool="map" if vision["vision_use_head"] else "none")
     layer = _feature_layer(top["vision_feature_layer"], where)
-    if not -vit.depth - 1 <= layer <= vit.depth:
-        raise ConversionError(f"{where}: vision_feature_layer={layer} is outside the tower's hidden states "
-                              f"0..{vit.depth} (or -{vit.depth + 1}..-1)")  # fmt: skip
+    for index in (layer,) if isinstance(layer, int) else layer:
+        if not -vit.depth - 1 <= index <= vit.depth:
+            raise ConversionError(f"{where}: vision_feature_layer={index} is outside the tower's hidden states "
+                                  f"0..{vit.depth} (or -{vit.depth + 1}..-1)")  # fmt: skip
     strategy = top["vision_feature_select_strategy"]
     if strategy not in ("default", "full"):
         raise ConversionError(f"{where}: vision_feature_select_strategy={strategy!r}; known: 'default', 'full'")
@@ -301,6 +300,8 @@ def _problems(config: VLMConfig) -> list[str]:
         value = getattr(vision, key)
         if value not in (wanted if isinstance(wanted, tuple) else (wanted,)):
             problems.append(f"vision.{key}={value!r} ({family} towers have {wanted!r})")
+    if config.feature_layer is None:
+        problems.append("feature_layer=None (the tower's normed output; LLaVA reads hidden states)")
     if not isinstance(bridge, MLPBridgeConfig):
         problems.append(f"bridge {type(bridge).__name__}: LLaVA's projector is the two-layer MLP bridge")
     else:
@@ -346,7 +347,7 @@ def export(model: VisionLanguageModel) -> HFCheckpoint:
         "image_seq_length": model.tokens_per_image(),
         "projector_hidden_act": _PROJECTOR_ACTS_OUT[config.bridge.act],
         "multimodal_projector_bias": config.bridge.bias,
-        "vision_feature_layer": config.feature_layer,
+        "vision_feature_layer": list(config.feature_layers) if len(config.feature_layers) > 1 else config.feature_layer,
         "vision_feature_select_strategy": strategy(config),
         "tie_word_embeddings": config.lm.tie_embeddings,
     }

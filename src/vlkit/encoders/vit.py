@@ -172,14 +172,15 @@ class ViT(nn.Module):
         return tokens, grid
 
     def forward_features(
-        self, pixels: torch.Tensor | PackedImages, layer: int | None = None
+        self, pixels: torch.Tensor | PackedImages, layer: int | tuple[int, ...] | None = None
     ) -> EncoderOutput | PackedFeatures:
         """(B, 3, H, W) -> ``EncoderOutput`` (B, N, D); ``PackedImages`` -> ``PackedFeatures`` (S, L, D).
 
         With patch dropout in training, N counts the kept tokens, not the grid's h*w. ``layer`` returns an
         intermediate hidden state instead, numbered as transformers' ``hidden_states``: 0 is the embedding (after any
         pre-norm), k the output of block k, negative counts from the end; no final norm (what LLaVA's
-        ``vision_feature_layer`` selects).
+        ``vision_feature_layer`` selects). Several layers (a tuple) come concatenated along the features, in the
+        order given (B, N, D x layers), from one pass, as transformers' LLaVA does with a list.
         """
         if isinstance(pixels, PackedImages):
             if layer is not None:
@@ -192,13 +193,23 @@ class ViT(nn.Module):
         rope = self._grid_rope(grid, keep, tokens.device) if self.rope is not None else None
         tokens = self.norm_pre(tokens)
         depth = len(self.blocks)
-        if layer is not None and not -depth - 1 <= layer <= depth:
-            raise ValueError(f"layer {layer} is outside this ViT's hidden states 0..{depth} (or -{depth + 1}..-1)")
-        stop = depth if layer is None else layer % (depth + 1)
-        for block in self.blocks[:stop]:
+        layers = (layer,) if isinstance(layer, int) else layer or ()
+        if layer is not None and not layers:
+            raise ValueError("layer: an empty tuple of hidden states")
+        for index in layers:
+            if not -depth - 1 <= index <= depth:
+                raise ValueError(f"layer {index} is outside this ViT's hidden states 0..{depth} (or -{depth + 1}..-1)")
+        wanted = [index % (depth + 1) for index in layers]
+        hidden = {0: tokens} if 0 in wanted else {}  # only the requested states are kept
+        for k, block in enumerate(self.blocks[: max(wanted, default=depth)], start=1):
             tokens = block(tokens, rope=rope)
-        if layer is None and self.config.final_norm == "tokens":
-            tokens = self.norm(tokens)
+            if k in wanted:
+                hidden[k] = tokens
+        if layer is None:
+            if self.config.final_norm == "tokens":
+                tokens = self.norm(tokens)
+        else:
+            tokens = torch.cat([hidden[k] for k in wanted], dim=-1) if len(wanted) > 1 else hidden[wanted[0]]
         return EncoderOutput(tokens, grid, self.num_prefix_tokens)
 
     def forward_head(self, features: EncoderOutput | PackedFeatures) -> torch.Tensor:

@@ -52,24 +52,25 @@ __all__ = ["QFormerHeads", "VLMConfig", "VisionLanguageModel"]
 @dataclass(frozen=True)
 class VLMConfig(ConfigBase):
     """``feature_layer``: the encoder hidden state the bridge reads (transformers' numbering: -1 the last block's
-    output, -2 the one before, as LLaVA-1.5; no final norm); None: the encoder's output, final norm included (BLIP-2
-    reads the vision model's ``last_hidden_state``). ``keep_class_token``: LLaVA's "full" feature strategy
-    (default: "default", patch tokens only). ``image_token_id``: the placeholder id in the LM's vocabulary.
-    ``chat_template``: the ``vlkit.text.chat`` template prompts are rendered with (eval, chat). ``embed_dim``: the
-    width of BLIP-2's stage-1 image-text contrastive space; set, the model holds ``QFormerHeads`` (a Q-Former bridge
-    with text input only). ``image_attention``: ``"causal"`` (LLaVA, BLIP-2, Qwen-VL: the LM is causal throughout) or
-    ``"bidirectional"`` (Gemma 3, Gemma Team, 2025: the tokens of one image, a contiguous run of placeholders, see
-    each other in both directions; text stays causal). ``image_newline``: LLaVA-NeXT's learned separator (Liu et al.,
-    2024, "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge") after each row of a per-token bridge's output
-    grid, so that the LM sees where each row of the image ends: an image of R x C tokens takes R x (C + 1)
-    placeholders."""
+    output, -2 the one before, as LLaVA-1.5; no final norm); a tuple of several: those states concatenated along the
+    features, in that order (transformers' LLaVA with a list of layers; the bridge reads D_vis x layers); None: the
+    encoder's output, final norm included (BLIP-2 reads the vision model's ``last_hidden_state``).
+    ``keep_class_token``: LLaVA's "full" feature strategy (default: "default", patch tokens only).
+    ``image_token_id``: the placeholder id in the LM's vocabulary. ``chat_template``: the ``vlkit.text.chat``
+    template prompts are rendered with (eval, chat). ``embed_dim``: the width of BLIP-2's stage-1 image-text
+    contrastive space; set, the model holds ``QFormerHeads`` (a Q-Former bridge with text input only).
+    ``image_attention``: ``"causal"`` (LLaVA, BLIP-2, Qwen-VL: the LM is causal throughout) or ``"bidirectional"``
+    (Gemma 3, Gemma Team, 2025: the tokens of one image, a contiguous run of placeholders, see each other in both
+    directions; text stays causal). ``image_newline``: LLaVA-NeXT's learned separator (Liu et al., 2024,
+    "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge") after each row of a per-token bridge's output grid,
+    so that the LM sees where each row of the image ends: an image of R x C tokens takes R x (C + 1) placeholders."""
 
     kind: ClassVar[str] = "vlm"
 
     vision: ViTConfig | ConvNeXtConfig
     bridge: BridgeConfig
     lm: LMConfig
-    feature_layer: int | None = -1
+    feature_layer: int | tuple[int, ...] | None = -1
     keep_class_token: bool = False
     image_token_id: int = 32000
     chat_template: str = "vicuna_v1"
@@ -78,6 +79,14 @@ class VLMConfig(ConfigBase):
     image_newline: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.feature_layer, list):  # from a --set override or hand-written JSON
+            object.__setattr__(self, "feature_layer", tuple(self.feature_layer))
+        if isinstance(self.feature_layer, tuple) and (
+            not self.feature_layer or len(set(self.feature_layer)) != len(self.feature_layer)
+        ):
+            raise ValueError(
+                f"feature_layer: several layers must be distinct and at least one, got {self.feature_layer}"
+            )
         if self.image_attention not in ("causal", "bidirectional"):
             raise ValueError(f"image_attention must be 'causal' or 'bidirectional', got {self.image_attention!r}")
         if not isinstance(self.vision, ViTConfig):
@@ -85,6 +94,11 @@ class VLMConfig(ConfigBase):
         if not 0 <= self.image_token_id < self.lm.vocab_size:
             raise ValueError(f"image_token_id {self.image_token_id} is outside the LM vocabulary "
                              f"({self.lm.vocab_size})")  # fmt: skip
+        depth = self.vision.depth
+        for layer in self.feature_layers:
+            if not -depth - 1 <= layer <= depth:
+                raise ValueError(f"feature_layer {layer} is outside the ViT's hidden states 0..{depth} "
+                                 f"(or -{depth + 1}..-1)")  # fmt: skip
         if self.keep_class_token and not self.vision.class_token:
             raise ValueError("keep_class_token needs a ViT with a class token")
         if self.embed_dim is not None and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input):
@@ -93,6 +107,17 @@ class VLMConfig(ConfigBase):
                                        and not self.keep_class_token):  # fmt: skip
             raise ValueError("image_newline (LLaVA-NeXT's row separator) needs a per-token bridge (linear or MLP) "
                              "over the patch tokens alone (keep_class_token=False)")  # fmt: skip
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The hidden states the bridge reads, as a tuple (empty for the encoder's output)."""
+        layer = self.feature_layer
+        return () if layer is None else (layer,) if isinstance(layer, int) else layer
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """The width of the tokens the bridge reads: D_vis, times the number of concatenated hidden states."""
+        return self.vision.dim * max(len(self.feature_layers), 1)
 
 
 class QFormerHeads(nn.Module):
@@ -120,7 +145,7 @@ class VisionLanguageModel(PretrainedModel):
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.vision)
-        self.bridge = build_bridge(config.bridge, config.vision.dim, config.lm.dim)
+        self.bridge = build_bridge(config.bridge, config.vision_feature_dim, config.lm.dim)
         self.lm = DecoderLM(config.lm)
         self.qformer_heads = (
             QFormerHeads(config.bridge.dim, config.embed_dim)  # type: ignore[union-attr]

@@ -74,6 +74,7 @@ def honeybee_c_shapes() -> Recipe:
         description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
         "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
         model="shapes_honeybee_c",
+        model_overrides={},  # the abstractors read the tower's last layer, as measured
     )
 
 
@@ -85,4 +86,5 @@ def honeybee_d_shapes() -> Recipe:
         description="Honeybee with the D-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
         "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
         model="shapes_honeybee_d",
+        model_overrides={},  # the abstractors read the tower's last layer, as measured
     )
