@@ -11,7 +11,7 @@ Where a box is read: ridge-regression probes (R^2 on the test scenes) for the ob
 of the image side, from the same tokens; and from the language model's hidden state after each of its layers at the
 token before the first digit of a teacher-forced grounding answer (``<ref>the red star</ref><box>(x1,...``, one
 referring expression per scene), for the referred object's centre: what the LM has gathered from the image when it
-writes x1. README, "Why grounding comes last for the MLP bridge", reads ``llava_shapes``' boxes against this. Writes
+writes x1. README, "Where the column is lost", reads ``llava_shapes``' boxes against this. Writes
 ``--out`` (JSON).
 
     python bench/vlm_token_probe.py --model RUN/model --out token_probe.json
