@@ -347,7 +347,7 @@ def export(model: VisionLanguageModel) -> HFCheckpoint:
         "image_seq_length": model.tokens_per_image(),
         "projector_hidden_act": _PROJECTOR_ACTS_OUT[config.bridge.act],
         "multimodal_projector_bias": config.bridge.bias,
-        "vision_feature_layer": list(config.feature_layers) if len(config.feature_layers) > 1 else config.feature_layer,
+        "vision_feature_layer": list(layer) if isinstance(layer := config.feature_layer, tuple) else layer,
         "vision_feature_select_strategy": strategy(config),
         "tie_word_embeddings": config.lm.tie_embeddings,
     }

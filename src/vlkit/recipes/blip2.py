@@ -33,7 +33,7 @@ from vlkit.recipes.vlm import (
     FROZEN_LM,
     SHAPES_TOWER,
     TEXT_BUDGET,
-    llava_shapes,
+    llava_stages,
 )
 from vlkit.tasks.qformer import QFormerPretraining
 from vlkit.tasks.vlm import VisionLanguage
@@ -69,22 +69,20 @@ def blip2_shapes() -> Recipe:
 @register_recipe
 def honeybee_c_shapes() -> Recipe:
     return dataclasses.replace(
-        llava_shapes(),
+        llava_stages(),
         name="honeybee_c_shapes",
         description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
         "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
         model="shapes_honeybee_c",
-        model_overrides={},  # the abstractors read the tower's last layer, as measured
     )
 
 
 @register_recipe
 def honeybee_d_shapes() -> Recipe:
     return dataclasses.replace(
-        llava_shapes(),
+        llava_stages(),
         name="honeybee_d_shapes",
         description="Honeybee with the D-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
         "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
         model="shapes_honeybee_d",
-        model_overrides={},  # the abstractors read the tower's last layer, as measured
     )
