@@ -2,9 +2,10 @@
 
 The steps are ``bench/train_step.py``'s (forward, loss, backward, fused AdamW, ``zero_grad``) for ``clip`` (CLIP
 ViT-B/16, batch 16), ``shapes`` (``shapes_siglip``, batch 128) and ``convnext`` (ConvNeXt-T classifier, batch 16),
-and ``llava`` (``shapes_llava``'s instruct step: tower frozen, the loss at the targets only, batch 32 of
-``LLAVA_LENGTH`` tokens, 64 of them the image's), in fp32 and under bf16 autocast, on the CPU and on CUDA when there
-is one.
+``llava`` (``llava_shapes``' instruct step: ``shapes_llava`` reading the tower's layer 2, tower frozen, the loss at
+the targets only, batch 32 of ``LLAVA_LENGTH`` tokens, 64 of them the image's) and ``honeybee`` (``honeybee_c_shapes``'
+instead: the C-Abstractor's 16 image tokens, the same text), in fp32 and under bf16 autocast, on the CPU and on CUDA
+when there is one.
 
 Attribution. Every op's self time is counted once:
 
@@ -20,7 +21,7 @@ Attribution. Every op's self time is counted once:
 On CUDA the times are device (kernel) times of the ops instead of CPU times. Writes ``DIR/<model>_<precision>_<device>
 .{md,json}`` and ``DIR/summary.md`` (shares side by side).
 
-    python bench/profile_step.py --out bench/results/profile [--models clip,shapes,convnext,llava]
+    python bench/profile_step.py --out bench/results/profile [--models clip,shapes,convnext,llava,honeybee]
         [--precisions fp32,bf16]
 """
 
@@ -107,6 +108,9 @@ def module_groups(model: nn.Module) -> dict[str, str]:
         if leaf in ("patch_embed", "stem") or (leaf == "downsample" and not isinstance(module, nn.Identity)):
             group = "patch embed / stem" if leaf != "downsample" else "downsample"
             whole.append(name)
+        elif name == "bridge":  # a VLM's bridge, whole
+            group = "bridge"
+            whole.append(name)
         elif isinstance(module, nn.LayerNorm | nn.GroupNorm | RMSNorm):
             group = "norms"
             whole.append(name)
@@ -185,6 +189,7 @@ MODELS: dict[str, tuple[Forward, Loss]] = {
         lambda out, _: out.loss,
     ),
 }
+MODELS["honeybee"] = MODELS["llava"]
 # The llava_shapes instruct batches: ~145 tokens padded (64 image tokens, a four-turn conversation), ~130 real, a
 # sixth of the positions trained on (bench/results/vlm_step.json measured 142-148, 127-132 and 0.17).
 LLAVA_LENGTH, LLAVA_TRAINED = 145, 0.17
@@ -268,8 +273,8 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, ts.Batch]:
     if name == "shapes":
         model = vlkit.create_model("shapes_siglip")
         return model, ts.make_shapes_batch(model.config, args.shapes_batch)
-    if name == "llava":
-        return _llava(args.llava_batch)
+    if name in ("llava", "honeybee"):
+        return _vlm("shapes_llava" if name == "llava" else "shapes_honeybee_c", args.llava_batch)
     size = args.convnext_size
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.convnext_batch, 3, size.image_size, size.image_size, generator=generator)
@@ -277,20 +282,21 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, ts.Batch]:
     return ts.build_vlkit_convnext(size), {"pixels": pixels, "labels": labels}
 
 
-def _llava(batch_size: int) -> tuple[nn.Module, ts.Batch]:
-    """``shapes_llava`` with random weights, its tower frozen as in the instruct stage, and a batch shaped like that
-    stage's: the image's placeholder tokens after one prompt token, right-padded rows, targets at a sixth of the real
-    positions."""
-    model = vlkit.create_model("shapes_llava")
+def _vlm(preset: str, batch_size: int) -> tuple[nn.Module, ts.Batch]:
+    """``preset`` with random weights reading the tower's layer 2 as the recipes do, its tower frozen as in the
+    instruct stage, and a batch shaped like that stage's: the image's placeholder tokens after one prompt token, the
+    text of ``LLAVA_LENGTH`` less 64 image tokens, right-padded rows, targets at a sixth of the real positions."""
+    model = vlkit.create_model(preset, feature_layer=2)
     for parameter in model.encoder.parameters():
         parameter.requires_grad_(False)
     config, generator = model.config, torch.Generator().manual_seed(0)
     image_tokens = model.tokens_per_image()
-    ids = torch.randint(4, config.lm.vocab_size, (batch_size, LLAVA_LENGTH), generator=generator)
+    length = LLAVA_LENGTH - 64 + image_tokens
+    ids = torch.randint(4, config.lm.vocab_size, (batch_size, length), generator=generator)
     ids[:, 1 : 1 + image_tokens] = config.image_token_id
-    lengths = torch.randint(LLAVA_LENGTH - 30, LLAVA_LENGTH + 1, (batch_size,), generator=generator)
-    lengths[0] = LLAVA_LENGTH
-    real = torch.arange(LLAVA_LENGTH)[None] < lengths[:, None]
+    lengths = torch.randint(length - 30, length + 1, (batch_size,), generator=generator)
+    lengths[0] = length
+    real = torch.arange(length)[None] < lengths[:, None]
     ids[~real] = config.lm.pad_token_id
     trained = real & (torch.rand(ids.shape, generator=generator) < LLAVA_TRAINED)
     trained[:, : 1 + image_tokens] = False

@@ -80,14 +80,22 @@ def test_profile_step_quick_attributes_every_op_once(tmp_path: Path) -> None:
         assert "| MLP linears |" in markdown and "aten::" in markdown
 
 
-def test_profile_step_quick_profiles_the_llava_instruct_step(tmp_path: Path) -> None:
-    _run("profile_step.py", "--quick", "--models", "llava", "--precisions", "bf16", "--out", str(tmp_path))
-    result = json.loads((tmp_path / "llava_bf16_cpu.json").read_text())
-    assert sum(result["kinds_ms"].values()) == pytest.approx(result["total_ms"])
-    groups = result["groups_ms"]
-    # The language model's blocks are scoped like the towers': its matmuls and attention, forward and backward.
-    for group in ("MLP linears", "attention qkv/out projections", "attention core (SDPA, reshapes)"):
-        assert groups[group]["forward"] > 0 and groups[group]["backward"] > 0
-    assert groups["optimizer"]["optimizer"] > 0
-    # The tower is frozen, as in the instruct stage: only the bridge's and the LM's parameters train.
-    assert result["parameters"] > result["trained_parameters"] > 0
+def test_profile_step_quick_profiles_the_vlm_instruct_steps(tmp_path: Path) -> None:
+    _run("profile_step.py", "--quick", "--models", "llava,honeybee", "--precisions", "bf16", "--out", str(tmp_path))
+    for name in ("llava", "honeybee"):
+        result = json.loads((tmp_path / f"{name}_bf16_cpu.json").read_text())
+        assert sum(result["kinds_ms"].values()) == pytest.approx(result["total_ms"])
+        groups = result["groups_ms"]
+        # The language model's blocks are scoped like the towers': its matmuls and attention, forward and backward.
+        for group in ("MLP linears", "attention qkv/out projections", "attention core (SDPA, reshapes)"):
+            assert groups[group]["forward"] > 0 and groups[group]["backward"] > 0, (name, group)
+        assert groups["optimizer"]["optimizer"] > 0
+        # The bridge is one group, trained (forward and backward) where the tower is frozen.
+        assert groups["bridge"]["forward"] > 0 and groups["bridge"]["backward"] > 0, name
+        # Only the bridge's and the LM's parameters train.
+        assert result["parameters"] > result["trained_parameters"] > 0
+    # The C-Abstractor's convolutions are its own: in its bridge group, absent from the MLP bridge's.
+    honeybee = json.loads((tmp_path / "honeybee_bf16_cpu.json").read_text())
+    llava = json.loads((tmp_path / "llava_bf16_cpu.json").read_text())
+    assert honeybee["group_kinds_ms"]["bridge"].get("convolution", 0) > 0
+    assert llava["group_kinds_ms"]["bridge"].get("convolution", 0) == 0

@@ -173,7 +173,9 @@ TINY_BLIP2 = {
     **TINY, "model.bridge.dim": 32, "model.bridge.depth": 2, "model.bridge.num_heads": 2, "model.bridge.mlp_dim": 64,
     "model.bridge.num_queries": 4, "model.bridge.vocab_size": 300, "model.embed_dim": 16,
 }  # fmt: skip
-TINY_HONEYBEE = {**TINY, "model.bridge.dim": 32, "model.bridge.depth": 1, "model.bridge.num_queries": 4}
+# The tiny tower has one block: the recipe's layer 2 (llava_shapes') is read as layer 1 here.
+TINY_HONEYBEE = {**TINY, "model.bridge.dim": 32, "model.bridge.depth": 1, "model.bridge.num_queries": 4,
+                 "model.feature_layer": 1}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +235,8 @@ def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path
     assert set(metrics["stages"]) == {"text", "align", "instruct"}
     model = vlkit.from_pretrained(out / "model")
     assert model.config.bridge.kind == "c_abstractor" and model.tokens_per_image() == 4
-    assert model.config.feature_layer == -1  # llava_shapes' layer override is not inherited
+    assert model.config.feature_layer == 1  # TINY_HONEYBEE's stand-in for the recipe's layer 2
+    for name in ("honeybee_c_shapes", "honeybee_d_shapes"):  # llava_shapes' layer override, inherited
+        assert get_recipe(name).model_overrides == get_recipe("llava_shapes").model_overrides == {"feature_layer": 2}
     assert get_recipe("honeybee_d_shapes").model == "shapes_honeybee_d"
     assert vlkit.get_config("shapes_honeybee_d").bridge.num_queries == 16

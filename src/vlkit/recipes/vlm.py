@@ -16,13 +16,12 @@ small Llama-style LM):
   does, 0.904 / 0.45 at 1200 steps and 0.915 / 0.60 at 1800 (README, "Where the column is lost"). The demo and the
   bridges bench train fewer to fit their time budgets.
 
-The model is ``shapes_llava`` with one override, ``feature_layer=2``; ``llava_stages`` is the recipe without it, which
-the Honeybee recipes and the bridges bench build on (they read the preset's last layer, as they were measured).
+The model is ``shapes_llava`` with one override, ``feature_layer=2``, which the Honeybee recipes (this recipe with
+another bridge) inherit; the bridges bench clears it, so that its rows read the presets' last layer as they were
+measured.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from vlkit.data.specs import ShapesInstructions, ShapesText
 from vlkit.recipes.base import InitFrom, Recipe, Stage, register_recipe
@@ -45,14 +44,17 @@ INSTRUCT_BUDGET = TrainConfig(steps=1800, batch_size=32, lr=1e-3, weight_decay=0
 CAPTIONS = ShapesInstructions(SHAPES_DATA, kinds=("caption",), turns=1)
 
 
-def llava_stages() -> Recipe:
-    """LLaVA's three stages on ``shapes_llava`` as the preset is (the tower's last layer): what ``llava_shapes``
-    overrides, and what the Honeybee recipes and the bridges bench build on, as they were measured."""
+@register_recipe
+def llava_shapes() -> Recipe:
     return Recipe(
         name="llava_shapes",
         description="LLaVA on ShapesWorld: LM on ShapesWorld text, then the bridge on captions (feature alignment), "
         "then bridge + LM on the instruction mix (VQA of every kind, captions, grounding with boxes).",
         model="shapes_llava",
+        # The tower's layer 2 of 4: its tokens are still about their own object, where layer 4's carry the whole
+        # scene and the LM, matching the referred object against them, finds it everywhere (README, "Where the
+        # column is lost").
+        model_overrides={"feature_layer": 2},
         task=VisionLanguage(),
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
@@ -74,10 +76,3 @@ def llava_stages() -> Recipe:
             Stage(INSTRUCT_BUDGET, name="instruct", rules=(FROZEN_ENCODER,)),
         ),
     )
-
-
-@register_recipe
-def llava_shapes() -> Recipe:
-    # The tower's layer 2 of 4: its tokens are still about their own object, where layer 4's carry the whole scene
-    # and the LM, matching the referred object against them, finds it everywhere (README, "Where the column is lost").
-    return dataclasses.replace(llava_stages(), model_overrides={"feature_layer": 2})
