@@ -72,8 +72,9 @@ def honeybee_c_shapes() -> Recipe:
     return dataclasses.replace(
         llava_shapes(),
         name="honeybee_c_shapes",
-        description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
-        "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
+        description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens) reading the tower's layer 2: "
+        "llava_shapes' stages, LM on ShapesWorld text, then the bridge on captions, then bridge + LM on the "
+        "instruction mix.",
         model="shapes_honeybee_c",
     )
 
@@ -83,7 +84,8 @@ def honeybee_d_shapes() -> Recipe:
     return dataclasses.replace(
         llava_shapes(),
         name="honeybee_d_shapes",
-        description="Honeybee with the D-Abstractor on ShapesWorld (16 bridge tokens): llava_shapes' stages, LM on "
-        "ShapesWorld text, then the bridge on captions, then bridge + LM on the instruction mix.",
+        description="Honeybee with the D-Abstractor on ShapesWorld (16 bridge tokens) reading the tower's layer 2: "
+        "llava_shapes' stages, LM on ShapesWorld text, then the bridge on captions, then bridge + LM on the "
+        "instruction mix.",
         model="shapes_honeybee_d",
     )
