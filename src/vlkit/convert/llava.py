@@ -192,9 +192,10 @@ def config_from_hf(hf: dict[str, Any], where: str) -> VLMConfig:
         vit = siglip.vision_tower(vision, where, size, patch, pool="map" if vision["vision_use_head"] else "none")
     layer = _feature_layer(top["vision_feature_layer"], where)
     for index in (layer,) if isinstance(layer, int) else layer:
-        if not -vit.depth - 1 <= index <= vit.depth:
-            raise ConversionError(f"{where}: vision_feature_layer={index} is outside the tower's hidden states "
-                                  f"0..{vit.depth} (or -{vit.depth + 1}..-1)")  # fmt: skip
+        try:
+            vit.hidden_state(index, f"vision_feature_layer={index}")
+        except ValueError as error:
+            raise ConversionError(f"{where}: {error}") from None
     strategy = top["vision_feature_select_strategy"]
     if strategy not in ("default", "full"):
         raise ConversionError(f"{where}: vision_feature_select_strategy={strategy!r}; known: 'default', 'full'")

@@ -106,6 +106,13 @@ class ViTConfig(ConfigBase):
         height, width = _pair(self.image_size)
         return height // self.patch_size, width // self.patch_size
 
+    def hidden_state(self, layer: int, what: str) -> int:
+        """``layer`` in transformers' ``hidden_states`` numbering (0 the embedding, k block k's output, negative from
+        the end) as 0..depth; ``what`` names it in the error when the tower has no such state."""
+        if not -self.depth - 1 <= layer <= self.depth:
+            raise ValueError(f"{what} is outside the tower's hidden states 0..{self.depth} (or -{self.depth + 1}..-1)")
+        return layer % (self.depth + 1)
+
 
 class ViT(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
@@ -196,10 +203,7 @@ class ViT(nn.Module):
         layers = (layer,) if isinstance(layer, int) else layer or ()
         if layer is not None and not layers:
             raise ValueError("layer: an empty tuple of hidden states")
-        for index in layers:
-            if not -depth - 1 <= index <= depth:
-                raise ValueError(f"layer {index} is outside this ViT's hidden states 0..{depth} (or -{depth + 1}..-1)")
-        wanted = [index % (depth + 1) for index in layers]
+        wanted = [self.config.hidden_state(index, f"layer {index}") for index in layers]
         hidden = {0: tokens} if 0 in wanted else {}  # only the requested states are kept
         for k, block in enumerate(self.blocks[: max(wanted, default=depth)], start=1):
             tokens = block(tokens, rope=rope)

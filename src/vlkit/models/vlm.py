@@ -94,11 +94,8 @@ class VLMConfig(ConfigBase):
         if not 0 <= self.image_token_id < self.lm.vocab_size:
             raise ValueError(f"image_token_id {self.image_token_id} is outside the LM vocabulary "
                              f"({self.lm.vocab_size})")  # fmt: skip
-        depth = self.vision.depth
         for layer in self.feature_layers:
-            if not -depth - 1 <= layer <= depth:
-                raise ValueError(f"feature_layer {layer} is outside the ViT's hidden states 0..{depth} "
-                                 f"(or -{depth + 1}..-1)")  # fmt: skip
+            self.vision.hidden_state(layer, f"feature_layer {layer}")
         if self.keep_class_token and not self.vision.class_token:
             raise ValueError("keep_class_token needs a ViT with a class token")
         if self.embed_dim is not None and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input):
