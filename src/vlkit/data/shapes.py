@@ -505,20 +505,8 @@ def _questions(config: ShapesConfig, split: Split, objects: list[ShapesObject], 
             questions.append(QA(f"what letter is on the {name}?", item.letter, "letter"))
 
     names = {id(o): _unique_phrase(o, objects, _NAME_OPTIONS) for o in objects}
-    for first in range(len(objects)):
-        for second in range(first + 1, len(objects)):
-            a, b = objects[first], objects[second]
-            if rng.random() < 0.5:
-                a, b = b, a
-            if not (names[id(a)] and names[id(b)]):
-                continue
-            for relation in ("left of", "above"):
-                if not (_RELATIONS[relation](a, b) or _RELATIONS[_OPPOSITE[relation]](a, b)):
-                    continue
-                # Asking the true relation or its opposite at random keeps yes/no balanced.
-                asked = relation if rng.random() < 0.5 else _OPPOSITE[relation]
-                answer = "yes" if _RELATIONS[asked](a, b) else "no"
-                questions.append(QA(f"is the {names[id(a)]} {asked} the {names[id(b)]}?", answer, "relation"))
+    for a, asked, b, answer in _pairwise_relations(objects, names, rng):
+        questions.append(QA(f"is the {names[id(a)]} {asked} the {names[id(b)]}?", answer, "relation"))
     for anchor, relation, target in _unique_neighbours(objects, names):
         answer = f"{target.colour} {target.shape}"
         questions.append(QA(f"what is {relation} the {names[id(anchor)]}?", answer, "relation"))
@@ -535,10 +523,33 @@ def _questions(config: ShapesConfig, split: Split, objects: list[ShapesObject], 
     return questions
 
 
+def _pairwise_relations(
+    objects: list[ShapesObject], names: Mapping[int, str | None], rng: np.random.Generator
+) -> list[tuple[ShapesObject, str, ShapesObject, str]]:
+    """(a, relation, b, "yes" / "no") for each pair of nameable objects, in a random order, and each axis on which
+    their boxes are separated; the relation asked is the true one or its opposite at random, so that the yes / no
+    answers are balanced."""
+    found = []
+    for first in range(len(objects)):
+        for second in range(first + 1, len(objects)):
+            a, b = objects[first], objects[second]
+            if rng.random() < 0.5:
+                a, b = b, a
+            if not (names[id(a)] and names[id(b)]):
+                continue
+            for relation in ("left of", "above"):
+                if not (_RELATIONS[relation](a, b) or _RELATIONS[_OPPOSITE[relation]](a, b)):
+                    continue  # the boxes overlap on this axis: neither relation is beyond dispute
+                asked = relation if rng.random() < 0.5 else _OPPOSITE[relation]
+                found.append((a, asked, b, "yes" if _RELATIONS[asked](a, b) else "no"))
+    return found
+
+
 def _unique_neighbours(
     objects: list[ShapesObject], names: Mapping[int, str | None]
 ) -> list[tuple[ShapesObject, str, ShapesObject]]:
-    """(anchor, relation, target) where target is the only object on that side of a nameable anchor."""
+    """(anchor, relation, target) where target is the only object on that side of a nameable anchor, even by its
+    centre, and clearly (their boxes separated)."""
     found = []
     for anchor in objects:
         if not names[id(anchor)]:

@@ -31,16 +31,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlkit.data.shapes import (
-    _CENTRE_SIDE,
-    _OPPOSITE,
-    _RELATIONS,
     ShapesConfig,
     ShapesObject,
     ShapesSample,
     Split,
     _article,
     _check_split,
+    _pairwise_relations,
     _plural,
+    _unique_neighbours,
     _unique_phrase,
     allowed_combos,
     class_index,
@@ -171,32 +170,13 @@ def _attribute_items(objects: list[ShapesObject]) -> list[InstructionItem]:
 def _spatial_items(objects: list[ShapesObject], rng: np.random.Generator) -> list[InstructionItem]:
     names = {id(o): _unique_phrase(o, objects, _OBJECT_NAMES) for o in objects}
     items: list[InstructionItem] = []
-    for first in range(len(objects)):
-        for second in range(first + 1, len(objects)):
-            a, b = objects[first], objects[second]
-            if rng.random() < 0.5:
-                a, b = b, a
-            if not (names[id(a)] and names[id(b)]):
-                continue
-            for relation in ("left of", "above"):
-                if not (_RELATIONS[relation](a, b) or _RELATIONS[_OPPOSITE[relation]](a, b)):
-                    continue  # the boxes overlap on this axis: neither relation is beyond dispute
-                # Asking the true relation or its opposite at random keeps the yes/no answers balanced.
-                asked = relation if rng.random() < 0.5 else _OPPOSITE[relation]
-                answer = "yes" if _RELATIONS[asked](a, b) else "no"
-                items.append(InstructionItem("spatial", f"is the {names[id(a)]} {asked} the {names[id(b)]}?", answer))
-    for anchor in objects:
-        if not names[id(anchor)]:
-            continue
-        others = [o for o in objects if o is not anchor]
-        for relation, holds in _RELATIONS.items():
-            # Only when one object lies on that side even by its centre, and clearly (boxes separated).
-            by_centre = [o for o in others if _CENTRE_SIDE[relation](o, anchor)]
-            if len(by_centre) == 1 and holds(by_centre[0], anchor):
-                target, anchor_name = by_centre[0], names[id(anchor)]
-                items.append(InstructionItem("spatial", f"what shape is {relation} the {anchor_name}?", target.shape))
-                question = f"what colour is the shape {relation} the {anchor_name}?"
-                items.append(InstructionItem("spatial", question, target.colour))
+    for a, asked, b, answer in _pairwise_relations(objects, names, rng):
+        items.append(InstructionItem("spatial", f"is the {names[id(a)]} {asked} the {names[id(b)]}?", answer))
+    for anchor, relation, target in _unique_neighbours(objects, names):
+        anchor_name = names[id(anchor)]
+        items.append(InstructionItem("spatial", f"what shape is {relation} the {anchor_name}?", target.shape))
+        question = f"what colour is the shape {relation} the {anchor_name}?"
+        items.append(InstructionItem("spatial", question, target.colour))
     return items
 
 
