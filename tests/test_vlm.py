@@ -28,12 +28,15 @@ from vlkit.tasks.vlm import (
     VisionLanguage,
     VLMEvaluation,
     _collate,
+    _Question,
     _step,
+    answer_is_right,
     answer_weights,
     decode_answer,
+    shapes_chat_tokenizer,
 )
 from vlkit.text import train_tokenizer
-from vlkit.text.chat import IGNORE_INDEX
+from vlkit.text.chat import IGNORE_INDEX, Conversation, Turn, end_of_answer_ids, get_template, tokenize_conversation
 
 
 def _model(seed: int = 0, **overrides: Any) -> VisionLanguageModel:
@@ -272,7 +275,7 @@ def test_instruction_samples_train_on_the_answers_only(tiny_llava: Path) -> None
     eos = model.tokenizer.eos_token_id
     turns = trained.count(eos)  # one end-of-turn per answer
     assert 1 <= turns <= recipe.data.turns
-    answers = decode_answer(model.tokenizer, trained, eos_id=-1).replace("<eos>", "|")
+    answers = decode_answer(model.tokenizer, trained, stop_ids=()).replace("<eos>", "|")
     assert len([a for a in answers.split("|") if a.strip()]) == turns
     assert "user" not in answers and "assistant" not in answers
     RunContext(recipe, tiny_llava)  # the recipe's data spec is what the dataset read
@@ -360,9 +363,9 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
     sample = dataset[len(plain)]  # the first described conversation
     ids, labels = sample["input_ids"], sample["labels"]
     assert model.config.image_token_id not in ids.tolist()
-    text = decode_answer(model.tokenizer, ids.tolist(), eos_id=-1)
+    text = decode_answer(model.tokenizer, ids.tolist(), stop_ids=())
     assert shapes.generate(SHAPES_DATA, "train", 0).captions[0] in text
-    trained = decode_answer(model.tokenizer, ids[labels != IGNORE_INDEX].tolist(), eos_id=-1)
+    trained = decode_answer(model.tokenizer, ids[labels != IGNORE_INDEX].tolist(), stop_ids=())
     assert trained.count("<eos>") == 2 and "user" not in trained and "assistant" not in trained
 
 
@@ -373,7 +376,7 @@ def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Pat
 
     def asked_before_image(ids: torch.Tensor) -> bool:
         ids_list = ids.tolist()
-        before = decode_answer(model.tokenizer, ids_list[: ids_list.index(image)], eos_id=-1)
+        before = decode_answer(model.tokenizer, ids_list[: ids_list.index(image)], stop_ids=())
         return before.replace("<bos>", "").strip() != "user:"  # more than the template's opening
 
     layouts = {}
@@ -454,3 +457,33 @@ def test_oracle_tower_hands_the_bridge_each_patch_object(tiny_llava: Path, monke
     with torch.no_grad():
         tokens = model.embed_image(question.pixels[None]).tokens
     assert tokens.shape == (1, model.tokens_per_image(), model.config.lm.dim)
+
+
+@pytest.mark.parametrize("template", ["shapes", "chatml", "vicuna_v1"])
+def test_an_answer_ends_where_training_ended_it(template: str) -> None:
+    """The evaluation stops and cuts an answer at the ids training put after it (the template's end of turn), so a
+    perfectly trained answer, followed by whatever the model writes next, decodes to exactly the answer."""
+    tokenizer = shapes_chat_tokenizer(shapes.ShapesConfig(), template, 30, 512, 512)
+    chat = get_template(template)
+    conversation = Conversation([Turn("user", "<image>how many shapes are there?"), Turn("assistant", "3")], ["x"])
+    ids, labels = tokenize_conversation(conversation, template, tokenizer, "<image>", 2)
+    trained = [int(token) for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    following = tokenizer.backend.encode(chat.assistant_suffix + chat.user_prefix + "what", add_special_tokens=False)
+    stop_ids = end_of_answer_ids(template, tokenizer)
+    assert trained[-1] in stop_ids
+    assert decode_answer(tokenizer, trained + following.ids, stop_ids) == "3"
+
+
+def test_answers_are_marked_right_as_the_metrics_score_them() -> None:
+    box = (468, 343, 703, 562)
+    sample = shapes.generate(SHAPES_DATA, "test", 0)
+
+    def question(kind: str, answer: str, target: tuple[int, int, int, int] | None = None) -> _Question:
+        return _Question("test", kind, "?", answer, target, list(sample.objects), sample.image, torch.zeros(1), None)
+
+    grounding = question("grounding", "<ref>the red star</ref><box>(468,343),(703,562)</box>", box)
+    # The BPE decodes a right box with spaces inside the tags: still right, as its IoU of 1 says.
+    assert answer_is_right(grounding, "<ref> the red star</ref><box> (468,343),(703,562)</box>")
+    assert not answer_is_right(grounding, "<ref> the red star</ref><box> (0,0),(100,100)</box>")
+    assert answer_is_right(question("colour", "red"), "Red.") and not answer_is_right(question("colour", "red"), "")
+    assert answer_is_right(question("caption", sample.captions[0]), sample.captions[0])

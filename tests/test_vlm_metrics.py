@@ -23,6 +23,10 @@ from vlkit.eval.vqa import normalise_answer, vqa_accuracy
         ("a circle", "circle"),
         ("An Orange   square,", "orange square"),
         ("zero", "0"),
+        ("A", "a"),  # a letter answer that is an article stays
+        ("-1", "-1"),
+        ("+3.", "+3"),
+        ("2.5", "2.5"),
     ],
 )
 def test_normalise_answer(text: str, normalised: str) -> None:
@@ -42,6 +46,10 @@ def test_vqa_accuracy_overall_and_per_kind() -> None:
     assert result.as_dict()["vqa_accuracy_count"] == 1.0
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         vqa_accuracy(["a", "b"], ["a"])
+    # Nothing, an article alone or a sign is no answer: it never matches, whatever the reference normalises to.
+    assert vqa_accuracy(["", "the", "?", "A", "-1", "+3"], ["A", "A", "A", "A", "1", "3"]).correct == [
+        False, False, False, True, False, False,
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="no questions"):
         vqa_accuracy([], [])
 
@@ -83,6 +91,8 @@ MALFORMED = [
     "<box>(a,b),(c,d)</box>",
     "<ref><ref><box><box>(((((",
     "\x00\uffff<box>(1,2),(3,4)</bo>",
+    "<box>(\uff11\uff10,\uff12\uff10),(\uff15\uff10,\uff16\uff10)</box>",  # full-width digits: not the format's
+    "<box>(\u0661\u0660,\u0662\u0660),(\u0665\u0660,\u0666\u0660)</box>",  # Arabic-Indic digits
 ]
 
 
@@ -133,6 +143,10 @@ def test_grounding_accuracy_at_iou_half() -> None:
         ("a circle and two red shapes", {}),
         ("a red large square", {("red", "square"): 1}),
         ("from left to right: a red circle, a red circle", {("red", "circle"): 2}),
+        ("a blue square and no red circles", {("blue", "square"): 1}),
+        # A digit run longer than a count is no number: the plural counts as two, and nothing can make int() fail.
+        ("12345678901234567890 red circles", {("red", "circle"): 2}),
+        ("9" * 5000 + " red circle", {("red", "circle"): 1}),
     ],
 )
 def test_caption_mentions(caption: str, mentions: dict[tuple[str, str], int]) -> None:

@@ -5,7 +5,8 @@ scene's true objects, as precision / recall / F1 over the multisets (ShapesWorld
     caption_scores(captions [str], objects [[ShapesObject | (colour, shape)]]) -> CaptionResult
 
 A mention is a colour followed by a shape word, size words allowed around the colour ("a small red circle"), with
-its multiplicity from a number ("two", "3", "a"/"an"/"one"); a plural without a number counts as two. Mentions
+its multiplicity from a number ("two", "3", "a"/"an"/"one", "no" for none; a run of more than three digits is no
+number); a plural without a number counts as two. Mentions
 without a colour ("a circle", "two red shapes") name no object and are not counted. Scores are micro-averaged:
 matched = sum over captions of the per-class minimum of predicted and true counts.
 """
@@ -22,7 +23,10 @@ from vlkit.eval.vqa import NUMBER_WORDS
 
 DEFAULT_COLOURS: tuple[str, ...] = (*COLOURS, "grey")
 DEFAULT_SIZES: tuple[str, ...] = ("small", "large", "big", "tiny", "medium")
-_WORD = re.compile(r"[a-z]+|\d+")
+_WORD = re.compile(r"[a-z]+|[0-9]+")
+# A count is a number word or at most three digits; "no red circles" mentions none. A longer digit run is no count.
+_MAX_COUNT_DIGITS = 3
+_NONE_WORDS = frozenset({"no", "none"})
 
 
 @dataclass
@@ -67,8 +71,14 @@ def caption_mentions(
             before -= 1
         number = NUMBER_WORDS.get(words[before], words[before]) if before >= 0 else ""
         plural = word != singular[word]
-        multiplicity = int(number) if number.isdigit() else 2 if plural else 1
-        mentions[(colour, singular[word])] += multiplicity
+        if before >= 0 and words[before] in _NONE_WORDS:
+            multiplicity = 0
+        elif number.isdigit() and len(number) <= _MAX_COUNT_DIGITS:
+            multiplicity = int(number)
+        else:
+            multiplicity = 2 if plural else 1
+        if multiplicity:
+            mentions[(colour, singular[word])] += multiplicity
     return mentions
 
 

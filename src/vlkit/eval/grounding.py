@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 BOX_SCALE = 1000
 # At most 9 digits: a longer number is out of range anyway, and int() of a huge digit string is slow or refused.
-_NUMBER = r"\s*(-?\d{1,9})\s*"
+_NUMBER = r"\s*(-?[0-9]{1,9})\s*"  # ASCII digits only: Qwen-VL's format writes no other
 _BOX = re.compile(rf"<box>\s*\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)\s*</box>")
 _REF_BEFORE = re.compile(r"<ref>((?:(?!<ref>).)*?)</ref>\s*$", re.DOTALL)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
 NUMBER_WORDS: dict[str, str] = {word: str(number) for number, word in enumerate(_NUMBERS)}
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCTUATION = re.compile(r"[^\w\s]|_")
+# Punctuation, except a sign or decimal point that belongs to a number ("-1" is not "1", "2.5" is not "2 5").
+_PUNCTUATION = re.compile(r"(?![-+.]\d)[^\w\s]|(?<=\d)\.(?!\d)|_", re.ASCII)
 
 
 @dataclass
@@ -34,9 +35,11 @@ class VQAResult:
 
 
 def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation or articles, digits for number words: 'The Three red circles.' -> '3 red circles'."""
+    """Lower case, no punctuation or articles, digits for number words: 'The Three red circles.' -> '3 red circles'.
+    An answer that is nothing but an article keeps it (the letter "A" stays "a", never the empty answer)."""
     words = _PUNCTUATION.sub(" ", text.lower()).split()
-    return " ".join(NUMBER_WORDS.get(word, word) for word in words if word not in _ARTICLES)
+    kept = [word for word in words if word not in _ARTICLES] or words
+    return " ".join(NUMBER_WORDS.get(word, word) for word in kept)
 
 
 def vqa_accuracy(
@@ -53,7 +56,8 @@ def vqa_accuracy(
     for prediction, reference in zip(predictions, references, strict=True):
         accepted = [reference] if isinstance(reference, str) else list(reference)
         predicted = normalise_answer(prediction) if isinstance(prediction, str) else None
-        correct.append(predicted is not None and predicted in {normalise_answer(answer) for answer in accepted})
+        # An empty prediction is never right, whatever a reference normalises to.
+        correct.append(bool(predicted) and predicted in {normalise_answer(answer) for answer in accepted})
     per_kind: dict[str, float] = {}
     counts: dict[str, int] = {}
     if kinds is not None:

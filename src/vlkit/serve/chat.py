@@ -17,7 +17,7 @@ import torch
 from vlkit.data.images import load_image
 from vlkit.data.transforms import ImageTransform
 from vlkit.models.vlm import VisionLanguageModel
-from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn, get_template, tokenize_prompt
+from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn, end_of_answer_ids, tokenize_prompt
 
 __all__ = ["ChatSession", "load_chat_model"]
 
@@ -43,11 +43,9 @@ class ChatSession:
         self.turns: list[Turn] = []
         self.max_new_tokens = max_new_tokens
         self.options = options
-        template = get_template(model.config.chat_template)
-        self.eos_ids = {*model.config.lm.eos_token_ids, model.tokenizer.eos_token_id}
-        end = model.tokenizer.backend.token_to_id(template.end_of_turn)
-        if end is not None:
-            self.eos_ids.add(end)
+        self.eos_ids = set(
+            end_of_answer_ids(model.config.chat_template, model.tokenizer, model.config.lm.eos_token_ids)
+        )
 
     def ask(self, question: str) -> Iterator[str]:
         text = question if self.turns else f"{IMAGE_PLACEHOLDER}\n{question}"

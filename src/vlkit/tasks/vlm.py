@@ -15,7 +15,7 @@ accuracy at IoU >= 0.5 of the ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` answer
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -51,6 +51,7 @@ from vlkit.text.chat import (
     IMAGE_PLACEHOLDER,
     Conversation,
     Turn,
+    end_of_answer_ids,
     get_template,
     tokenize_conversation,
     tokenize_prompt,
@@ -126,11 +127,7 @@ class VisionLanguage(Task):
         if saved.exists():
             return Tokenizer.from_file(saved, max_len=max_len)
         config = _shapes_config(run.recipe.data)
-        chat = get_template(template)
-        texts = scene_texts(config, self.tokenizer_scenes)
-        texts += [chat.user_prefix + CAPTION_PROMPT + chat.assistant_prefix]
-        specials = (IMAGE_PLACEHOLDER, *chat.special_tokens, *GROUNDING_TAGS)
-        tokenizer = train_tokenizer(texts, self.vocab_size, max_len, extra_special_tokens=specials, split_digits=True)
+        tokenizer = shapes_chat_tokenizer(config, template, self.tokenizer_scenes, self.vocab_size, max_len)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(saved)
         return tokenizer
@@ -197,6 +194,17 @@ def answer_weights(labels: torch.Tensor, weighting: AnswerWeighting) -> torch.Te
     weights = torch.zeros(flat.shape)
     weights[flat] = per_token[run[flat]]
     return weights.view_as(labels)
+
+
+def shapes_chat_tokenizer(
+    config: shapes.ShapesConfig, template: str, scenes: int, vocab_size: int, max_len: int
+) -> Tokenizer:
+    """A BPE fitted to ``scenes`` ShapesWorld scenes' texts and the chat template's words, with the image placeholder,
+    the template's special tokens and the grounding tags as single tokens; digits split (box corners are digits)."""
+    chat = get_template(template)
+    texts = [*scene_texts(config, scenes), chat.user_prefix + CAPTION_PROMPT + chat.assistant_prefix]
+    specials = (IMAGE_PLACEHOLDER, *chat.special_tokens, *GROUNDING_TAGS)
+    return train_tokenizer(texts, vocab_size, max_len, extra_special_tokens=specials, split_digits=True)
 
 
 def scene_texts(config: shapes.ShapesConfig, count: int) -> list[str]:
@@ -346,7 +354,7 @@ class VLMEvaluation:
     max_new_tokens: int
     batch_size: int
     pad_id: int
-    eos_id: int
+    stop_ids: tuple[int, ...]  # end of sequence, and the chat template's end of turn
 
     @classmethod
     def build(
@@ -374,7 +382,8 @@ class VLMEvaluation:
                                              model.tokens_per_image())  # fmt: skip
                     questions.append(_Question(split, item.kind, item.question, item.answer, item.box,
                                                list(sample.objects), sample.image, prompt, pixels))  # fmt: skip
-        return cls(questions, max_new_tokens, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        stop_ids = end_of_answer_ids(model.config.chat_template, tokenizer)
+        return cls(questions, max_new_tokens, batch_size, tokenizer.pad_token_id, stop_ids)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> EvalResult:
@@ -414,17 +423,25 @@ class VLMEvaluation:
                 ids[row, length - len(prompt) :], mask[row, length - len(prompt) :] = prompt, 1
             pixels = torch.stack([self.questions[i].pixels for i in chunk]).to(device)
             out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=self.max_new_tokens,
-                                 stop_token_ids=(self.eos_id,), pad_token_id=self.pad_id)  # fmt: skip
+                                 stop_token_ids=self.stop_ids, pad_token_id=self.pad_id)  # fmt: skip
             for row, index in enumerate(chunk):
-                answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.eos_id)
+                answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.stop_ids)
         return answers
 
 
-def decode_answer(tokenizer: Tokenizer, ids: list[int], eos_id: int) -> str:
-    """The text up to the first end-of-turn, special tokens (``<ref>``, ``<box>``) kept."""
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    return tokenizer.backend.decode(ids, skip_special_tokens=False).strip()
+def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int]) -> str:
+    """The text before the first of ``stop_ids`` (an answer's end), special tokens (``<ref>``, ``<box>``) kept."""
+    end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
+    return tokenizer.backend.decode(ids[:end], skip_special_tokens=False).strip()
+
+
+def answer_is_right(question: _Question, answer: str) -> bool:
+    """Scored as the metrics score it: IoU >= 0.5 for a box, an exact caption, exact match after normalisation."""
+    if question.kind == "grounding":
+        return bool(grounding_accuracy([answer], [question.box]).accuracy)  # type: ignore[list-item]
+    if question.kind == "caption":
+        return bool(caption_scores([answer], [question.objects]).exact)
+    return vqa_accuracy([answer], [question.answer]).correct[0]
 
 
 def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
@@ -446,7 +463,7 @@ def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
                 x1, y1, x2, y2 = (box[0] * width / 1000, box[1] * height / 1000, box[2] * width / 1000,
                                   box[3] * height / 1000)  # fmt: skip
                 axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
-        right = answer.strip() == question.answer.strip()
+        right = answer_is_right(question, answer)
         shown = "".join(c if c.isprintable() else "?" for c in answer[:40])
         axis.set_title(f"{question.question}\nmodel: {shown}\ntrue: {question.answer[:40]}", fontsize=7,
                        color="#1a7f37" if right else "#333333")  # fmt: skip

@@ -268,6 +268,17 @@ def single_token_id(tokenizer: Any, token: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def end_of_answer_ids(template: ChatTemplate | str, tokenizer: Any, eos_ids: Sequence[int] = ()) -> tuple[int, ...]:
+    """The ids an answer ends at: ``eos_ids``, the tokenizer's end-of-sequence token, and the template's end of
+    turn where the tokenizer holds it as one token (what training puts after every assistant turn)."""
+    ids = [
+        *eos_ids,
+        getattr(tokenizer, "eos_token_id", None),
+        single_token_id(tokenizer, get_template(template).end_of_turn),
+    ]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def tokenize_conversation(
     conversation: Conversation,
     template: ChatTemplate | str,
