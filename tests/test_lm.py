@@ -282,7 +282,11 @@ def test_cache_slots_join_and_leave_a_running_batch() -> None:
     cache.release([1])
     with pytest.raises(ValueError, match="not allocated"):
         cache.release([1])
-    assert cache.allocate(2) == [1, 2]
+    with pytest.raises(ValueError, match="slot 0 is not allocated"):  # named twice: nothing is freed
+        cache.release([0, 0])
+    with pytest.raises(ValueError, match="slot 1 is not allocated"):
+        cache.release([0, 1])
+    assert cache.allocate(2) == [1, 2]  # slot 0 is still held
     with torch.no_grad():  # a previous occupant leaves 12 positions in slot 2; its successor must never see them
         model(_prompts([12], model.config.vocab_size, 0, seed=5)[0], cache=cache.view([2]))
     cache.release([1, 2])
@@ -432,3 +436,45 @@ def test_packed_weights_follow_an_optimizer_step_between_evaluations() -> None:
     with torch.no_grad():
         plain = model(ids).logits
     torch.testing.assert_close(packed, plain)
+
+
+def _scripted(model: DecoderLM, tokens: list[int]) -> DecoderLM:
+    """``model`` whose head makes greedy decoding write ``tokens``, one per step (then repeat the last)."""
+    steps = iter(range(10**6))
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((hidden.shape[0], model.config.vocab_size), -10.0)
+        logits[:, tokens[min(next(steps), len(tokens) - 1)]] = 10.0
+        return logits
+
+    model.forward_head = head  # type: ignore[method-assign]
+    return model
+
+
+def test_stop_strings_across_bytes_special_tokens_and_the_prompt() -> None:
+    """Stop strings are matched as transformers' StopStringCriteria matches them: in the prompt's tail and the new
+    tokens, with special tokens kept, however many byte tokens a character takes; one wholly inside the prompt
+    does not stop."""
+    from vlkit.text import train_tokenizer
+
+    tokenizer = train_tokenizer(
+        ["a red circle left of a blue square", "two green triangles above a small circle"] * 20,
+        vocab_size=120,
+        extra_special_tokens=("<|im_end|>",),
+    )
+    encode = lambda text: tokenizer.backend.encode(text, add_special_tokens=False).ids  # noqa: E731
+    config = LMConfig(vocab_size=tokenizer.vocab_size, max_seq_len=128, dim=32, depth=1, num_heads=2, mlp_dim=32)
+
+    def run(prompt: str, written: str, stop: str) -> str:
+        model = _scripted(DecoderLM(config).eval(), encode(written))
+        model.tokenizer = tokenizer
+        prompt_ids = torch.tensor([encode(prompt)])
+        out = model.generate(prompt_ids, max_new_tokens=len(encode(written)), stop_strings=(stop,))
+        return tokenizer.decode(out[0, prompt_ids.shape[1] :].tolist(), skip_special_tokens=False)
+
+    # Each of these characters is several byte tokens: 5 characters, 15 bytes, more tokens than characters + 8.
+    assert len(encode("停止生成吧")) > len("停止生成吧") + 8
+    assert run("a red", " circle 停止生成吧 left of a blue square", "停止生成吧") == " circle 停止生成吧"
+    assert run("a red", " circle<|im_end|> two green triangles", "<|im_end|>") == " circle<|im_end|>"
+    assert run("two green", " triangles above a small circle", "green triangles") == " triangles"
+    assert run("two green triangles", " above a small circle", "green triangles") == " above a small circle"

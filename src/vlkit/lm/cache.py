@@ -59,11 +59,14 @@ class KVCache:
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
-        """Return slots to the free list; their contents are forgotten (no tensor is cleared)."""
+        """Return slots to the free list; their contents are forgotten (no tensor is cleared). All or nothing: a slot
+        that is not allocated (or named twice) raises before any is freed."""
+        seen: set[int] = set()
         for slot in slots:
-            if slot in self._free or not 0 <= slot < self.num_slots:
+            if slot in self._free or slot in seen or not 0 <= slot < self.num_slots:
                 raise ValueError(f"slot {slot} is not allocated")
-            self._free.append(slot)
+            seen.add(slot)
+        self._free.extend(slots)
 
     def view(self, slots: Sequence[int]) -> CacheView:
         return CacheView(self, slots)

@@ -156,7 +156,8 @@ def _steps(
         cache=view,
         attention_blocks=attention_blocks,
     )
-    logits = model.forward_head(hidden[:, -1])  # (B, V): the prompt's other positions need no logits
+    # (B, V) in fp32, as transformers' generate takes them: a bf16 model's penalty and sampling then match its.
+    logits = model.forward_head(hidden[:, -1]).float()  # the prompt's other positions need no logits
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
@@ -168,8 +169,14 @@ def _steps(
             seen = counts > 0
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Stop strings are looked for in the last `window` ids of each row: at least one byte per token, so a window of
+    # the longest stop string's bytes holds it even when every character takes several byte tokens. The prompt's
+    # tail leads, so that a stop string begun in the prompt and completed by a new token stops (as transformers does).
+    window = max((len(s.encode("utf-8")) for s in config.stop_strings), default=0) + 8
     texts: list[list[int]] = [[] for _ in range(batch)]
-    window = max((len(s) for s in config.stop_strings), default=0) + 8
+    if config.stop_strings and input_ids is not None:
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        texts = [row[keep].tolist()[-window:] for row, keep in zip(input_ids.cpu(), real.cpu(), strict=True)]
     for step in range(config.max_new_tokens):
         if seen is not None:
             logits = penalize_repetition(logits, seen, config.repetition_penalty)
@@ -190,7 +197,7 @@ def _steps(
         if last or ((stop_tensor is not None or config.stop_strings) and bool(finished.all())):
             return
         hidden = model.forward_features(tokens[:, None], cache=view)
-        logits = model.forward_head(hidden[:, -1])
+        logits = model.forward_head(hidden[:, -1]).float()
 
 
 def _stop_string_hits(
@@ -201,17 +208,25 @@ def _stop_string_hits(
     window: int,
     decode: Callable[[Sequence[int]], str],
 ) -> torch.Tensor:
-    """Rows (B,) bool whose generated text now contains a stop string, looking at the last ``window`` tokens (each
-    step checks, so an earlier occurrence would already have stopped the row)."""
+    """Rows (B,) bool where this step's token completes a stop string: one that ends in the text the token added to
+    the last ``window`` ids (a stop string wholly inside the prompt, or earlier, ends before it)."""
     hits = torch.zeros_like(finished)
     done = finished.tolist()
     for row, token in enumerate(tokens.tolist()):
         if done[row]:
             continue
-        texts[row].append(token)
-        text = decode(texts[row][-window:])
-        if any(stop in text for stop in stop_strings):
-            hits[row] = True
+        ids = texts[row]
+        ids.append(token)
+        if len(ids) > 2 * window:
+            del ids[:-window]
+        recent = ids[-window:]
+        text = decode(recent)
+        found = [stop for stop in stop_strings if stop in text]
+        if found:
+            before = decode(recent[:-1])  # the text before this token: what of it the token left unchanged
+            pairs = zip(before, text, strict=False)
+            settled = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(before), len(text)))
+            hits[row] = any(text.rfind(stop) + len(stop) > settled for stop in found)
     return hits
 
 

@@ -11,6 +11,7 @@ step). Position ids follow the attention mask (cumsum), so a left-padded row get
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -328,13 +329,15 @@ class DecoderLM(PretrainedModel):
 
         ``options`` are ``GenerationConfig`` fields (do_sample, temperature, top_k, top_p, repetition_penalty,
         stop_token_ids, stop_strings, pad_token_id). Stop strings are matched in text decoded by ``decode``, by
-        default this model's tokenizer. ``attention_blocks`` (B, T) marks the prompt's bidirectional blocks (see
-        ``forward_features``).
+        default this model's tokenizer (special tokens kept). ``attention_blocks`` (B, T) marks the prompt's
+        bidirectional blocks (see ``forward_features``).
         """
         from vlkit.lm.generate import GenerationConfig, generate
 
         if decode is None and self.tokenizer is not None:
-            decode = self.tokenizer.decode
+            # Special tokens kept: "<|im_end|>" is a stop string as any other.
+            decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False)
+
         return generate(
             self,
             input_ids,

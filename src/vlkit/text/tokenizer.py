@@ -58,8 +58,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode(list(ids))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def __call__(self, texts: str | Sequence[str], max_len: int | None = None, truncate: bool = True) -> TokenBatch:
         texts = [texts] if isinstance(texts, str) else list(texts)
