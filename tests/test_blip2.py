@@ -97,6 +97,10 @@ def test_hard_negatives_are_never_positives_and_follow_the_similarities() -> Non
     assert (texts[:, 0] == 4).float().mean() > 0.95  # drawn from the softmax, not uniformly
     assert (images[:, 4] == 0).float().mean() > 0.95  # text 4's hardest image is image 0
     assert len(set(texts[:, 3].tolist())) > 1  # a draw, not the argmax
+    # A positive far above every negative (the logit scale at its cap): the negatives are still the ones drawn.
+    far = torch.full((4, 4), -20.0) + 110.0 * torch.eye(4)
+    texts, images = hard_negatives(far, torch.eye(4, dtype=torch.bool), generator)
+    assert not texts.eq(torch.arange(4)).any() and not images.eq(torch.arange(4)).any()
     # A batch of one caption has no negative: the draw is uniform and the label says "matched".
     texts, images = hard_negatives(logits, torch.ones(5, 5, dtype=torch.bool), generator)
     assert texts.shape == images.shape == (5,)

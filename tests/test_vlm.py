@@ -189,6 +189,12 @@ def test_bidirectional_image_attention_lets_image_tokens_see_their_whole_image_o
     assert blocks[0, 2:18].eq(0).all() and blocks[0, 19:35].eq(1).all() and blocks[0, 18].item() == -1
     assert blocks[0, :2].eq(-1).all() and blocks[0, 35:].eq(-1).all()
     assert _model().attention_blocks(ids) is None
+    # Two images with nothing between them ("<image><image>") are still two blocks.
+    m = _model().tokens_per_image()
+    adjacent = ids.clone()
+    adjacent[0, 2 : 2 + 2 * m] = _model().config.image_token_id
+    blocks = _model(image_attention="bidirectional").attention_blocks(adjacent)
+    assert blocks is not None and blocks[0, 2 : 2 + m].eq(0).all() and blocks[0, 2 + m : 2 + 2 * m].eq(1).all()
 
 
 def test_save_and_load_keep_weights_tokenizer_and_outputs(tmp_path: Path) -> None:

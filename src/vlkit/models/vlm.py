@@ -205,13 +205,14 @@ class VisionLanguageModel(PretrainedModel):
         return embeds.masked_scatter(placeholders[..., None], real.reshape(-1, real.shape[-1]))
 
     def attention_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """(B, T) the LM's bidirectional blocks: with ``image_attention="bidirectional"`` each contiguous run of image
-        placeholders is one block (numbered per row), every other token -1; None for a causal LM."""
+        """(B, T) the LM's bidirectional blocks: with ``image_attention="bidirectional"`` each image's placeholders
+        are one block (the row's k-th image: its placeholders k*M .. k*M + M - 1, so two adjacent images stay two
+        blocks), every other token -1; None for a causal LM."""
         if self.config.image_attention == "causal":
             return None
         placeholders = input_ids == self.config.image_token_id
-        starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0))
-        return torch.where(placeholders, starts.long().cumsum(1) - 1, -1)
+        image = torch.div(placeholders.long().cumsum(1) - 1, self.tokens_per_image(), rounding_mode="floor")
+        return torch.where(placeholders, image, -1)
 
     def forward(
         self,

@@ -147,9 +147,10 @@ def hard_negatives(
     the pair's real status."""
 
     def draw(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        weights = scores.float().softmax(dim=1).masked_fill(~allowed, 0.0)  # (B, B)
-        empty = weights.sum(dim=1) <= 0
-        weights[empty] = 1.0
+        # The softmax over the allowed candidates only: over all of them, a positive far above every negative (a
+        # logit scale near its cap of 100) would leave the negatives' weights at exactly 0.
+        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(dim=1)  # (B, B)
+        weights = torch.where(allowed.any(dim=1, keepdim=True), weights, 1.0)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
     return draw(logits, ~positives), draw(logits.T, ~positives.T)
