@@ -25,6 +25,7 @@ from vlkit.data.readers import (
     read_csv,
     read_manifest,
     read_records,
+    webdataset_caption_sample,
 )
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
@@ -79,6 +80,12 @@ def test_csv_and_tsv_read_open_clip_format(tmp_path: Path) -> None:
     tab_records = read_csv(tab_table, image_key="path", caption_key="text", sep="\t").records
     assert tab_records[0].captions == ["a bird"]
 
+    # An unclosed quote is an error naming the row, not a caption that swallows the rest of the file.
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('filepath,caption\na.png,a red square\nb.png,"a blue circle\nc.png,a green star\n')
+    with pytest.raises(BadSampleError, match=f"{unclosed}:3: malformed CSV row"):
+        read_csv(unclosed)
+
 
 def test_read_records_dispatches_on_kind(tmp_path: Path) -> None:
     manifest = tmp_path / "train.jsonl"
@@ -114,6 +121,30 @@ def test_transform_resizes_shorter_side_and_centre_crops() -> None:
         unnormalised[:, 2:8, 2:8].mean(dim=(1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.02, rtol=0
     )
     assert torch.equal(output, ImageTransform(10)(Image.fromarray(pixels)))
+
+
+def test_a_thin_strip_is_not_upscaled_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20000 x 1 strip: CLIP's order (resize the short side, then crop) would make a 1 G-pixel image; only the
+    kept region is resampled, to the same colours."""
+    strip = np.zeros((1, 20000, 3), dtype=np.uint8)
+    strip[:, 9990:10010, 1] = 255  # green in the middle, where the crop is
+    transform = ImageTransform(224)
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda image, size, *a, **k: sizes.append(size) or resize(image, size, *a, **k)
+    )
+    output = transform(Image.fromarray(strip))
+    assert max(width * height for width, height in sizes) <= 16 * 224 * 224
+    unnormalised = output * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    assert output.shape == (3, 224, 224)
+    torch.testing.assert_close(unnormalised.mean(dim=(1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.02, rtol=0)
+    # At 16:1 and below the whole image is resized first, as CLIP's preprocessing does.
+    wide = np.random.default_rng(0).integers(0, 256, (14, 224, 3), dtype=np.uint8)
+    resized = Image.fromarray(wide).resize((3584, 224), Image.Resampling.BICUBIC).crop((1680, 0, 1904, 224))
+    expected = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(transform(Image.fromarray(wide)), (expected - mean) / std)
 
 
 def test_transform_modes_and_rectangular_size() -> None:
@@ -280,3 +311,23 @@ def test_sampler_rank_split_covers_every_index(num_samples: int, num_replicas: i
     single = list(ResumableSampler(range(num_samples), seed=5))
     padded = (single * num_replicas)[: expected_length * num_replicas]
     assert per_rank[1] == padded[1::num_replicas]
+
+
+def test_webdataset_captions_for_the_tokenizer_read_as_training_reads(tmp_path: Path) -> None:
+    """Through webdataset's reader: a pipe: URL works, a truncated shard gives what precedes the damage, and a
+    caption's byte-order mark is no part of it."""
+    pattern = write_shards(tmp_path / "shards", num_shards=1, per_shard=6)
+    expected = [f"caption {number}" for number in range(6)]
+    assert webdataset_caption_sample(pattern) == expected
+    assert webdataset_caption_sample(f"pipe:cat {tmp_path}/shards/shard-000.tar") == expected
+    assert webdataset_caption_sample(pattern, limit=4) == expected[:4]
+    data = (tmp_path / "shards" / "shard-000.tar").read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="ReadError"):
+        partial = webdataset_caption_sample(str(tmp_path / "truncated.tar"))
+    assert 0 < len(partial) < len(expected) and partial == expected[: len(partial)]
+    with wds.TarWriter(str(tmp_path / "bom.tar")) as writer:
+        encoded = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(encoded, format="PNG")
+        writer.write({"__key__": "a", "png": encoded.getvalue(), "txt": "\ufeffa red square".encode()})
+    assert webdataset_caption_sample(str(tmp_path / "bom.tar")) == ["a red square"]

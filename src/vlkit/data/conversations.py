@@ -122,7 +122,7 @@ def _conversation(entry: Any, item: str, folder: Path, check_images: bool) -> Co
     sample_id = entry.get("id")
     if sample_id is not None:
         if not isinstance(sample_id, str | int) or isinstance(sample_id, bool):
-            raise BadSampleError(item, f"'id' must be a string or a number, got {_json_type(sample_id)}")
+            raise BadSampleError(item, f"'id' must be a string or an integer, got {sample_id!r:.40}")
         sample_id = str(sample_id)
         item = f"{item} (id {sample_id!r})"
     images = [_resolve_image_path(image, folder) for image in _image_list(entry.get("image"), item)]

@@ -162,7 +162,8 @@ def read_csv(
     header_item = f"{path}:1"
     # surrogateescape keeps undecodable bytes as markers, so a bad row is found and named, not the whole file.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
-        reader = csv.reader(stream, delimiter=sep)
+        reader = csv.reader(stream, delimiter=sep, strict=True)  # strict: an unclosed quote is an error, not a
+        # caption swallowing the rest of the file
         try:
             header = next(reader)
         except StopIteration:
@@ -668,32 +669,28 @@ def _captions_from_entry(entry: dict[str, Any], item: str) -> list[str]:
 
 
 def webdataset_caption_sample(urls: str | Sequence[str], limit: int = 20_000) -> list[str]:
-    """Up to ``limit`` captions read straight from the shards' .txt/.json members (to fit a tokenizer)."""
-    import tarfile
-
+    """Up to ``limit`` captions of the shards' samples (to fit a tokenizer), read by webdataset as training reads
+    them (local files, ``pipe:`` and remote URLs alike). An unreadable shard or sample is passed over here: training
+    reports it (or skips it, with ``skip_bad``) when it reaches it."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(expand_shard_urls(urls)), wds.tarfile_to_samples(handler=wds.warn_and_continue)
+    )
     captions: list[str] = []
-    for url in expand_shard_urls(urls):
-        with tarfile.open(url) as archive:
-            for member in archive:
-                if len(captions) >= limit:
-                    return captions
-                suffix = member.name.rsplit(".", 1)[-1]
-                if not member.isfile() or suffix not in ("txt", "json"):
-                    continue
-                data = archive.extractfile(member)
-                if data is None:
-                    continue
-                try:
-                    captions += _webdataset_captions({suffix: data.read()}, f"{url}:{member.name}", [suffix])
-                except BadSampleError:
-                    continue  # bad samples are reported (or skipped) when training reads them
-    return captions
+    for sample in pipeline:
+        item = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            captions += _webdataset_captions(sample, item, sorted(key for key in sample if not key.startswith("__")))
+        except BadSampleError:
+            continue
+        if len(captions) >= limit:
+            break
+    return captions[:limit]
 
 
 def _webdataset_captions(sample: dict[str, Any], item: str, members: list[str]) -> list[str]:
     if "txt" in sample:
         try:
-            return [sample["txt"].decode("utf-8").strip()]
+            return [sample["txt"].decode("utf-8-sig").strip()]  # a byte-order mark is no part of the caption
         except UnicodeDecodeError:
             raise BadSampleError(item, "caption (.txt) is not valid UTF-8") from None
     if "json" in sample:

@@ -20,6 +20,9 @@ from vlkit.data.images import to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# shortest_crop resizes the whole image before cropping (as CLIP's preprocessing does) unless that image would hold
+# more than this many times the target's pixels (an aspect ratio beyond 16:1).
+_MAX_UPSCALED_AREA = 16
 
 ResizeMode = Literal["shortest_crop", "squash", "pad"]
 
@@ -81,11 +84,17 @@ class ImageTransform:
             new_height, new_width = target_height, target_height * width // height
         else:
             new_height, new_width = target_width * height // width, target_width
+        left = round((new_width - target_width) / 2)
+        top = round((new_height - target_height) / 2)
+        if new_width * new_height > _MAX_UPSCALED_AREA * target_width * target_height:
+            # An extreme aspect ratio (a 2000 x 1 strip would be upscaled to 448000 x 224): resample only the source
+            # region the crop keeps, so a tiny file cannot take gigabytes.
+            scale_x, scale_y = new_width / width, new_height / height
+            box = (left / scale_x, top / scale_y, (left + target_width) / scale_x, (top + target_height) / scale_y)
+            return image.resize((target_width, target_height), Image.Resampling.BICUBIC, box=box)
         if (new_width, new_height) != (width, height):
             # PIL's resize widens the filter support when shrinking, i.e. it is antialiased by construction.
             image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-        left = round((new_width - target_width) / 2)
-        top = round((new_height - target_height) / 2)
         return image.crop((left, top, left + target_width, top + target_height))
 
     def _resize_and_pad(self, image: Image.Image) -> Image.Image:
