@@ -81,6 +81,8 @@ def test_leftover_temp_dir_is_ignored_and_old_checkpoints_pruned(tmp_path: Path)
     assert load_latest(tmp_path) == root / "step_00000003"
     (root / "latest").write_text("step_00000099\n")
     assert load_latest(tmp_path) == root / "step_00000003"
+    (root / "latest").write_bytes(b"step_\xb00000002\n")  # a flipped bit: undecodable, names no folder
+    assert load_latest(tmp_path) == root / "step_00000003"
 
     save_checkpoint(tmp_path, 4, model, optimizer, {})
     assert not leftover.exists()

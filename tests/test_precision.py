@@ -78,3 +78,27 @@ def test_a_run_records_the_resolved_precision_and_a_resume_keeps_it(
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
     resumed = trainer().fit(resume=True)
     assert resumed.precision == "bf16" and calls == [1]
+
+
+class NoisyRegression(Regression):
+    """Samples with noise from torch's global generator, as random transforms draw it."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(index)
+        return {"x": sample["x"] + 0.1 * torch.randn(8), "y": sample["y"]}
+
+
+def test_auto_trains_exactly_as_the_precision_it_resolves_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement's sample fetch draws from the run's generators; they are restored, so the losses of an
+    "auto" run equal those of a run given the precision it chose."""
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    losses = {}
+    for name, precision in (("auto", "auto"), ("fixed", None)):
+        torch.manual_seed(0)
+        config = TrainConfig(steps=4, batch_size=8, lr=1e-2, progress=False, precision=precision or losses["chosen"])
+        result = Trainer(nn.Linear(8, 1), config, NoisyRegression(), None, step, tmp_path / name).fit()
+        losses[name] = [
+            json.loads(line)["loss"] for line in result.log_path.read_text().splitlines() if '"loss"' in line
+        ]
+        losses["chosen"] = result.precision
+    assert losses["auto"] == losses["fixed"]

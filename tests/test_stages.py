@@ -13,7 +13,7 @@ import torch
 
 from run_utils import TINY_DUAL_ENCODER, interrupt_after
 from vlkit import from_pretrained
-from vlkit.recipes import Stage, get_recipe
+from vlkit.recipes import InitFrom, Stage, get_recipe
 from vlkit.recipes.base import lock_rules, recipe_from_dict
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.tasks.base import RunContext
@@ -101,3 +101,15 @@ def test_a_stage_can_skip_its_evaluation(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "zero_shot_top1" not in metrics["stages"]["locked"] and "zero_shot_top1" in metrics["stages"]["both"]
     assert recipe_from_dict(json.loads((tmp_path / "run" / "recipe.json").read_text())).stages[0].evaluate is False
+
+
+def test_a_recipe_source_trains_on_the_runs_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recipe:NAME`` is pretrained with the run's device (a GPU run must not train its tower on the CPU)."""
+    import vlkit.recipes.run as run_module
+    from vlkit.recipes.parts import resolve_source
+
+    calls = []
+    monkeypatch.setattr(run_module, "run_recipe", lambda recipe, out_dir, **options: calls.append(options))
+    run = RunContext(get_recipe("llava_shapes"), tmp_path, progress=False, device="meta")
+    resolve_source(InitFrom("recipe:siglip_patch_shapes"), run)
+    assert [options["device"] for options in calls] == ["meta"]

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,46 @@ def test_two_micro_batches_equal_one_full_batch(tmp_path: Path) -> None:
     for full, accumulated in zip(results[0].parameters(), results[1].parameters(), strict=True):
         torch.testing.assert_close(full, accumulated, atol=1e-6, rtol=0)
     assert not torch.equal(next(model.parameters()), next(results[0].parameters()))
+
+
+class TokenDataset(RegressionDataset):
+    """Samples of 1 to 6 valid items (the rest masked), as an LM's samples hold different numbers of trained tokens."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        valid = torch.arange(6) < 1 + (index * 7) % 6
+        return {
+            "x": torch.randn(6, 4, generator=generator),
+            "y": torch.randn(6, 1, generator=generator),
+            "valid": valid,
+        }
+
+
+def token_mean_step(weighted: bool) -> Callable[[nn.Module, dict[str, torch.Tensor]], StepOutput]:
+    def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        errors = (model(batch["x"]) - batch["y"]).pow(2).squeeze(-1)[batch["valid"]]
+        return StepOutput(loss=errors.mean(), weight=float(batch["valid"].sum()) if weighted else None)
+
+    return step
+
+
+def test_accumulated_token_means_equal_the_full_batch_mean(tmp_path: Path) -> None:
+    """A loss that is a mean over a varying number of items (an LM's trained tokens) gives its count as
+    StepOutput.weight: two micro-batches then train exactly as one full batch; without it they do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    runs = {}
+    for grad_accum, weighted in ((1, True), (2, True), (2, False)):
+        copy_of_model = copy.deepcopy(model)
+        config = fp32_config(steps=2, batch_size=8, grad_accum=grad_accum, grad_clip=None)
+        result = Trainer(copy_of_model, config, TokenDataset(), None, token_mean_step(weighted),
+                         tmp_path / f"{grad_accum}{weighted}").fit()  # fmt: skip
+        losses = [record["loss"] for record in read_log(result.log_path) if "loss" in record]
+        runs[grad_accum, weighted] = (torch.cat([p.flatten() for p in copy_of_model.parameters()]), losses)
+    full, accumulated, unweighted = runs[1, True], runs[2, True], runs[2, False]
+    torch.testing.assert_close(accumulated[0], full[0], atol=1e-6, rtol=0)
+    assert accumulated[1] == pytest.approx(full[1], rel=1e-6)
+    assert not torch.allclose(unweighted[0], full[0], atol=1e-4)
 
 
 def test_bf16_autocast_path(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def resolve_source(spec: InitFrom, run: RunContext | None) -> Path:
         logger.info("recipe %s: training %s into %s", run.recipe.name, name, out_dir)
         from vlkit.recipes.run import run_recipe
 
-        run_recipe(recipe, out_dir, resume=True, progress=run.progress, report=run.report)
+        run_recipe(recipe, out_dir, resume=True, progress=run.progress, report=run.report, device=run.device)
     return out_dir / "model"
 
 

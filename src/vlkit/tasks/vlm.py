@@ -172,11 +172,17 @@ class VisionLanguage(Task):
 
 def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
     labels = batch["labels"]
-    metrics = {"tokens": float((labels != IGNORE_INDEX).sum())}
+    trained = labels != IGNORE_INDEX
+    weights = batch.get("loss_weights")
+    metrics = {"tokens": float(trained.sum())}
     # The loss alone: the LM head runs only where a target is (a fifth of the positions of an instruction sample).
     out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels,
-                loss_weights=batch.get("loss_weights"), return_logits=False)  # fmt: skip
-    return StepOutput(loss=out.loss, metrics=metrics)
+                loss_weights=weights, return_logits=False)  # fmt: skip
+    # A (weighted) mean over the predicted tokens (position t predicts t + 1): accumulated micro-batches and
+    # processes weigh it by their sum.
+    targets = trained[:, 1:]
+    weight = float(targets.sum()) if weights is None else float(weights[:, 1:][targets].sum())
+    return StepOutput(loss=out.loss, metrics=metrics, weight=weight)
 
 
 def answer_weights(labels: torch.Tensor, weighting: AnswerWeighting) -> torch.Tensor:
@@ -363,7 +369,7 @@ class VLMEvaluation:
         tokenizer = model.tokenizer
         transform = ImageTransform(image_size=model.config.vision.image_size)
         questions = []
-        for split in ("test", "test_heldout"):
+        for split in shapes.test_splits(spec.config):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 by_kind: dict[str, list[InstructionItem]] = {}
@@ -392,6 +398,8 @@ class VLMEvaluation:
         metrics: dict[str, float] = {}
         for split, suffix in (("test", ""), ("test_heldout", "_heldout")):
             rows = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == split]
+            if not rows:
+                continue  # no held-out combinations in this config
             vqa = [(q, a) for q, a in rows if q.kind not in ("caption", "grounding")]
             if vqa:
                 result = vqa_accuracy([a for _, a in vqa], [q.answer for q, _ in vqa], [q.kind for q, _ in vqa])

@@ -407,7 +407,8 @@ def load_latest(out_dir: Path) -> Path | None:
     candidates = [path for _, path in sorted(_step_dirs(root), reverse=True)]
     pointer = root / LATEST_FILENAME
     if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
+        # A damaged pointer (undecodable bytes) names no folder; the step folders are still tried.
+        named = root / pointer.read_text(encoding="utf-8", errors="replace").strip()
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)

@@ -165,6 +165,11 @@ class StepOutput:
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # For a loss that is a mean over a number of items that varies from batch to batch (a token-mean LM loss: its
+    # trained tokens), that number. With gradient accumulation or several processes, the step then trains on the
+    # mean over every item of the global batch, as one full batch would, not the mean of the micro-batches' means.
+    # None: each micro-batch counts the same (a loss over a fixed number of samples).
+    weight: float | None = None
 
 
 @dataclass
@@ -433,12 +438,15 @@ class Trainer:
             return "bf16" if bf16 else "fp32"
         from vlkit.train.precision import measure_precision
 
+        # The sample fetch may draw random numbers (random transforms): every generator is restored after it, so
+        # that "auto" trains exactly as the precision it resolves to.
         python_state, numpy_state = random.getstate(), np.random.get_state()
-        samples = [self.dataset[index] for index in range(self.local_micro_batch_size)]
-        collate = self.loader.collate_fn
-        batch = _to_device(collate(samples), self.device)
-        batch.pop("skipped", None)
-        choice, seconds = measure_precision(self.module, self.step_fn, batch, self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            samples = [self.dataset[index] for index in range(self.local_micro_batch_size)]
+            collate = self.loader.collate_fn
+            batch = _to_device(collate(samples), self.device)
+            batch.pop("skipped", None)
+            choice, seconds = measure_precision(self.module, self.step_fn, batch, self.device)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         if seconds:
@@ -515,6 +523,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict[str, float] = {}
         skipped = 0
+        # Weighted losses (StepOutput.weight) only matter across micro-batches: one micro-batch on one process is its
+        # own normaliser, and trains exactly as the plain loss.
+        across = config.grad_accum > 1 or self.world_size > 1
+        weights: list[float] = []
+        weighted: set[bool] = set()
         for micro_index in range(config.grad_accum):
             batch = next(batches)
             if not isinstance(batch, dict):
@@ -525,22 +538,41 @@ class Trainer:
             with distributed.gradient_sync(self.model, micro_index == config.grad_accum - 1):
                 with self._autocast():
                     output = self.step_fn(self.model, batch)
-                (output.loss / config.grad_accum).backward()
-            loss_sum += output.loss.detach().float()
+                weighted.add(output.weight is not None)
+                if across and output.weight is not None:
+                    weights.append(float(output.weight))
+                    (output.loss * weights[-1]).backward()  # the sum of its items' losses; scaled below
+                    loss_sum += output.loss.detach().float() * weights[-1]
+                else:
+                    (output.loss / config.grad_accum).backward()
+                    loss_sum += output.loss.detach().float()
             for key, value in output.metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
 
+        if len(weighted) > 1:
+            raise ValueError("a step_fn must give a StepOutput.weight for every micro-batch or for none")
         if self.world_size > 1:
             # One collective for everything logged: the mean loss and metrics over ranks (the global loss when
             # each rank's loss is its share of it) and the total of skipped samples.
             names = sorted(metric_sums)
-            packed = torch.tensor([float(skipped), *(metric_sums[name] for name in names)], dtype=torch.float64)
+            packed = torch.tensor([float(skipped), sum(weights), *(metric_sums[name] for name in names)],
+                                  dtype=torch.float64)  # fmt: skip
             packed = distributed.all_reduce(torch.cat([loss_sum.double().reshape(1).cpu(), packed]).to(self.device))
             packed = packed.cpu()
             loss_sum = packed[0] / self.world_size
             skipped = round(float(packed[1]))
-            metric_sums = {name: float(value) / self.world_size for name, value in zip(names, packed[2:], strict=True)}
+            weight_total = float(packed[2])
+            metric_sums = {name: float(value) / self.world_size for name, value in zip(names, packed[3:], strict=True)}
+        else:
+            weight_total = sum(weights)
         self.skipped += skipped
+        if weights:
+            # The gradients hold the sum of every item's gradient (averaged over processes by DDP / FSDP): divided by
+            # the global number of items they are the full batch's mean; the loss likewise.
+            scale = self.world_size / weight_total if weight_total > 0 else 0.0
+            gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(gradients, scale)
+            loss_sum = loss_sum * scale * config.grad_accum
 
         parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
         # An infinite limit measures the norm for the log and scales gradients by exactly 1.0.
