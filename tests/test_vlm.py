@@ -16,6 +16,7 @@ import torch
 import vlkit
 from vlkit.data import shapes
 from vlkit.data.specs import ShapesText
+from vlkit.data.transforms import ImageTransform
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes import InitFrom, get_recipe
 from vlkit.recipes.contrastive import SHAPES_DATA
@@ -493,3 +494,20 @@ def test_answers_are_marked_right_as_the_metrics_score_them() -> None:
     assert not answer_is_right(grounding, "<ref> the red star</ref><box> (0,0),(100,100)</box>")
     assert answer_is_right(question("colour", "red"), "Red.") and not answer_is_right(question("colour", "red"), "")
     assert answer_is_right(question("caption", sample.captions[0]), sample.captions[0])
+
+
+def test_a_config_without_held_out_combinations_evaluates_its_test_split(tiny_llava: Path) -> None:
+    """``heldout=()`` is a valid ShapesWorld config: the evaluations read ``test`` alone and report no _heldout key."""
+    from vlkit.eval.benchmarks import shapes_suite
+    from vlkit.tasks.classification import ClassificationEval
+
+    config = dataclasses.replace(SHAPES_DATA, heldout=())
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    spec = dataclasses.replace(get_recipe("llava_shapes").with_overrides(TINY_VLM).data, config=config)
+    evaluation = VLMEvaluation.build(spec, model, max_new_tokens=2, batch_size=8)
+    assert {question.split for question in evaluation.questions} == {"test"}
+    metrics = evaluation(model).metrics
+    assert "vqa_accuracy" in metrics and not any(key.endswith("_heldout") for key in metrics)
+    transform = ImageTransform(image_size=32)
+    assert set(shapes_suite(config, transform, size=4, retrieval_size=4).zero_shot) == {"zero_shot"}
+    assert set(ClassificationEval.build(config, transform, 4).splits) == {""}

@@ -230,6 +230,11 @@ def class_index(config: ShapesConfig, colour: str, shape: str) -> int:
     return config.colours.index(colour) * len(config.shapes) + config.shapes.index(shape)
 
 
+def test_splits(config: ShapesConfig) -> tuple[Split, ...]:
+    """The splits an evaluation reads: ``test``, and ``test_heldout`` when the config holds combinations out."""
+    return ("test", "test_heldout") if config.heldout else ("test",)
+
+
 def allowed_combos(config: ShapesConfig, split: Split) -> list[tuple[str, str]]:
     """The (colour, shape) classes a split draws from: held-out ones for test_heldout, the rest otherwise."""
     _check_split(split)

@@ -86,7 +86,8 @@ def shapes_suite(
     and image<->text retrieval of canonical captions on multi-object ``test`` scenes."""
     names = shapes.class_names(config)
     sets = {}
-    for key, split in (("zero_shot", "test"), ("zero_shot_heldout", "test_heldout")):
+    for split in shapes.test_splits(config):
+        key = "zero_shot_heldout" if split == "test_heldout" else "zero_shot"
         samples = [shapes.single_object(config, split, index) for index in range(size)]
         labels = [shapes.class_index(config, s.objects[0].colour, s.objects[0].shape) for s in samples]
         sets[key] = ZeroShotSet(key, _stack([s.image for s in samples], transform), torch.tensor(labels), names,

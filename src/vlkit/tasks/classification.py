@@ -148,7 +148,8 @@ class ClassificationEval:
     @classmethod
     def build(cls, config: shapes.ShapesConfig, transform: ImageTransform, size: int) -> ClassificationEval:
         splits = {}
-        for key, split in (("", "test"), ("_heldout", "test_heldout")):
+        for split in shapes.test_splits(config):
+            key = "_heldout" if split == "test_heldout" else ""
             dataset = ShapesClassificationDataset(config, split, size, transform)
             items = [dataset[index] for index in range(size)]
             splits[key] = _EvalSplit(

@@ -269,7 +269,8 @@ class RetrievalEvaluation:
         assert isinstance(model.bridge, QFormer)
         max_len = model.bridge.config.max_seq_len
         splits = {}
-        for split, suffix in (("test", ""), ("test_heldout", "_heldout")):
+        for split in shapes.test_splits(spec.config):
+            suffix = "_heldout" if split == "test_heldout" else ""
             scenes = [shapes.generate(spec.config, split, index) for index in range(spec.eval_size)]  # type: ignore[arg-type]
             captions = [scene.captions[0] for scene in scenes]
             pixels = torch.stack([transform(scene.image) for scene in scenes])  # (S, 3, H, W)

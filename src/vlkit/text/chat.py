@@ -89,9 +89,9 @@ def conversation_problem(
         return f"has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(conversation.images)} image(s)"
     last = dialogue[-1].role
     if expect == "answer" and last != "assistant":
-        has_answer = any(turn.role == "assistant" for turn in dialogue)
-        reason = "ends with a user turn that nothing answers" if has_answer else "has no assistant turn"
-        return f"{reason}; training on it would learn nothing"
+        if any(turn.role == "assistant" for turn in dialogue):
+            return "ends with a user turn that nothing answers; training data ends with an answer (drop the last turn)"
+        return "has no assistant turn; training on it would learn nothing"
     if expect == "prompt" and last != "user":
         return "ends with an assistant turn; a prompt must end with the user's message"
     return None
