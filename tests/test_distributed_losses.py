@@ -115,3 +115,40 @@ def test_opt_out_scores_only_the_local_shard(ranks: tuple[int, list[dict]], kind
         shard_loss, _ = _loss_and_grads(kind, {k: v[shard] for k, v in global_data.items()}, distributed=True)
         assert result[kind]["local_loss"] == pytest.approx(shard_loss, abs=1e-6)
         assert abs(result[kind]["local_loss"] - result[kind]["loss"]) > 1e-3
+
+
+class _Packed:
+    """What navit_step reads of a packed batch besides the model's outputs."""
+
+    padding_fraction = torch.tensor(0.0)
+    images_per_sequence = torch.tensor([2.0])
+
+    @classmethod
+    def from_dict(cls, batch: dict) -> _Packed:
+        return cls()
+
+
+def _navit_unequal_shards(rank: int, world_size: int) -> list[float]:
+    """Rank r packed 4 - 2r images (each rank keeps what fits its sequences): the step trains on equal shards."""
+    from types import SimpleNamespace
+
+    from vlkit.tasks import navit
+
+    navit.PackedImages = _Packed  # type: ignore[misc, assignment]
+    generator = torch.Generator().manual_seed(rank)
+    rows = 4 - 2 * rank
+    features = [F.normalize(torch.randn(rows, 8, generator=generator), dim=-1) for _ in range(2)]
+
+    def model(packed: object, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(image_features=features[0], text_features=features[1],
+                               logit_scale=torch.tensor(10.0), logit_bias=None)  # fmt: skip
+
+    losses = []
+    for loss_fn in (ClipLoss(), SigLipLoss()):
+        losses.append(float(navit.navit_step(loss_fn)(model, {"input_ids": None, "attention_mask": None}).loss))
+    return losses
+
+
+def test_packed_ranks_with_different_image_counts_train_on_equal_shards() -> None:
+    rank0, rank1 = run_on_ranks(_navit_unequal_shards, 2)
+    assert all(math.isfinite(loss) for loss in rank0 + rank1)

@@ -112,12 +112,35 @@ def test_dual_encoder_logits_are_scaled_cosines_plus_bias() -> None:
     model = vlkit.create_model("test_siglip").eval()
     inputs = _model_inputs(model, batch=3)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(200.0))  # above max_logit_scale: the scale must be clamped
+        model.logit_scale.fill_(math.log(20.0))
         logits = model.logits(**inputs)
         image = F.normalize(model.encode_image(inputs["pixels"]), dim=-1)
         text = F.normalize(model.encode_text(inputs["input_ids"], inputs["attention_mask"]), dim=-1)
     assert logits.shape == (3, 3)
-    torch.testing.assert_close(logits, model.config.max_logit_scale * image @ text.T + model.logit_bias)
+    torch.testing.assert_close(logits, 20.0 * image @ text.T + model.logit_bias)
+
+
+def test_the_scale_is_bounded_on_the_parameter_so_it_can_come_back_down(tmp_path: Path) -> None:
+    """Past max_logit_scale the parameter is clamped after the update (open_clip's way); the scale keeps its
+    gradient, so a loss that wants a lower temperature lowers it again."""
+    from vlkit.losses import ClipLoss
+    from vlkit.train import StepOutput, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = vlkit.create_model("test_clip")
+    inputs = _model_inputs(model, batch=4)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) + 0.01)
+    loss_fn = ClipLoss()
+
+    def step(model: torch.nn.Module, batch: dict) -> StepOutput:
+        out = model(**inputs)
+        return StepOutput(loss=loss_fn(out.image_features, out.text_features, out.logit_scale))
+
+    assert torch.autograd.grad(step(model, {}).loss, model.logit_scale)[0] != 0
+    config = TrainConfig(steps=1, batch_size=4, lr=1e-3, precision="fp32", progress=False)
+    Trainer(model, config, [{"x": torch.zeros(1)}] * 4, None, step, tmp_path).fit()
+    assert model.logit_scale.item() <= math.log(100.0) + 1e-6  # (in fp32)
 
 
 # --- checkpoints and configs

@@ -62,7 +62,7 @@ class DualEncoderConfig(ConfigBase):
 class DualEncoderOutput:
     image_features: torch.Tensor  # (B, E), L2-normalised
     text_features: torch.Tensor  # (B, E), L2-normalised
-    logit_scale: torch.Tensor  # scalar, exp() of the parameter, clamped
+    logit_scale: torch.Tensor  # scalar, exp() of the parameter (clamped after each update)
     logit_bias: torch.Tensor | None
     # interaction="token" only (FILIP): per-token features, L2-normalised per token, and the real-token text mask.
     image_tokens: torch.Tensor | None = None  # (B, N, E)
@@ -178,7 +178,13 @@ class DualEncoder(PretrainedModel):
         )
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale), self.logit_bias
+        return self.logit_scale.exp(), self.logit_bias
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Keep the scale at most ``max_logit_scale`` by clamping the parameter after each update, as open_clip
+        does: a clamp in the forward pass would leave a parameter past the bound without a gradient, for good."""
+        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
 
     def forward(
         self,

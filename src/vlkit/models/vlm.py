@@ -117,6 +117,9 @@ class VLMConfig(ConfigBase):
         return self.vision.dim * max(len(self.feature_layers), 1)
 
 
+MAX_LOGIT_SCALE = 100.0  # the Q-Former heads' temperature floor (1 / 100), as CLIP's
+
+
 class QFormerHeads(nn.Module):
     """BLIP-2's stage-1 heads on the Q-Former (Li et al., 2023, Sec. 3.2): ``image_proj`` / ``text_proj`` map the
     query and text outputs (D_q) into the contrastive space (E), ``logit_scale`` is the learnable log inverse
@@ -130,6 +133,11 @@ class QFormerHeads(nn.Module):
         self.text_proj = nn.Linear(dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.itm_head = nn.Linear(dim, 2)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """The temperature's floor (1 / 100, as CLIP's), kept on the parameter so its gradient never dies."""
+        self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
 
 class VisionLanguageModel(PretrainedModel):

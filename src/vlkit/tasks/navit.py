@@ -25,7 +25,7 @@ from vlkit.data.packing import PackingCollate, resize_to_budget
 from vlkit.data.readers import collate_image_text
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlkit.packed import PackedImages
-from vlkit.train import StepOutput
+from vlkit.train import StepOutput, distributed
 
 InputPolicy = Literal["pack", "resize_square", "pad_square"]
 StepFn = Callable[[torch.nn.Module, dict[str, Any]], StepOutput]
@@ -92,7 +92,13 @@ def navit_step(loss_fn: torch.nn.Module) -> StepFn:
     def step(model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         packed = PackedImages.from_dict(batch)
         out = model(packed, batch["input_ids"], batch["attention_mask"])
-        loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        images, texts = out.image_features, out.text_features
+        if distributed.get_world_size() > 1:
+            # Each rank packs its own share and keeps the images that fit: the counts differ, and the sharded losses
+            # pair equal shards. Every rank trains on the first (fewest kept) of its pairs.
+            kept = int(distributed.all_reduce(torch.tensor(images.shape[0], device=images.device), op="min"))
+            images, texts = images[:kept], texts[:kept]
+        loss = loss_fn(images, texts, out.logit_scale, out.logit_bias)
         metrics = {
             "logit_scale": float(out.logit_scale.detach()),
             "padding_fraction": float(packed.padding_fraction),

@@ -54,8 +54,6 @@ __all__ = [
     "query_text_similarity",
 ]
 
-MAX_LOGIT_SCALE = 100.0  # the temperature's floor (1 / 100), as CLIP's; BLIP-2 clamps its 0.07 start from below
-
 
 @register_task
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ def qformer_losses(
     assert unimodal.text is not None
     image_embeds = F.normalize(heads.image_proj(unimodal.queries), dim=-1)  # (B, M, E)
     text_embeds = F.normalize(heads.text_proj(unimodal.text[:, 0]), dim=-1)  # (B, E)
-    scale = heads.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    scale = heads.logit_scale.exp()  # at most 100: QFormerHeads.after_optimizer_step
     logits = scale * query_text_similarity(image_embeds, text_embeds)  # (B, B)
     itc = contrastive_loss(logits, positives)
 

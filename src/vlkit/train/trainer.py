@@ -293,6 +293,8 @@ class Trainer:
         self.optimizer = build_optimizer(
             groups, config.optimizer, config.lr, config.betas, config.eps, config.weight_decay, self.device
         )
+        # Modules that keep a parameter in range after each update (``after_optimizer_step``: a bounded temperature).
+        self._constrained = [module for module in self.module.modules() if hasattr(module, "after_optimizer_step")]
         self.lr_factor = partial(
             lr_lambda,
             total_steps=config.steps,
@@ -589,6 +591,8 @@ class Trainer:
                 "the weights were not updated, resume from the last checkpoint with a lower lr or fp32"
             )
         self.optimizer.step()
+        for module in self._constrained:  # parameters kept in range by their modules (a bounded temperature)
+            module.after_optimizer_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
