@@ -61,7 +61,7 @@ def _text_batch(config: TextConfig, batch: int, seed: int = 0) -> tuple[torch.Te
 
 def _model_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     config = model.config
-    inputs = {"pixels": _pixels(config.vision, batch, seed)}
+    inputs = {"pixel_values": _pixels(config.vision, batch, seed)}
     if isinstance(model, DualEncoder):
         inputs["input_ids"], inputs["attention_mask"] = _text_batch(config.text, batch, seed)
     return inputs
@@ -114,7 +114,7 @@ def test_dual_encoder_logits_are_scaled_cosines_plus_bias() -> None:
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
         logits = model.logits(**inputs)
-        image = F.normalize(model.encode_image(inputs["pixels"]), dim=-1)
+        image = F.normalize(model.encode_image(inputs["pixel_values"]), dim=-1)
         text = F.normalize(model.encode_text(inputs["input_ids"], inputs["attention_mask"]), dim=-1)
     assert logits.shape == (3, 3)
     torch.testing.assert_close(logits, 20.0 * image @ text.T + model.logit_bias)

@@ -225,8 +225,10 @@ def test_images_and_text_together_feed_a_transformers_model(images: list[Image.I
     model = vlkit.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         expected = reference(**inputs.as_dict()).logits_per_image
-        actual = model.logits(inputs.pixel_values, inputs.input_ids, inputs.attention_mask)
+        actual = model.logits(**inputs)  # the processor's names unpack into the model, as into transformers'
+        features = model(**inputs).image_features
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert features.shape[0] == 2
 
 
 def test_processor_without_files_or_parts_is_an_error(tmp_path: Path) -> None:

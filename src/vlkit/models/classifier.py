@@ -42,5 +42,6 @@ class ImageClassifier(PretrainedModel):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(pixels))  # (B, num_classes)
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) logits; the processor's name for the images, so ``model(**processor(images=...))``."""
+        return self.head(self.encoder(pixel_values))

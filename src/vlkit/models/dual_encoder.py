@@ -188,11 +188,13 @@ class DualEncoder(PretrainedModel):
 
     def forward(
         self,
-        pixels: torch.Tensor,
+        pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_patch_tokens: bool = False,
     ) -> DualEncoderOutput:
+        """The processor's names, so that ``model(**processor(images=..., text=...))`` works as with transformers."""
+        pixels = pixel_values
         if self.config.interaction == "token":
             return self._forward_tokens(pixels, input_ids, attention_mask, output_patch_tokens)
         scale, bias = self.scale_and_bias()
@@ -227,11 +229,11 @@ class DualEncoder(PretrainedModel):
         return cosine, cosine
 
     def logits(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Image-text logits (B_img, B_txt) as the model's image -> text loss rows see them: scale * similarity +
         bias (for FILIP, the image -> text token-wise similarity)."""
-        out = self(pixels, input_ids, attention_mask)
+        out = self(pixel_values, input_ids, attention_mask)
         if out.image_tokens is not None:
             similarity, _ = self.similarity(out.image_tokens, out.text_tokens, out.text_mask)
         else:
