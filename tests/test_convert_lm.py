@@ -247,3 +247,19 @@ def test_real_size_presets_match_the_public_architectures(name: str) -> None:
     assert {key for r in rules for key in r.hf} == set(hf_shapes) - tied
     assert {key for r in rules for key in r.vlkit} == set(vlkit_shapes)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters()) == count
+
+
+@pytest.mark.parametrize("family", ["Llama", "OPT"])
+def test_a_stored_head_that_differs_from_the_embedding_is_kept_as_transformers_keeps_it(
+    tmp_path: Path, family: str
+) -> None:
+    """A config that ties the head, over a file holding a different ``lm_head.weight``: transformers keeps the stored
+    head (untied), and vlkit's logits match; a stored head equal to the embedding stays tied."""
+    options = LLAMAS if family == "Llama" else OPTS
+    _reference(family, {**options, "tie_word_embeddings": False}).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    reference = getattr(transformers, f"{family}ForCausalLM").from_pretrained(tmp_path).eval()
+    model = vlkit.from_pretrained(tmp_path).eval()
+    assert isinstance(model, DecoderLM) and not model.config.tie_embeddings
+    _check_logits(model, reference, _batch(options["vocab_size"], options["pad_token_id"], [5, 3]))

@@ -169,6 +169,10 @@ def _check_architecture(hf: dict[str, Any], where: str) -> None:
 def _load(hf: dict[str, Any], source: WeightSource, where: str, dtype: torch.dtype | None) -> VisionLanguageModel:
     _check_architecture(hf, where)
     config = config_from_hf(hf, where)
+    if config.lm.tie_embeddings and llama.head_stored_apart(
+        source, rules(config), "lm.token_embed.weight", "language_model.lm_head.weight"
+    ):
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, tie_embeddings=False))
     ignored = {"language_model.lm_head.weight"} if config.lm.tie_embeddings else set()
     return read_vlm(config, rules(config), source, where, dtype, ignored, _fused_sizes(config))
 

@@ -18,6 +18,7 @@ so the weights are held once. By default they keep the dtype they were stored in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -339,21 +340,32 @@ def _check_architecture(hf: dict[str, Any], where: str) -> None:
                                   f"supported: {wanted}")  # fmt: skip
 
 
-def load_directory(directory: Path, hf: dict[str, Any], dtype: torch.dtype | None = None) -> DecoderLM:
-    where = str(directory)
+def head_stored_apart(source: Any, key_map: list[Rule], embed: str, head: str) -> bool:
+    """Whether a checkpoint whose config ties the LM head stores a head (``head``) that differs from its embedding
+    (the foreign key of vlkit's ``embed``). transformers then keeps that head, untied; so does vlkit, or its logits
+    would differ. A stored head equal to the embedding is the tied one, written anyway, and is ignored."""
+    keys = source.keys()
+    embed_key = next((r.hf[0] for r in key_map if r.vlkit == (embed,)), None)
+    if embed_key is None or head not in keys or embed_key not in keys:
+        return False
+    return not torch.equal(source.read(head), source.read(embed_key))
+
+
+def _read_checkpoint(hf: dict[str, Any], source: WeightSource, where: str, dtype: torch.dtype | None) -> DecoderLM:
     _check_architecture(hf, where)
     config = config_from_hf(hf, where)
-    # Tied checkpoints sometimes store the head anyway; transformers ties it to the embedding, and so does vlkit.
-    ignored = ("lm_head.weight",) if config.tie_embeddings else ()
-    source = WeightSource.from_directory(directory)
+    if config.tie_embeddings and head_stored_apart(source, rules(config), "token_embed.weight", "lm_head.weight"):
+        config = dataclasses.replace(config, tie_embeddings=False)
+    ignored = ("lm_head.weight",) if config.tie_embeddings else ()  # a tied head written anyway
     return read_lm(config, rules(config), source, where, dtype, ignored, fused_sizes(config))
 
 
+def load_directory(directory: Path, hf: dict[str, Any], dtype: torch.dtype | None = None) -> DecoderLM:
+    return _read_checkpoint(hf, WeightSource.from_directory(directory), str(directory), dtype)
+
+
 def load(checkpoint: HFCheckpoint, source: str) -> DecoderLM:
-    _check_architecture(checkpoint.config, source)
-    config = config_from_hf(checkpoint.config, source)
-    ignored = ("lm_head.weight",) if config.tie_embeddings else ()
-    return read_lm(config, rules(config), WeightSource(checkpoint.weights), source, None, ignored, fused_sizes(config))
+    return _read_checkpoint(checkpoint.config, WeightSource(checkpoint.weights), source, None)
 
 
 def _model_type(config: LMConfig) -> str | None:

@@ -30,6 +30,7 @@ Options read: ``vision_config.model_type`` (``clip_vision_model`` / ``siglip_vis
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,11 @@ def strategy(config: VLMConfig) -> str:
 
 def _read(config: VLMConfig, source: Any, where: str, dtype: torch.dtype | None) -> VisionLanguageModel:
     key_map = rules(config)
+    if config.lm.tie_embeddings and llama.head_stored_apart(
+        source, key_map, "lm.token_embed.weight", "language_model.lm_head.weight"
+    ):
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, tie_embeddings=False))
+        key_map = rules(config)
     wanted = {key for r in key_map for key in r.hf}
     ignored = {"language_model.lm_head.weight"} if config.lm.tie_embeddings else set()
     for key in source.keys() - wanted:  # position ids that older vision towers saved as a buffer: checked and dropped

@@ -12,6 +12,7 @@ linear bias. Checkpoints saved from ``OPTModel`` (keys under ``decoder.``) load 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from vlkit.convert.common import (
     rule,
     with_defaults,
 )
-from vlkit.convert.llama import WeightSource, export_tensors, read_lm, token_fields, token_ids
+from vlkit.convert.llama import WeightSource, export_tensors, head_stored_apart, read_lm, token_fields, token_ids
 from vlkit.lm import DecoderLM, LMConfig
 
 MODEL_TYPE = "opt"
@@ -119,8 +120,13 @@ def _check_architecture(hf: dict[str, Any], where: str) -> None:
 def _read(hf: dict[str, Any], source: WeightSource, where: str, dtype: torch.dtype | None) -> DecoderLM:
     _check_architecture(hf, where)
     config = config_from_hf(hf, where)
+    prefix = _prefix(source.keys())
+    if config.tie_embeddings and head_stored_apart(
+        source, rules(config, prefix), "token_embed.weight", "lm_head.weight"
+    ):
+        config = dataclasses.replace(config, tie_embeddings=False)
     ignored = ("lm_head.weight",) if config.tie_embeddings else ()
-    return read_lm(config, rules(config, _prefix(source.keys())), source, where, dtype, ignored)
+    return read_lm(config, rules(config, prefix), source, where, dtype, ignored)
 
 
 def load_directory(directory: Path, hf: dict[str, Any], dtype: torch.dtype | None = None) -> DecoderLM:
