@@ -146,6 +146,19 @@ def test_malformed_config_names_config_json(
     assert err.startswith(f"vlkit: error: {directory / 'config.json'}: ")
 
 
+def test_a_damaged_tokenizer_names_the_file(tmp_path: Path) -> None:
+    from vlkit.text import Tokenizer, train_tokenizer
+    from vlkit.text.tokenizer import read_tokenizer_directory
+
+    path = tmp_path / "tokenizer.json"
+    train_tokenizer(["a red circle", "a blue square"] * 4, vocab_size=64, max_len=8).save(path)
+    truncate(path)
+    for read in (lambda: Tokenizer.from_file(path, max_len=8), lambda: read_tokenizer_directory(tmp_path, 8, None)):
+        with pytest.raises(DamagedFileError) as caught:
+            read()
+        assert caught.value.path == path
+
+
 def test_hugging_face_directory_damage_names_the_file(tmp_path: Path) -> None:
     exported = vlkit.export_hf(vlkit.create_model("test_siglip"), tmp_path / "hf")
     assert "model_type" in read_json(exported / "config.json")

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from vlkit.files import read_json
+from vlkit.files import DamagedFileError, read_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Conventions of foreign checkpoints whose tokenizer files do not name their special tokens: (eos, pad, length).
@@ -42,7 +42,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, max_len: int, pad_token: str = "<pad>", eos_token: str = "<eos>") -> Tokenizer:
-        backend = _HFTokenizer.from_file(str(path))
+        backend = _read_tokenizer_file(Path(path))
         pad_id, eos_id = backend.token_to_id(pad_token), backend.token_to_id(eos_token)
         if pad_id is None or eos_id is None:
             raise ValueError(f"{path}: tokenizer has no {pad_token!r} or {eos_token!r} token")
@@ -123,13 +123,24 @@ def load_tokenizer(path: str | Path, max_len: int | None = None, model_type: str
     return loaded[0] if loaded is not None else None
 
 
+def _read_tokenizer_file(file: Path) -> _HFTokenizer:
+    """A ``tokenizers`` tokenizer from ``file``; a damaged file is a ``DamagedFileError`` naming it (``tokenizers``
+    raises a bare ``Exception`` that names no file)."""
+    try:
+        return _HFTokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a plain Exception for every parse failure
+        if not file.is_file():
+            raise
+        raise DamagedFileError(file, f"not a readable tokenizers file ({error})") from None
+
+
 def read_tokenizer_directory(
     directory: Path, max_len: int | None, model_type: str | None
 ) -> tuple[Tokenizer, Padding] | None:
     file = directory / "tokenizer.json"
     if not file.exists():
         return None
-    backend = _HFTokenizer.from_file(str(file))
+    backend = _read_tokenizer_file(file)
     settings: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).exists():
