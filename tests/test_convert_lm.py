@@ -119,6 +119,15 @@ def test_generation_stops_at_eos_like_transformers(tmp_path: Path) -> None:
     assert torch.equal(ours, theirs)
     assert (ours[0, 9:] == 0).all() and ours[0, 8] == eos
 
+    # An end-of-sequence id that only generation_config.json names (an instruct model's end of turn) stops both.
+    reference.config.eos_token_id, reference.generation_config.eos_token_id = 2, [2, eos]
+    reference.save_pretrained(tmp_path / "generation")
+    assert json.loads((tmp_path / "generation" / "config.json").read_text())["eos_token_id"] == 2
+    model = vlkit.from_pretrained(tmp_path / "generation")
+    assert model.config.eos_token_ids == (2, eos)
+    theirs = reference.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=10), theirs)
+
 
 def test_sharded_export_loads_both_ways(tmp_path: Path) -> None:
     reference = _reference("Qwen2", {**LLAMAS, "num_key_value_heads": 2})

@@ -73,6 +73,9 @@ def load_hf_directory(
             f"{directory}: architecture {unsupported[0]} is not supported for {model_type}; "
             f"supported: {list(module.ARCHITECTURES)}"
         )
+    if module in (llama, opt, llava, blip2) and (directory / "generation_config.json").is_file():
+        generation = read_json(directory / "generation_config.json")
+        config = _with_generation_eos(config, generation, nested=module in (llava, blip2))
     if hasattr(module, "load_directory"):
         model = module.load_directory(directory, config, dtype)
     else:
@@ -86,6 +89,18 @@ def load_hf_directory(
     elif isinstance(model, VisionLanguageModel):
         model.tokenizer = load_tokenizer(directory, model.config.lm.max_seq_len, model_type)
     return model
+
+
+def _with_generation_eos(config: dict[str, Any], generation: dict[str, Any], nested: bool) -> dict[str, Any]:
+    """``config`` with the end-of-sequence ids of ``generation_config.json``, which transformers' ``generate`` stops
+    at in place of ``config.json``'s (instruct models list their end-of-turn token there). ``nested``: a VLM, whose
+    language model's ids sit in ``text_config``."""
+    eos = generation.get("eos_token_id")
+    if eos is None:
+        return config
+    if nested:
+        return {**config, "text_config": {**(config.get("text_config") or {}), "eos_token_id": eos}}
+    return {**config, "eos_token_id": eos}
 
 
 def export_hf(
