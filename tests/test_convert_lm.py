@@ -272,3 +272,22 @@ def test_a_stored_head_that_differs_from_the_embedding_is_kept_as_transformers_k
     model = vlkit.from_pretrained(tmp_path).eval()
     assert isinstance(model, DecoderLM) and not model.config.tie_embeddings
     _check_logits(model, reference, _batch(options["vocab_size"], options["pad_token_id"], [5, 3]))
+
+
+def test_export_keeps_the_tokenizers_special_tokens_and_chat_template(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    _reference("Llama", {**LLAMAS, "bos_token_id": 1}).save_pretrained(tmp_path / "hf")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 96)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    source = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=64, **tokens)
+    source.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    source.save_pretrained(tmp_path / "hf")
+    vlkit.export_hf(vlkit.from_pretrained(tmp_path / "hf"), tmp_path / "out")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (exported.bos_token, exported.unk_token, exported.eos_token) == ("<s>", "<unk>", "</s>")
+    assert exported.chat_template == source.chat_template
+    assert exported("w5 zz").input_ids == source("w5 zz").input_ids == [1, 5, 3]

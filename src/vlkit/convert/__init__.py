@@ -127,7 +127,8 @@ def export_hf(
         write_json(
             directory / "tokenizer_config.json",
             {
-                "tokenizer_class": "PreTrainedTokenizerFast",
+                **getattr(tokenizer, "hf_settings", {}),  # a converted model's bos / unk tokens, chat template, ...
+                "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json alone
                 "eos_token": backend.id_to_token(tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(tokenizer.pad_token_id),
                 "model_max_length": tokenizer.max_len,

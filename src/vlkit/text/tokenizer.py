@@ -39,6 +39,9 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.max_len = max_len
+        # A Hugging Face directory's tokenizer_config.json / special_tokens_map.json entries (bos and unk tokens,
+        # chat template, ...): vlkit reads eos and pad of them, export_hf writes them all back.
+        self.hf_settings: dict[str, Any] = {}
 
     @classmethod
     def from_file(cls, path: str | Path, max_len: int, pad_token: str = "<pad>", eos_token: str = "<eos>") -> Tokenizer:
@@ -145,6 +148,8 @@ def read_tokenizer_directory(
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).exists():
             settings.update({k: v for k, v in read_json(directory / name).items() if v is not None})
+    if (directory / "chat_template.jinja").is_file():  # where transformers 5 keeps the chat template
+        settings["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
     padding_settings, truncation = backend.padding, backend.truncation
     eos = _token_text(settings.get("eos_token")) or default_eos
@@ -166,7 +171,9 @@ def read_tokenizer_directory(
     # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
     backend.no_padding()
     backend.no_truncation()
-    return Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable)), padding
+    tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable))
+    tokenizer.hf_settings = settings
+    return tokenizer, padding
 
 
 def _token_text(value: Any) -> str | None:
