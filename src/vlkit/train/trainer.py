@@ -293,6 +293,7 @@ class Trainer:
         self.optimizer = build_optimizer(
             groups, config.optimizer, config.lr, config.betas, config.eps, config.weight_decay, self.device
         )
+        self._parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
         # Modules that keep a parameter in range after each update (``after_optimizer_step``: a bounded temperature).
         self._constrained = [module for module in self.module.modules() if hasattr(module, "after_optimizer_step")]
         self.lr_factor = partial(
@@ -522,69 +523,16 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         learning_rate = config.lr * self.lr_factor(self.step)
-        loss_sum = torch.zeros((), device=self.device)
-        metric_sums: dict[str, float] = {}
-        skipped = 0
-        # Weighted losses (StepOutput.weight) only matter across micro-batches: one micro-batch on one process is its
-        # own normaliser, and trains exactly as the plain loss.
-        across = config.grad_accum > 1 or self.world_size > 1
-        weights: list[float] = []
-        weighted: set[bool] = set()
-        for micro_index in range(config.grad_accum):
-            batch = next(batches)
-            if not isinstance(batch, dict):
-                raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
-            skipped += int(batch.pop("skipped", 0))
-            batch = _to_device(batch, self.device)
-            # DDP / FSDP2 would reduce gradients after every micro-batch; only the last one needs it.
-            with distributed.gradient_sync(self.model, micro_index == config.grad_accum - 1):
-                with self._autocast():
-                    output = self.step_fn(self.model, batch)
-                weighted.add(output.weight is not None)
-                if across and output.weight is not None:
-                    weights.append(float(output.weight))
-                    (output.loss * weights[-1]).backward()  # the sum of its items' losses; scaled below
-                    loss_sum += output.loss.detach().float() * weights[-1]
-                else:
-                    (output.loss / config.grad_accum).backward()
-                    loss_sum += output.loss.detach().float()
-            for key, value in output.metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-
-        if len(weighted) > 1:
-            raise ValueError("a step_fn must give a StepOutput.weight for every micro-batch or for none")
-        if self.world_size > 1:
-            # One collective for everything logged: the mean loss and metrics over ranks (the global loss when
-            # each rank's loss is its share of it) and the total of skipped samples.
-            names = sorted(metric_sums)
-            packed = torch.tensor([float(skipped), sum(weights), *(metric_sums[name] for name in names)],
-                                  dtype=torch.float64)  # fmt: skip
-            packed = distributed.all_reduce(torch.cat([loss_sum.double().reshape(1).cpu(), packed]).to(self.device))
-            packed = packed.cpu()
-            loss_sum = packed[0] / self.world_size
-            skipped = round(float(packed[1]))
-            weight_total = float(packed[2])
-            metric_sums = {name: float(value) / self.world_size for name, value in zip(names, packed[3:], strict=True)}
-        else:
-            weight_total = sum(weights)
+        loss, metric_sums, skipped = self._reduce(*self._forward_backward(batches))
         self.skipped += skipped
-        if weights:
-            # The gradients hold the sum of every item's gradient (averaged over processes by DDP / FSDP): divided by
-            # the global number of items they are the full batch's mean; the loss likewise.
-            scale = self.world_size / weight_total if weight_total > 0 else 0.0
-            gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch._foreach_mul_(gradients, scale)
-            loss_sum = loss_sum * scale * config.grad_accum
 
-        parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
         # An infinite limit measures the norm for the log and scales gradients by exactly 1.0.
         max_norm = config.grad_clip if config.grad_clip is not None else math.inf
         if distributed.is_sharded(self.model):
             distributed.sync_replicated_gradients(self.model)
-            grad_norm = distributed.clip_grad_norm(parameters, max_norm)
+            grad_norm = distributed.clip_grad_norm(self._parameters, max_norm)
         else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-        loss = loss_sum.item() / config.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._parameters, max_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1}; "
@@ -606,6 +554,67 @@ class Trainer:
             raise ValueError(f"step_fn metrics {sorted(clashes)} clash with the trainer's own log fields")
         record |= {key: value / config.grad_accum for key, value in metric_sums.items()}
         return record
+
+    def _forward_backward(
+        self, batches: Iterator[dict[str, Any]]
+    ) -> tuple[torch.Tensor, dict[str, float], int, list[float]]:
+        """Forward and backward over the step's micro-batches: this process's loss sum, metric sums, skipped samples
+        and, for weighted losses (``StepOutput.weight``), each micro-batch's weight."""
+        config = self.config
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, float] = {}
+        skipped = 0
+        # Weighted losses only matter across micro-batches: one micro-batch on one process is its own normaliser,
+        # and trains exactly as the plain loss.
+        across = config.grad_accum > 1 or self.world_size > 1
+        weights: list[float] = []
+        weighted: set[bool] = set()
+        for micro_index in range(config.grad_accum):
+            batch = next(batches)
+            if not isinstance(batch, dict):
+                raise TypeError(f"collate_fn must return a dict of tensors, got {type(batch).__name__}")
+            skipped += int(batch.pop("skipped", 0))
+            batch = _to_device(batch, self.device)
+            # DDP / FSDP2 would reduce gradients after every micro-batch; only the last one needs it.
+            with distributed.gradient_sync(self.model, micro_index == config.grad_accum - 1):
+                with self._autocast():
+                    output = self.step_fn(self.model, batch)
+                weighted.add(output.weight is not None)
+                if across and output.weight is not None:
+                    weights.append(float(output.weight))
+                    (output.loss * weights[-1]).backward()  # the sum of its items' losses; scaled in _reduce
+                    loss_sum += output.loss.detach().float() * weights[-1]
+                else:
+                    (output.loss / config.grad_accum).backward()
+                    loss_sum += output.loss.detach().float()
+            for key, value in output.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        if len(weighted) > 1:
+            raise ValueError("a step_fn must give a StepOutput.weight for every micro-batch or for none")
+        return loss_sum, metric_sums, skipped, weights
+
+    def _reduce(
+        self, loss_sum: torch.Tensor, metric_sums: dict[str, float], skipped: int, weights: list[float]
+    ) -> tuple[float, dict[str, float], int]:
+        """The step's loss (the global batch's mean), its metric sums averaged over processes and its skipped
+        samples over all processes. For weighted losses the gradients, which hold the sum of every item's gradient
+        (averaged over processes by DDP / FSDP), are divided by the global number of items: the full batch's mean."""
+        weight_total = sum(weights)
+        if self.world_size > 1:
+            # One collective for everything logged.
+            names = sorted(metric_sums)
+            packed = torch.tensor([loss_sum.item(), float(skipped), weight_total, *(metric_sums[n] for n in names)],
+                                  dtype=torch.float64)  # fmt: skip
+            packed = distributed.all_reduce(packed.to(self.device)).cpu()
+            loss_total, skipped, weight_total = float(packed[0]), round(float(packed[1])), float(packed[2])
+            metric_sums = {name: float(value) / self.world_size for name, value in zip(names, packed[3:], strict=True)}
+        else:
+            loss_total = loss_sum.item()
+        if not weights:
+            return loss_total / (self.world_size * self.config.grad_accum), metric_sums, skipped
+        scale = self.world_size / weight_total if weight_total > 0 else 0.0
+        torch._foreach_mul_([parameter.grad for parameter in self._parameters if parameter.grad is not None], scale)
+        return (loss_total / weight_total if weight_total > 0 else 0.0), metric_sums, skipped
 
     def _run_evaluation(self) -> EvalResult:
         assert self.evaluate is not None
