@@ -102,6 +102,13 @@ def test_lit_trains_the_text_tower_against_a_locked_pretrained_image_tower(tmp_p
     pretrained = source_part(pretrain / "model", "image_encoder").state_dict()
     for name, tensor in trained.image_encoder.state_dict().items():
         assert torch.equal(tensor, pretrained[name]), name
+    # No image head (LiT's): the image embedding is the locked tower's pooled representation, so nothing on the
+    # image side trained.
+    assert not any(name.startswith("image_projection") for name in trained.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = torch.nn.functional.normalize(trained.image_encoder(images), dim=-1)
+        assert torch.equal(trained.encode_image(images, normalize=True), pooled)
     # The text tower moved away from its (seeded, reproducible) initialisation.
     recipe = get_recipe("lit_shapes").with_overrides(TINY)
     initial = recipe.task.build_model(RunContext(recipe, out, progress=False))

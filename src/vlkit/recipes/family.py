@@ -6,8 +6,10 @@ referenced, never copied) plus the one idea its paper adds:
 - ``filip_shapes``: token-wise late interaction and the FILIP loss (Yao et al., 2021), preset ``shapes_filip``.
 - ``classify_shapes``: ShapesWorld colour + shape classification, the image tower LiT and EVA-CLIP start from.
 - ``lit_shapes``: the image tower pretrained by ``classify_shapes`` and locked; only the text side trains
-  (Zhai et al., 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning"). ``--lock none`` fine-tunes it
-  instead, ``--lock text`` locks the (random) text tower.
+  (Zhai et al., 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning"). As in the paper (big_vision's LiT
+  configs: no image head by default, ``out_dim=(None, 768)``), the image embedding is the locked tower's own pooled
+  representation, with no trainable projection on the image side; the text tower's head maps into it. ``--lock
+  none`` fine-tunes the tower instead, ``--lock text`` locks the (random) text tower.
 - ``evaclip_shapes``: the same pretrained image tower, unlocked, with patch dropout 0.5, LAMB and layer-wise lr
   decay (Sun et al., 2023, "EVA-CLIP: Improved Training Techniques for CLIP at Scale").
 - ``navit_shapes``: native aspect ratios packed into sequences (Dehghani et al., 2023, "Patch n' Pack"): the
@@ -88,6 +90,8 @@ def lit_shapes() -> Recipe:
         task=Contrastive(),
         data=SHAPES_TRAIN,
         stages=(Stage(SHAPES_BUDGET, rules=lock_rules("image"), init=PRETRAINED_TOWER),),
+        # No image head: a trainable projection would let the image side move, which LiT's lock rules out.
+        model_overrides={"image_projection": "none"},
     )
 
 
