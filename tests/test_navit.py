@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vlkit
+from graph_utils import order_dependent_sums
 from vlkit.data.packing import (
     PackingCollate,
     PatchedImage,
@@ -105,6 +106,15 @@ def test_packed_forward_backward_and_images_in_order_across_sequences() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(result.packed), torch.cat([model(image[None]) for image in images]),
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("pos_embed", POLICIES)
+def test_packed_backward_adds_in_a_fixed_order(pos_embed: str) -> None:
+    # Packed images share grids and every image repeats row and column ids: a gather whose backward accumulates in
+    # thread-timing order would make packed training differ from run to run on a multi-threaded CPU.
+    model = _vit(pos_embed).train()
+    images = [torch.randn(3, 8 * h, 8 * w) for h, w in [(3, 4), (3, 4), (2, 4), (3, 4)]]
+    assert not order_dependent_sums(model(pack_images([patchify(image, 8) for image in images], seq_len=32).packed))
 
 
 def test_packed_input_refuses_a_class_token_and_wrong_patch_size() -> None:

@@ -98,7 +98,9 @@ class PackedFeatures:
         offsets = torch.arange(longest, device=segment.device)
         valid = offsets[None] < counts[:, None]  # (I, n_max)
         slots = order[torch.where(valid, starts[:, None] + offsets[None], 0)]  # (I, n_max)
-        return self.tokens.flatten(0, 1)[slots], valid
+        # index_select: its backward adds repeated slots (the padding's) in a fixed order, advanced indexing's does not
+        tokens = self.tokens.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, -1)
+        return tokens, valid
 
 
 def kept_patch_count(num_patches: int, rate: float) -> int:

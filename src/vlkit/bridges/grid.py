@@ -160,7 +160,9 @@ def per_image_tables(grid: torch.Tensor, length: int, table: Callable[[tuple[int
     L; images of one batch usually share a handful of grids, so this is a few calls, not one per image."""
     distinct, which = torch.unique(grid, dim=0, return_inverse=True)  # (U, 2), (B,)
     tables = [F.pad(table((rows, cols)), (0, 0, 0, length - rows * cols)) for rows, cols in distinct.tolist()]
-    return torch.stack(tables)[which]  # (B, L, D)
+    # index_select, not [which]: the backward of advanced indexing (index_put_ with accumulate) adds the batch's
+    # many copies of one table in thread-timing order on a multi-threaded CPU, so training was not reproducible.
+    return torch.stack(tables).index_select(0, which)  # (B, L, D)
 
 
 def none_if_full(mask: torch.Tensor) -> torch.Tensor | None:

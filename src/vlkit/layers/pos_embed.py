@@ -68,7 +68,9 @@ class LearnedPosEmbed2d(nn.Module):
         offsets = (sizes.cumsum(0) - sizes)[which]  # (I,) where each image's resized table starts
         image = segment_ids.clamp(min=0)  # padding reads image 0's first row, then is zeroed
         index = offsets[image] + position_ids[..., 0] * grids[image, 1] + position_ids[..., 1]  # (S, L)
-        embeddings = torch.cat(tables)[index]  # (S, L, D)
+        # F.embedding, not [index]: its backward sums the rows' gradients in a fixed order (advanced indexing's
+        # accumulates in thread-timing order on a multi-threaded CPU), so training reproduces bit for bit.
+        embeddings = F.embedding(index, torch.cat(tables))  # (S, L, D)
         return embeddings * (segment_ids >= 0).unsqueeze(-1).to(embeddings.dtype)
 
 
@@ -85,7 +87,7 @@ class FactorizedPosEmbed2d(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """``position_ids`` (..., 2) integer (row, col) -> (..., D)."""
-        return self.rows[position_ids[..., 0]] + self.cols[position_ids[..., 1]]
+        return F.embedding(position_ids[..., 0], self.rows) + F.embedding(position_ids[..., 1], self.cols)
 
     def grid(self, grid: tuple[int, int]) -> torch.Tensor:
         """(h*w, D) for a whole grid in raster order; a grid beyond the tables is an error naming both."""
