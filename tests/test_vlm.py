@@ -17,6 +17,7 @@ import vlkit
 from vlkit.data import shapes
 from vlkit.data.specs import ShapesText
 from vlkit.data.transforms import ImageTransform
+from vlkit.lm import GenerationConfig
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes import InitFrom, get_recipe
 from vlkit.recipes.contrastive import SHAPES_DATA
@@ -396,6 +397,17 @@ def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Pat
     assert layouts == {0.0: {False}, 0.5: {False, True}, 1.0: {True}}
     with pytest.raises(ValueError, match="question_first is a probability"):
         dataclasses.replace(recipe.data, question_first=1.5)
+
+
+def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carries(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model").eval()
+    spec = get_recipe("llava_shapes").with_overrides(TINY_VLM).data
+    evaluation = VLMEvaluation.build(spec, model, max_new_tokens=4, batch_size=4)
+    greedy = evaluation.answer(model)
+    # A checkpoint's generation_config.json that samples hot and penalises repeats does not reach the scores.
+    model.generation_config = GenerationConfig(do_sample=True, temperature=50.0, repetition_penalty=3.0)
+    torch.manual_seed(0)
+    assert evaluation.answer(model) == greedy
 
 
 def _bench(name: str) -> types.ModuleType:

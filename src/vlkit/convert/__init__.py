@@ -22,10 +22,21 @@ it. ``export_hf(model, path)``: the reverse, a directory transformers' ``from_pr
 Language models, LLaVA and BLIP-2 load through their module's ``load_directory``: built on the meta device and
 filled tensor by tensor, keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards
 (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
+
+Decoding defaults. A language model's, LLaVA's or BLIP-2's ``generation_config.json`` gives the loaded model a
+``generation_config`` (``vlkit.lm.GenerationConfig``), which its ``generate`` starts from as transformers'
+``generate(**inputs)`` does: do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens, pad_token_id and
+stop_strings, with transformers' defaults for those the file leaves out (top_k 50, temperature, top_p and the penalty
+1.0); its end-of-sequence ids become the language model's. ``max_length`` (prompt + new tokens, in public checkpoints
+usually the context length) is not read: vlkit's budget is ``max_new_tokens``, the file's or else 32. Options vlkit
+does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at load and
+ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens`` always,
+so transformers generates as many tokens as vlkit); a model without defaults gets none, and decodes greedily in both.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,7 +55,7 @@ from vlkit.convert.common import (
 )
 from vlkit.data.processors import Processor, VLMProcessor
 from vlkit.files import atomic_write, read_json, write_json
-from vlkit.lm import DecoderLM
+from vlkit.lm import DecoderLM, GenerationConfig
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.text.tokenizer import load_tokenizer
@@ -55,6 +66,7 @@ FORMATS: dict[str, ModuleType] = {
     for model_type in getattr(module, "MODEL_TYPES", (module.MODEL_TYPE,))
 }
 MAX_SHARD_BYTES = 5 * 2**30
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def load_hf_directory(
@@ -73,8 +85,9 @@ def load_hf_directory(
             f"{directory}: architecture {unsupported[0]} is not supported for {model_type}; "
             f"supported: {list(module.ARCHITECTURES)}"
         )
-    if module in (llama, opt, llava, blip2) and (directory / "generation_config.json").is_file():
-        generation = read_json(directory / "generation_config.json")
+    generation = None
+    if module in (llama, opt, llava, blip2) and (directory / GENERATION_CONFIG_NAME).is_file():
+        generation = read_json(directory / GENERATION_CONFIG_NAME)
         config = _with_generation_eos(config, generation, nested=module in (llava, blip2))
     if hasattr(module, "load_directory"):
         model = module.load_directory(directory, config, dtype)
@@ -88,7 +101,92 @@ def load_hf_directory(
         model.tokenizer = load_tokenizer(directory, model.config.max_seq_len, model_type)
     elif isinstance(model, VisionLanguageModel):
         model.tokenizer = load_tokenizer(directory, model.config.lm.max_seq_len, model_type)
+    if generation is not None:
+        model.generation_config = read_generation_config(generation, directory / GENERATION_CONFIG_NAME)
     return model
+
+
+# transformers' values for the decoding options a generation_config.json leaves out
+# (GenerationConfig._get_default_generation_params, transformers 5): what its generate uses in their place.
+HF_GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                          "repetition_penalty": 1.0}  # fmt: skip
+# Options of transformers' generate that change the tokens it picks and that vlkit does not implement, with the values
+# at which they do nothing. (max_length is left out on purpose: see the module's docstring.)
+HF_UNSUPPORTED_GENERATION: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (), "diversity_penalty": (0,),
+    "min_length": (0,), "min_new_tokens": (0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+    "min_p": (), "top_h": (), "no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
+    "bad_words_ids": (), "force_words_ids": (), "constraints": (), "sequence_bias": (), "suppress_tokens": (),
+    "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "num_return_sequences": (1,), "max_time": (),
+    "watermarking_config": (), "token_healing": (False,),
+}  # fmt: skip
+
+
+def read_generation_config(generation: dict[str, Any], source: str | Path = GENERATION_CONFIG_NAME) -> GenerationConfig:
+    """A transformers ``generation_config.json`` as vlkit's decoding defaults (see the module's docstring). Options
+    vlkit cannot apply are named in one ``UserWarning`` and left out; the end-of-sequence ids are the LM config's."""
+    given = {key: value for key, value in generation.items() if value is not None and value != []}
+    value = {**HF_GENERATION_DEFAULTS, **given}.get
+    ignored = [f"{key}={given[key]!r}" for key, inert in HF_UNSUPPORTED_GENERATION.items()
+               if key in given and given[key] not in inert]  # fmt: skip
+    do_sample = bool(value("do_sample"))
+    temperature = float(value("temperature"))
+    if temperature <= 0:  # transformers refuses it when sampling, and ignores it otherwise
+        ignored.append(f"temperature={temperature!r}")
+        temperature = 1.0
+    top_k = int(value("top_k")) or None  # 0: no top-k
+    top_p = float(value("top_p"))
+    options: dict[str, Any] = {
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p if top_p < 1.0 else None,
+        "repetition_penalty": float(value("repetition_penalty")),
+    }
+    if generation.get("max_new_tokens") is not None:
+        options["max_new_tokens"] = int(generation["max_new_tokens"])
+    if generation.get("pad_token_id") is not None:
+        options["pad_token_id"] = int(generation["pad_token_id"])
+    stop = generation.get("stop_strings")
+    if stop:
+        options["stop_strings"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    if ignored:
+        warnings.warn(
+            f"{source}: vlkit's generate does not implement {', '.join(ignored)}; it decodes without "
+            "them, so its output can differ from transformers' generate",
+            UserWarning,
+            stacklevel=3,
+        )
+    try:
+        return GenerationConfig(**options)
+    except ValueError as error:
+        raise ConversionError(f"{source}: {error}") from None
+
+
+def hf_generation_config(config: GenerationConfig, eos_token_ids: tuple[int, ...], pad_token_id: int | None,
+                         bos_token_id: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """``config`` as a transformers ``generation_config.json``: the options whose values differ from transformers'
+    defaults, ``do_sample`` and ``max_new_tokens`` always; ``stop_token_ids`` (when set) as the end-of-sequence ids."""
+    eos = list(eos_token_ids if config.stop_token_ids is None else config.stop_token_ids)
+    pad = config.pad_token_id if config.pad_token_id is not None else pad_token_id
+    options = {
+        "temperature": config.temperature,
+        "top_k": config.top_k or 0,  # vlkit's None: no top-k, which transformers spells 0
+        "top_p": 1.0 if config.top_p is None else config.top_p,
+        "repetition_penalty": config.repetition_penalty,
+    }
+    out: dict[str, Any] = {key: value for key, value in options.items() if value != HF_GENERATION_DEFAULTS[key]}
+    out.update(do_sample=config.do_sample, max_new_tokens=config.max_new_tokens)
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if pad is not None:
+        out["pad_token_id"] = pad
+    if bos_token_id is not None:
+        out["bos_token_id"] = bos_token_id
+    if config.stop_strings:
+        out["stop_strings"] = list(config.stop_strings)
+    return out
 
 
 def _with_generation_eos(config: dict[str, Any], generation: dict[str, Any], nested: bool) -> dict[str, Any]:
@@ -136,6 +234,13 @@ def export_hf(
         )
     if processor is not None and processor.image_processor is not None:
         write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        lm = model.config.lm if isinstance(model, VisionLanguageModel) else model.config
+        write_json(directory / GENERATION_CONFIG_NAME,
+                   hf_generation_config(generation, lm.eos_token_ids, lm.pad_token_id, lm.bos_token_id))  # fmt: skip
+    elif isinstance(model, DecoderLM | VisionLanguageModel):  # one left by an earlier export would change decoding
+        (directory / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
     if isinstance(processor, VLMProcessor):  # Llava/Blip2Processor's settings; prompts to generate pad on the left
         write_json(directory / "processor_config.json", processor.to_hf_dict())
         if tokenizer is not None:
@@ -202,4 +307,11 @@ def _format_of(model: Any) -> ModuleType:
     )
 
 
-__all__ = ["FORMATS", "ConversionError", "export_hf", "load_hf_directory"]
+__all__ = [
+    "FORMATS",
+    "ConversionError",
+    "export_hf",
+    "hf_generation_config",
+    "load_hf_directory",
+    "read_generation_config",
+]

@@ -6,12 +6,17 @@ per step (B,); ``generate`` collects them into prompt + new ids (B, T + steps), 
 ``generate`` does: a finished row continues with ``pad_token_id``, and generation ends when every row has finished or
 after ``max_new_tokens``. Prompts are left-padded. Per step the host does no more than the model's forward pass, one
 argmax (or sampling) and, only when stop tokens exist, one check whether every row has finished.
+
+Decoding defaults: a model may carry a ``generation_config`` (a checkpoint's ``generation_config.json``, read by
+``vlkit.convert``). ``generate`` / ``stream_generate`` without a ``config`` start from it (greedy
+``GenerationConfig()`` when the model has none); ``decoding_config(model, **options)`` puts a caller's fields over
+it (``max_new_tokens=8`` keeps the checkpoint's repetition penalty), as transformers' ``generate(**kwargs)`` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +54,34 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if isinstance(self.stop_strings, str):
             raise TypeError("stop_strings is a tuple of strings, not one string")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists); ``from_dict`` reads them back."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GenerationConfig fields {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        for key in ("stop_token_ids", "stop_strings"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def decoding_config(model: Any, max_new_tokens: int | None = None, **options: Any) -> GenerationConfig:
+    """``model``'s decoding defaults (its ``generation_config``, else greedy ``GenerationConfig()``) with the given
+    fields over them; ``max_new_tokens`` None keeps the defaults' (the checkpoint's, else 32)."""
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    unknown = sorted(set(options) - {field.name for field in fields(GenerationConfig)})
+    if unknown:
+        raise TypeError(f"unknown generation options {unknown}")
+    return replace(config, **options) if options else config
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -111,9 +144,10 @@ def stream_generate(
 
     ``inputs_embeds`` (B, T, E), when given, is what the model reads for the prompt (a VLM's merged text and image
     embeddings); ``input_ids`` then only feed the repetition penalty. ``attention_blocks`` (B, T): the prompt's
-    bidirectional blocks (``DecoderLM.forward_features``). Runs without autograd.
+    bidirectional blocks (``DecoderLM.forward_features``). Runs without autograd. ``config`` None: the model's
+    decoding defaults (``decoding_config(model)``).
     """
-    config = config or GenerationConfig()
+    config = decoding_config(model) if config is None else config
     _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (a tokenizer's decode)")

@@ -318,7 +318,7 @@ class DecoderLM(PretrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         streamer: Callable[[torch.Tensor], Any] | None = None,
         generator: torch.Generator | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
@@ -327,12 +327,13 @@ class DecoderLM(PretrainedModel):
     ) -> torch.Tensor:
         """Prompt + new ids (B, T + steps), as transformers' decoder-only ``generate``; see ``vlkit.lm.generate``.
 
-        ``options`` are ``GenerationConfig`` fields (do_sample, temperature, top_k, top_p, repetition_penalty,
-        stop_token_ids, stop_strings, pad_token_id). Stop strings are matched in text decoded by ``decode``, by
-        default this model's tokenizer (special tokens kept). ``attention_blocks`` (B, T) marks the prompt's
-        bidirectional blocks (see ``forward_features``).
+        Decoding starts from ``self.generation_config`` (a checkpoint's ``generation_config.json``; greedy and 32 new
+        tokens without one); ``max_new_tokens`` and ``options``, ``GenerationConfig`` fields (do_sample, temperature,
+        top_k, top_p, repetition_penalty, stop_token_ids, stop_strings, pad_token_id), replace its fields one by one.
+        Stop strings are matched in text decoded by ``decode``, by default this model's tokenizer (special tokens
+        kept). ``attention_blocks`` (B, T) marks the prompt's bidirectional blocks (see ``forward_features``).
         """
-        from vlkit.lm.generate import GenerationConfig, generate
+        from vlkit.lm.generate import decoding_config, generate
 
         if decode is None and self.tokenizer is not None:
             # Special tokens kept: "<|im_end|>" is a stop string as any other.
@@ -343,7 +344,7 @@ class DecoderLM(PretrainedModel):
             input_ids,
             attention_mask,
             inputs_embeds,
-            GenerationConfig(max_new_tokens=max_new_tokens, **options),
+            decoding_config(self, max_new_tokens, **options),
             streamer=streamer,
             generator=generator,
             decode=decode,

@@ -1,5 +1,6 @@
 """Saving and loading for every vlkit model: a directory with ``config.json`` + ``model.safetensors``
-(+ ``tokenizer.json``). Each model class names its config class; the config's ``kind`` picks the class on load.
+(+ ``tokenizer.json``, + ``generation_config.json``: a generating model's decoding defaults, ``GenerationConfig``'s
+fields). Each model class names its config class; the config's ``kind`` picks the class on load.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from vlkit.files import atomic_write, load_safetensors, read_json
 
 MODEL_CLASSES: dict[str, type[PretrainedModel]] = {}
 FORMAT_VERSION = 1
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 class PretrainedModel(nn.Module):
     config_class: ClassVar[type]
     config: Any
     tokenizer: Any = None
+    # Decoding defaults (``vlkit.lm.GenerationConfig``) of a model that generates, e.g. a checkpoint's
+    # generation_config.json; saved as ``generation_config.json`` in vlkit's own format (its fields).
+    generation_config: Any = None
     # True where every parameter is in the state dict and nothing else needs initialising (no buffers): loading then
     # builds the model on the meta device and assigns the read tensors, so weights exist once and keep their dtype.
     meta_init: ClassVar[bool] = False
@@ -48,6 +53,12 @@ class PretrainedModel(nn.Module):
                 "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
             }
             atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
+        generation = path / GENERATION_CONFIG_NAME
+        if self.generation_config is not None:
+            text = json.dumps({"vlkit_format": FORMAT_VERSION, **self.generation_config.to_dict()}, indent=2) + "\n"
+            atomic_write(generation, lambda tmp: Path(tmp).write_text(text))
+        else:  # one left by an earlier save would give this model decoding defaults it does not have
+            generation.unlink(missing_ok=True)
         return path
 
 
@@ -90,6 +101,16 @@ def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> Pretra
             model = model.to(dtype)
     if missing or unexpected:
         raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
+    generation_file = path / GENERATION_CONFIG_NAME
+    if generation_file.exists():
+        from vlkit.lm.generate import GenerationConfig
+
+        data = read_json(generation_file)
+        data.pop("vlkit_format", None)
+        try:
+            model.generation_config = GenerationConfig.from_dict(data)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{generation_file}: {error}") from None
     tokenizer_file = path / "tokenizer.json"
     # The tokenizer's length limit is the text tower's, or the language model's (a VLM's ``lm``).
     text_config = getattr(config, "text", None) or getattr(config, "lm", None) or config

@@ -171,6 +171,15 @@ class VisionLanguageModel(PretrainedModel):
         # Kept on the LM, whose generate decodes stop strings with it.
         self.lm.tokenizer = value
 
+    @property
+    def generation_config(self) -> Any:
+        """The decoding defaults (``vlkit.lm.GenerationConfig`` or None), kept on the LM whose generate reads them."""
+        return self.lm.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.lm.generation_config = value
+
     def tokens_per_image(self) -> int:
         """M for one image at the configured size: how many placeholders a prompt holds per image."""
         rows, cols = self.config.vision.grid
@@ -243,12 +252,13 @@ class VisionLanguageModel(PretrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         streamer: Callable[[torch.Tensor], Any] | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
         **options: Any,
     ) -> torch.Tensor:
-        """Prompt + new ids (B, T + steps) for left-padded prompts, greedy by default (``DecoderLM.generate``)."""
+        """Prompt + new ids (B, T + steps) for left-padded prompts; decoding starts from ``generation_config`` (greedy,
+        32 new tokens without one) and ``max_new_tokens`` / ``options`` replace its fields (``DecoderLM.generate``)."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
                                 attention_blocks=self.attention_blocks(input_ids), **options)  # fmt: skip

@@ -1,8 +1,9 @@
 """Chat with a vision-language model about one image: ``vlkit chat --model DIR --image PATH [--prompt TEXT]``.
 
 The prompt is rendered with the model's chat template (``VLMConfig.chat_template``), the ``<image>`` placeholder
-expanded to the bridge's token count, and the answer is generated greedily (or sampled) with the tokens printed as
-they are produced. Without ``--prompt`` the session is interactive: each question joins the conversation so far.
+expanded to the bridge's token count, and the answer is generated with the model's decoding defaults (a checkpoint's
+``generation_config.json``: sampling, repetition penalty; greedy without one) with the tokens printed as they are
+produced. Without ``--prompt`` the session is interactive: each question joins the conversation so far.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def load_chat_model(path: str | Path) -> VisionLanguageModel:
 class ChatSession:
     """One image and the turns so far; ``ask`` streams the answer's text pieces and keeps the answer as a turn."""
 
-    def __init__(self, model: VisionLanguageModel, image: str | Path, max_new_tokens: int = 64, **options: Any):
+    def __init__(
+        self, model: VisionLanguageModel, image: str | Path, max_new_tokens: int | None = 64, **options: Any
+    ) -> None:
+        """``max_new_tokens`` None: the model's ``generation_config``'s; ``options``: ``GenerationConfig`` fields
+        over the model's decoding defaults."""
         self.model = model
         self.image = load_image(image)
         self.pixels = ImageTransform(image_size=model.config.vision.image_size)(self.image)[None]  # (1, 3, H, W)
@@ -76,15 +81,16 @@ def _streamed(
     model: VisionLanguageModel,
     prompt: torch.Tensor,
     pixels: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     streamer: Callable[[torch.Tensor], None],
     pieces: list[str],
     options: dict[str, Any],
 ) -> Iterator[str]:
     """Yields each new piece of text as soon as its token exists (generation runs token by token in a generator)."""
-    from vlkit.lm.generate import GenerationConfig, stream_generate
+    from vlkit.lm.generate import decoding_config, stream_generate
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, **options)
+    # The checkpoint's decoding defaults (sampling, repetition penalty; greedy without them), the session's over them.
+    config = decoding_config(model.lm, max_new_tokens, **options)
     embeds = model.embed_inputs(prompt, pixels)
     with torch.no_grad():
         blocks = model.attention_blocks(prompt)

@@ -417,7 +417,8 @@ class VLMEvaluation:
         return EvalResult(metrics, {"samples": samples})
 
     def answer(self, model: VisionLanguageModel) -> list[str]:
-        """Greedy answers, in question order; prompts of similar length are generated together (left-padded)."""
+        """Greedy answers, in question order; prompts of similar length are generated together (left-padded).
+        Greedy whatever decoding defaults the model carries (a checkpoint's sampling or penalty): scores reproduce."""
         order = sorted(range(len(self.questions)), key=lambda i: len(self.questions[i].prompt))
         answers: list[str] = [""] * len(self.questions)
         device = next(model.parameters()).device
@@ -431,7 +432,8 @@ class VLMEvaluation:
                 ids[row, length - len(prompt) :], mask[row, length - len(prompt) :] = prompt, 1
             pixels = torch.stack([self.questions[i].pixels for i in chunk]).to(device)
             out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=self.max_new_tokens,
-                                 stop_token_ids=self.stop_ids, pad_token_id=self.pad_id)  # fmt: skip
+                                 stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, do_sample=False,
+                                 repetition_penalty=1.0, stop_strings=())  # fmt: skip
             for row, index in enumerate(chunk):
                 answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.stop_ids)
         return answers

@@ -1,0 +1,205 @@
+"""A checkpoint's decoding defaults: ``generation_config.json`` read into ``model.generation_config``, applied by
+``generate`` without arguments as transformers' ``generate(**inputs)`` applies it, a caller's options over single
+fields, kept by vlkit's save / load and written back by ``export_hf``; a directory without one decodes greedily.
+
+The checkpoint samples with ``top_k=1`` (deterministic: only the top token survives) and a repetition penalty that
+changes the tokens, so token-identical output shows both were applied."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.convert import read_generation_config
+from vlkit.lm import DecoderLM, GenerationConfig, generate
+from vlkit.models.vlm import VisionLanguageModel
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+QWEN2 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2, pad_token_id=0)  # fmt: skip
+# What an instruct checkpoint ships (Qwen2-VL-Instruct: do_sample, top_k 1, a repetition penalty, end-of-turn ids).
+DEFAULTS = {"do_sample": True, "top_k": 1, "repetition_penalty": 1.3, "eos_token_id": [2, 5], "pad_token_id": 0,
+            "max_new_tokens": 12}  # fmt: skip
+NEW = DEFAULTS["max_new_tokens"]
+
+
+def _reference(seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # no weight at a special init; large enough for decisive argmaxes
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _checkpoint(path: Path, generation: dict[str, Any] | None) -> Path:
+    """A transformers Qwen2 directory with ``generation`` as its generation_config.json (None: without one)."""
+    _reference().save_pretrained(path)
+    target = path / "generation_config.json"
+    if generation is None:
+        target.unlink()
+    else:
+        target.write_text(json.dumps(generation))
+    return path
+
+
+def _hf(path: Path) -> Any:
+    return transformers.Qwen2ForCausalLM.from_pretrained(path).eval()
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    """Two left-padded prompts, each repeating a few tokens, which the penalty then steers away from."""
+    ids = torch.tensor([[0, 0, 7, 9, 7, 9, 7, 9], [11, 13, 17, 11, 13, 17, 11, 13]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def test_the_checkpoint_defaults_decode_as_transformers_generate(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path / "hf", DEFAULTS)
+    model = vlkit.from_pretrained(path)
+    assert isinstance(model, DecoderLM)
+    assert model.generation_config == GenerationConfig(
+        max_new_tokens=NEW, do_sample=True, temperature=1.0, top_k=1, top_p=None, repetition_penalty=1.3, pad_token_id=0
+    )
+    assert model.config.eos_token_ids == (2, 5)
+    reference, inputs = _hf(path), _inputs()
+    theirs = reference.generate(**inputs)  # no decoding arguments: generation_config.json's
+    assert theirs.shape[1] == inputs["input_ids"].shape[1] + NEW
+    assert torch.equal(model.generate(**inputs), theirs)
+    assert torch.equal(generate(model, inputs["input_ids"], inputs["attention_mask"]), theirs)  # config=None
+    # The penalty changed the tokens: plain greedy decoding (no penalty) answers otherwise, in both libraries.
+    greedy = reference.generate(**inputs, do_sample=False, repetition_penalty=1.0)
+    assert not torch.equal(greedy, theirs)
+    assert torch.equal(generate(model, inputs["input_ids"], inputs["attention_mask"], config=GenerationConfig(NEW)),
+                       greedy)  # fmt: skip
+
+
+def test_the_callers_options_replace_single_fields(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path / "hf", DEFAULTS)
+    model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+    for options in ({"max_new_tokens": 5}, {"do_sample": False}, {"repetition_penalty": 1.0},
+                    {"max_new_tokens": 7, "top_p": 0.5, "temperature": 0.5}):  # fmt: skip
+        assert torch.equal(model.generate(**inputs, **options), reference.generate(**inputs, **options)), options
+    # max_new_tokens alone keeps the checkpoint's penalty: the start of the default answer, not greedy's.
+    short = model.generate(**inputs, max_new_tokens=5)
+    assert torch.equal(short, model.generate(**inputs)[:, : short.shape[1]])
+    plain = model.generate(**inputs, repetition_penalty=1.0, do_sample=False)
+    assert torch.equal(plain, reference.generate(**inputs, do_sample=False, repetition_penalty=1.0))
+    assert not torch.equal(plain, model.generate(**inputs))
+    assert model.generation_config.repetition_penalty == 1.3  # the options changed no stored default
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(**inputs, num_beams=2)
+
+
+def test_defaults_survive_save_load_and_export(tmp_path: Path) -> None:
+    model, inputs = vlkit.from_pretrained(_checkpoint(tmp_path / "hf", DEFAULTS)), _inputs()
+    expected = model.generate(**inputs)
+    model.save_pretrained(tmp_path / "own")
+    own = vlkit.from_pretrained(tmp_path / "own")
+    assert own.generation_config == model.generation_config
+    assert torch.equal(own.generate(**inputs), expected)
+
+    vlkit.export_hf(own, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert {key: written[key] for key in DEFAULTS} == DEFAULTS
+    assert torch.equal(_hf(tmp_path / "out").generate(**inputs), expected)  # transformers decodes the same
+    again = vlkit.from_pretrained(tmp_path / "out")
+    assert again.generation_config == model.generation_config and again.config.eos_token_ids == (2, 5)
+
+    # A default of vlkit's own that transformers spells otherwise: no top-k (None) is transformers' 0.
+    own.generation_config = dataclasses.replace(own.generation_config, top_k=None, top_p=0.5, temperature=0.7)
+    vlkit.export_hf(own, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (written["top_k"], written["top_p"], written["temperature"]) == (0, 0.5, 0.7)
+    assert vlkit.from_pretrained(tmp_path / "out").generation_config == own.generation_config
+    hf_config = _hf(tmp_path / "out").generation_config
+    assert (hf_config.top_k, hf_config.top_p, hf_config.temperature) == (0, 0.5, 0.7)
+
+
+def test_a_directory_without_generation_config_stays_greedy(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path / "hf", None)
+    model, inputs = vlkit.from_pretrained(path), _inputs()
+    assert model.generation_config is None
+    ours = model.generate(**inputs, max_new_tokens=NEW)
+    assert torch.equal(ours, _hf(path).generate(**inputs, max_new_tokens=NEW, do_sample=False))
+    assert torch.equal(generate(model, inputs["input_ids"], inputs["attention_mask"])[:, : ours.shape[1]], ours)
+    # Neither vlkit's save nor the export invents one; a stale file from an earlier write is removed.
+    for target in (tmp_path / "own", tmp_path / "out"):
+        target.mkdir()
+        (target / "generation_config.json").write_text(json.dumps(DEFAULTS))
+    model.save_pretrained(tmp_path / "own")
+    vlkit.export_hf(model, tmp_path / "out")
+    assert not (tmp_path / "own" / "generation_config.json").exists()
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+    assert vlkit.from_pretrained(tmp_path / "own").generation_config is None
+
+
+def test_missing_keys_take_transformers_defaults_and_unsupported_options_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        sampled = read_generation_config({"do_sample": True, "max_length": 4096, "transformers_version": "4.45"})
+        assert read_generation_config({"num_beams": 1, "suppress_tokens": [], "top_k": 0}).top_k is None
+    assert sampled == GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=None, repetition_penalty=1.0)
+    with pytest.warns(UserWarning, match=r"num_beams=4, no_repeat_ngram_size=3") as caught:
+        config = read_generation_config({"num_beams": 4, "no_repeat_ngram_size": 3, "temperature": 0.6,
+                                         "max_length": 4096, "top_p": 0.9})  # fmt: skip
+    assert len(caught) == 1 and "max_length" not in str(caught[0].message)
+    assert config == GenerationConfig(temperature=0.6, top_k=50, top_p=0.9)
+
+
+LLAVA = dict(
+    image_token_index=95,
+    vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=32, patch_size=8),
+    text_config={**QWEN2, "model_type": "qwen2", "vocab_size": 300},  # room for the byte-level chat tokenizer below
+    vision_feature_layer=-2,
+)  # fmt: skip
+
+
+def test_a_vlm_applies_the_defaults_in_generate_and_chat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    reference = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**LLAVA)).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape))
+    reference.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(DEFAULTS))
+    model = vlkit.from_pretrained(tmp_path / "hf")
+    assert isinstance(model, VisionLanguageModel) and model.generation_config is model.lm.generation_config
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[0, 7, 9] + [95] * 16 + [7, 9, 7, 9], [11] * 4 + [95] * 16 + [13, 11, 13]])
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long(), "pixel_values": torch.randn(2, 3, 32, 32)}
+    theirs = reference.generate(**inputs)
+    assert torch.equal(model.generate(**inputs), theirs)
+    assert not torch.equal(reference.generate(**inputs, do_sample=False, repetition_penalty=1.0), theirs)
+    model.save_pretrained(tmp_path / "own")
+    assert vlkit.from_pretrained(tmp_path / "own").generation_config == model.generation_config
+
+    # vlkit chat starts from the same defaults, its own answer length over them.
+    from PIL import Image
+
+    from vlkit.serve.chat import ChatSession
+    from vlkit.text import train_tokenizer
+
+    model.tokenizer = train_tokenizer(["user: what is this? assistant: a red circle"] * 4, vocab_size=300,
+                                      max_len=64, extra_special_tokens=("<image>", "<bos>", "<eos>"))  # fmt: skip
+    model.config = dataclasses.replace(model.config, chat_template="shapes",
+                                       image_token_id=model.tokenizer.backend.token_to_id("<image>"))  # fmt: skip
+    used: list[GenerationConfig] = []
+    module = importlib.import_module("vlkit.lm.generate")  # vlkit.lm.generate is also the function's name
+    real = module.stream_generate
+    monkeypatch.setattr(module, "stream_generate", lambda *a, **k: used.append(a[4]) or real(*a, **k))
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    list(ChatSession(model, image, max_new_tokens=4).ask("what is this?"))
+    assert used == [dataclasses.replace(model.generation_config, max_new_tokens=4)]
