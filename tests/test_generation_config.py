@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vlkit
-from vlkit.convert import read_generation_config
+from vlkit.convert import ConversionError, read_generation_config
 from vlkit.lm import DecoderLM, GenerationConfig, generate
 from vlkit.models.vlm import VisionLanguageModel
 
@@ -155,6 +155,33 @@ def test_missing_keys_take_transformers_defaults_and_unsupported_options_warn() 
                                          "max_length": 4096, "top_p": 0.9})  # fmt: skip
     assert len(caught) == 1 and "max_length" not in str(caught[0].message)
     assert config == GenerationConfig(temperature=0.6, top_k=50, top_p=0.9)
+    # Sampling-only options are checked and warned about only when sampling: greedy, transformers ignores them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy = read_generation_config({"do_sample": False, "temperature": 0.0, "top_p": 0.0, "min_p": 0.1})
+    assert greedy == GenerationConfig(top_k=1)
+    with pytest.warns(UserWarning, match=r"min_p=0\.1"):
+        read_generation_config({"do_sample": True, "min_p": 0.1})
+    with pytest.raises(ConversionError, match=r"temperature=0\.0"):
+        read_generation_config({"do_sample": True, "temperature": 0.0})
+    # Without a pad id of its own, the file pads finished rows with its first end-of-sequence id, as transformers.
+    assert read_generation_config({"eos_token_id": [7, 3]}).pad_token_id == 7
+    assert read_generation_config({"eos_token_id": 7, "pad_token_id": 0}).pad_token_id == 0
+
+
+def test_finished_rows_pad_with_the_files_end_of_sequence_id(tmp_path: Path) -> None:
+    # config.json pads with 0; generation_config.json has end-of-sequence ids and no pad id: transformers pads with
+    # the first of them. The first row ends at its first token (made an end-of-sequence id), the second runs on.
+    path = _checkpoint(tmp_path / "hf", {"eos_token_id": [2, 5], "max_new_tokens": 6})
+    model, inputs = vlkit.from_pretrained(path), _inputs()
+    greedy = model.generate(**inputs)
+    first = int(greedy[0, 8])
+    assert first not in greedy[1, 8:].tolist() and first != model.config.pad_token_id
+    path = _checkpoint(tmp_path / "hf2", {"eos_token_id": [first, 2, 5], "max_new_tokens": 6})
+    model, reference = vlkit.from_pretrained(path), _hf(path)
+    ours, theirs = model.generate(**inputs), reference.generate(**inputs)
+    assert torch.equal(ours, theirs) and ours.shape[1] == 8 + 6
+    assert ours[0, 9:].eq(first).all() and model.config.pad_token_id == 0
 
 
 LLAVA = dict(
@@ -203,3 +230,6 @@ def test_a_vlm_applies_the_defaults_in_generate_and_chat(tmp_path: Path, monkeyp
     Image.new("RGB", (32, 32), "white").save(image)
     list(ChatSession(model, image, max_new_tokens=4).ask("what is this?"))
     assert used == [dataclasses.replace(model.generation_config, max_new_tokens=4)]
+    # A checkpoint's stop strings are matched in the chat's decoded text too.
+    model.generation_config = dataclasses.replace(model.generation_config, stop_strings=("circle",))
+    assert isinstance("".join(ChatSession(model, image, max_new_tokens=4).ask("what is this?")), str)

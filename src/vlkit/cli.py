@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", required=True, help="a VLM directory (a vlkit run's model/ or a LLaVA checkpoint)")
     chat.add_argument("--image", required=True)
     chat.add_argument("--prompt", help="ask once and exit; without it the session is interactive")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config.json, else 64"
+    )
     chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="train SigLIP, then a LLaVA-style VLM, on ShapesWorld and write a report")

@@ -99,7 +99,7 @@ class PackedFeatures:
         valid = offsets[None] < counts[:, None]  # (I, n_max)
         slots = order[torch.where(valid, starts[:, None] + offsets[None], 0)]  # (I, n_max)
         # index_select: its backward adds repeated slots (the padding's) in a fixed order, advanced indexing's does not
-        tokens = self.tokens.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, -1)
+        tokens = self.tokens.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, self.tokens.shape[-1])
         return tokens, valid
 
 

@@ -114,12 +114,15 @@ HF_GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0
 # at which they do nothing. (max_length is left out on purpose: see the module's docstring.)
 HF_UNSUPPORTED_GENERATION: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (), "diversity_penalty": (0,),
-    "min_length": (0,), "min_new_tokens": (0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
-    "min_p": (), "top_h": (), "no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
+    "min_length": (0,), "min_new_tokens": (0,), "no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
     "bad_words_ids": (), "force_words_ids": (), "constraints": (), "sequence_bias": (), "suppress_tokens": (),
     "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (),
     "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "num_return_sequences": (1,), "max_time": (),
     "watermarking_config": (), "token_healing": (False,),
+}  # fmt: skip
+# The same, for options that act only when sampling.
+HF_UNSUPPORTED_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "min_p": (), "top_h": (),
 }  # fmt: skip
 
 
@@ -128,26 +131,35 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
     vlkit cannot apply are named in one ``UserWarning`` and left out; the end-of-sequence ids are the LM config's."""
     given = {key: value for key, value in generation.items() if value is not None and value != []}
     value = {**HF_GENERATION_DEFAULTS, **given}.get
-    ignored = [f"{key}={given[key]!r}" for key, inert in HF_UNSUPPORTED_GENERATION.items()
-               if key in given and given[key] not in inert]  # fmt: skip
     do_sample = bool(value("do_sample"))
-    temperature = float(value("temperature"))
-    if temperature <= 0:  # transformers refuses it when sampling, and ignores it otherwise
-        ignored.append(f"temperature={temperature!r}")
+    unsupported = HF_UNSUPPORTED_GENERATION | (HF_UNSUPPORTED_SAMPLING if do_sample else {})
+    ignored = [f"{key}={given[key]!r}" for key, inert in unsupported.items()
+               if key in given and given[key] not in inert]  # fmt: skip
+    # The sampling options are kept when decoding greedily too (a caller's do_sample=True then samples with them, as in
+    # transformers), but only checked when sampling: greedy, transformers ignores whatever they hold.
+    temperature, top_k, top_p = float(value("temperature")), int(value("top_k")), float(value("top_p"))
+    if temperature <= 0:
+        if do_sample:
+            raise ConversionError(f"{source}: do_sample with temperature={temperature!r}; transformers refuses it too")
         temperature = 1.0
-    top_k = int(value("top_k")) or None  # 0: no top-k
-    top_p = float(value("top_p"))
+    if top_p <= 0:  # transformers' top-p keeps at least the most likely token: top_p 0 is top_k 1
+        top_k, top_p = 1, 1.0
     options: dict[str, Any] = {
         "do_sample": do_sample,
         "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p if top_p < 1.0 else None,
+        "top_k": top_k or None,  # 0: no top-k
+        "top_p": top_p if top_p < 1.0 else None,  # 1: no top-p
         "repetition_penalty": float(value("repetition_penalty")),
     }
     if generation.get("max_new_tokens") is not None:
         options["max_new_tokens"] = int(generation["max_new_tokens"])
-    if generation.get("pad_token_id") is not None:
-        options["pad_token_id"] = int(generation["pad_token_id"])
+    # transformers decodes with this file alone: without a pad id of its own, finished rows continue with its first
+    # end-of-sequence id (not config.json's pad id)
+    pad, eos = generation.get("pad_token_id"), generation.get("eos_token_id")
+    if pad is None and eos not in (None, []):
+        pad = eos[0] if isinstance(eos, list) else eos
+    if pad is not None:
+        options["pad_token_id"] = int(pad)
     stop = generation.get("stop_strings")
     if stop:
         options["stop_strings"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -8,6 +8,7 @@ produced. Without ``--prompt`` the session is interactive: each question joins t
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,9 @@ from vlkit.data.images import load_image
 from vlkit.data.transforms import ImageTransform
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn, end_of_answer_ids, tokenize_prompt
+
+# An answer's token budget for a model without decoding defaults of its own.
+CHAT_MAX_NEW_TOKENS = 64
 
 __all__ = ["ChatSession", "load_chat_model"]
 
@@ -38,10 +42,10 @@ class ChatSession:
     """One image and the turns so far; ``ask`` streams the answer's text pieces and keeps the answer as a turn."""
 
     def __init__(
-        self, model: VisionLanguageModel, image: str | Path, max_new_tokens: int | None = 64, **options: Any
+        self, model: VisionLanguageModel, image: str | Path, max_new_tokens: int | None = None, **options: Any
     ) -> None:
-        """``max_new_tokens`` None: the model's ``generation_config``'s; ``options``: ``GenerationConfig`` fields
-        over the model's decoding defaults."""
+        """``max_new_tokens`` None: the model's ``generation_config``'s (``CHAT_MAX_NEW_TOKENS`` without one);
+        ``options``: ``GenerationConfig`` fields over the model's decoding defaults."""
         self.model = model
         self.image = load_image(image)
         self.pixels = ImageTransform(image_size=model.config.vision.image_size)(self.image)[None]  # (1, 3, H, W)
@@ -90,19 +94,23 @@ def _streamed(
     from vlkit.lm.generate import decoding_config, stream_generate
 
     # The checkpoint's decoding defaults (sampling, repetition penalty; greedy without them), the session's over them.
+    if max_new_tokens is None and model.generation_config is None:
+        max_new_tokens = CHAT_MAX_NEW_TOKENS
     config = decoding_config(model.lm, max_new_tokens, **options)
     embeds = model.embed_inputs(prompt, pixels)
+    # A checkpoint's stop strings are matched in decoded text, special tokens kept ("<|im_end|>").
+    decode = functools.partial(model.tokenizer.backend.decode, skip_special_tokens=False)
     with torch.no_grad():
         blocks = model.attention_blocks(prompt)
         for tokens in stream_generate(
-            model.lm, prompt, torch.ones_like(prompt), embeds, config, attention_blocks=blocks
+            model.lm, prompt, torch.ones_like(prompt), embeds, config, decode=decode, attention_blocks=blocks
         ):
             streamer(tokens)
             while pieces:
                 yield pieces.pop(0)
 
 
-def run_chat(model_dir: str, image: str, prompt: str | None, max_new_tokens: int, out: TextIO = sys.stdout,
+def run_chat(model_dir: str, image: str, prompt: str | None, max_new_tokens: int | None, out: TextIO = sys.stdout,
              read: Callable[[str], str] = input) -> int:  # fmt: skip
     session = ChatSession(load_chat_model(model_dir), image, max_new_tokens)
     questions = [prompt] if prompt is not None else None

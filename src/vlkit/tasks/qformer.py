@@ -188,8 +188,9 @@ def qformer_losses(
     batch = torch.arange(input_ids.shape[0], device=input_ids.device)
     pair_image = torch.cat([batch, batch, negative_image])  # (3B,) positives, then each image's, each text's negative
     pair_text = torch.cat([batch, negative_text, batch])
-    matched = qformer.encode(image[pair_image], text_ids=input_ids[pair_text], text_mask=mask[pair_text],
-                             attention_pattern="bidirectional")  # fmt: skip
+    # index_select: a trained tower's gradient then sums the repeated images (hard negatives) in a fixed order
+    matched = qformer.encode(image.index_select(0, pair_image), text_ids=input_ids[pair_text],
+                             text_mask=mask[pair_text], attention_pattern="bidirectional")  # fmt: skip
     match_logits = heads.itm_head(matched.queries).mean(dim=1)  # (3B, 2)
     labels = positives[pair_image, pair_text].long()
     itm = F.cross_entropy(match_logits.float(), labels)
