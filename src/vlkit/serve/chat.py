@@ -110,8 +110,10 @@ def _streamed(
                 yield pieces.pop(0)
 
 
-def run_chat(model_dir: str, image: str, prompt: str | None, max_new_tokens: int | None, out: TextIO = sys.stdout,
-             read: Callable[[str], str] = input) -> int:  # fmt: skip
+def run_chat(model_dir: str, image: str, prompt: str | None, max_new_tokens: int | None,
+             out: TextIO | None = None, read: Callable[[str], str] = input) -> int:  # fmt: skip
+    # sys.stdout as it is when called (None), not as it was at import: a redirected stdout gets the answer.
+    out = sys.stdout if out is None else out
     session = ChatSession(load_chat_model(model_dir), image, max_new_tokens)
     questions = [prompt] if prompt is not None else None
     while True:
