@@ -57,6 +57,7 @@ from vlkit.data.processors import Processor, VLMProcessor
 from vlkit.files import atomic_write, read_json, write_json
 from vlkit.lm import DecoderLM, GenerationConfig
 from vlkit.models import DualEncoder, ImageClassifier
+from vlkit.models.base import GENERATION_CONFIG_NAME
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.text.tokenizer import load_tokenizer
 
@@ -66,7 +67,6 @@ FORMATS: dict[str, ModuleType] = {
     for model_type in getattr(module, "MODEL_TYPES", (module.MODEL_TYPE,))
 }
 MAX_SHARD_BYTES = 5 * 2**30
-GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def load_hf_directory(

@@ -15,6 +15,7 @@ it (``max_new_tokens=8`` keeps the checkpoint's repetition penalty), as transfor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -145,12 +146,16 @@ def stream_generate(
     ``inputs_embeds`` (B, T, E), when given, is what the model reads for the prompt (a VLM's merged text and image
     embeddings); ``input_ids`` then only feed the repetition penalty. ``attention_blocks`` (B, T): the prompt's
     bidirectional blocks (``DecoderLM.forward_features``). Runs without autograd. ``config`` None: the model's
-    decoding defaults (``decoding_config(model)``).
+    decoding defaults (``decoding_config(model)``). Stop strings are matched in text decoded by ``decode``, by default
+    the model's tokenizer (special tokens kept).
     """
     config = decoding_config(model) if config is None else config
     _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.stop_strings and decode is None:
-        raise ValueError("stop_strings need a decode function (a tokenizer's decode)")
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("stop_strings need a decode function (a tokenizer's decode)")
+        # The model's tokenizer, special tokens kept: "<|im_end|>" is a stop string as any other.
+        decode = functools.partial(model.tokenizer.decode, skip_special_tokens=False)
     stop_ids = model.config.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
     pad = config.pad_token_id
     if pad is None:

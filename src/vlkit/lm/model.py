@@ -11,7 +11,6 @@ step). Position ids follow the attention mask (cumsum), so a left-padded row get
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -334,10 +333,6 @@ class DecoderLM(PretrainedModel):
         kept). ``attention_blocks`` (B, T) marks the prompt's bidirectional blocks (see ``forward_features``).
         """
         from vlkit.lm.generate import decoding_config, generate
-
-        if decode is None and self.tokenizer is not None:
-            # Special tokens kept: "<|im_end|>" is a stop string as any other.
-            decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False)
 
         return generate(
             self,

@@ -8,7 +8,6 @@ produced. Without ``--prompt`` the session is interactive: each question joins t
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,12 +97,10 @@ def _streamed(
         max_new_tokens = CHAT_MAX_NEW_TOKENS
     config = decoding_config(model.lm, max_new_tokens, **options)
     embeds = model.embed_inputs(prompt, pixels)
-    # A checkpoint's stop strings are matched in decoded text, special tokens kept ("<|im_end|>").
-    decode = functools.partial(model.tokenizer.backend.decode, skip_special_tokens=False)
     with torch.no_grad():
         blocks = model.attention_blocks(prompt)
         for tokens in stream_generate(
-            model.lm, prompt, torch.ones_like(prompt), embeds, config, decode=decode, attention_blocks=blocks
+            model.lm, prompt, torch.ones_like(prompt), embeds, config, attention_blocks=blocks
         ):
             streamer(tokens)
             while pieces:
