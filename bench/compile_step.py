@@ -1,13 +1,17 @@
-"""``torch.compile`` of the ShapesWorld model's training step: vlkit's ``shapes_siglip``, eager against compiled.
+"""``torch.compile`` of a ShapesWorld training step, eager against compiled.
 
-The model is wrapped in ``torch.compile`` (inductor); the SigLIP loss, backward and the fused AdamW step run as in
-``bench/train_step.py``. Both copies start from the same initialisation and get the same batch. The compiled copy's
-first steps are timed on their own (``compile_s`` = the first compiled step's time minus the eager median: tracing,
-AOTAutograd's forward and backward graphs, C++ code generation and its compiler); then eager and compiled steps
-alternate (who goes first alternating) and medians of wall and process CPU time are reported, in fp32 and in bf16.
-``speedup`` = eager time / compiled time: above 1 the compiled step is faster.
+``--model shapes`` (default): vlkit's ``shapes_siglip`` wrapped whole in ``torch.compile`` (inductor); the SigLIP
+loss, backward and the fused AdamW step run as in ``bench/train_step.py``. ``--model llava`` / ``honeybee``: the
+``llava_shapes`` / ``honeybee_c_shapes`` instruct step of ``bench/profile_step.py`` (tower frozen, read at layer 2,
+batch 32 of 145 tokens), compiled as the trainer compiles it (``vlkit.train.compile``: the LM's decoder blocks only,
+dynamic shapes); the variants do not apply there. Both copies start from the same initialisation and get the same
+batch. The compiled copy's first steps are timed on their own (``compile_s`` = the first compiled step's time minus
+the eager median: tracing, AOTAutograd's forward and backward graphs, C++ code generation and its compiler); then
+eager and compiled steps alternate (who goes first alternating) and medians of wall and process CPU time are
+reported, in fp32 and in bf16. ``speedup`` = eager time / compiled time: above 1 the compiled step is faster.
 
     python bench/compile_step.py --out bench/results/compile_step.json [--steps 8 --batch 128 --mode default]
+    python bench/compile_step.py --model llava --precisions bf16 --out bench/results/compile_step_llava.json
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import train_step as ts
 import vlkit
 import vlkit.layers.attention
 from vlkit.text.transformer import TextTransformer
+from vlkit.train.compile import compile_for_training
 
 
 @contextmanager
@@ -58,16 +63,36 @@ def without_graph_breaks() -> Iterator[None]:
         attention._cpu_bf16_attention_is_slow, TextTransformer.trim_padding, TextTransformer.pool_index = saved
 
 
+def vlm_loss(model: torch.nn.Module, batch: ts.Batch) -> torch.Tensor:
+    return model(
+        batch["input_ids"], batch["attention_mask"], batch["pixels"], batch["labels"], return_logits=False
+    ).loss
+
+
+def _steps(args: argparse.Namespace, bf16: bool) -> tuple[ts.TrainStep, ts.TrainStep, ts.Batch]:
+    """The eager and the compiled step, from the same initialisation, and the batch."""
+    if args.model == "shapes":
+        batch = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch)
+        torch.manual_seed(0)
+        eager = ts.TrainStep(vlkit.create_model("shapes_siglip"), ts.siglip_loss, bf16, args.device)
+        torch.manual_seed(0)
+        model = vlkit.create_model("shapes_siglip")
+        return eager, ts.TrainStep(torch.compile(model, mode=args.mode), ts.siglip_loss, bf16, args.device), batch
+    from profile_step import _vlm
+
+    torch.manual_seed(0)
+    model, batch = _vlm("shapes_llava" if args.model == "llava" else "shapes_honeybee_c", args.batch)
+    torch.manual_seed(0)
+    twin, _ = _vlm("shapes_llava" if args.model == "llava" else "shapes_honeybee_c", args.batch)
+    compile_for_training(twin)
+    return ts.TrainStep(model, vlm_loss, bf16, args.device), ts.TrainStep(twin, vlm_loss, bf16, args.device), batch
+
+
 def bench_variant(precision: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    batch = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch)
     bf16 = precision == "bf16"
-    torch.manual_seed(0)
-    eager = ts.TrainStep(vlkit.create_model("shapes_siglip"), ts.siglip_loss, bf16, args.device)
-    torch.manual_seed(0)
-    model = vlkit.create_model("shapes_siglip")
-    compiled = ts.TrainStep(torch.compile(model, mode=args.mode), ts.siglip_loss, bf16, args.device)
+    eager, compiled, batch = _steps(args, bf16)
     batch = {key: value.to(args.device) for key, value in batch.items()}
     with without_graph_breaks() if variant == "no_graph_breaks" else nullcontext():
         eager_first = [eager(batch) for _ in range(args.warmup)]
@@ -95,7 +120,8 @@ def bench_variant(precision: str, variant: str, args: argparse.Namespace) -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--model", choices=("shapes", "llava", "honeybee"), default="shapes")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 (shapes), 32 (the VLMs)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and precision")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each, timed apart (compilation)")
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -105,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    args.batch = args.batch or (128 if args.model == "shapes" else 32)
+    if args.model != "shapes":
+        args.variants = "as_is"
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -118,12 +147,14 @@ def main(argv: list[str] | None = None) -> None:
               f"CPU time {row['speedup_cpu_time']:.2f}x); compile {row['compile_s']:.0f} s, {row['graphs']} graphs, "
               f"{sum(row['graph_breaks'].values())} graph breaks", flush=True)  # fmt: skip
     result["config"] = {
-        "model": "shapes_siglip",
+        "model": {"shapes": "shapes_siglip", "llava": "shapes_llava", "honeybee": "shapes_honeybee_c"}[args.model],
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
         "mode": args.mode,
-        "compiled": "torch.compile(model); loss, backward and AdamW(fused) eager",
+        "compiled": "torch.compile(model); loss, backward and AdamW(fused) eager"
+        if args.model == "shapes"
+        else "vlkit.train.compile.compile_for_training: the LM's decoder blocks (dynamic shapes)",
         "variants": "as_is: the library unchanged; no_graph_breaks: the AMX query answered outside the graph, "
         "trim_padding and pool_index's end-of-text check skipped (no-ops on this batch), for eager and compiled alike",
         "bf16": "torch.autocast over forward + loss, fp32 weights",

@@ -10,8 +10,6 @@ mask and causal flag (Vaswani et al., 2017), and optional rotary tables (``vlkit
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +18,20 @@ from vlkit.layers.mlp import build_mlp
 from vlkit.layers.rope import RopeTables, apply_rope
 
 
-@functools.cache
-def _cpu_bf16_attention_is_slow() -> bool:
-    # Without AMX tiles, PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: measured on an AVX-512
-    # (avx512_bf16) CPU, forward + backward of ViT/text-sized attention takes 1.1-2x the time of the same kernel on
-    # fp32 copies of q, k, v (bench/README.md). AMX CPUs keep the bf16 kernel.
+def _amx_tiles() -> bool:
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return not (is_amx is not None and is_amx())
+    return is_amx is not None and bool(is_amx())
+
+
+# Without AMX tiles, PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: measured on an AVX-512
+# (avx512_bf16) CPU, forward + backward of ViT/text-sized attention takes 1.1-2x the time of the same kernel on fp32
+# copies of q, k, v (bench/README.md). AMX CPUs keep the bf16 kernel. Asked once, at import: a constant is what
+# torch.compile can trace (it will not trace the CPU query itself).
+_CPU_BF16_ATTENTION_SLOW = not _amx_tiles()
+
+
+def _cpu_bf16_attention_is_slow() -> bool:
+    return _CPU_BF16_ATTENTION_SLOW
 
 
 def _fp32_on_this_cpu(x: torch.Tensor) -> bool:

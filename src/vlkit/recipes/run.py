@@ -123,7 +123,7 @@ def _train_stage(
     result = trainer.fit(resume=resume)
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
                                "skipped": result.skipped, "stage": stage.name,
-                               "precision": result.precision}  # fmt: skip
+                               "precision": result.precision, "compiled": result.compiled}  # fmt: skip
     padding = logged_mean(result.log_path, "padding_fraction") if main else None
     if padding is not None:
         metrics["padding_fraction"] = padding

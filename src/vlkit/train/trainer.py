@@ -51,6 +51,7 @@ from vlkit.train.checkpoint import (
     save_sharded_checkpoint,
     write_text_atomic,
 )
+from vlkit.train.compile import Compile, compile_for_training, resolve_compile
 from vlkit.train.distributed import GlobalBatchSampler, Strategy
 from vlkit.train.optim import ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
 
@@ -80,6 +81,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     precision: Literal["fp32", "bf16", "auto"] = "auto"
+    compile: Compile = "auto"  # torch.compile of the modules that mark themselves worth it (vlkit.train.compile)
     param_groups: tuple[ParamGroupRule, ...] = ()
     eval_every: int | None = None
     save_every: int | None = None
@@ -121,6 +123,8 @@ class TrainConfig:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.precision not in ("fp32", "bf16", "auto"):
             problems.append(f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"compile must be 'auto', 'on' or 'off', got {self.compile!r}")
         if self.optimizer not in ("adamw", "lamb"):
             problems.append(f"optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         for name in ("eval_every", "save_every"):
@@ -183,6 +187,7 @@ class TrainResult:
     log_path: Path
     final_artifacts: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # what the run trained in ("auto" resolved)
+    compiled: bool = False  # whether the run's compile targets trained compiled ("auto" resolved)
 
 
 class ResumableSamplerProtocol(Protocol):
@@ -318,6 +323,7 @@ class Trainer:
         self.epoch = 0
         self.position = 0
         self.precision = config.precision if config.precision != "auto" else "fp32"
+        self.compiled = False
         self.skipped = 0
         self.train_seconds = 0.0
 
@@ -364,6 +370,9 @@ class Trainer:
             self._load_state(self._load_checkpoint(checkpoint))
             if self.is_main:
                 self._truncate_log()
+        if checkpoint is None or self.config.compile != "auto":
+            self.compiled = resolve_compile(config.compile, self.module, self.device, config.steps)
+        uncompile = compile_for_training(self.module) if self.compiled else (lambda: None)
 
         main = self.is_main
         writer = (
@@ -398,6 +407,7 @@ class Trainer:
                 # Resumed from a finished run: report the evaluation without logging a duplicate line.
                 final_eval = self._run_evaluation()
         finally:
+            uncompile()
             progress.close()
             if writer is not None:
                 writer.close()
@@ -410,6 +420,7 @@ class Trainer:
             self.log_path,
             final_eval.artifacts,
             self.precision,
+            self.compiled,
         )
 
     def _seed_everything(self) -> None:
@@ -642,6 +653,7 @@ class Trainer:
             "world_size": self.world_size,
             "strategy": self.strategy,
             "precision": self.precision,
+            "compiled": self.compiled,
         }
         rng_states = distributed.all_gather_object(capture_rng_state())
         if self.strategy == "fsdp":
@@ -700,6 +712,8 @@ class Trainer:
         # A resumed run keeps the precision it resolved to (checkpoints from before "auto" trained as configured).
         saved_precision = state.get("precision", saved_config.get("precision", "bf16"))
         self.precision = self.config.precision if self.config.precision != "auto" else saved_precision
+        # ... and, under "auto", its compile decision (compiled and eager steps differ in the last bits).
+        self.compiled = bool(state.get("compiled", False))
         self.step = int(state["step"])
         self.sampler_state = state["sampler"]
         self.epoch = int(self.sampler_state["epoch"])

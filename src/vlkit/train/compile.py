@@ -1,0 +1,110 @@
+"""``torch.compile`` where it pays: the modules a model marks as worth compiling, in training only.
+
+A module class opts in with ``compile_in_training = True`` (the decoder LM's block: its RoPE, SwiGLU, RMSNorm and
+residual chain is a dozen memory-bound elementwise passes that inductor fuses; ``bench/compile_step.py --model
+llava`` measures it). ``compile_for_training(model)`` routes each such module's forward, while the module trains with
+gradients on, through one compiled function per class (shared by every instance, so a 4-block LM compiles once),
+with dynamic shapes so that batches of other lengths reuse the graph. Evaluation and generation (eval mode, no
+gradients, a KV cache) keep the eager forward. It returns the undo, which the trainer calls when ``fit`` ends.
+
+The fallback is eager: if compilation fails (no C++ compiler for inductor on CPU, an unsupported op), the first
+call warns once and every module of the run goes back to its eager forward; a genuine error in the module raises
+again from the eager call.
+
+``TrainConfig.compile``: "off", "on", or "auto" (the default), which compiles on CPU when the run trains at least
+``AUTO_MIN_STEPS`` steps (compiling the LM block takes ~30 s on a 2-core CPU the first time, a few seconds once
+inductor's cache holds it) and a C++ compiler is present. GPUs were not measured: "on" there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AUTO_MIN_STEPS", "Compile", "compile_for_training", "compile_targets", "resolve_compile"]
+
+Compile = Literal["auto", "on", "off"]
+# bench/compile_step.py --model llava (2-core AMD EPYC, no AMX): the llava_shapes instruct step 0.63 -> 0.46 s, and
+# ~31 s to compile with a cold inductor cache; the text stage's LM step gains less. Below this many steps "auto"
+# stays eager, so that the compilation is paid back.
+AUTO_MIN_STEPS = 500
+
+
+def compile_targets(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` whose class sets ``compile_in_training`` (outermost ones only)."""
+    targets: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if getattr(type(module), "compile_in_training", False):
+            targets.append(module)
+            inside.update(id(child) for child in module.modules())
+    return targets
+
+
+@functools.cache
+def _compiler_present() -> bool:
+    """Inductor on CPU builds C++: whether the compiler it is configured with (g++ by default) is on the PATH."""
+    from torch._inductor import config
+
+    names = [name for name in config.cpp.cxx if name]
+    return any(shutil.which(name) for name in names)
+
+
+def resolve_compile(setting: Compile, model: nn.Module, device: torch.device, steps: int) -> bool:
+    """Whether a run compiles: "on" wherever ``model`` has targets, "auto" on CPU for runs of ``AUTO_MIN_STEPS``
+    steps or more with a C++ compiler present."""
+    if setting == "off" or not compile_targets(model):
+        return False
+    if setting == "on":
+        return True
+    return device.type == "cpu" and steps >= AUTO_MIN_STEPS and _compiler_present()
+
+
+def compile_for_training(model: nn.Module) -> Callable[[], None]:
+    """Route the forward of ``model``'s compile targets through ``torch.compile`` while they train; returns the undo."""
+    targets = compile_targets(model)
+    compiled: dict[type, Callable[..., Any]] = {}
+    state = {"failed": False}
+
+    def route(module: nn.Module) -> Callable[..., Any]:
+        eager = module.forward  # the bound method of the class
+        kind = type(module)
+        if kind not in compiled:
+            compiled[kind] = torch.compile(kind.forward, dynamic=True)
+        function = compiled[kind]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if state["failed"] or not (module.training and torch.is_grad_enabled()):
+                return eager(*args, **kwargs)
+            try:
+                return function(module, *args, **kwargs)
+            except Exception as error:  # compilation failed: this run trains eagerly
+                state["failed"] = True
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                              "training continues without it (TrainConfig.compile='off' skips the attempt)",
+                              stacklevel=2)  # fmt: skip
+                return eager(*args, **kwargs)
+
+        return forward
+
+    for module in targets:
+        module.forward = route(module)  # type: ignore[method-assign]
+    if targets:
+        logger.info("compiling %d %s module(s) for training", len(targets), sorted({type(m).__name__ for m in targets}))
+
+    def undo() -> None:
+        for module in targets:
+            module.__dict__.pop("forward", None)
+
+    return undo
