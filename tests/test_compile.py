@@ -88,6 +88,7 @@ def test_which_runs_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS - 1)  # too short to pay the compilation back
     assert not resolve_compile("auto", lm, torch.device("cuda"), AUTO_MIN_STEPS)  # not measured on GPUs
     assert not resolve_compile("off", lm, cpu, 10 * AUTO_MIN_STEPS)
+    assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS, sharded=True)  # FSDP: not measured
     assert not resolve_compile("on", nn.Linear(2, 2), cpu, 1)  # nothing marked worth compiling
     monkeypatch.setattr(train_compile, "_compiler_present", lambda: False)
     assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS)
@@ -125,3 +126,31 @@ def test_a_failed_compilation_falls_back_to_eager(tmp_path: Path, monkeypatch: p
     assert losses == eager_losses  # the eager forward exactly
     assert all("forward" not in block.__dict__ for block in model.blocks)
     torch._dynamo.reset()
+
+
+def test_a_resumed_auto_run_keeps_its_compile_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled and eager steps differ in the last bits: a resumed run must not switch (the machine may now lack a
+    compiler, or the threshold may have moved), as it keeps its precision."""
+    from vlkit.train import trainer as trainer_module
+
+    compiled_runs: list[int] = []
+
+    def record(model: nn.Module) -> object:
+        compiled_runs.append(len(compile_targets(model)))
+        return lambda: None
+
+    monkeypatch.setattr(trainer_module, "compile_for_training", record)
+    monkeypatch.setattr(train_compile, "_compiler_present", lambda: True)
+    monkeypatch.setattr(train_compile, "AUTO_MIN_STEPS", 1)
+
+    def run(steps: int, resume: bool) -> Trainer:
+        config = TrainConfig(steps=steps, batch_size=4, lr=1e-3, precision="fp32", save_every=2, progress=False)
+        trainer = Trainer(tiny_lm(), config, Texts(), collate, lm_step, tmp_path / "run")
+        trainer.fit(resume=resume)
+        return trainer
+
+    assert run(2, resume=False).compiled and compiled_runs == [2]
+    monkeypatch.setattr(train_compile, "_compiler_present", lambda: False)  # "auto" would now say no
+    assert run(4, resume=True).compiled and compiled_runs == [2, 2]
+    with pytest.raises(FileExistsError):
+        run(4, resume=False)

@@ -61,14 +61,16 @@ def _compiler_present() -> bool:
     return any(shutil.which(name) for name in names)
 
 
-def resolve_compile(setting: Compile, model: nn.Module, device: torch.device, steps: int) -> bool:
-    """Whether a run compiles: "on" wherever ``model`` has targets, "auto" on CPU for runs of ``AUTO_MIN_STEPS``
-    steps or more with a C++ compiler present."""
+def resolve_compile(
+    setting: Compile, model: nn.Module, device: torch.device, steps: int, sharded: bool = False
+) -> bool:
+    """Whether a run compiles: "on" wherever ``model`` has targets; "auto" on CPU for runs of ``AUTO_MIN_STEPS``
+    steps or more with a C++ compiler present, and not for a sharded (FSDP) model, which was not measured."""
     if setting == "off" or not compile_targets(model):
         return False
     if setting == "on":
         return True
-    return device.type == "cpu" and steps >= AUTO_MIN_STEPS and _compiler_present()
+    return device.type == "cpu" and not sharded and steps >= AUTO_MIN_STEPS and _compiler_present()
 
 
 def compile_for_training(model: nn.Module) -> Callable[[], None]:

@@ -371,8 +371,8 @@ class Trainer:
             if self.is_main:
                 self._truncate_log()
         if checkpoint is None or self.config.compile != "auto":
-            self.compiled = resolve_compile(config.compile, self.module, self.device, config.steps)
-        uncompile = compile_for_training(self.module) if self.compiled else (lambda: None)
+            sharded = distributed.is_sharded(self.model)
+            self.compiled = resolve_compile(config.compile, self.module, self.device, config.steps, sharded)
 
         main = self.is_main
         writer = (
@@ -383,6 +383,7 @@ class Trainer:
         progress = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and main), desc="train")
         batches = self._micro_batches()
         final_eval: EvalResult | None = None
+        uncompile = compile_for_training(self.module) if self.compiled else (lambda: None)
         try:
             with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
