@@ -28,10 +28,10 @@ from vlkit.tasks.classification import (
 TINY_TOWER = {"vision.dim": 32, "vision.depth": 2, "vision.num_heads": 2, "vision.mlp_dim": 64, "vision.image_size": 32}
 
 
-def tiny_recipe(steps: int = 80):
+def tiny_recipe(steps: int = 120):
     overrides = {f"model.{key}": value for key, value in TINY_TOWER.items()}
     overrides |= {"train.steps": steps, "train.batch_size": 32, "train.eval_every": steps // 2,
-                  "data.train_size": 640, "data.eval_size": 64, "train.precision": "fp32",
+                  "data.train_size": 640, "data.eval_size": 256, "train.precision": "fp32",
                   "train.lr": 5e-3}  # fmt: skip
     return get_recipe("classify_shapes").with_overrides(overrides)
 
@@ -55,16 +55,17 @@ def test_run_writes_metrics_log_report_and_a_loadable_model(classification_run) 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("top1", "colour_top1", "shape_top1", "top1_heldout", "colour_top1_heldout", "shape_top1_heldout"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["steps"] == 80 and metrics["recipe"] == "classify_shapes"
-    # Colour is linearly readable from pixel means: 80 small steps take it far above the 1/8 chance level, on seen
+    assert metrics["steps"] == 120 and metrics["recipe"] == "classify_shapes"
+    # Colour is linearly readable from pixel means: 120 small steps take it far above the 1/8 chance level, on seen
+    # (80 steps did not on an AVX2-only CPU, whose fp32 kernels round differently: 0.58 at seed 0, 1.0 at seed 1)
     # and held-out combinations alike. The joint top-1 can only be as good as its weaker attribute.
     assert metrics["colour_top1"] > 0.6 and metrics["colour_top1_heldout"] > 0.6
     assert metrics["top1"] <= min(metrics["colour_top1"], metrics["shape_top1"])
     log = stage_dir(out, tiny_recipe(), tiny_recipe().stages[0]) / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     train = [record for record in records if "loss" in record]
-    assert len(train) == 80 and all("shape_loss" in record and "colour_loss" in record for record in train)
-    assert [record["step"] for record in records if "eval" in record] == [40, 80]
+    assert len(train) == 120 and all("shape_loss" in record and "colour_loss" in record for record in train)
+    assert [record["step"] for record in records if "eval" in record] == [60, 120]
     assert train[-1]["loss"] < train[0]["loss"]
     report = (out / "report.html").read_text()
     assert "top1_heldout" in report and (out / "confusion_shape_heldout.png").is_file()

@@ -91,7 +91,7 @@ class DecoderBlock(nn.Module):
     """Pre-norm x + attn(norm1(x)), x + mlp(norm2(x)); or post-norm norm1(x + attn(x)), norm2(x + mlp(x)) (OPT-350M)."""
 
     # Its RoPE, norm, activation and residual passes are memory-bound elementwise work that torch.compile fuses: the
-    # llava_shapes instruct step trains 1.3-1.4x faster on a 2-core CPU (vlkit.train.compile, bench/compile_step.py).
+    # llava_shapes instruct step trains 1.28x faster on a 2-core CPU (vlkit.train.compile, bench/compile_step.py).
     compile_in_training = True
 
     def __init__(self, config: LMConfig) -> None:
