@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 
 import vlkit
+from train_step import cpu_description
 
 IMAGE_TOKENS = 64
 CONFIG = dict(
@@ -40,14 +39,6 @@ CONFIG = dict(
     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=1000000.0,
     bos_token_id=None, eos_token_id=None, pad_token_id=0,
 )  # fmt: skip
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def read_bandwidth(tensors: list[torch.Tensor], rounds: int = 5, repeats: int = 3) -> list[float]:
@@ -142,13 +133,15 @@ def main() -> None:
     weight_rates = read_bandwidth([p for n, p in model.named_parameters() if n != "token_embed.weight"])
     bandwidth = statistics.median(rates)
 
+    machine = cpu_description()
     results: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": machine["cpu_model"],
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "amx": machine["amx"],
+        "cpu_flags": machine["cpu_flags"],  # two "AMD EPYC" machines here differ: AVX-512 with bf16, or AVX2 only
         "model": {**CONFIG, "parameters": params, "bytes_read_per_token": read_bytes, "dtype": "float32"},
         "prompt": f"{IMAGE_TOKENS} image positions + 4-8 text tokens, as inputs_embeds in both libraries",
         "new_tokens": args.new_tokens,
