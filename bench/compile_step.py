@@ -29,38 +29,36 @@ import torch._dynamo
 
 import train_step as ts
 import vlkit
-import vlkit.layers.attention
 from vlkit.text.transformer import TextTransformer
 from vlkit.train.compile import compile_for_training
 
 
 @contextmanager
 def without_graph_breaks() -> Iterator[None]:
-    """Bench-only stand-ins for the three things the model does that break its graph under ``torch.compile``.
+    """Bench-only stand-ins for the two things the text tower does that break its graph under ``torch.compile``.
 
-    ``_cpu_bf16_attention_is_slow`` asks ``torch.cpu._is_amx_tile_supported()``, which dynamo will not trace (and it
-    ignores the ``functools.cache``): one break per attention layer under bf16. The text tower's ``trim_padding``
-    cuts the batch to its longest text with ``nonzero`` and ``int()`` (data-dependent shapes), and ``pool_index``
-    checks with ``bool()`` that every text has an end-of-text token. Here the first is answered once, outside the
-    graph, and the other two are skipped: the bench batch has a full-length text and an end-of-text token in every
-    text, so neither changes anything in it, and both copies compute what they did.
+    ``trim_padding`` cuts the batch to its longest text with ``nonzero`` and ``int()`` (data-dependent shapes), and
+    ``pool_index`` checks with ``bool()`` that every text has an end-of-text token. Here both are skipped: the bench
+    batch has a full-length text and an end-of-text token in every text, so neither changes anything in it, and both
+    copies compute what they did. (A third break, the AMX query of the attention path, which dynamo will not trace,
+    was answered here too until the library made it a constant read at import.)
     """
-    attention = vlkit.layers.attention
-    slow = attention._cpu_bf16_attention_is_slow()
-    saved = attention._cpu_bf16_attention_is_slow, TextTransformer.trim_padding, TextTransformer.pool_index
+    saved = TextTransformer.trim_padding, TextTransformer.pool_index
 
     def pool_index(self: TextTransformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
         if self.config.pool != "eos":
-            return saved[2](self, input_ids, attention_mask)
+            return saved[1](self, input_ids, attention_mask)
         return (input_ids == self.config.eos_token_id).int().argmax(dim=1)  # (B,), as pool_index without its check
 
-    attention._cpu_bf16_attention_is_slow = lambda: slow
     TextTransformer.trim_padding = lambda self, input_ids, attention_mask: (input_ids, attention_mask)
     TextTransformer.pool_index = pool_index
     try:
         yield
     finally:
-        attention._cpu_bf16_attention_is_slow, TextTransformer.trim_padding, TextTransformer.pool_index = saved
+        TextTransformer.trim_padding, TextTransformer.pool_index = saved
+
+
+MODELS = {"shapes": "shapes_siglip", "llava": "shapes_llava", "honeybee": "shapes_honeybee_c"}  # --model -> preset
 
 
 def vlm_loss(model: torch.nn.Module, batch: ts.Batch) -> torch.Tensor:
@@ -81,9 +79,9 @@ def _steps(args: argparse.Namespace, bf16: bool) -> tuple[ts.TrainStep, ts.Train
     from profile_step import _vlm
 
     torch.manual_seed(0)
-    model, batch = _vlm("shapes_llava" if args.model == "llava" else "shapes_honeybee_c", args.batch)
+    model, batch = _vlm(MODELS[args.model], args.batch)
     torch.manual_seed(0)
-    twin, _ = _vlm("shapes_llava" if args.model == "llava" else "shapes_honeybee_c", args.batch)
+    twin, _ = _vlm(MODELS[args.model], args.batch)
     compile_for_training(twin)
     return ts.TrainStep(model, vlm_loss, bf16, args.device), ts.TrainStep(twin, vlm_loss, bf16, args.device), batch
 
@@ -120,7 +118,7 @@ def bench_variant(precision: str, variant: str, args: argparse.Namespace) -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", choices=("shapes", "llava", "honeybee"), default="shapes")
+    parser.add_argument("--model", choices=tuple(MODELS), default="shapes")
     parser.add_argument("--batch", type=int, default=None, help="default: 128 (shapes), 32 (the VLMs)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and precision")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each, timed apart (compilation)")
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
               f"CPU time {row['speedup_cpu_time']:.2f}x); compile {row['compile_s']:.0f} s, {row['graphs']} graphs, "
               f"{sum(row['graph_breaks'].values())} graph breaks", flush=True)  # fmt: skip
     result["config"] = {
-        "model": {"shapes": "shapes_siglip", "llava": "shapes_llava", "honeybee": "shapes_honeybee_c"}[args.model],
+        "model": MODELS[args.model],
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "compiled": "torch.compile(model); loss, backward and AdamW(fused) eager"
         if args.model == "shapes"
         else "vlkit.train.compile.compile_for_training: the LM's decoder blocks (dynamic shapes)",
-        "variants": "as_is: the library unchanged; no_graph_breaks: the AMX query answered outside the graph, "
+        "variants": "as_is: the library unchanged; no_graph_breaks: "
         "trim_padding and pool_index's end-of-text check skipped (no-ops on this batch), for eager and compiled alike",
         "bf16": "torch.autocast over forward + loss, fp32 weights",
         "speedup": "eager median / compiled median (wall); _min of the fastest steps; _cpu_time of process CPU time",

@@ -159,7 +159,7 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     q, k or v (so the path costs no more memory than the bf16 kernel)."""
     from vlkit.layers import attention
 
-    monkeypatch.setattr(attention, "_cpu_bf16_attention_is_slow", lambda: True)
+    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", True)
     torch.manual_seed(6)
     keys = 12 if case == "cross" else 9
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, keys, 16), torch.randn(2, 4, keys, 16)

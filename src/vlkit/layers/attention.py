@@ -30,13 +30,9 @@ def _amx_tiles() -> bool:
 _CPU_BF16_ATTENTION_SLOW = not _amx_tiles()
 
 
-def _cpu_bf16_attention_is_slow() -> bool:
-    return _CPU_BF16_ATTENTION_SLOW
-
-
 def _fp32_on_this_cpu(x: torch.Tensor) -> bool:
     """Whether attention on ``x`` (bf16 on a CPU without AMX) is faster computed in fp32."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_bf16_attention_is_slow()
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _CPU_BF16_ATTENTION_SLOW
 
 
 def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -88,7 +84,7 @@ def sdpa(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the output in the dtype of q.
 
-    On CPUs where bf16 attention is slower than fp32 (``_cpu_bf16_attention_is_slow``), bf16 q, k, v are attended in
+    On CPUs where bf16 attention is slower than fp32 (``_CPU_BF16_ATTENTION_SLOW``), bf16 q, k, v are attended in
     fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back. Without
     autocast and bf16 (plain fp32 training) this is exactly the plain call.
     """
