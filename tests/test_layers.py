@@ -150,16 +150,21 @@ def test_attention_causal_combined_with_padding_mask(kind: str) -> None:
     torch.testing.assert_close(attn(x, mask=mask, is_causal=True), _reference_self_attention(attn, x, allowed), **TIGHT)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
 @pytest.mark.parametrize("case", ["none", "bool", "additive", "causal", "cross"])
 def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
-    monkeypatch: pytest.MonkeyPatch, case: str
+    monkeypatch: pytest.MonkeyPatch, case: str, amx: bool
 ) -> None:
-    """On CPUs without AMX, attention under bf16 autocast runs in fp32 (faster there). Its outputs and gradients must
-    be those of SDPA on fp32 copies of q, k, v (to bf16 rounding), and autograd must keep no fp32 tensor the size of
-    q, k or v (so the path costs no more memory than the bf16 kernel)."""
+    """On CPUs without AMX, attention under bf16 autocast runs in fp32 (faster there); on AMX CPUs training keeps the
+    bf16 forward and runs the backward in fp32 for short keys. Outputs and gradients must be those of SDPA on fp32
+    copies of q, k, v (to bf16 rounding), and autograd must keep no fp32 tensor the size of q, k or v (so the path
+    costs no more memory than the bf16 kernel)."""
     from vlkit.layers import attention
 
-    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", True)
+    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", not amx)
+    routed: list[bool] = []
+    apply = attention._Fp32Attention.apply
+    monkeypatch.setattr(attention._Fp32Attention, "apply", lambda *args: routed.append(args[-1]) or apply(*args))
     torch.manual_seed(6)
     keys = 12 if case == "cross" else 9
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, keys, 16), torch.randn(2, 4, keys, 16)
@@ -181,6 +186,7 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     for got, expected in zip(ours, cast, strict=True):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert routed == [not amx], "the fp32 path (both directions without AMX, the backward with AMX) was not taken"
 
     module = _randomize(CrossAttention(64, num_heads=4) if case == "cross" else Attention(64, num_heads=4))
     x = torch.randn(2, 9, 64, requires_grad=True)
@@ -192,6 +198,25 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     assert not large_fp32, f"fp32 tensors kept for backward: {large_fp32}"
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bf16_attention_on_amx_keeps_the_bf16_kernel_for_long_keys_and_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AMX, the fp32 backward is taken only in training with keys x head_dim <= _AMX_FP32_BACKWARD_MAX; long
+    keys, and attention without gradients, run the bf16 kernel as they are."""
+    from vlkit.layers import attention
+
+    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", False)
+    routed: list[bool] = []
+    apply = attention._Fp32Attention.apply
+    monkeypatch.setattr(attention._Fp32Attention, "apply", lambda *args: routed.append(args[-1]) or apply(*args))
+    head_dim = 16
+    longest = attention._AMX_FP32_BACKWARD_MAX // head_dim
+    for keys, grad, expected in [(longest, True, [False]), (longest + 1, True, []), (8, False, [])]:
+        routed.clear()
+        q = torch.randn(1, 2, 4, head_dim).bfloat16().requires_grad_(grad)
+        kv = torch.randn(1, 2, keys, head_dim).bfloat16()
+        out = attention.sdpa(q, kv, kv)
+        assert out.dtype == torch.bfloat16 and routed == expected, (keys, grad, routed)
 
 
 def test_cross_attention_matches_naive() -> None:
@@ -238,6 +263,18 @@ def test_mlp_activation_formulas(act: str) -> None:
     x = torch.randn(2, 3, 6, dtype=torch.float64) * 2
     hidden = ACTIVATIONS[act](x @ mlp.fc1.weight.T + mlp.fc1.bias)
     torch.testing.assert_close(mlp(x), hidden @ mlp.fc2.weight.T + mlp.fc2.bias, **TIGHT)
+
+
+def test_quick_gelu_gradient_matches_its_formula() -> None:
+    """QuickGELU's hand-written backward (silu's derivative at 1.702 x) is the derivative of x * sigmoid(1.702 x)."""
+    from vlkit.layers.mlp import QuickGELU
+
+    x = (torch.randn(4, 7, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(QuickGELU(), (x,))
+    grad = torch.randn(4, 7, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(QuickGELU()(x), x, grad)
+    (formula,) = torch.autograd.grad(ACTIVATIONS["quick_gelu"](x), x, grad)
+    torch.testing.assert_close(ours, formula, **TIGHT)
 
 
 def test_quick_gelu_differs_from_gelu() -> None:

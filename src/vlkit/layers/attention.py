@@ -23,16 +23,31 @@ def _amx_tiles() -> bool:
     return is_amx is not None and bool(is_amx())
 
 
-# Without AMX tiles, PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32: measured on an AVX-512
-# (avx512_bf16) CPU, forward + backward of ViT/text-sized attention takes 1.1-2x the time of the same kernel on fp32
-# copies of q, k, v (bench/README.md). AMX CPUs keep the bf16 kernel. Asked once, at import: a constant is what
-# torch.compile can trace (it will not trace the CPU query itself).
+# PyTorch's CPU flash-attention kernel in bf16, measured against the same kernel on fp32 copies of q, k, v (forward +
+# backward; bench/README.md, "Attention on the CPU in bf16"):
+# - without AMX tiles (AVX-512 bf16, AVX2) bf16 is slower in both directions (1.1-2x on ViT/text-sized attention):
+#   attention under bf16 autocast runs in fp32 there.
+# - with AMX the bf16 forward is the faster one (9.3 vs 13.9 ms for a ViT-B/16 layer at batch 16), but the bf16
+#   backward pays a large fixed cost per (batch, head) pair: 3.5x the fp32 kernel's time at 64 keys x 32 channels,
+#   2.3x at 64 x 64, even at 256 x 64, ahead only from about 512 x 64 (0.74x) or 256 x 128 (0.72x). So in training
+#   the forward stays bf16 and the backward runs in fp32 wherever keys x head_dim <= _AMX_FP32_BACKWARD_MAX.
+# Asked once, at import: a constant is what torch.compile can trace (it will not trace the CPU query itself).
 _CPU_BF16_ATTENTION_SLOW = not _amx_tiles()
+_AMX_FP32_BACKWARD_MAX = 256 * 64
+
+
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
 def _fp32_on_this_cpu(x: torch.Tensor) -> bool:
-    """Whether attention on ``x`` (bf16 on a CPU without AMX) is faster computed in fp32."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _CPU_BF16_ATTENTION_SLOW
+    """Whether attention on ``x`` (bf16 on a CPU without AMX) is faster computed in fp32, in both directions."""
+    return _cpu_bf16(x) and _CPU_BF16_ATTENTION_SLOW
+
+
+def _fp32_backward_on_this_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the backward of bf16 attention is faster in fp32 on an AMX CPU: short keys, narrow heads."""
+    return _cpu_bf16(q) and not _CPU_BF16_ATTENTION_SLOW and k.shape[-2] * q.shape[-1] <= _AMX_FP32_BACKWARD_MAX
 
 
 def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -43,12 +58,14 @@ def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _Fp32Attention(torch.autograd.Function):
-    """SDPA on bf16 q, k, v computed by the fp32 CPU flash kernel, keeping bf16 tensors for backward.
+    """SDPA on bf16 q, k, v with the CPU flash kernel's backward in fp32, keeping bf16 tensors for backward.
 
-    Casting q, k, v to fp32 before ``F.scaled_dot_product_attention`` would leave autograd holding fp32 q, k, v and
-    output (16 bytes per element, against 8 for the bf16 kernel): 350 MiB more at the peak of a ViT-B/16 CLIP step.
-    Here the bf16 inputs and the bf16 output (the same tensor the output projection keeps) are saved and cast again
-    in backward, so the fp32 path costs no memory: 6 bytes per element beyond the output.
+    ``fp32_forward``: the forward in fp32 too (CPUs without AMX); otherwise the bf16 kernel's forward, whose output
+    and log-sum-exp (fp32) the fp32 backward takes as they are. Casting q, k, v to fp32 before
+    ``F.scaled_dot_product_attention`` would leave autograd holding fp32 q, k, v and output (16 bytes per element,
+    against 8 for the bf16 kernel): 350 MiB more at the peak of a ViT-B/16 CLIP step. Here the bf16 inputs and the
+    bf16 output (the same tensor the output projection keeps) are saved and cast again in backward, so the fp32 path
+    costs no memory: 6 bytes per element beyond the output.
     """
 
     @staticmethod
@@ -59,11 +76,14 @@ class _Fp32Attention(torch.autograd.Function):
         v: torch.Tensor,
         mask: torch.Tensor | None,
         is_causal: bool,
+        fp32_forward: bool,
     ) -> torch.Tensor:
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         with torch.autocast("cpu", enabled=False):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.float(), k.float(), v.float(), 0.0, is_causal, attn_mask=mask
-            )
+            if fp32_forward:
+                out, lse = kernel(q.float(), k.float(), v.float(), 0.0, is_causal, attn_mask=mask)
+            else:
+                out, lse = kernel(q, k, v, 0.0, is_causal, attn_mask=None if mask is None else mask.to(q.dtype))
         out = out.to(q.dtype)  # keeps the kernel's (B, N, heads, head_dim) memory order: merging heads is a view
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.is_causal = is_causal
@@ -76,7 +96,7 @@ class _Fp32Attention(torch.autograd.Function):
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal, attn_mask=mask
             )
-        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None, None)
+        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None, None, None)
 
 
 def sdpa(
@@ -84,14 +104,15 @@ def sdpa(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the output in the dtype of q.
 
-    On CPUs where bf16 attention is slower than fp32 (``_CPU_BF16_ATTENTION_SLOW``), bf16 q, k, v are attended in
-    fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back. Without
-    autocast and bf16 (plain fp32 training) this is exactly the plain call.
+    bf16 on a CPU: where bf16 attention is slower than fp32 (``_CPU_BF16_ATTENTION_SLOW``: no AMX), q, k, v are
+    attended in fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back;
+    on AMX CPUs training with short keys and narrow heads keeps the bf16 forward and runs the backward in fp32
+    (``_fp32_backward_on_this_cpu``). Without autocast and bf16 (plain fp32 training) this is exactly the plain call.
     """
     fp32 = _fp32_on_this_cpu(q)
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if fp32 and training and not (mask is not None and mask.requires_grad):
-        return _Fp32Attention.apply(q, k, v, _additive_fp32(mask), is_causal)
+    if training and not (mask is not None and mask.requires_grad) and (fp32 or _fp32_backward_on_this_cpu(q, k)):
+        return _Fp32Attention.apply(q, k, v, _additive_fp32(mask), is_causal, fp32)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(torch.float32 if fp32 else q.dtype)
     if not fp32:

@@ -62,6 +62,12 @@ def _machine() -> str:
     return f"{_describe_cpu(cpuinfo, platform.processor() or platform.machine())}|{torch.get_num_threads()} threads"
 
 
+# Part of the cache key: raise it when a change to vlkit's own paths can change which precision is the faster, so
+# that cached answers measured on the old code are measured again (2: bf16 attention's backward in fp32 on AMX CPUs,
+# which took the demo's SigLIP step from slower in bf16 than in fp32 to 1.8x faster).
+_REVISION = 2
+
+
 def _key(device: torch.device, model: nn.Module, batch: dict[str, Any]) -> str:
     shapes = {key: list(value.shape) for key, value in batch.items() if isinstance(value, torch.Tensor)}
     config = getattr(model, "config", None)
@@ -69,7 +75,7 @@ def _key(device: torch.device, model: nn.Module, batch: dict[str, Any]) -> str:
                            sort_keys=True, default=str)  # fmt: skip
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _machine()
     digest = hashlib.sha256(described.encode()).hexdigest()[:16]
-    return f"{device.type}|{device_name}|torch {torch.__version__}|{digest}"
+    return f"{device.type}|{device_name}|torch {torch.__version__}|r{_REVISION}|{digest}"
 
 
 def measure_precision(
