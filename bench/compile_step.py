@@ -4,14 +4,19 @@
 loss, backward and the fused AdamW step run as in ``bench/train_step.py``. ``--model llava`` / ``honeybee``: the
 ``llava_shapes`` / ``honeybee_c_shapes`` instruct step of ``bench/profile_step.py`` (tower frozen, read at layer 2,
 batch 32 of 145 tokens), compiled as the trainer compiles it (``vlkit.train.compile``: the LM's decoder blocks only,
-dynamic shapes); the variants do not apply there. Both copies start from the same initialisation and get the same
-batch. The compiled copy's first steps are timed on their own (``compile_s`` = the first compiled step's time minus
-the eager median: tracing, AOTAutograd's forward and backward graphs, C++ code generation and its compiler); then
-eager and compiled steps alternate (who goes first alternating) and medians of wall and process CPU time are
-reported, in fp32 and in bf16. ``speedup`` = eager time / compiled time: above 1 the compiled step is faster.
+dynamic shapes); the variants do not apply there. ``--blocks`` (always for ``--model clip``, the CLIP ViT-B/16 step
+of ``bench/train_step.py`` at batch 16): the towers' ``TransformerBlock`` compiled the same way, opted in for the
+bench only, since the library does not compile it (the AMX measurements in bench/README.md). Both copies start from
+the same initialisation and get the same batch. The compiled copy's first steps are timed on their own
+(``compile_s`` = the first compiled step's time minus the eager median: tracing, AOTAutograd's forward and backward
+graphs, C++ code generation and its compiler); then eager and compiled steps alternate (who goes first alternating)
+and medians of wall and process CPU time are reported, in fp32 and in bf16. ``speedup`` = eager time / compiled
+time: above 1 the compiled step is faster.
 
     python bench/compile_step.py --out bench/results/compile_step.json [--steps 8 --batch 128 --mode default]
     python bench/compile_step.py --model llava --precisions bf16 --out bench/results/compile_step_llava.json
+    python bench/compile_step.py --model clip --steps 4 --out bench/results/compile_step_clip_amx.json
+    python bench/compile_step.py --model shapes --blocks --variants as_is --out bench/results/compile_blocks_amx.json
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch._dynamo
 
 import train_step as ts
 import vlkit
+from vlkit.layers.transformer import TransformerBlock
 from vlkit.text.transformer import TextTransformer
 from vlkit.train.compile import compile_for_training
 
@@ -58,7 +64,19 @@ def without_graph_breaks() -> Iterator[None]:
         TextTransformer.trim_padding, TextTransformer.pool_index = saved
 
 
-MODELS = {"shapes": "shapes_siglip", "llava": "shapes_llava", "honeybee": "shapes_honeybee_c"}  # --model -> preset
+MODELS = {"shapes": "shapes_siglip", "clip": ts.MODEL, "llava": "shapes_llava",
+          "honeybee": "shapes_honeybee_c"}  # --model -> preset  # fmt: skip
+
+
+@contextmanager
+def transformer_blocks_opted_in() -> Iterator[None]:
+    """``TransformerBlock`` (the ViT and text towers' block) opted in to ``compile_for_training`` for this bench only:
+    the library does not compile it (``--blocks``' measurements are why)."""
+    TransformerBlock.compile_in_training = True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del TransformerBlock.compile_in_training  # type: ignore[attr-defined]
 
 
 def vlm_loss(model: torch.nn.Module, batch: ts.Batch) -> torch.Tensor:
@@ -69,13 +87,23 @@ def vlm_loss(model: torch.nn.Module, batch: ts.Batch) -> torch.Tensor:
 
 def _steps(args: argparse.Namespace, bf16: bool) -> tuple[ts.TrainStep, ts.TrainStep, ts.Batch]:
     """The eager and the compiled step, from the same initialisation, and the batch."""
-    if args.model == "shapes":
-        batch = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch)
+    if args.model in ("shapes", "clip"):
+        if args.model == "shapes":
+            batch, loss = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch), ts.siglip_loss
+        else:
+            size = ts.CLIP_SIZE
+            batch, loss = ts.make_batch(args.batch, size.image_size, size.text_len, ts.CLIP_VOCAB), ts.vlkit_clip_loss
+        build = (lambda: vlkit.create_model(MODELS[args.model])) if args.model == "shapes" else ts.build_vlkit
         torch.manual_seed(0)
-        eager = ts.TrainStep(vlkit.create_model("shapes_siglip"), ts.siglip_loss, bf16, args.device)
+        eager = ts.TrainStep(build(), loss, bf16, args.device)
         torch.manual_seed(0)
-        model = vlkit.create_model("shapes_siglip")
-        return eager, ts.TrainStep(torch.compile(model, mode=args.mode), ts.siglip_loss, bf16, args.device), batch
+        model = build()
+        if args.blocks:
+            with transformer_blocks_opted_in():
+                compile_for_training(model)
+        else:
+            model = torch.compile(model, mode=args.mode)
+        return eager, ts.TrainStep(model, loss, bf16, args.device), batch
     from profile_step import _vlm
 
     torch.manual_seed(0)
@@ -127,9 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="as_is,no_graph_breaks", help="as_is and/or no_graph_breaks")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    blocks = "shapes: compile the towers' blocks as the trainer compiles the LM's, not the whole model; clip: always"
+    parser.add_argument("--blocks", action="store_true", help=blocks)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
-    args.batch = args.batch or (128 if args.model == "shapes" else 32)
+    args.batch = args.batch or {"shapes": 128, "clip": 16}.get(args.model, 32)
+    args.blocks = args.blocks or args.model == "clip"
     if args.model != "shapes":
         args.variants = "as_is"
     if args.threads:
@@ -150,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "mode": args.mode,
-        "compiled": "torch.compile(model); loss, backward and AdamW(fused) eager"
+        "compiled": "vlkit.train.compile.compile_for_training: the towers' TransformerBlocks (dynamic shapes), opted "
+        "in for the bench"
+        if args.blocks
+        else "torch.compile(model); loss, backward and AdamW(fused) eager"
         if args.model == "shapes"
         else "vlkit.train.compile.compile_for_training: the LM's decoder blocks (dynamic shapes)",
         "variants": "as_is: the library unchanged; no_graph_breaks: "

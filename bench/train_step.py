@@ -54,6 +54,7 @@ from torch import nn
 import vlkit
 from vlkit.layers.patch_embed import PatchEmbed
 from vlkit.losses import ClipLoss, SigLipLoss
+from vlkit.train.compile import AUTO_MIN_STEPS, compile_for_training, compile_targets, resolve_compile
 
 MODEL = "clip_vit_base_patch16"
 CLIP_VOCAB = 49408
@@ -214,6 +215,19 @@ class Case(NamedTuple):
     flops: Callable[[nn.Module], float]
 
 
+def as_trained(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """vlkit's model as its trainer runs a long run of it: the modules it compiles in training compiled
+    (``TrainConfig.compile="auto"`` at ``AUTO_MIN_STEPS`` steps: on CPU, wide tower blocks), unless
+    ``--vlkit-compile off``. The compilation falls in the warm-up steps."""
+    if args.vlkit_compile == "auto" and resolve_compile("auto", model, args.device, AUTO_MIN_STEPS):
+        compile_for_training(model)
+    return model
+
+
+def compiled(model: nn.Module) -> bool:
+    return any("forward" in module.__dict__ for module in compile_targets(model))
+
+
 def make_cases(args: argparse.Namespace) -> dict[str, Case]:
     clip, convnext = args.clip_size, args.convnext_size
 
@@ -231,14 +245,15 @@ def make_cases(args: argparse.Namespace) -> dict[str, Case]:
 
     cases = {
         "clip": Case(
-            build={"vlkit": lambda: build_vlkit(clip), "reference": lambda: build_reference(clip, args.reference_attn)},
+            build={"vlkit": lambda: as_trained(build_vlkit(clip), args),
+                   "reference": lambda: build_reference(clip, args.reference_attn)},
             loss={"vlkit": vlkit_clip_loss, "reference": reference_clip_loss},
             batch=lambda: make_batch(args.batch, clip.image_size, clip.text_len, CLIP_VOCAB),
             batch_size=args.batch,
             flops=lambda model: step_flops(model, args.batch, clip.text_len)["total"],
         ),
         "convnext": Case(
-            build={"vlkit": lambda: build_vlkit_convnext(convnext),
+            build={"vlkit": lambda: as_trained(build_vlkit_convnext(convnext), args),
                    "reference": lambda: build_reference_convnext(convnext)},
             loss={"vlkit": vlkit_classify_loss, "reference": reference_classify_loss},
             batch=convnext_batch,
@@ -246,7 +261,7 @@ def make_cases(args: argparse.Namespace) -> dict[str, Case]:
             flops=convnext_flops,
         ),
         "shapes": Case(
-            build={"vlkit": lambda: vlkit.create_model("shapes_siglip")},
+            build={"vlkit": lambda: as_trained(vlkit.create_model("shapes_siglip"), args)},
             loss={"vlkit": siglip_loss},
             batch=lambda: make_shapes_batch(vlkit.registry.get_config("shapes_siglip", {}), args.shapes_batch),
             batch_size=args.shapes_batch,
@@ -443,7 +458,7 @@ def bench_pair(case: Case, precision: str, args: argparse.Namespace) -> dict[str
     row["gflops_achieved"] = {
         library: case.flops(steps["vlkit"].model) / row[f"{library}_step_s"] / 1e9 for library in steps
     }
-    return {**row, "parameters": params}
+    return {**row, "parameters": params, "vlkit_compiled": compiled(steps["vlkit"].model)}
 
 
 def bench_shapes(case: Case, args: argparse.Namespace) -> dict[str, Any]:
@@ -590,6 +605,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shapes-steps", type=int, default=8)
     parser.add_argument("--shapes-warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--vlkit-compile",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: compile what vlkit's trainer compiles in a long run (wide tower blocks on CPU)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU run also times CUDA-synchronised steps)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -654,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
                    "warmup": args.shapes_warmup, "loss": "SigLipLoss", "timing": "fp32 and bf16 steps interleaved"},
         "steps": args.steps,
         "warmup": args.warmup,
+        "vlkit_compile": f"{args.vlkit_compile}: the modules vlkit's trainer compiles in a run of {AUTO_MIN_STEPS} "
+        "steps or more (TrainConfig.compile='auto'), compiled in vlkit's model; the compilation falls in the warm-up",
         "optimizer": f"torch.optim.AdamW({optimizer_kind}), the same for both",
         "bf16": f"torch.autocast('{args.device.type}', dtype=torch.bfloat16) over forward + loss; fp32 weights and "
         "optimizer",
@@ -707,12 +730,13 @@ def print_tables(result: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(header)
     print("-" * len(header))
-    for name in (n for n in args.cases if n != "shapes"):
+    for name in (n for n in args.cases if n != "shapes"):  # name*: vlkit's model compiled as its trainer compiles it
         for p in args.precisions:
             row = result[name][p]
             memory = row.get("memory", {})
             mib = [f"{memory[lib]['step_peak_mib']:.0f}" if lib in memory else "-" for lib in ("vlkit", "reference")]
-            print(f"{name:<9} {p:<5} {row['vlkit_step_s']:>8.3f} {row['reference_step_s']:>8.3f} {row['ratio']:>6.3f} "
+            label = f"{name}*" if row.get("vlkit_compiled") else name
+            print(f"{label:<9} {p:<5} {row['vlkit_step_s']:>8.3f} {row['reference_step_s']:>8.3f} {row['ratio']:>6.3f} "
                   f"{row['ratio_min']:>6.3f} {row['ratio_cpu_time']:>6.3f} {mib[0]:>9} {mib[1]:>8} "
                   f"{row['gflops_achieved']['vlkit']:>8.1f} {row['pct_of_peak']['vlkit']:>5.1f}%")  # fmt: skip
     if "shapes" in result:
@@ -729,6 +753,7 @@ def print_tables(result: dict[str, Any], args: argparse.Namespace) -> None:
                   f"cpu {r['ratio_cpu_time']:.3f}")  # fmt: skip
     print("ratio = vlkit / reference of median wall times (< 1: vlkit faster); min: of fastest steps; cpu: of median")
     print("process CPU times. MiB: peak per step above the state after warm-up. GFLOP/s and %peak: vlkit, median wall.")
+    print("model*: vlkit's model with what its trainer compiles in a long run compiled (--vlkit-compile off: none)")
     print(f"load average before/after {machine['load_average_before_after']}, wall {result['wall_s']:.0f} s")
 
 

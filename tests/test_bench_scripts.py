@@ -56,6 +56,21 @@ def test_train_step_quick_writes_both_libraries_times_peaks_and_ratios(tmp_path:
     assert result["config"]["quick"] is True
 
 
+def test_cpu_kernels_quick_times_every_way_and_checks_the_gradients(tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
+    _run("cpu_kernels.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and len(result["attention"]) == 4
+    for row in result["attention"]:
+        for way in ("bf16", "fp32", "bf16_fwd_fp32_bwd", "vlkit"):
+            assert row[f"{way}_ms"] > 0
+            assert 0 < row[f"{way}_grad_error"] < 0.05, (way, row)  # bf16 gradients, against fp64 attention
+        assert isinstance(row["vlkit_fp32_backward"], bool)
+    for precision in ("bf16", "fp32"):
+        gelu = result["quick_gelu"][precision]
+        assert gelu["speedup"] == pytest.approx(gelu["plain_ms"] / gelu["vlkit_ms"])
+
+
 def test_profile_step_quick_attributes_every_op_once(tmp_path: Path) -> None:
     _run("profile_step.py", "--quick", "--models", "shapes", "--precisions", "fp32,bf16", "--out", str(tmp_path))
     assert (tmp_path / "summary.md").exists()

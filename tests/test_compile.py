@@ -80,6 +80,42 @@ def test_compile_targets_are_the_decoder_blocks() -> None:
     assert compile_targets(vlkit.create_model("test_clip")) == []
 
 
+def test_tower_blocks_are_targets_from_their_compile_width() -> None:
+    from vlkit.layers.transformer import COMPILE_MIN_DIM, TransformerBlock
+
+    wide, narrow = TransformerBlock(COMPILE_MIN_DIM, 8, 64), TransformerBlock(COMPILE_MIN_DIM - 8, 8, 64)
+    assert compile_targets(nn.Sequential(narrow, wide)) == [wide]
+
+
+@pytest.mark.skipif(not train_compile._compiler_present(), reason="inductor needs a C++ compiler on CPU")
+def test_a_compiled_wide_tower_block_computes_the_eager_gradients() -> None:
+    """The towers' block compiled as the trainer compiles it: with a padding mask and causal, the outputs and every
+    parameter's gradient are the eager block's (to float rounding), and the undo makes it eager again."""
+    from vlkit.layers.transformer import COMPILE_MIN_DIM, TransformerBlock
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = TransformerBlock(COMPILE_MIN_DIM, 8, 64, act="quick_gelu")
+    block = TransformerBlock(COMPILE_MIN_DIM, 8, 64, act="quick_gelu")
+    block.load_state_dict(eager.state_dict())
+    undo = train_compile.compile_for_training(block)
+    x = torch.randn(2, 6, COMPILE_MIN_DIM)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    for kwargs in ({"mask": mask}, {"is_causal": True}):
+        outputs = [module(x, **kwargs) for module in (block, eager)]
+        for out in outputs:
+            out.square().mean().backward()
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+        for (name, ours), theirs in zip(block.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-3, atol=1e-5, msg=name)
+            ours.grad, theirs.grad = None, None
+    assert "forward" in block.__dict__
+    undo()
+    assert "forward" not in block.__dict__
+    torch._dynamo.reset()
+
+
 def test_which_runs_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     lm, cpu = tiny_lm(), torch.device("cpu")
     monkeypatch.setattr(train_compile, "_compiler_present", lambda: True)

@@ -1,11 +1,12 @@
 """``torch.compile`` where it pays: the modules a model marks as worth compiling, in training only.
 
-A module class opts in with ``compile_in_training = True`` (the decoder LM's block: its RoPE, SwiGLU, RMSNorm and
-residual chain is a dozen memory-bound elementwise passes that inductor fuses; ``bench/compile_step.py --model
-llava`` measures it). ``compile_for_training(model)`` routes each such module's forward, while the module trains with
-gradients on, through one compiled function per class (shared by every instance, so a 4-block LM compiles once),
-with dynamic shapes so that batches of other lengths reuse the graph. Evaluation and generation (eval mode, no
-gradients, a KV cache) keep the eager forward. It returns the undo, which the trainer calls when ``fit`` ends.
+A module opts in with ``compile_in_training``, a class attribute or a property (the decoder LM's block: its RoPE,
+SwiGLU, RMSNorm and residual chain is a dozen memory-bound elementwise passes that inductor fuses, measured by
+``bench/compile_step.py --model llava``; the towers' ``TransformerBlock`` from 512 wide, ``--model clip``).
+``compile_for_training(model)`` routes each such module's forward, while the module trains with gradients on,
+through one compiled function per class (shared by every instance, so a 4-block LM compiles once), with dynamic
+shapes so that batches of other lengths reuse the graph. Evaluation and generation (eval mode, no gradients, a KV
+cache) keep the eager forward. It returns the undo, which the trainer calls when ``fit`` ends.
 
 The fallback is eager: if compilation fails (no C++ compiler for inductor on CPU, an unsupported op), the first
 call warns once and every module of the run goes back to its eager forward; a genuine error in the module raises
@@ -40,13 +41,13 @@ AUTO_MIN_STEPS = 500
 
 
 def compile_targets(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` whose class sets ``compile_in_training`` (outermost ones only)."""
+    """The modules of ``model`` that set ``compile_in_training`` (outermost ones only)."""
     targets: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside:
             continue
-        if getattr(type(module), "compile_in_training", False):
+        if getattr(module, "compile_in_training", False):
             targets.append(module)
             inside.update(id(child) for child in module.modules())
     return targets
