@@ -24,7 +24,7 @@ def _amx_tiles() -> bool:
 
 
 # PyTorch's CPU flash-attention kernel in bf16, measured against the same kernel on fp32 copies of q, k, v (forward +
-# backward; bench/README.md, "Attention on the CPU in bf16"):
+# backward; bench/README.md, "On an AMX CPU" and `cpu_kernels.py`):
 # - without AMX tiles (AVX-512 bf16, AVX2) bf16 is slower in both directions (1.1-2x on ViT/text-sized attention):
 #   attention under bf16 autocast runs in fp32 there.
 # - with AMX the bf16 forward is the faster one (9.3 vs 13.9 ms for a ViT-B/16 layer at batch 16), but the bf16

@@ -64,7 +64,7 @@ def _machine() -> str:
 
 # Part of the cache key: raise it when a change to vlkit's own paths can change which precision is the faster, so
 # that cached answers measured on the old code are measured again (2: bf16 attention's backward in fp32 on AMX CPUs,
-# which took the demo's SigLIP step from slower in bf16 than in fp32 to 1.8x faster).
+# which took the demo's SigLIP step from slower in bf16 than in fp32 to 1.6x faster).
 _REVISION = 2
 
 
