@@ -12,7 +12,8 @@ Decode speed excludes the prefill: rate = new tokens / (time(N new tokens) - tim
 every weight once per token, so the script also measures the memory bandwidth (sums over a 512 MB tensor: the median
 of five rounds, each the best of three) and reports the bound = bandwidth / bytes of weights read per token (every
 layer weight and the LM head, fp32; the embedding lookup reads one row), and ``linear_only_tok_s``: the rate if a
-step were only its matrix products, run back to back through vlkit's kernels (what the GEMV kernels alone allow).
+step were only its matrix products, run back to back through vlkit's kernels (what the GEMV kernels alone allow),
+beside ``linear_only_f_linear_tok_s``, the same through ``F.linear`` (which kernel is faster differs by CPU).
 
     python bench/generate.py --threads 2 --out bench/results/generate.json
 """
@@ -57,9 +58,10 @@ def read_bandwidth(tensors: list[torch.Tensor], rounds: int = 5, repeats: int = 
     return rates
 
 
-def linear_only_rate(model: Any, batch: int, repeats: int = 7) -> float:
+def linear_only_rate(model: Any, batch: int, repeats: int = 7, plain: bool = False) -> float:
     """Tokens/s if a decode step were nothing but its matrix products: every linear layer and the head run back to back
-    through the same kernels as ``generate`` (the ceiling the kernels allow, without attention, norms or dispatch)."""
+    through the same kernels as ``generate`` (the ceiling the kernels allow, without attention, norms or dispatch);
+    ``plain``: through ``F.linear`` instead (MKL on CPU), the kernel transformers' decoding takes."""
     from vlkit.layers.linear import linear
 
     weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -69,7 +71,10 @@ def linear_only_rate(model: Any, batch: int, repeats: int = 7) -> float:
         for _ in range(repeats):
             start = time.perf_counter()
             for weight, bias in weights:
-                linear(inputs[weight.shape[1]], weight, bias, pack=model.pack_weights)
+                if plain:
+                    torch.nn.functional.linear(inputs[weight.shape[1]], weight, bias)
+                else:
+                    linear(inputs[weight.shape[1]], weight, bias, pack=model.pack_weights)
             best = min(best, time.perf_counter() - start)
     return batch / best
 
@@ -169,6 +174,7 @@ def main() -> None:
             "reference_tok_s": round(theirs, 1),
             "bound_tok_s": round(bound, 1),
             "linear_only_tok_s": round(linear_only_rate(model, batch), 1),
+            "linear_only_f_linear_tok_s": round(linear_only_rate(model, batch, plain=True), 1),
             "speedup": round(ours / theirs, 2),
             "fraction_of_bound": round(ours / batch / bound, 3),
         }
