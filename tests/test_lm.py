@@ -416,6 +416,26 @@ def test_fast_linear_matches_f_linear() -> None:
     assert fast.weight.grad is not None
 
 
+def test_one_fp32_row_goes_to_f_linear_where_mkl_serves_it_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Intel CPUs (``_MKL_ONE_ROW``) a single fp32 row skips oneDNN, packed or not: bit for bit ``F.linear``;
+    several rows keep oneDNN's packed kernel, whichever the CPU."""
+    from vlkit.layers import linear as fast_linear
+
+    calls: list[str] = []
+    plain = F.linear
+    monkeypatch.setattr(fast_linear.F, "linear", lambda *args: calls.append("plain") or plain(*args))
+    layer = torch.nn.Linear(40, 24)
+    with torch.no_grad():
+        for mkl in (True, False):
+            monkeypatch.setattr(fast_linear, "_MKL_ONE_ROW", mkl)
+            for rows in ((1, 1, 40), (4, 1, 40)):
+                calls.clear()
+                x = torch.randn(rows)
+                out = linear(x, layer.weight, layer.bias, pack=True)
+                assert calls == (["plain"] if mkl and rows[0] == 1 else []), (mkl, rows)
+                torch.testing.assert_close(out, plain(x, layer.weight, layer.bias))
+
+
 def test_packed_weights_follow_an_optimizer_step_between_evaluations() -> None:
     # Generation in eval mode packs the weights; a (fused) optimizer step in train mode changes them in place; the
     # next evaluation must see the new weights, not the packed copies of the old ones.
