@@ -5,8 +5,8 @@ loss, backward and the fused AdamW step run as in ``bench/train_step.py``. ``--m
 ``llava_shapes`` / ``honeybee_c_shapes`` instruct step of ``bench/profile_step.py`` (tower frozen, read at layer 2,
 batch 32 of 145 tokens), compiled as the trainer compiles it (``vlkit.train.compile``: the LM's decoder blocks only,
 dynamic shapes); the variants do not apply there. ``--blocks`` (always for ``--model clip``, the CLIP ViT-B/16 step
-of ``bench/train_step.py`` at batch 16): the towers' ``TransformerBlock`` compiled the same way, opted in for the
-bench only, since the library does not compile it (the AMX measurements in bench/README.md). Both copies start from
+of ``bench/train_step.py`` at batch 16): the towers' ``TransformerBlock`` compiled the same way, every block opted
+in whatever its width (the library compiles them from 512 wide, after these measurements). Both copies start from
 the same initialisation and get the same batch. The compiled copy's first steps are timed on their own
 (``compile_s`` = the first compiled step's time minus the eager median: tracing, AOTAutograd's forward and backward
 graphs, C++ code generation and its compiler); then eager and compiled steps alternate (who goes first alternating)
@@ -70,13 +70,15 @@ MODELS = {"shapes": "shapes_siglip", "clip": ts.MODEL, "llava": "shapes_llava",
 
 @contextmanager
 def transformer_blocks_opted_in() -> Iterator[None]:
-    """``TransformerBlock`` (the ViT and text towers' block) opted in to ``compile_for_training`` for this bench only:
-    the library does not compile it (``--blocks``' measurements are why)."""
-    TransformerBlock.compile_in_training = True  # type: ignore[attr-defined]
+    """Every ``TransformerBlock`` (the ViT and text towers' block) opted in to ``compile_for_training``, whatever its
+    width: the library compiles only blocks from ``COMPILE_MIN_DIM`` wide (``--blocks``' measurements are why).
+    The class's own ``compile_in_training`` property is put back afterwards."""
+    saved = TransformerBlock.__dict__["compile_in_training"]
+    TransformerBlock.compile_in_training = True  # type: ignore[assignment,method-assign]
     try:
         yield
     finally:
-        del TransformerBlock.compile_in_training  # type: ignore[attr-defined]
+        TransformerBlock.compile_in_training = saved  # type: ignore[method-assign]
 
 
 def vlm_loss(model: torch.nn.Module, batch: ts.Batch) -> torch.Tensor:
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "mode": args.mode,
-        "compiled": "vlkit.train.compile.compile_for_training: the towers' TransformerBlocks (dynamic shapes), opted "
-        "in for the bench"
+        "compiled": "vlkit.train.compile.compile_for_training: the towers' TransformerBlocks (dynamic shapes), all "
+        "opted in"
         if args.blocks
         else "torch.compile(model); loss, backward and AdamW(fused) eager"
         if args.model == "shapes"

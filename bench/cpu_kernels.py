@@ -64,7 +64,7 @@ def time_backward(fn: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list
     """Median seconds of forward + backward over ``repeats`` calls after one warm-up (0: the one call, timed); the last
     call's gradients."""
     times = []
-    for index in range(max(repeats, 1) + (repeats > 0)):
+    for index in range(repeats + 1 if repeats else 1):
         for leaf in leaves:
             leaf.grad = None
         start = time.perf_counter()
