@@ -579,13 +579,22 @@ def cpu_description() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
                 break
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     return {
         "cpu_model": model,
         "cpu_flags": {flag: flag in flags for flag in wanted},
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Process settings that move both libraries' step times (bench/README.md, "Reading the numbers"): the
+        # kernel's transparent-huge-page mode ([brackets] = active) and the allocator variables this process has.
+        "transparent_hugepage": thp.read_text().strip() if thp.exists() else None,
+        "memory_env": {name: os.environ[name] for name in MEMORY_ENV if name in os.environ},
     }
+
+
+MEMORY_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+              "LD_PRELOAD")  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
