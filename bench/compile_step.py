@@ -91,11 +91,11 @@ def _steps(args: argparse.Namespace, bf16: bool) -> tuple[ts.TrainStep, ts.Train
     """The eager and the compiled step, from the same initialisation, and the batch."""
     if args.model in ("shapes", "clip"):
         if args.model == "shapes":
-            batch, loss = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch), ts.siglip_loss
+            build, loss = (lambda: vlkit.create_model("shapes_siglip")), ts.siglip_loss
+            batch = ts.make_shapes_batch(vlkit.registry.get_config("shapes_siglip"), args.batch)
         else:
-            size = ts.CLIP_SIZE
-            batch, loss = ts.make_batch(args.batch, size.image_size, size.text_len, ts.CLIP_VOCAB), ts.vlkit_clip_loss
-        build = (lambda: vlkit.create_model(MODELS[args.model])) if args.model == "shapes" else ts.build_vlkit
+            build, loss, size = ts.build_vlkit, ts.vlkit_clip_loss, ts.CLIP_SIZE
+            batch = ts.make_batch(args.batch, size.image_size, size.text_len, ts.CLIP_VOCAB)
         torch.manual_seed(0)
         eager = ts.TrainStep(build(), loss, bf16, args.device)
         torch.manual_seed(0)

@@ -565,6 +565,11 @@ def add_memory(result: dict[str, Any], memory: dict[str, dict[str, Any]], args: 
 # --- Machine description.
 
 
+# Process settings that move both libraries' step times (bench/README.md, "Reading the numbers").
+MEMORY_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+              "LD_PRELOAD")  # fmt: skip
+
+
 def cpu_description() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -586,15 +591,10 @@ def cpu_description() -> dict[str, Any]:
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # Process settings that move both libraries' step times (bench/README.md, "Reading the numbers"): the
-        # kernel's transparent-huge-page mode ([brackets] = active) and the allocator variables this process has.
+        # The kernel's transparent-huge-page mode ([brackets] = active) and this process's MEMORY_ENV variables.
         "transparent_hugepage": thp.read_text().strip() if thp.exists() else None,
         "memory_env": {name: os.environ[name] for name in MEMORY_ENV if name in os.environ},
     }
-
-
-MEMORY_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-              "LD_PRELOAD")  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

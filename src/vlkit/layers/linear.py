@@ -22,22 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.cpuinfo import cpuinfo_field
+
 # Packed copies by id of the weight tensor (not stored on it, so deepcopy / pickling of models never meets the opaque
 # oneDNN tensors): the weight (weakly, so an entry dies with it), its version and storage when packed, the copy.
 _PACKED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], torch.Tensor | None]] = {}
 _PACK_BATCH_HINT = 8  # the rows oneDNN lays the weight out for: a few rows' layout serves single tokens and batches
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 # Whether one fp32 row is multiplied fastest by MKL (F.linear): on Intel CPUs, read once at import.
-_MKL_ONE_ROW = _cpu_vendor() == "GenuineIntel"
+_MKL_ONE_ROW = cpuinfo_field("vendor_id") == "GenuineIntel"
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlkit.cpuinfo import cpuinfo_text
 from vlkit.files import write_json
 
 __all__ = ["cache_path", "measure_precision"]
@@ -55,11 +56,8 @@ def _describe_cpu(cpuinfo: str, fallback: str) -> str:
 
 
 def _machine() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    return f"{_describe_cpu(cpuinfo, platform.processor() or platform.machine())}|{torch.get_num_threads()} threads"
+    cpu = _describe_cpu(cpuinfo_text(), platform.processor() or platform.machine())
+    return f"{cpu}|{torch.get_num_threads()} threads"
 
 
 # Part of the cache key: raise it when a change to vlkit's own paths can change which precision is the faster, so
