@@ -55,6 +55,7 @@ import vlkit
 from vlkit.layers.patch_embed import PatchEmbed
 from vlkit.losses import ClipLoss, SigLipLoss
 from vlkit.train.compile import AUTO_MIN_STEPS, compile_for_training, compile_targets, resolve_compile
+from vlkit.train.host_memory import keep_freed_memory
 
 MODEL = "clip_vit_base_patch16"
 CLIP_VOCAB = 49408
@@ -620,6 +621,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["auto", "off"],
         help="auto: compile what vlkit's trainer compiles in a long run (wide tower blocks on CPU)",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        default="on",
+        choices=["on", "off"],
+        help="on: glibc keeps freed memory in the process, as vlkit's trainer sets it (both libraries: one process)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU run also times CUDA-synchronised steps)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -648,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         memory_probe_main(args, args.memory_probe)
         return
+    kept = keep_freed_memory() if args.keep_freed_memory == "on" else False
     started = time.perf_counter()
     load_before = os.getloadavg()
     peaks_before = matmul_peaks(args.device, args.peak_sizes, args.peak_repeats)
@@ -687,6 +695,8 @@ def main(argv: list[str] | None = None) -> None:
         "vlkit_compile": f"{args.vlkit_compile}: the modules vlkit's trainer compiles in a run of {AUTO_MIN_STEPS} "
         "steps or more (TrainConfig.compile='auto'), compiled in vlkit's model; the compilation falls in the warm-up",
         "optimizer": f"torch.optim.AdamW({optimizer_kind}), the same for both",
+        "keep_freed_memory": f"{args.keep_freed_memory} (applied: {kept}): glibc's mmap and trim thresholds raised "
+        "as vlkit's trainer raises them (vlkit.train.host_memory), for the whole process, so for both libraries",
         "bf16": f"torch.autocast('{args.device.type}', dtype=torch.bfloat16) over forward + loss; fp32 weights and "
         "optimizer",
         "device": str(args.device),

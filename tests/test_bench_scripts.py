@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_profile_step_quick_profiles_the_vlm_instruct_steps(tmp_path: Path) -> N
     llava = json.loads((tmp_path / "llava_bf16_cpu.json").read_text())
     assert honeybee["group_kinds_ms"]["bridge"].get("convolution", 0) > 0
     assert llava["group_kinds_ms"]["bridge"].get("convolution", 0) == 0
+
+
+def test_host_memory_quick_times_both_settings_in_their_own_processes(tmp_path: Path) -> None:
+    out = tmp_path / "host_memory.json"
+    _run("host_memory.py", "--quick", "--models", "shapes", "--threads", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    runs = result["models"]["shapes"]["runs"]
+    assert [run["keep_freed_memory"] for run in runs] == [False, True]
+    for run in runs:
+        assert run["median_s"] > 0 and run["peak_rss_mb"] > 0 and len(run["step_s"]) == 2
+    # The default process never set the thresholds; the kept one did where the C library is glibc.
+    assert runs[0]["applied"] is False and runs[1]["applied"] is (platform.libc_ver()[0] == "glibc")
+    assert result["models"]["shapes"]["speedup"] == pytest.approx(runs[0]["median_s"] / runs[1]["median_s"])
+    assert result["quick"] is True and "cpu_model" in result

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import vlkit.train.trainer
 from vlkit.train import (
     ParamGroupRule,
     StepOutput,
@@ -269,3 +270,14 @@ def test_config_validation_and_existing_run(tmp_path: Path) -> None:
         Trainer(nn.Linear(4, 1), config, RegressionDataset(), None, regression_step, tmp_path).fit()
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
         Trainer(nn.Linear(4, 1), config, RegressionDataset(length=4), None, regression_step, tmp_path / "small")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_trainer_keeps_freed_memory_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    calls = []
+    monkeypatch.setattr(vlkit.train.trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    config = fp32_config(steps=2, keep_freed_memory=keep)
+    Trainer(nn.Linear(4, 1), config, RegressionDataset(), None, regression_step, tmp_path).fit()
+    assert calls == ([1] if keep else [])

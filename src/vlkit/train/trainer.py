@@ -53,6 +53,7 @@ from vlkit.train.checkpoint import (
 )
 from vlkit.train.compile import Compile, compile_for_training, resolve_compile
 from vlkit.train.distributed import GlobalBatchSampler, Strategy
+from vlkit.train.host_memory import keep_freed_memory
 from vlkit.train.optim import ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ResumableSamplerProtocol", "StepOutput", "TrainConfig", "TrainResult", "Trainer"]
 
 # Fields that may change between an interrupted run and its resumption without changing the trajectory.
-_RESUME_SAFE_FIELDS = {"eval_every", "save_every", "keep_checkpoints", "num_workers", "progress"}
+_RESUME_SAFE_FIELDS = {"eval_every", "save_every", "keep_checkpoints", "num_workers", "progress", "keep_freed_memory"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     compile: Compile = "auto"  # torch.compile of the modules that mark themselves worth it (vlkit.train.compile)
+    keep_freed_memory: bool = True  # glibc keeps freed host memory for the next step (vlkit.train.host_memory)
     param_groups: tuple[ParamGroupRule, ...] = ()
     eval_every: int | None = None
     save_every: int | None = None
@@ -359,6 +361,8 @@ class Trainer:
                 f"{self.out_dir} already holds checkpoints (latest {checkpoint.name}); "
                 "pass resume=True to continue that run or choose a new out_dir"
             )
+        if config.keep_freed_memory:
+            keep_freed_memory()
         self.model.train()
         if checkpoint is None:
             self._seed_everything()
