@@ -196,3 +196,18 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
     assert all(torch.equal(image_before[name], image_after[name]) for name in image_before)
     text_before, text_after = before.text_encoder.state_dict(), after.text_encoder.state_dict()
     assert not all(torch.equal(text_before[name], text_after[name]) for name in text_before)
+
+
+@pytest.mark.parametrize(("cuda", "amx", "steps"), [(False, False, 600), (False, True, 1500), (True, False, 1500)])
+def test_demo_vlm_trains_more_instruct_steps_on_matrix_units(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, steps: int
+) -> None:
+    import vlkit.cpuinfo
+    from vlkit.cli import DEMO_INSTRUCT_STEPS, demo_instruct_steps
+    from vlkit.recipes import get_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(vlkit.cpuinfo, "amx_tiles", lambda: amx)
+    assert demo_instruct_steps() == steps
+    # Both budgets are below the recipe's own, which the demo's 15 minutes cannot hold everywhere.
+    assert max(DEMO_INSTRUCT_STEPS.values()) < get_recipe("honeybee_c_shapes").stages[-1].train.steps

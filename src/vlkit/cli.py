@@ -190,7 +190,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args.model, args.image, args.prompt, args.max_new_tokens)
 
 
-DEMO_INSTRUCT_STEPS = 600
+# The demo's VLM trains fewer instruct steps than its recipe's 1800, so that SigLIP and the VLM fit 15 minutes: 1500
+# where bf16 runs on matrix units (a CPU with AMX tiles: the whole demo in about 10.5 minutes on a 2-core Xeon, VQA
+# 0.923 and grounding 0.75 there; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 17.9 minutes with 600:
+# VQA 0.735, grounding 0.24). README, "`make demo`".
+DEMO_INSTRUCT_STEPS = {"matrix units": 1500, "other": 600}
+
+
+def demo_instruct_steps() -> int:
+    """The demo VLM's instruct steps on this machine (``DEMO_INSTRUCT_STEPS``)."""
+    import torch
+
+    from vlkit.cpuinfo import amx_tiles
+
+    return DEMO_INSTRUCT_STEPS["matrix units" if torch.cuda.is_available() or amx_tiles() else "other"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,9 +226,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     if not args.no_vlm:
         tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
-        # 600 instruct steps whatever the recipe's (1800), so that both parts fit 15 minutes;
+        # Fewer instruct steps than the recipe's, so that both parts fit 15 minutes (DEMO_INSTRUCT_STEPS);
         # --vlm-set stages.instruct.train.steps=N overrides it.
-        demo = {"stages.align.init": tower, "stages.instruct.train.steps": DEMO_INSTRUCT_STEPS}
+        demo = {"stages.align.init": tower, "stages.instruct.train.steps": demo_instruct_steps()}
         vlm_recipe = get_recipe(args.vlm_recipe).with_overrides({**demo, **_parse_overrides(args.vlm_set or [])})
         vlm = run_recipe(vlm_recipe, out / "vlm", resume=True, progress=not args.quiet)
         metrics["vlm"] = vlm.metrics
@@ -223,8 +236,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ("The VLM's answers on test scenes (boxes: green true, red predicted).", out / "vlm" / "answers.png")
         )
         notes += [
-            f"A LLaVA-style VLM (recipe {args.vlm_recipe}, {vlm_recipe.stages[-1].train.steps} instruct steps) on the "
-            "SigLIP's image tower: vqa_accuracy (exact match), "
+            f"A LLaVA-style VLM (recipe {args.vlm_recipe}, {vlm_recipe.stages[-1].train.steps} instruct steps: the "
+            f"demo trains {DEMO_INSTRUCT_STEPS['matrix units']} on a CPU with AMX or a GPU, "
+            f"{DEMO_INSTRUCT_STEPS['other']} elsewhere, to fit 15 minutes) on the SigLIP's image tower: "
+            "vqa_accuracy (exact match), "
             "grounding_acc50 (IoU >= 0.5 of the <box> answers), caption_f1 (colour-shape mentions); the _heldout "
             "keys are test scenes of held-out colour x shape combinations.",
             f"Full VLM report: {out / 'vlm' / 'report.html'}",

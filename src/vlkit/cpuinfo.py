@@ -1,10 +1,13 @@
 """The text of ``/proc/cpuinfo``, read once per process ("" where there is none): what the CPU kernel choices
-(``layers/linear.py``) and the precision cache key (``train/precision.py``) look at."""
+(``layers/linear.py``) and the precision cache key (``train/precision.py``) look at; and whether PyTorch sees AMX
+tiles (``layers/attention.py``, the demo's VLM budget)."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+
+import torch
 
 
 @functools.cache
@@ -22,3 +25,10 @@ def cpuinfo_field(name: str) -> str:
         if key.strip() == name:
             return value.strip()
     return ""
+
+
+@functools.cache
+def amx_tiles() -> bool:
+    """Whether PyTorch sees AMX tiles on this CPU (bf16 matrix units: Xeons from Sapphire Rapids on)."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return is_amx is not None and bool(is_amx())

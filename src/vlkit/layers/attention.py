@@ -14,14 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.cpuinfo import amx_tiles
 from vlkit.layers.mlp import build_mlp
 from vlkit.layers.rope import RopeTables, apply_rope
-
-
-def _amx_tiles() -> bool:
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return is_amx is not None and bool(is_amx())
-
 
 # PyTorch's CPU flash-attention kernel in bf16, measured against the same kernel on fp32 copies of q, k, v (forward +
 # backward; bench/README.md, "On an AMX CPU" and `cpu_kernels.py`):
@@ -32,7 +27,7 @@ def _amx_tiles() -> bool:
 #   2.3x at 64 x 64, even at 256 x 64, ahead only from about 512 x 64 (0.74x) or 256 x 128 (0.72x). So in training
 #   the forward stays bf16 and the backward runs in fp32 wherever keys x head_dim <= _AMX_FP32_BACKWARD_MAX.
 # Asked once, at import: a constant is what torch.compile can trace (it will not trace the CPU query itself).
-_CPU_BF16_ATTENTION_SLOW = not _amx_tiles()
+_CPU_BF16_ATTENTION_SLOW = not amx_tiles()
 _AMX_FP32_BACKWARD_MAX = 256 * 64
 
 
