@@ -695,8 +695,8 @@ def main(argv: list[str] | None = None) -> None:
         "vlkit_compile": f"{args.vlkit_compile}: the modules vlkit's trainer compiles in a run of {AUTO_MIN_STEPS} "
         "steps or more (TrainConfig.compile='auto'), compiled in vlkit's model; the compilation falls in the warm-up",
         "optimizer": f"torch.optim.AdamW({optimizer_kind}), the same for both",
-        "keep_freed_memory": f"{args.keep_freed_memory} (applied: {kept}): glibc's mmap and trim thresholds raised "
-        "as vlkit's trainer raises them (vlkit.train.host_memory), for the whole process, so for both libraries",
+        "keep_freed_memory": f"{args.keep_freed_memory} (applied: {kept}); on: glibc's mmap and trim thresholds "
+        "raised as vlkit's trainer raises them (vlkit.train.host_memory), for the whole process, so for both libraries",
         "bf16": f"torch.autocast('{args.device.type}', dtype=torch.bfloat16) over forward + loss; fp32 weights and "
         "optimizer",
         "device": str(args.device),
