@@ -12,7 +12,11 @@ resident memory within a few MB.
 ``keep_freed_memory()`` does that on glibc (Linux) and nothing elsewhere (other C libraries, macOS, Windows); the
 trainer calls it when a run starts unless ``TrainConfig.keep_freed_memory`` is off. It is a process-wide setting, as
 preloading jemalloc or tcmalloc would be, and stays for the process's life: memory freed after a peak stays with the
-process (up to ``THRESHOLD`` at the top of the heap) rather than going back to the system.
+process (up to ``THRESHOLD`` at the top of the heap) rather than going back to the system. The heap can also hold
+more than the peak: PyTorch asks for 64-byte aligned blocks, a little more than a freed block of the same size
+offers, so a loop that allocates and frees one large tensor grows the heap by a few blocks before it settles (64 MB
+tensors: 778 against 330 MB resident after 8 allocations, then flat; 16-24 MB: +50-60 MB). Training steps, which
+free whole steps' worth of blocks together, measured within 2 % of their default peak.
 """
 
 from __future__ import annotations
