@@ -191,8 +191,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # The demo's VLM trains fewer instruct steps than its recipe's 1800, so that SigLIP and the VLM fit 15 minutes: 1500
-# where bf16 runs on matrix units (a CPU with AMX tiles: the whole demo in about 10.5 minutes on a 2-core Xeon, VQA
-# 0.923 and grounding 0.75 there; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 17.9 minutes with 600:
+# where bf16 runs on matrix units (a CPU with AMX tiles: the whole demo in 588-615 s on a 2-core Xeon, VQA 0.923 and
+# grounding 0.75 there; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 17.9 minutes with 600:
 # VQA 0.735, grounding 0.24). README, "`make demo`".
 DEMO_INSTRUCT_STEPS = {"matrix units": 1500, "other": 600}
 

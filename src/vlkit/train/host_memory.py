@@ -6,8 +6,9 @@ serves a request above its mmap threshold (128 KiB at start, raised automaticall
 (twice the mmap threshold) is free; either way the next step writes to pages the kernel must fault in and zero
 again. Measured on a 2-core AMX Xeon (``python bench/host_memory.py``): ~31 000 page faults per step (120 MB) in
 ``honeybee_c_shapes``' instruct step and ~24 000 in ``shapes_siglip``'s. Raising both thresholds once per process
-(``mallopt``) keeps the freed memory in the process for reuse: no faults, and steps 1.10-1.20x faster, the peak
-resident memory within a few MB.
+(``mallopt``) keeps the freed memory in the process for reuse: no faults, and those steps 1.13x and 1.07x faster
+(CLIP ViT-B/16 1.14x). Whole runs gain less: ``siglip_patch_shapes`` 1.06-1.16x, the VLM's long instruct stage
+nothing (glibc's own adaptation already spares it most faults there). README, "Speed".
 
 ``keep_freed_memory()`` does that on glibc (Linux) and nothing elsewhere (other C libraries, macOS, Windows); the
 trainer calls it when a run starts unless ``TrainConfig.keep_freed_memory`` is off. It is a process-wide setting, as
@@ -16,7 +17,7 @@ process (up to ``THRESHOLD`` at the top of the heap) rather than going back to t
 more than the peak: PyTorch asks for 64-byte aligned blocks, a little more than a freed block of the same size
 offers, so a loop that allocates and frees one large tensor grows the heap by a few blocks before it settles (64 MB
 tensors: 778 against 330 MB resident after 8 allocations, then flat; 16-24 MB: +50-60 MB). Training steps, which
-free whole steps' worth of blocks together, measured within 2 % of their default peak.
+free whole steps' worth of blocks together, peaked within 2 % of their default.
 """
 
 from __future__ import annotations
