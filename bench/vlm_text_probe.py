@@ -2,7 +2,8 @@
 
 The experiment log's (docs/experiments.md) "The language model cannot read yet" section: the questions of test scenes
 are asked in the chat layout with the scene's caption where the image would stand (``described_conversations``:
-caption, colour, shape, size, count and existence questions, which the caption answers), and each answer is scored
+caption, colour, shape, size, count and existence questions, which the caption answers; with ``--layout`` the scene's
+layout, every object with its box, and every kind of question), and each answer is scored
 teacher-forced (exact match of every answer token). With ``--steps N`` the language model first trains N more steps on
 the described conversations of the training scenes alone, and is probed every ``--every`` steps, to show how fast it
 learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
@@ -32,11 +33,11 @@ from vlkit.tasks.vlm import _collate, _step
 from vlkit.text.chat import IGNORE_INDEX, tokenize_conversation
 
 
-def _samples(model: VisionLanguageModel, split: str, scenes: range, turns: int) -> list[dict]:
+def _samples(model: VisionLanguageModel, split: str, scenes: range, turns: int, layout: bool) -> list[dict]:
     out = []
     for index in scenes:
         sample = shapes.generate(SHAPES_DATA, split, index)  # type: ignore[arg-type]
-        for conversation in described_conversations(sample, SHAPES_DATA, split, turns=turns):  # type: ignore[arg-type]
+        for conversation in described_conversations(sample, SHAPES_DATA, split, turns, layout):  # type: ignore[arg-type]
             ids, labels = tokenize_conversation(conversation, model.config.chat_template, model.tokenizer,
                                                 model.config.image_token_id, 0)  # fmt: skip
             out.append({"input_ids": ids, "labels": labels, "kind": conversation.meta["kinds"][0]})
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--probe-scenes", type=int, default=100, help="test scenes asked about")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", action="store_true",
+                        help="describe each scene by its layout (every object with its box) rather than its caption, "
+                        "and ask spatial and grounding questions too")  # fmt: skip
     parser.add_argument("--save", help="save the trained model here (a model directory, as --model)")
     args = parser.parse_args(argv)
 
@@ -79,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(model, VisionLanguageModel) or model.tokenizer is None:
         raise SystemExit(f"error: {args.model} is not a VLM with a tokenizer")
     collate = _collate(model.tokenizer.pad_token_id)
-    held_out = _samples(model, "test", range(args.probe_scenes), turns=1)
+    held_out = _samples(model, "test", range(args.probe_scenes), 1, args.layout)
     results = [{"step": 0, "accuracy": probe(model, held_out, collate)}]
     print(results[-1], flush=True)
     if args.steps:
-        train = _samples(model, "train", range(args.train_scenes), turns=4)
+        train = _samples(model, "train", range(args.train_scenes), 4, args.layout)
         trainable = [p for name, p in model.named_parameters() if name.startswith("lm.")]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
         rng = np.random.default_rng(args.seed)

@@ -16,6 +16,7 @@ from vlkit.data.shapes_vqa import (
     instruction_items,
     normalise_box,
     scene_conversation,
+    scene_layout,
     text_samples,
 )
 from vlkit.eval.captioning import caption_mentions
@@ -218,3 +219,32 @@ def test_described_conversations_put_the_caption_where_the_image_goes() -> None:
         # Every item the caption answers is asked exactly once, with its answer; positions and boxes never.
         assert sorted(asked) == sorted((i.question, i.answer) for i in items)
     assert described_conversations(SCENES[5], CONFIG, "train") == described_conversations(SCENES[5], CONFIG, "train")
+
+
+def test_scene_layout_names_every_object_with_its_grounding_box() -> None:
+    for sample in SCENES[:40]:
+        layout = scene_layout(sample)
+        parts = layout.split(" and ")
+        assert len(parts) == len(sample.objects)
+        for part, obj in zip(parts, sample.objects, strict=True):
+            box = normalise_box(obj.box, sample.image.width, sample.image.height)
+            assert part == f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.size} {obj.colour} {obj.shape} " + (
+                "<box>({},{}),({},{})</box>".format(*box)
+            )
+        # Every grounding answer's box is in the layout: a reader of the layout can copy it.
+        for item in instruction_items(sample, CONFIG, "train"):
+            if item.kind == "grounding":
+                assert item.answer[item.answer.index("<box>") :] in layout
+
+
+def test_layout_described_conversations_ask_every_item() -> None:
+    for sample in SCENES[:20]:
+        layout = scene_layout(sample)
+        conversations = described_conversations(sample, CONFIG, "train", turns=4, layout=True)
+        asked = []
+        for conversation in conversations:
+            first = conversation.turns[0].content
+            assert first.startswith(layout + " ")
+            questions = [first[len(layout) + 1 :]] + [t.content for t in conversation.turns[2::2]]
+            asked += list(zip(questions, [t.content for t in conversation.turns[1::2]], strict=True))
+        assert sorted(asked) == sorted((i.question, i.answer) for i in instruction_items(sample, CONFIG, "train"))

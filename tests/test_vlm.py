@@ -15,6 +15,7 @@ import torch
 
 import vlkit
 from vlkit.data import shapes
+from vlkit.data.shapes_vqa import described_conversations, scene_layout
 from vlkit.data.specs import ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.lm import GenerationConfig
@@ -375,6 +376,14 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
     assert shapes.generate(SHAPES_DATA, "train", 0).captions[0] in text
     trained = decode_answer(model.tokenizer, ids[labels != IGNORE_INDEX].tolist(), stop_ids=())
     assert trained.count("<eos>") == 2 and "user" not in trained and "assistant" not in trained
+    # Described by the layout (every object with its box), without the plain texts: conversations only.
+    laid_out = ShapesTextDataset(dataclasses.replace(spec, layout=True, plain=False), model)
+    scenes = [shapes.generate(SHAPES_DATA, "train", index) for index in range(3)]
+    assert len(laid_out) == sum(len(described_conversations(s, SHAPES_DATA, "train", 2, True)) for s in scenes)
+    first = decode_answer(model.tokenizer, laid_out[0]["input_ids"].tolist(), stop_ids=())
+    assert scene_layout(scenes[0]).replace(" ", "") in first.replace(" ", "")
+    with pytest.raises(ValueError, match="plain or described"):
+        ShapesText(SHAPES_DATA, plain=False)
 
 
 def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Path) -> None:

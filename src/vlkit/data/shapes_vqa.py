@@ -5,6 +5,7 @@ grounding format, Bai et al., 2023).
     instruction_items(sample, config, split) -> [InstructionItem(kind, question, answer, box)]
     text_samples(sample, config, split) -> [str]    the same answers as text, to pre-train a language model on
     described_conversations(sample, config, split) -> [Conversation]   the questions with the caption in context
+    scene_layout(sample) -> str                     the scene as text with each object's box
     write_llava(out_dir, config, sizes) -> {split: llava_<split>.json}   LLaVA's conversation JSON + images
 
 Kinds: caption, colour, shape, count, spatial (left / right / above / below), existence (yes and no in equal
@@ -212,20 +213,34 @@ def text_samples(sample: ShapesSample, config: ShapesConfig, split: Split) -> li
     return list(sample.captions) + [f"question: {item.question} answer: {item.answer}" for item in items]
 
 
+def scene_layout(sample: ShapesSample) -> str:
+    """The scene as text with every object's place: its objects in order, each as ``size colour shape`` followed by
+    its box (``format_box``, the corners grounding answers use), joined by "and"."""
+    width, height = sample.image.width, sample.image.height
+    parts = [f"{_article(f'{o.size} {o.colour} {o.shape}')} {format_box(normalise_box(o.box, width, height))}"
+             for o in sample.objects]  # fmt: skip
+    return " and ".join(parts)
+
+
 def described_conversations(
-    sample: ShapesSample, config: ShapesConfig, split: Split, turns: int = 4
+    sample: ShapesSample, config: ShapesConfig, split: Split, turns: int = 4, layout: bool = False
 ) -> list[Conversation]:
-    """The scene's items that its caption answers (all but spatial and grounding: the caption gives no positions)
-    as text-only conversations of up to ``turns`` turns in a seeded order, the caption standing where the image
-    stands in ``scene_conversation`` (right before the first question). A language model trained on them answers
-    from a description in its context; the bridge of a VLM is then trained to write that description."""
-    items = [item for item in instruction_items(sample, config, split) if item.kind not in ("spatial", "grounding")]
+    """The scene's items that its description answers as text-only conversations of up to ``turns`` turns in a
+    seeded order, the description standing where the image stands in ``scene_conversation`` (right before the first
+    question). The description is the scene's first caption, which answers all but spatial and grounding items (it
+    gives no positions); with ``layout``, it is ``scene_layout`` (every object with its box), which answers every
+    item. A language model trained on them answers from a description in its context; the bridge of a VLM is then
+    trained to write that description (BLIP-2's frozen language model reads its Q-Former's tokens so)."""
+    items = instruction_items(sample, config, split)
+    if not layout:
+        items = [item for item in items if item.kind not in ("spatial", "grounding")]
+    description = scene_layout(sample) if layout else sample.captions[0]
     rng = np.random.default_rng(mix_seed(zlib.crc32(sample.captions[0].encode("utf-8")), _VQA_STREAM, 1))
     order = [items[k] for k in rng.permutation(len(items))]
     conversations = []
     for start in range(0, len(order), turns):
         chunk = order[start : start + turns]
-        dialogue = item_turns(chunk, f"{sample.captions[0]} {chunk[0].question}")
+        dialogue = item_turns(chunk, f"{description} {chunk[0].question}")
         conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in chunk]}))
     return conversations
 

@@ -110,22 +110,27 @@ class Manifest(ConfigBase):
 @register_config
 @dataclass(frozen=True)
 class ShapesText(ConfigBase):
-    """The ``text_samples`` of ``train_size`` training scenes; with ``described``, also each scene's questions asked
-    in the chat layout with the scene's caption standing where its image will (``described_conversations``, answers
-    trained on): the language model learns to answer from a description in its context, which the bridge then learns
-    to write."""
+    """The ``text_samples`` of ``train_size`` training scenes (``plain``); with ``described``, also each scene's
+    questions asked in the chat layout with a description of the scene standing where its image will
+    (``described_conversations``, answers trained on): the language model learns to answer from a description in its
+    context, which the bridge then learns to write. The description is the scene's caption, or with ``layout`` every
+    object with its box, which answers spatial and grounding questions too."""
 
     kind: ClassVar[str] = "shapes_text"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
     train_size: int = 2000
     described: bool = False
     turns: int = 4  # question-answer turns per described conversation, as ShapesInstructions' turns
+    layout: bool = False
+    plain: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if not (self.plain or self.described):
+            raise ValueError("ShapesText needs plain or described samples (or both)")
 
 
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")

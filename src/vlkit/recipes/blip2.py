@@ -3,8 +3,12 @@
 ``blip2_shapes`` is BLIP-2's recipe (Li et al., 2023) at ShapesWorld scale on ``shapes_blip2`` (``shapes_siglip``'s
 image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in three stages:
 
-- ``text``: the language model alone on ShapesWorld text, as in ``llava_shapes`` (BLIP-2 starts from a trained LM;
-  this stage makes one that speaks the answer formats);
+- ``text``: the language model alone on ShapesWorld text (BLIP-2 starts from a trained LM): ``llava_shapes``' text
+  samples, which teach the answer formats, and every question asked with the scene's layout (each object with its
+  box) standing where the image will (``ShapesText(layout=True)``), so that the LM that stage 2 freezes answers from
+  a description in its context, which the Q-Former then has to write. 3000 steps (about 16 minutes on the AMX Xeon;
+  the LM is trained once, as the tower is): against ``llava_shapes``' 300 steps on the plain texts, the frozen-LM model
+  went from VQA 0.363 to 0.543 (shape 0.28 -> 0.71), grounding 0.00 -> 0.03 (README, "BLIP-2");
 - ``qformer``: stage 1, vision-language representation learning: the Q-Former (and its stage-1 heads) against the
   frozen image tower on captions, with the contrastive, matching and grounded-generation losses
   (``tasks.qformer``); the tower starts from ``recipe:siglip_patch_shapes`` as in ``llava_shapes``;
@@ -43,6 +47,9 @@ from vlkit.train import ParamGroupRule, TrainConfig
 # The stage-1 heads train in the qformer stage only; the generation stage never reads them.
 FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
 
+# The LM's stage: llava_shapes' text budget at ten times the steps (and warmup), on plain and layout-described text.
+BLIP2_TEXT_BUDGET = dataclasses.replace(TEXT_BUDGET, steps=3000, warmup_steps=300)
+LAYOUT_TEXT = ShapesText(SHAPES_DATA, described=True, layout=True)
 QFORMER_BUDGET = TrainConfig(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30)
 GENERATE_BUDGET = TrainConfig(steps=800, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
 
@@ -51,15 +58,16 @@ GENERATE_BUDGET = TrainConfig(steps=800, batch_size=32, lr=1e-3, weight_decay=0.
 def blip2_shapes() -> Recipe:
     return Recipe(
         name="blip2_shapes",
-        description="BLIP-2 on ShapesWorld: LM on ShapesWorld text, then the Q-Former against the frozen image tower "
+        description="BLIP-2 on ShapesWorld: LM on ShapesWorld text (answer formats, and questions answered from the "
+        "scene's layout in context), then the Q-Former against the frozen image tower "
         "(contrastive, matching and grounded-generation losses on captions), then the Q-Former into the frozen LM on "
         "the instruction mix (VQA of every kind, captions, grounding with boxes).",
         model="shapes_blip2",
         task=VisionLanguage(),
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
-            Stage(TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
-                  data=ShapesText(SHAPES_DATA), evaluate=False),
+            Stage(BLIP2_TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
+                  data=LAYOUT_TEXT, evaluate=False),
             Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
                   task=QFormerPretraining(), init=SHAPES_TOWER),
             Stage(GENERATE_BUDGET, name="generate", rules=(FROZEN_ENCODER, FROZEN_LM, FROZEN_HEADS)),

@@ -229,9 +229,9 @@ def _shapes_config(data: Any) -> shapes.ShapesConfig:
 
 
 class ShapesTextDataset(torch.utils.data.Dataset):
-    """Every ``text_samples`` string of the spec's scenes, tokenized ``<bos> ... <eos>``, all tokens trained on; with
-    ``spec.described``, then every ``described_conversations`` conversation in the model's chat template, answers
-    trained on."""
+    """Every ``text_samples`` string of the spec's scenes (``spec.plain``), tokenized ``<bos> ... <eos>``, all tokens
+    trained on; with ``spec.described``, then every ``described_conversations`` conversation (the caption, or with
+    ``spec.layout`` the scene's layout, in context) in the model's chat template, answers trained on."""
 
     def __init__(self, spec: ShapesText, model: VisionLanguageModel) -> None:
         assert model.tokenizer is not None
@@ -242,9 +242,10 @@ class ShapesTextDataset(torch.utils.data.Dataset):
         self.conversations: list[Conversation] = []
         for index in range(spec.train_size):  # each scene rendered once
             sample = shapes.generate(spec.config, "train", index)
-            self.texts += text_samples(sample, spec.config, "train")
+            if spec.plain:
+                self.texts += text_samples(sample, spec.config, "train")
             if spec.described:
-                self.conversations += described_conversations(sample, spec.config, "train", spec.turns)
+                self.conversations += described_conversations(sample, spec.config, "train", spec.turns, spec.layout)
 
     def __len__(self) -> int:
         return len(self.texts) + len(self.conversations)
