@@ -205,7 +205,7 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "vqa_accuracy_heldout"):
         assert isinstance(metrics[key], float), key
-    assert set(metrics["stages"]) == {"text", "qformer", "generate"} and metrics["steps"] == 6
+    assert set(metrics["stages"]) == {"text", "qformer", "generate", "instruct"} and metrics["steps"] == 8
     stage1 = metrics["stages"]["qformer"]
     assert {"retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r1_heldout"} <= set(stage1)
     logged = [json.loads(line) for line in (out / "stages" / "1-qformer" / "log.jsonl").read_text().splitlines()]
@@ -225,8 +225,11 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
             assert torch.equal(tensor, tower_state[name.removeprefix("encoder.")]), name
         elif name.startswith("qformer_heads."):  # trained in stage 1 only
             assert torch.equal(tensor, stage1_model[name]) and not torch.equal(tensor, text_stage[name]), name
-    moved = [n for n in final if n.startswith("bridge.layers.") and not torch.equal(final[n], stage1_model[n])]
-    assert moved  # stage 2 trains the Q-Former on
+    # Stage 2 trains the Q-Former on captions (the paper's stage 2), the instruct stage on the mix after it.
+    assert recipe.stage("generate").data.kinds == ("caption",) and recipe.stage("instruct").data is None
+    stage2_model = vlkit.from_pretrained(out / "stages" / "2-generate" / "model").state_dict()
+    for before, after in ((stage1_model, stage2_model), (stage2_model, final)):
+        assert [n for n in final if n.startswith("bridge.layers.") and not torch.equal(after[n], before[n])]
 
 
 def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp_path: Path) -> None:
