@@ -50,7 +50,7 @@ from vlkit.tasks.qformer import QFormerPretraining
 from vlkit.tasks.vlm import VisionLanguage
 from vlkit.train import ParamGroupRule, TrainConfig
 
-# The stage-1 heads train in the qformer stage only; the generation stage never reads them.
+# The stage-1 heads train in the qformer stage only; the stages after it never read them.
 FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
 
 # The LM's stage: llava_shapes' text budget at ten times the steps (and warmup), on plain and layout-described text.
