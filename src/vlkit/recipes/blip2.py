@@ -58,7 +58,7 @@ BLIP2_TEXT_BUDGET = dataclasses.replace(TEXT_BUDGET, steps=3000, warmup_steps=30
 LAYOUT_TEXT = ShapesText(SHAPES_DATA, described=True, layout=True)
 QFORMER_BUDGET = TrainConfig(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30)
 GENERATE_BUDGET = TrainConfig(steps=1600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
-BLIP2_INSTRUCT_BUDGET = TrainConfig(steps=800, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
+BLIP2_INSTRUCT_BUDGET = dataclasses.replace(GENERATE_BUDGET, steps=800)
 # Stage 2 and the instruction stage train the Q-Former and its projection only.
 FROZEN_BUT_BRIDGE = (FROZEN_ENCODER, FROZEN_LM, FROZEN_HEADS)
 
