@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import vlkit
 from vlkit.bridges import MLPBridgeConfig, QFormer, QFormerConfig
@@ -17,7 +18,9 @@ from vlkit.encoders import ViTConfig
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
 from vlkit.recipes import get_recipe
 from vlkit.recipes.run import run_recipe
+from vlkit.serve.chat import ChatSession
 from vlkit.tasks.qformer import generation_loss, hard_negatives, qformer_losses
+from vlkit.tasks.vlm import ShapesInstructionDataset, VLMEvaluation, _collate, _step
 
 VOCAB, PAD = 40, 0
 
@@ -163,6 +166,60 @@ def test_embed_dim_needs_a_qformer_with_text_input() -> None:
         config.replace(bridge=config.bridge.replace(text_input=False))
 
 
+class _Words:
+    """A tokenizer stand-in for ``prompt_ids``: one id per word (1 + its length), no specials."""
+
+    pad_token_id = PAD
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + len(word) for word in text.split()]
+
+
+def _reading_model(seed: int = 0) -> VisionLanguageModel:
+    model = _model(seed)
+    model.config = model.config.replace(bridge_reads_prompt=True)
+    model.tokenizer = _Words()
+    return model
+
+
+def test_a_qformer_that_reads_the_prompt_conditions_its_tokens_on_it() -> None:
+    """BLIP-2's question-conditioned Q-Former (Sec. 4.3): the prompt changes the image's tokens, its padding does not,
+    and the LM's loss trains the Q-Former's text embeddings."""
+    model = _reading_model(3)
+    ids, mask = model.prompt_ids(["what colour is it", "is there a big red circle here"])
+    assert ids.shape == (2, 7) and mask.tolist() == [[1] * 4 + [0] * 3, [1] * 7]
+    assert ids[0].tolist() == [5, 7, 3, 3, PAD, PAD, PAD]
+    pixels = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)  # one image, asked two questions
+    tokens = model.embed_image(pixels, ids, mask).tokens
+    assert not torch.allclose(tokens[0], tokens[1], atol=1e-3)
+    alone = model.embed_image(pixels[:1], *model.prompt_ids(["what colour is it"])).tokens
+    torch.testing.assert_close(alone[0], tokens[0], atol=1e-5, rtol=1e-5)
+
+    model.train()
+    placeholders = torch.full((2, 3), model.config.image_token_id)
+    input_ids = torch.cat([placeholders, torch.randint(1, VOCAB - 1, (2, 4))], dim=1)
+    model(input_ids, pixel_values=pixels, labels=input_ids, qformer_input_ids=ids,
+          qformer_attention_mask=mask).loss.backward()  # fmt: skip
+    used = model.bridge.word_embed.weight.grad
+    assert used is not None and used[ids[mask.bool()]].abs().sum(-1).min() > 0
+
+
+def test_a_qformer_that_reads_the_prompt_needs_it() -> None:
+    model = _reading_model()
+    pixels = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="qformer_input_ids"):
+        model.embed_image(pixels)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model.embed_image(pixels, *model.prompt_ids(["one question"]))
+    with pytest.raises(ValueError, match="does not read the prompt"):
+        _model().embed_image(pixels, *model.prompt_ids(["a", "b"]))
+    config = model.config
+    with pytest.raises(ValueError, match="bridge_reads_prompt"):
+        config.replace(bridge=config.bridge.replace(text_input=False), embed_dim=None)
+    with pytest.raises(ValueError, match="bridge_reads_prompt"):
+        config.replace(bridge=config.bridge.replace(vocab_size=VOCAB + 1))
+
+
 # --- tiny end-to-end runs
 
 TINY = {
@@ -176,6 +233,7 @@ TINY = {
 TINY_BLIP2 = {
     **TINY, "model.bridge.dim": 32, "model.bridge.depth": 2, "model.bridge.num_heads": 2, "model.bridge.mlp_dim": 64,
     "model.bridge.num_queries": 4, "model.bridge.vocab_size": 300, "model.embed_dim": 16,
+    "stages.read.data.train_size": 20,
 }  # fmt: skip
 # The tiny tower has one block: the recipe's layer 2 (llava_shapes') is read as layer 1 here.
 TINY_HONEYBEE = {**TINY, "model.bridge.dim": 32, "model.bridge.depth": 1, "model.bridge.num_queries": 4,
@@ -205,31 +263,50 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "vqa_accuracy_heldout"):
         assert isinstance(metrics[key], float), key
-    assert set(metrics["stages"]) == {"text", "qformer", "generate", "instruct"} and metrics["steps"] == 8
+    assert set(metrics["stages"]) == {"text", "read", "qformer", "generate", "instruct"} and metrics["steps"] == 10
     stage1 = metrics["stages"]["qformer"]
     assert {"retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r1_heldout"} <= set(stage1)
-    logged = [json.loads(line) for line in (out / "stages" / "1-qformer" / "log.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "stages" / "2-qformer" / "log.jsonl").read_text().splitlines()]
     steps = [record for record in logged if "itc_loss" in record]
     assert len(steps) == 2 and all(record["itm_loss"] > 0 and record["itg_loss"] > 0 for record in steps)
 
     model = vlkit.from_pretrained(out / "model")
     assert isinstance(model, VisionLanguageModel) and model.tokenizer is not None
     text_stage = vlkit.from_pretrained(out / "stages" / "0-text" / "model").state_dict()
-    stage1_model = vlkit.from_pretrained(out / "stages" / "1-qformer" / "model").state_dict()
+    read_stage = vlkit.from_pretrained(out / "stages" / "1-read" / "model").state_dict()
+    stage1_model = vlkit.from_pretrained(out / "stages" / "2-qformer" / "model").state_dict()
     tower_state = vlkit.from_pretrained(tower.parent / "model").image_encoder.state_dict()
     final = model.state_dict()
     for name, tensor in final.items():
-        if name.startswith("lm."):  # the LM is frozen after its text stage (BLIP-2 never trains it)
-            assert torch.equal(tensor, text_stage[name]), name
+        if name.startswith("lm."):  # the LM is frozen after its text stages (BLIP-2 never trains it)
+            assert torch.equal(tensor, read_stage[name]), name
         elif name.startswith("encoder."):
             assert torch.equal(tensor, tower_state[name.removeprefix("encoder.")]), name
         elif name.startswith("qformer_heads."):  # trained in stage 1 only
             assert torch.equal(tensor, stage1_model[name]) and not torch.equal(tensor, text_stage[name]), name
     # Stage 2 trains the Q-Former on captions (the paper's stage 2), the instruct stage on the mix after it.
     assert recipe.stage("generate").data.kinds == ("caption",) and recipe.stage("instruct").data is None
-    stage2_model = vlkit.from_pretrained(out / "stages" / "2-generate" / "model").state_dict()
+    stage2_model = vlkit.from_pretrained(out / "stages" / "3-generate" / "model").state_dict()
+    assert not recipe.stage("read").data.plain and recipe.stage("read").data.layout
+    moved = [name for name in final if not torch.equal(text_stage[name], read_stage[name])]
+    assert moved and all(name.startswith("lm.") for name in moved)  # the reading stage trains the LM alone
     for before, after in ((stage1_model, stage2_model), (stage2_model, final)):
         assert [n for n in final if n.startswith("bridge.layers.") and not torch.equal(after[n], before[n])]
+
+    # The same model with its Q-Former reading the question: training samples, evaluation and chat hand it over.
+    model.config = model.config.replace(bridge_reads_prompt=True)
+    spec = recipe.data.replace(turns=2)
+    sample = ShapesInstructionDataset(spec, model, seed=0)[0]
+    first_question = model.tokenizer.decode(sample["qformer_input_ids"].tolist())
+    assert first_question and first_question in model.tokenizer.decode(sample["input_ids"].tolist())
+    batch = _collate(model.tokenizer.pad_token_id)([ShapesInstructionDataset(spec, model, seed=0)[i] for i in range(3)])
+    assert batch["qformer_input_ids"].shape == batch["qformer_attention_mask"].shape
+    assert batch["qformer_input_ids"].shape[0] == 3 and math.isfinite(float(_step(model, batch).loss))
+    evaluation = VLMEvaluation.build(spec, model, max_new_tokens=3, batch_size=4)
+    assert "vqa_accuracy" in evaluation(model).metrics
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    assert isinstance("".join(ChatSession(model, image, max_new_tokens=3).ask("what colour is the square?")), str)
 
 
 def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp_path: Path) -> None:

@@ -382,6 +382,19 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
     assert len(laid_out) == sum(len(described_conversations(s, SHAPES_DATA, "train", 2, True)) for s in scenes)
     first = decode_answer(model.tokenizer, laid_out[0]["input_ids"].tolist(), stop_ids=())
     assert scene_layout(scenes[0]).replace(" ", "") in first.replace(" ", "")
+    # A conversation longer than the LM's context keeps the turns that fit, the described first one always.
+    layout_only = dataclasses.replace(spec, layout=True, plain=False)
+    full = laid_out[0]["input_ids"]
+    one_turn = ShapesTextDataset(dataclasses.replace(layout_only, turns=1), model)[0]["input_ids"]
+    assert len(one_turn) < len(full)
+    model.tokenizer.max_len = len(full) - 1
+    try:
+        assert torch.equal(ShapesTextDataset(layout_only, model)[0]["input_ids"], one_turn)
+        model.tokenizer.max_len = len(one_turn) - 1
+        with pytest.raises(ValueError, match="described conversation 0"):
+            ShapesTextDataset(layout_only, model)[0]
+    finally:
+        model.tokenizer.max_len = model.config.lm.max_seq_len
     with pytest.raises(ValueError, match="plain or described"):
         ShapesText(SHAPES_DATA, plain=False)
 

@@ -9,7 +9,9 @@ share the embedding LayerNorm.
 
 As a bridge: image tokens (B, N, D_vis) + key mask -> the queries' last hidden states (B, M, D_q) -> ``projection``
 (BLIP-2's ``language_projection``: kept inside the bridge, so every bridge ends at D_lm) -> (B, M, D_lm); the
-queries have no grid. The image tokens may include a class token (BLIP-2 keeps it); the grid is not used.
+queries have no grid. The image tokens may include a class token (BLIP-2 keeps it); the grid is not used. Given the
+prompt's text as well, the queries read it through self-attention (BLIP-2's VQA fine-tuning conditions the Q-Former
+on the question, Sec. 4.3: the queries extract the image features the question asks for).
 
 ``encode`` returns the query and text hidden states (D_q) for BLIP-2's three stage-1 losses, each with its attention
 pattern: "unimodal" (queries and text cannot see each other: image-text contrastive), "bidirectional" (all see all:
@@ -129,9 +131,18 @@ class QFormer(Bridge):
         )
         self.projection = nn.Linear(config.dim, lm_dim)
 
-    def forward(self, tokens: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor | None = None) -> BridgeOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        grid: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> BridgeOutput:
+        """With ``text_ids`` (B, T) (and ``text_mask``), the queries read that text too, all positions seeing each
+        other (BLIP-2's question-conditioned Q-Former for VQA, Sec. 4.3); only the queries' outputs are returned."""
         check_mask(tokens, mask, "Q-Former")
-        queries = self.encode(tokens, mask).queries
+        queries = self.encode(tokens, mask, text_ids, text_mask).queries
         return BridgeOutput(self.projection(queries), None, None)
 
     def num_output_tokens(self, grid: torch.Tensor) -> torch.Tensor:

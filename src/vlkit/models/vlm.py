@@ -15,7 +15,11 @@ The call takes the processor's names (``input_ids``, ``attention_mask``, ``pixel
 BLIP-2 (Li et al., 2023) is this with a Q-Former bridge reading the tower's normed output (class token kept) and an
 OPT or Llama-family LM. Its first training stage trains the Q-Former against the image tower alone, with
 image-text contrastive, matching and grounded-generation losses (``vlkit.tasks.qformer``); a config with
-``embed_dim`` holds the heads those losses need (``QFormerHeads``), which nothing else reads.
+``embed_dim`` holds the heads those losses need (``QFormerHeads``), which nothing else reads. For VQA, BLIP-2
+conditions the Q-Former on the question (Sec. 4.3: the question's tokens enter the Q-Former beside the queries and
+interact with them through self-attention): with ``bridge_reads_prompt`` every image comes with the text of its prompt,
+``qformer_input_ids`` (I, T) and ``qformer_attention_mask`` (I, T), one row per image (InstructBLIP's names; the
+prompt tokenized by the VLM's own tokenizer, ``prompt_ids``).
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class VLMConfig(ConfigBase):
     (Gemma 3, Gemma Team, 2025: the tokens of one image, a contiguous run of placeholders, see each other in both
     directions; text stays causal). ``image_newline``: LLaVA-NeXT's learned separator (Liu et al., 2024,
     "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge") after each row of a per-token bridge's output grid,
-    so that the LM sees where each row of the image ends: an image of R x C tokens takes R x (C + 1) placeholders."""
+    so that the LM sees where each row of the image ends: an image of R x C tokens takes R x (C + 1) placeholders.
+    ``bridge_reads_prompt``: the Q-Former reads each image's prompt (the question) beside its queries (BLIP-2's VQA
+    fine-tuning, Sec. 4.3); needs a Q-Former with ``text_input`` sized to the LM's vocabulary."""
 
     kind: ClassVar[str] = "vlm"
 
@@ -77,6 +83,7 @@ class VLMConfig(ConfigBase):
     embed_dim: int | None = None
     image_attention: Literal["causal", "bidirectional"] = "causal"
     image_newline: bool = False
+    bridge_reads_prompt: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.feature_layer, list):  # from a --set override or hand-written JSON
@@ -100,6 +107,10 @@ class VLMConfig(ConfigBase):
             raise ValueError("keep_class_token needs a ViT with a class token")
         if self.embed_dim is not None and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input):
             raise ValueError("embed_dim (BLIP-2's stage-1 heads) needs a Q-Former bridge with text_input=True")
+        if self.bridge_reads_prompt and not (isinstance(self.bridge, QFormerConfig) and self.bridge.text_input
+                                             and self.bridge.vocab_size == self.lm.vocab_size):  # fmt: skip
+            raise ValueError("bridge_reads_prompt needs a Q-Former bridge with text_input=True and the LM's vocabulary "
+                             f"size ({self.lm.vocab_size}): it reads the prompt in the VLM's tokens")  # fmt: skip
         if self.image_newline and not (isinstance(self.bridge, LinearBridgeConfig | MLPBridgeConfig)
                                        and not self.keep_class_token):  # fmt: skip
             raise ValueError("image_newline (LLaVA-NeXT's row separator) needs a per-token bridge (linear or MLP) "
@@ -196,15 +207,55 @@ class VisionLanguageModel(PretrainedModel):
         rows, cols = features.grid
         return tokens, torch.tensor([[rows, cols]], device=tokens.device).expand(tokens.shape[0], 2)
 
-    def embed_image(self, pixel_values: torch.Tensor) -> BridgeOutput:
-        """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype."""
+    def prompt_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``qformer_input_ids`` (I, T) and ``qformer_attention_mask`` (I, T) of one prompt text per image (the
+        question, without the image placeholder): tokenized as the Q-Former's stage-1 text, right-padded, cut at the
+        Q-Former's ``max_seq_len``."""
+        if self.tokenizer is None:
+            raise ValueError("prompt_ids needs the model's tokenizer")
+        limit = self.config.bridge.max_seq_len  # type: ignore[union-attr]
+        rows = [self.tokenizer.encode(text)[:limit] for text in prompts]
+        length = max((len(row) for row in rows), default=0)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[index, : len(row)] = 1
+        return ids, mask
+
+    def embed_image(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> BridgeOutput:
+        """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype; with ``bridge_reads_prompt``
+        each image's prompt ``qformer_input_ids`` (I, T) is read by the Q-Former too."""
         tokens, grid = self.image_tokens(pixel_values)
-        out = self.bridge(tokens, grid)
+        if self.config.bridge_reads_prompt:
+            if qformer_input_ids is None:
+                raise ValueError("this model's Q-Former reads each image's prompt (bridge_reads_prompt): pass "
+                                 "qformer_input_ids, one row per image (VisionLanguageModel.prompt_ids)")  # fmt: skip
+            if qformer_input_ids.shape[0] != tokens.shape[0]:
+                raise ValueError(f"qformer_input_ids has {qformer_input_ids.shape[0]} rows for "
+                                 f"{tokens.shape[0]} images: one prompt per image")  # fmt: skip
+            out = self.bridge(tokens, grid, text_ids=qformer_input_ids, text_mask=qformer_attention_mask)
+        elif qformer_input_ids is not None:
+            raise ValueError("qformer_input_ids given, but this model's bridge does not read the prompt "
+                             "(VLMConfig.bridge_reads_prompt=False)")  # fmt: skip
+        else:
+            out = self.bridge(tokens, grid)
         if self.image_newline is not None:
             out = _with_newlines(out, self.image_newline)
         return BridgeOutput(out.tokens.to(self.lm.token_embed.weight.dtype), out.grid, out.mask)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> (B, T, D_lm) with each image's placeholders replaced by its bridge tokens."""
         placeholders = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.lm.embed(input_ids.masked_fill(placeholders, 0))  # (B, T, D_lm)
@@ -213,7 +264,7 @@ class VisionLanguageModel(PretrainedModel):
                 rows = placeholders.any(dim=1).nonzero().flatten().tolist()
                 raise ValueError(f"samples {rows} hold image placeholders but no pixel_values were given")
             return embeds
-        image = self.embed_image(pixel_values)
+        image = self.embed_image(pixel_values, qformer_input_ids, qformer_attention_mask)
         real = image.tokens if image.mask is None else image.tokens[image.mask]  # (I*M or sum M, D_lm)
         per_image = (
             torch.full((image.tokens.shape[0],), image.tokens.shape[1]) if image.mask is None else image.mask.sum(1)
@@ -239,10 +290,13 @@ class VisionLanguageModel(PretrainedModel):
         labels: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         return_logits: bool = True,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits (B, T, V); with ``labels`` (B, T, -100 where nothing is trained on) the next-token loss, weighted
-        by ``loss_weights`` (B, T) if given; ``return_logits=False`` computes the loss alone (``DecoderLM.forward``)."""
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        by ``loss_weights`` (B, T) if given; ``return_logits=False`` computes the loss alone (``DecoderLM.forward``).
+        ``qformer_input_ids`` / ``qformer_attention_mask`` (I, T): each image's prompt, for ``bridge_reads_prompt``."""
+        embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
         return self.lm(attention_mask=attention_mask, inputs_embeds=embeds, labels=labels, loss_weights=loss_weights,
                        return_logits=return_logits, attention_blocks=self.attention_blocks(input_ids))  # fmt: skip
 
@@ -255,11 +309,14 @@ class VisionLanguageModel(PretrainedModel):
         max_new_tokens: int | None = None,
         streamer: Callable[[torch.Tensor], Any] | None = None,
         decode: Callable[[Sequence[int]], str] | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """Prompt + new ids (B, T + steps) for left-padded prompts; decoding starts from ``generation_config`` (greedy,
-        32 new tokens without one) and ``max_new_tokens`` / ``options`` replace its fields (``DecoderLM.generate``)."""
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        32 new tokens without one) and ``max_new_tokens`` / ``options`` replace its fields (``DecoderLM.generate``).
+        ``qformer_input_ids`` / ``qformer_attention_mask`` (I, T): each image's prompt, for ``bridge_reads_prompt``."""
+        embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
                                 attention_blocks=self.attention_blocks(input_ids), **options)  # fmt: skip
 

@@ -1,13 +1,15 @@
 """BLIP-2 and Honeybee on ShapesWorld.
 
 ``blip2_shapes`` is BLIP-2's recipe (Li et al., 2023) at ShapesWorld scale on ``shapes_blip2`` (``shapes_siglip``'s
-image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in four stages:
+image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in five stages:
 
 - ``text``: the language model alone on ShapesWorld text (BLIP-2 starts from a trained LM): ``llava_shapes``' text
   samples, which teach the answer formats, and every question asked with the scene's layout (each object with its
   box) standing where the image will (``ShapesText(layout=True)``), so that the LM that stage 2 freezes answers from
   a description in its context, which the Q-Former then has to write. 3000 steps (about 16 minutes on the AMX Xeon;
   the LM is trained once, as the tower is);
+- ``read``: the LM alone on the layout-described questions without the plain text, 2000 steps at a constant rate
+  (about 15 minutes): counting, positions and box copying from the layout, which the mixed stage leaves half-learned;
 - ``qformer``: stage 1, vision-language representation learning: the Q-Former (and its stage-1 heads) against the
   frozen image tower on captions, with the contrastive, matching and grounded-generation losses
   (``tasks.qformer``); the tower starts from ``recipe:siglip_patch_shapes`` as in ``llava_shapes``;
@@ -56,6 +58,11 @@ FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
 # The LM's stage: llava_shapes' text budget at ten times the steps (and warmup), on plain and layout-described text.
 BLIP2_TEXT_BUDGET = dataclasses.replace(TEXT_BUDGET, steps=3000, warmup_steps=300)
 LAYOUT_TEXT = ShapesText(SHAPES_DATA, described=True, layout=True)
+# Then reading alone: the layout-described questions without the plain text, at a constant rate (the text probe's
+# continuation, ``bench/vlm_text_probe.py --steps 2000 --layout``, which taught counting, spatial questions and box
+# copying that the mixed stage had not).
+READ_BUDGET = TrainConfig(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.05, schedule="constant")
+READ_TEXT = dataclasses.replace(LAYOUT_TEXT, plain=False)
 QFORMER_BUDGET = TrainConfig(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30)
 GENERATE_BUDGET = TrainConfig(steps=1600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
 BLIP2_INSTRUCT_BUDGET = dataclasses.replace(GENERATE_BUDGET, steps=800)
@@ -77,6 +84,8 @@ def blip2_shapes() -> Recipe:
         stages=(
             Stage(BLIP2_TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
                   data=LAYOUT_TEXT, evaluate=False),
+            Stage(READ_BUDGET, name="read", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS), data=READ_TEXT,
+                  evaluate=False),
             Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
                   task=QFormerPretraining(), init=SHAPES_TOWER),
             Stage(GENERATE_BUDGET, name="generate", rules=FROZEN_BUT_BRIDGE, data=CAPTIONS),

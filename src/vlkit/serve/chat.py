@@ -3,7 +3,8 @@
 The prompt is rendered with the model's chat template (``VLMConfig.chat_template``), the ``<image>`` placeholder
 expanded to the bridge's token count, and the answer is generated with the model's decoding defaults (a checkpoint's
 ``generation_config.json``: sampling, repetition penalty; greedy without one) with the tokens printed as they are
-produced. Without ``--prompt`` the session is interactive: each question joins the conversation so far.
+produced. Without ``--prompt`` the session is interactive: each question joins the conversation so far. A model
+whose Q-Former reads the prompt (``VLMConfig.bridge_reads_prompt``) reads the latest question.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ class ChatSession:
             produced.append(token)
             pieces.append(decode(produced, skip_special_tokens=False)[len(before) :])
 
+        # A Q-Former that reads the prompt reads the question being asked (the image is embedded anew each turn).
+        read = self.model.prompt_ids([question]) if self.model.config.bridge_reads_prompt else None
         answer = []
-        for piece in _streamed(self.model, prompt, self.pixels, self.max_new_tokens, streamer, pieces, self.options):
+        for piece in _streamed(self.model, prompt, self.pixels, self.max_new_tokens, streamer, pieces, self.options,
+                               read):  # fmt: skip
             answer.append(piece)
             yield piece
         self.turns += [Turn("user", text), Turn("assistant", "".join(answer).strip() or "…")]
@@ -88,6 +92,7 @@ def _streamed(
     streamer: Callable[[torch.Tensor], None],
     pieces: list[str],
     options: dict[str, Any],
+    qformer_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Iterator[str]:
     """Yields each new piece of text as soon as its token exists (generation runs token by token in a generator)."""
     from vlkit.lm.generate import decoding_config, stream_generate
@@ -96,7 +101,7 @@ def _streamed(
     if max_new_tokens is None and model.generation_config is None:
         max_new_tokens = CHAT_MAX_NEW_TOKENS
     config = decoding_config(model.lm, max_new_tokens, **options)
-    embeds = model.embed_inputs(prompt, pixels)
+    embeds = model.embed_inputs(prompt, pixels, *(qformer_prompt or ()))
     with torch.no_grad():
         blocks = model.attention_blocks(prompt)
         for tokens in stream_generate(

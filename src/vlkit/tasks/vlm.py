@@ -14,6 +14,7 @@ accuracy at IoU >= 0.5 of the ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` answer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
     metrics = {"tokens": float(trained.sum())}
     # The loss alone: the LM head runs only where a target is (a fifth of the positions of an instruction sample).
     out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels,
-                loss_weights=weights, return_logits=False)  # fmt: skip
+                loss_weights=weights, return_logits=False, qformer_input_ids=batch.get("qformer_input_ids"),
+                qformer_attention_mask=batch.get("qformer_attention_mask"))  # fmt: skip
     # A (weighted) mean over the predicted tokens (position t predicts t + 1): accumulated micro-batches and
     # processes weigh it by their sum.
     targets = trained[:, 1:]
@@ -231,7 +233,8 @@ def _shapes_config(data: Any) -> shapes.ShapesConfig:
 class ShapesTextDataset(torch.utils.data.Dataset):
     """Every ``text_samples`` string of the spec's scenes (``spec.plain``), tokenized ``<bos> ... <eos>``, all tokens
     trained on; with ``spec.described``, then every ``described_conversations`` conversation (the caption, or with
-    ``spec.layout`` the scene's layout, in context) in the model's chat template, answers trained on."""
+    ``spec.layout`` the scene's layout, in context) in the model's chat template, answers trained on, with as many
+    of its turns as fit the LM's context."""
 
     def __init__(self, spec: ShapesText, model: VisionLanguageModel) -> None:
         assert model.tokenizer is not None
@@ -253,8 +256,15 @@ class ShapesTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index >= len(self.texts):
             conversation = self.conversations[index - len(self.texts)]
-            ids, labels = tokenize_conversation(conversation, self.template, self.tokenizer, self.image_token, 0,
-                                                self.tokenizer.max_len)  # fmt: skip
+            # As many question-answer turns as fit the LM's context (the first, with the description, always).
+            for pairs in range(len(conversation.turns) // 2, 0, -1):
+                kept = dataclasses.replace(conversation, turns=conversation.turns[: 2 * pairs])
+                ids, labels = tokenize_conversation(kept, self.template, self.tokenizer, self.image_token, 0)
+                if len(ids) <= self.tokenizer.max_len or pairs == 1:
+                    break
+            if len(ids) > self.tokenizer.max_len:
+                raise ValueError(f"ShapesWorld described conversation {index - len(self.texts)}: {len(ids)} tokens "
+                                 f"for one turn; the LM takes {self.tokenizer.max_len}")  # fmt: skip
             return {"input_ids": ids, "labels": labels}
         ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
         return {"input_ids": ids, "labels": ids.clone()}
@@ -274,6 +284,8 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         self.transform = ImageTransform(image_size=model.config.vision.image_size)
         self.seed = seed
         self.epoch = 0
+        # A Q-Former that reads the prompt (BLIP-2's VQA fine-tuning) gets the conversation's first question.
+        self.prompt_ids = model.prompt_ids if model.config.bridge_reads_prompt else None
 
     def __len__(self) -> int:
         return self.spec.train_size
@@ -307,7 +319,10 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         if len(ids) > self.max_len:
             raise ValueError(f"ShapesWorld train scene {index}: {len(ids)} tokens for one turn; the LM takes "
                              f"{self.max_len}")  # fmt: skip
-        return {"input_ids": ids, "labels": labels, "pixel_values": self.transform(sample.image)}
+        out = {"input_ids": ids, "labels": labels, "pixel_values": self.transform(sample.image)}
+        if self.prompt_ids is not None:
+            out["qformer_input_ids"] = self.prompt_ids([chosen[0].question])[0][0]
+        return out
 
 
 def _first_question(question: str, question_first: bool) -> str:
@@ -330,6 +345,11 @@ def _collate(
         }
         if "pixel_values" in samples[0]:
             batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])  # (B, 3, H, W)
+        if "qformer_input_ids" in samples[0]:  # each image's prompt, for a Q-Former that reads it
+            prompts = [sample["qformer_input_ids"] for sample in samples]
+            batch["qformer_input_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_id)
+            ones = [torch.ones_like(prompt) for prompt in prompts]
+            batch["qformer_attention_mask"] = pad_sequence(ones, batch_first=True, padding_value=0)
         if weighting != "token":
             batch["loss_weights"] = answer_weights(batch["labels"], weighting)
         return batch
@@ -432,9 +452,14 @@ class VLMEvaluation:
             for row, prompt in enumerate(prompts):
                 ids[row, length - len(prompt) :], mask[row, length - len(prompt) :] = prompt, 1
             pixels = torch.stack([self.questions[i].pixels for i in chunk]).to(device)
+            prompt_options = {}
+            if model.config.bridge_reads_prompt:  # the Q-Former reads the question
+                qformer_ids, qformer_mask = model.prompt_ids([self.questions[i].question for i in chunk])
+                prompt_options = {"qformer_input_ids": qformer_ids.to(device),
+                                  "qformer_attention_mask": qformer_mask.to(device)}  # fmt: skip
             out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=self.max_new_tokens,
                                  stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, do_sample=False,
-                                 repetition_penalty=1.0, stop_strings=())  # fmt: skip
+                                 repetition_penalty=1.0, stop_strings=(), **prompt_options)  # fmt: skip
             for row, index in enumerate(chunk):
                 answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.stop_ids)
         return answers
