@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from vlkit.bridges import (
     BridgeConfig,
@@ -214,13 +215,9 @@ class VisionLanguageModel(PretrainedModel):
         if self.tokenizer is None:
             raise ValueError("prompt_ids needs the model's tokenizer")
         limit = self.config.bridge.max_seq_len  # type: ignore[union-attr]
-        rows = [self.tokenizer.encode(text)[:limit] for text in prompts]
-        length = max((len(row) for row in rows), default=0)
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[index, : len(row)] = 1
+        rows = [torch.tensor(self.tokenizer.encode(text)[:limit], dtype=torch.long) for text in prompts]
+        ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
         return ids, mask
 
     def embed_image(
@@ -232,6 +229,7 @@ class VisionLanguageModel(PretrainedModel):
         """(I, 3, H, W) -> the bridge's LM-width tokens (I, M, D_lm), in the LM's dtype; with ``bridge_reads_prompt``
         each image's prompt ``qformer_input_ids`` (I, T) is read by the Q-Former too."""
         tokens, grid = self.image_tokens(pixel_values)
+        prompt = {}
         if self.config.bridge_reads_prompt:
             if qformer_input_ids is None:
                 raise ValueError("this model's Q-Former reads each image's prompt (bridge_reads_prompt): pass "
@@ -239,12 +237,11 @@ class VisionLanguageModel(PretrainedModel):
             if qformer_input_ids.shape[0] != tokens.shape[0]:
                 raise ValueError(f"qformer_input_ids has {qformer_input_ids.shape[0]} rows for "
                                  f"{tokens.shape[0]} images: one prompt per image")  # fmt: skip
-            out = self.bridge(tokens, grid, text_ids=qformer_input_ids, text_mask=qformer_attention_mask)
+            prompt = {"text_ids": qformer_input_ids, "text_mask": qformer_attention_mask}
         elif qformer_input_ids is not None:
             raise ValueError("qformer_input_ids given, but this model's bridge does not read the prompt "
                              "(VLMConfig.bridge_reads_prompt=False)")  # fmt: skip
-        else:
-            out = self.bridge(tokens, grid)
+        out = self.bridge(tokens, grid, **prompt)
         if self.image_newline is not None:
             out = _with_newlines(out, self.image_newline)
         return BridgeOutput(out.tokens.to(self.lm.token_embed.weight.dtype), out.grid, out.mask)

@@ -67,7 +67,8 @@ READ_TEXT = dataclasses.replace(LAYOUT_TEXT, plain=False)
 QFORMER_BUDGET = TrainConfig(steps=300, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_steps=30)
 GENERATE_BUDGET = TrainConfig(steps=1600, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)
 BLIP2_INSTRUCT_BUDGET = dataclasses.replace(GENERATE_BUDGET, steps=800)
-# Stage 2 and the instruction stage train the Q-Former and its projection only.
+# The text stages train the LM alone; stage 2 and the instruction stage the Q-Former and its projection only.
+FROZEN_BUT_LM = (FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS)
 FROZEN_BUT_BRIDGE = (FROZEN_ENCODER, FROZEN_LM, FROZEN_HEADS)
 
 
@@ -83,10 +84,8 @@ def blip2_shapes() -> Recipe:
         task=VisionLanguage(),
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
-            Stage(BLIP2_TEXT_BUDGET, name="text", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS),
-                  data=LAYOUT_TEXT, evaluate=False),
-            Stage(READ_BUDGET, name="read", rules=(FROZEN_ENCODER, FROZEN_BRIDGE, FROZEN_HEADS), data=READ_TEXT,
-                  evaluate=False),
+            Stage(BLIP2_TEXT_BUDGET, name="text", rules=FROZEN_BUT_LM, data=LAYOUT_TEXT, evaluate=False),
+            Stage(READ_BUDGET, name="read", rules=FROZEN_BUT_LM, data=READ_TEXT, evaluate=False),
             Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
                   task=QFormerPretraining(), init=SHAPES_TOWER),
             Stage(GENERATE_BUDGET, name="generate", rules=FROZEN_BUT_BRIDGE, data=CAPTIONS),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -257,14 +257,12 @@ class ShapesTextDataset(torch.utils.data.Dataset):
         if index >= len(self.texts):
             conversation = self.conversations[index - len(self.texts)]
             # As many question-answer turns as fit the LM's context (the first, with the description, always).
-            for pairs in range(len(conversation.turns) // 2, 0, -1):
-                kept = dataclasses.replace(conversation, turns=conversation.turns[: 2 * pairs])
-                ids, labels = tokenize_conversation(kept, self.template, self.tokenizer, self.image_token, 0)
-                if len(ids) <= self.tokenizer.max_len or pairs == 1:
-                    break
-            if len(ids) > self.tokenizer.max_len:
-                raise ValueError(f"ShapesWorld described conversation {index - len(self.texts)}: {len(ids)} tokens "
-                                 f"for one turn; the LM takes {self.tokenizer.max_len}")  # fmt: skip
+            shorter = (dataclasses.replace(conversation, turns=conversation.turns[: 2 * pairs])
+                       for pairs in range(len(conversation.turns) // 2, 0, -1))  # fmt: skip
+            ids, labels = _longest_that_fits(
+                shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token, 0),
+                self.tokenizer.max_len, f"ShapesWorld described conversation {index - len(self.texts)}",
+            )  # fmt: skip
             return {"input_ids": ids, "labels": labels}
         ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
         return {"input_ids": ids, "labels": ids.clone()}
@@ -310,19 +308,31 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         # No draw at 0 keeps the image-first stream as it was.
         question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
         # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
-        for count in range(len(chosen), 0, -1):
-            conversation = _conversation(chosen[:count], sample.image, question_first)
-            ids, labels = tokenize_conversation(conversation, self.template, self.tokenizer, self.image_token,
-                                                self.tokens_per_image)  # fmt: skip
-            if len(ids) <= self.max_len or count == 1:
-                break
-        if len(ids) > self.max_len:
-            raise ValueError(f"ShapesWorld train scene {index}: {len(ids)} tokens for one turn; the LM takes "
-                             f"{self.max_len}")  # fmt: skip
+        shorter = (_conversation(chosen[:count], sample.image, question_first) for count in range(len(chosen), 0, -1))
+        ids, labels = _longest_that_fits(
+            shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token,
+                                                     self.tokens_per_image),
+            self.max_len, f"ShapesWorld train scene {index}",
+        )  # fmt: skip
         out = {"input_ids": ids, "labels": labels, "pixel_values": self.transform(sample.image)}
         if self.prompt_ids is not None:
             out["qformer_input_ids"] = self.prompt_ids([chosen[0].question])[0][0]
         return out
+
+
+def _longest_that_fits(
+    conversations: Iterable[Conversation],
+    tokenize: Callable[[Conversation], tuple[torch.Tensor, torch.Tensor]],
+    max_len: int,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids and labels of the first of ``conversations`` (longest first, down to one turn) within ``max_len``
+    tokens; an error naming ``name`` when not even the last fits."""
+    for conversation in conversations:
+        ids, labels = tokenize(conversation)
+        if len(ids) <= max_len:
+            return ids, labels
+    raise ValueError(f"{name}: {len(ids)} tokens for one turn; the LM takes {max_len}")
 
 
 def _first_question(question: str, question_first: bool) -> str:
