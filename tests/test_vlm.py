@@ -399,6 +399,35 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
         ShapesText(SHAPES_DATA, plain=False)
 
 
+def test_described_text_narrowed_to_kinds_and_scenes_of_several_objects(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    spec = ShapesText(SHAPES_DATA, train_size=12, described=True, plain=False, turns=1, kinds=["colour", "shape"],
+                      min_objects=2)  # fmt: skip
+    assert spec.kinds == ("colour", "shape")  # a list from JSON or --set becomes a tuple
+    dataset = ShapesTextDataset(spec, model)
+    scenes = [shapes.generate(SHAPES_DATA, "train", index) for index in range(12)]
+    several = [scene for scene in scenes if len(scene.objects) >= 2]
+    assert several and len(several) < len(scenes)  # the filter has scenes to keep and to drop
+    expected = [c for scene in several for c in described_conversations(scene, SHAPES_DATA, "train", 1, False)
+                if c.meta["kinds"][0] in ("colour", "shape")]  # fmt: skip
+    assert len(dataset) == len(expected) and all(len(c.turns) == 2 for c in dataset.conversations)
+
+    def asked(conversations: list) -> list[tuple[str, ...]]:
+        return sorted(tuple(turn.content for turn in c.turns) for c in conversations)
+
+    assert asked(dataset.conversations) == asked(expected)
+    first = decode_answer(model.tokenizer, dataset[0]["input_ids"].tolist(), stop_ids=())
+    assert several[0].captions[0].replace(" ", "") in first.replace(" ", "")
+    with pytest.raises(ValueError, match="unknown"):
+        ShapesText(SHAPES_DATA, described=True, kinds=("colour", "weight"))
+    with pytest.raises(ValueError, match="need described"):
+        ShapesText(SHAPES_DATA, kinds=("colour",))
+    with pytest.raises(ValueError, match="min_objects"):
+        ShapesText(SHAPES_DATA, described=True, min_objects=0)
+    with pytest.raises(ValueError, match="no samples"):
+        ShapesTextDataset(spec.replace(train_size=1, min_objects=9), model)
+
+
 def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Path) -> None:
     recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
     model = vlkit.from_pretrained(tiny_llava / "model")

@@ -114,7 +114,9 @@ class ShapesText(ConfigBase):
     questions asked in the chat layout with a description of the scene standing where its image will
     (``described_conversations``, answers trained on): the language model learns to answer from a description in its
     context, which the bridge then learns to write. The description is the scene's caption, or with ``layout`` every
-    object with its box, which answers spatial and grounding questions too."""
+    object with its box, which answers spatial and grounding questions too. ``kinds`` (empty: all) and
+    ``min_objects`` narrow the described questions to those kinds about scenes of at least that many objects: asked
+    about two objects, a colour or shape question is answered only by binding the attribute to its noun."""
 
     kind: ClassVar[str] = "shapes_text"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -123,14 +125,24 @@ class ShapesText(ConfigBase):
     turns: int = 4  # question-answer turns per described conversation, as ShapesInstructions' turns
     layout: bool = False
     plain: bool = True
+    kinds: tuple[str, ...] = ()
+    min_objects: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        unknown = sorted(set(self.kinds) - set(INSTRUCTION_KINDS))
+        if unknown:
+            raise ValueError(f"kinds must be a subset of {INSTRUCTION_KINDS}, got unknown {unknown}")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if self.min_objects < 1:
+            raise ValueError(f"min_objects must be >= 1, got {self.min_objects}")
         if not (self.plain or self.described):
             raise ValueError("ShapesText needs plain or described samples (or both)")
+        if (self.kinds or self.min_objects > 1) and not self.described:
+            raise ValueError("kinds and min_objects choose described questions: they need described=True")
 
 
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")

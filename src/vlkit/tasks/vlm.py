@@ -247,8 +247,13 @@ class ShapesTextDataset(torch.utils.data.Dataset):
             sample = shapes.generate(spec.config, "train", index)
             if spec.plain:
                 self.texts += text_samples(sample, spec.config, "train")
-            if spec.described:
-                self.conversations += described_conversations(sample, spec.config, "train", spec.turns, spec.layout)
+            if spec.described and len(sample.objects) >= spec.min_objects:
+                self.conversations += described_conversations(
+                    sample, spec.config, "train", spec.turns, spec.layout, spec.kinds or None
+                )
+        if not len(self):
+            raise ValueError(f"ShapesText: no samples in {spec.train_size} scenes (kinds {spec.kinds}, "
+                             f"min_objects {spec.min_objects})")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.texts) + len(self.conversations)
