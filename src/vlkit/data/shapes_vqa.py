@@ -228,7 +228,7 @@ def described_conversations(
     split: Split,
     turns: int = 4,
     layout: bool = False,
-    kinds: Sequence[str] | None = None,
+    kinds: Sequence[str] = (),
 ) -> list[Conversation]:
     """The scene's items that its description answers as text-only conversations of up to ``turns`` turns in a
     seeded order, the description standing where the image stands in ``scene_conversation`` (right before the first
@@ -236,11 +236,11 @@ def described_conversations(
     gives no positions); with ``layout``, it is ``scene_layout`` (every object with its box), which answers every
     item. A language model trained on them answers from a description in its context; the bridge of a VLM is then
     trained to write that description (BLIP-2's frozen language model reads its Q-Former's tokens so). ``kinds``
-    keeps the items of those kinds only."""
+    (empty: all) keeps the items of those kinds only."""
     items = instruction_items(sample, config, split)
     if not layout:
         items = [item for item in items if item.kind not in ("spatial", "grounding")]
-    if kinds is not None:
+    if kinds:
         items = [item for item in items if item.kind in kinds]
     description = scene_layout(sample) if layout else sample.captions[0]
     rng = np.random.default_rng(mix_seed(zlib.crc32(sample.captions[0].encode("utf-8")), _VQA_STREAM, 1))

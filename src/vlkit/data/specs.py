@@ -19,6 +19,7 @@ A task says which kinds it can train on; the runner hands it the stage's spec.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -131,10 +132,7 @@ class ShapesText(ConfigBase):
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        unknown = sorted(set(self.kinds) - set(INSTRUCTION_KINDS))
-        if unknown:
-            raise ValueError(f"kinds must be a subset of {INSTRUCTION_KINDS}, got unknown {unknown}")
+        object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if self.min_objects < 1:
@@ -146,6 +144,14 @@ class ShapesText(ConfigBase):
 
 
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
+
+
+def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple (JSON and ``--set`` give lists), every one of them an instruction kind."""
+    unknown = sorted(set(kinds) - set(INSTRUCTION_KINDS))
+    if unknown:
+        raise ValueError(f"kinds must be a subset of {INSTRUCTION_KINDS}, got unknown {unknown}")
+    return tuple(kinds)
 
 
 @register_config
@@ -170,9 +176,8 @@ class ShapesInstructions(ConfigBase):
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        unknown = sorted(set(self.kinds) - set(INSTRUCTION_KINDS))
-        if unknown or not self.kinds:
+        object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
+        if not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")

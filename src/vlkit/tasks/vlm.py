@@ -249,7 +249,7 @@ class ShapesTextDataset(torch.utils.data.Dataset):
                 self.texts += text_samples(sample, spec.config, "train")
             if spec.described and len(sample.objects) >= spec.min_objects:
                 self.conversations += described_conversations(
-                    sample, spec.config, "train", spec.turns, spec.layout, spec.kinds or None
+                    sample, spec.config, "train", spec.turns, spec.layout, spec.kinds
                 )
         if not len(self):
             raise ValueError(f"ShapesText: no samples in {spec.train_size} scenes (kinds {spec.kinds}, "
