@@ -4,7 +4,8 @@ The experiment log's (docs/experiments.md) "The language model cannot read yet" 
 are asked in the chat layout with the scene's caption where the image would stand (``described_conversations``:
 caption, colour, shape, size, count and existence questions, which the caption answers; with ``--layout`` the scene's
 layout, every object with its box, and every kind of question), and each answer is scored
-teacher-forced (exact match of every answer token). With ``--steps N`` the language model first trains N more steps on
+teacher-forced (exact match of every answer token; ``DescribedTextEvaluation``, which also scores a recipe's stages on
+described text). With ``--steps N`` the language model first trains N more steps on
 the described conversations of the training scenes alone, and is probed every ``--every`` steps, to show how fast it
 learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
 
@@ -17,48 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlkit.data import shapes
-from vlkit.data.shapes_vqa import described_conversations
+from vlkit.data.specs import ShapesText
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes.contrastive import SHAPES_DATA
-from vlkit.tasks.vlm import _collate, _step
-from vlkit.text.chat import IGNORE_INDEX, tokenize_conversation
+from vlkit.tasks.vlm import DescribedTextEvaluation, ShapesTextDataset, _collate, _step
 
 
-def _samples(model: VisionLanguageModel, split: str, scenes: range, turns: int, layout: bool) -> list[dict]:
-    out = []
-    for index in scenes:
-        sample = shapes.generate(SHAPES_DATA, split, index)  # type: ignore[arg-type]
-        for conversation in described_conversations(sample, SHAPES_DATA, split, turns, layout):  # type: ignore[arg-type]
-            ids, labels = tokenize_conversation(conversation, model.config.chat_template, model.tokenizer,
-                                                model.config.image_token_id, 0)  # fmt: skip
-            out.append({"input_ids": ids, "labels": labels, "kind": conversation.meta["kinds"][0]})
-    return out
+def _spec(scenes: int, layout: bool, eval_size: int = 100) -> ShapesText:
+    return ShapesText(SHAPES_DATA, train_size=scenes, described=True, plain=False, layout=layout, eval_size=eval_size)
 
 
-@torch.no_grad()
-def probe(model: VisionLanguageModel, samples: list[dict], collate, batch_size: int = 128) -> dict[str, float]:
-    """Teacher-forced exact-match accuracy per question kind (one-turn conversations)."""
+def probe(model: VisionLanguageModel, evaluation: DescribedTextEvaluation) -> dict[str, float]:
+    """Teacher-forced exact-match accuracy per question kind (``text_accuracy_<kind>``, one-turn conversations)."""
     model.eval()
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        batch = collate(chunk)  # the collate reads ids and labels, not the kind
-        logits = model(batch["input_ids"], batch["attention_mask"]).logits
-        predicted, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
-        for row, sample in enumerate(chunk):
-            trained = labels[row] != IGNORE_INDEX
-            hits[sample["kind"]].append(bool((predicted[row][trained] == labels[row][trained]).all()))
+    metrics = evaluation(model).metrics
     model.train()
-    return {kind: round(float(np.mean(values)), 3) for kind, values in sorted(hits.items())}
+    return {key: round(value, 3) for key, value in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,17 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(model, VisionLanguageModel) or model.tokenizer is None:
         raise SystemExit(f"error: {args.model} is not a VLM with a tokenizer")
     collate = _collate(model.tokenizer.pad_token_id)
-    held_out = _samples(model, "test", range(args.probe_scenes), 1, args.layout)
-    results = [{"step": 0, "accuracy": probe(model, held_out, collate)}]
+    held_out = DescribedTextEvaluation.build(_spec(1, args.layout, args.probe_scenes), model, batch_size=128)
+    results = [{"step": 0, "accuracy": probe(model, held_out)}]
     print(results[-1], flush=True)
     if args.steps:
-        train = _samples(model, "train", range(args.train_scenes), 4, args.layout)
+        train = ShapesTextDataset(_spec(args.train_scenes, args.layout), model)
         trainable = [p for name, p in model.named_parameters() if name.startswith("lm.")]
         optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
         for step in tqdm(range(1, args.steps + 1), desc="described text", unit="step"):
-            batch = collate([train[k] for k in rng.integers(len(train), size=args.batch_size)])
+            batch = collate([train[int(k)] for k in rng.integers(len(train), size=args.batch_size)])
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = _step(model, batch).loss
             optimizer.zero_grad(set_to_none=True)
@@ -102,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.every == 0 or step == args.steps:
                 seconds = round(time.perf_counter() - start, 1)
                 results.append({"step": step, "loss": round(loss.item(), 4), "seconds": seconds,
-                                "accuracy": probe(model, held_out, collate)})  # fmt: skip
+                                "accuracy": probe(model, held_out)})  # fmt: skip
                 tqdm.write(str(results[-1]))
     if args.save:
         model.save_pretrained(args.save)

@@ -264,6 +264,10 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     for key in ("vqa_accuracy", "grounding_acc50", "caption_f1", "vqa_accuracy_heldout"):
         assert isinstance(metrics[key], float), key
     assert set(metrics["stages"]) == {"text", "read", "qformer", "generate", "instruct"} and metrics["steps"] == 10
+    for name in ("text", "read"):  # the LM stages report what the LM answers from a layout in its context
+        text_metrics = metrics["stages"][name]
+        assert {"text_accuracy", "text_accuracy_grounding", "text_accuracy_count_heldout"} <= set(text_metrics), name
+        assert all(0.0 <= text_metrics[key] <= 1.0 for key in text_metrics if key.startswith("text_accuracy")), name
     stage1 = metrics["stages"]["qformer"]
     assert {"retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_i2t_r1_heldout"} <= set(stage1)
     logged = [json.loads(line) for line in (out / "stages" / "2-qformer" / "log.jsonl").read_text().splitlines()]

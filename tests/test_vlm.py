@@ -26,6 +26,7 @@ from vlkit.recipes.parts import init_parts
 from vlkit.recipes.run import run_recipe
 from vlkit.tasks.base import RunContext
 from vlkit.tasks.vlm import (
+    DescribedTextEvaluation,
     ShapesInstructionDataset,
     ShapesTextDataset,
     VisionLanguage,
@@ -426,6 +427,46 @@ def test_described_text_narrowed_to_kinds_and_scenes_of_several_objects(tiny_lla
         ShapesText(SHAPES_DATA, described=True, min_objects=0)
     with pytest.raises(ValueError, match="no samples"):
         ShapesTextDataset(spec.replace(train_size=1, min_objects=9), model)
+
+
+def test_described_text_evaluation_scores_each_kind_by_teacher_forced_exact_match(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    kinds = ("colour", "grounding")
+    spec = ShapesText(SHAPES_DATA, described=True, plain=False, layout=True, kinds=kinds, min_objects=2, eval_size=6)
+    evaluation = DescribedTextEvaluation.build(spec, model, batch_size=5)
+    expected = [(split, c.meta["kinds"][0]) for split in ("test", "test_heldout") for index in range(6)
+                for scene in [shapes.generate(SHAPES_DATA, split, index)] if len(scene.objects) >= 2
+                for c in described_conversations(scene, SHAPES_DATA, split, 1, True, kinds)]  # fmt: skip
+    assert [(split, kind) for split, kind, _, _ in evaluation.samples] == expected and len(expected) > 4
+
+    def logits_of(predicted: torch.Tensor) -> types.SimpleNamespace:
+        return types.SimpleNamespace(logits=torch.nn.functional.one_hot(predicted, model.config.lm.vocab_size).float())
+
+    # An oracle (each position predicts the token that follows) is right on every answer, of every kind and split;
+    # one that repeats the current token is right on none.
+    model.forward = lambda ids, mask: logits_of(torch.cat([ids[:, 1:], ids[:, -1:]], dim=1))  # type: ignore[method-assign]
+    right = evaluation(model).metrics
+    assert set(right) == {f"text_accuracy{kind}{split}" for kind in ("", "_colour", "_grounding")
+                          for split in ("", "_heldout")} and set(right.values()) == {1.0}  # fmt: skip
+    model.forward = lambda ids, mask: logits_of(ids)  # type: ignore[method-assign]
+    assert set(evaluation(model).metrics.values()) == {0.0}
+    # The oracle wrong on one token of a box misses that answer alone.
+    split, kind, ids, labels = next(sample for sample in evaluation.samples if sample[1] == "grounding")
+    assert split == "test"
+    evaluation.samples = [(split, kind, ids, labels)]
+    box_token = int(torch.nonzero(labels != IGNORE_INDEX).flatten()[2])
+
+    def oracle_but_one(ids: torch.Tensor, mask: torch.Tensor) -> types.SimpleNamespace:
+        predicted = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+        predicted[:, box_token - 1] = (ids[0, box_token] + 1) % model.config.lm.vocab_size
+        return logits_of(predicted)
+
+    model.forward = oracle_but_one  # type: ignore[method-assign]
+    assert evaluation(model).metrics == {"text_accuracy": 0.0, "text_accuracy_grounding": 0.0}
+    # A stage on plain text asks no question: evaluating it is a clear error naming the stage.
+    recipe = get_recipe("llava_shapes")
+    with pytest.raises(ValueError, match="stage text: plain ShapesText"):
+        VisionLanguage().evaluation(RunContext(recipe, tiny_llava.parent), model, recipe.stage("text"))
 
 
 def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Path) -> None:

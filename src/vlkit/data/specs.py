@@ -117,7 +117,8 @@ class ShapesText(ConfigBase):
     context, which the bridge then learns to write. The description is the scene's caption, or with ``layout`` every
     object with its box, which answers spatial and grounding questions too. ``kinds`` (empty: all) and
     ``min_objects`` narrow the described questions to those kinds about scenes of at least that many objects: asked
-    about two objects, a colour or shape question is answered only by binding the attribute to its noun."""
+    about two objects, a colour or shape question is answered only by binding the attribute to its noun. A stage on
+    described text is evaluated on ``eval_size`` test scenes asked the same way (``DescribedTextEvaluation``)."""
 
     kind: ClassVar[str] = "shapes_text"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -128,11 +129,14 @@ class ShapesText(ConfigBase):
     plain: bool = True
     kinds: tuple[str, ...] = ()
     min_objects: int = 1
+    eval_size: int = 100  # test scenes a stage on described text is evaluated on (DescribedTextEvaluation)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
+        if self.eval_size < 1:
+            raise ValueError(f"eval_size must be >= 1, got {self.eval_size}")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if self.min_objects < 1:

@@ -84,8 +84,8 @@ def blip2_shapes() -> Recipe:
         task=VisionLanguage(),
         data=ShapesInstructions(SHAPES_DATA),
         stages=(
-            Stage(BLIP2_TEXT_BUDGET, name="text", rules=FROZEN_BUT_LM, data=LAYOUT_TEXT, evaluate=False),
-            Stage(READ_BUDGET, name="read", rules=FROZEN_BUT_LM, data=READ_TEXT, evaluate=False),
+            Stage(BLIP2_TEXT_BUDGET, name="text", rules=FROZEN_BUT_LM, data=LAYOUT_TEXT),
+            Stage(READ_BUDGET, name="read", rules=FROZEN_BUT_LM, data=READ_TEXT),
             Stage(QFORMER_BUDGET, name="qformer", rules=(FROZEN_ENCODER, FROZEN_LM), data=CAPTIONS,
                   task=QFormerPretraining(), init=SHAPES_TOWER),
             Stage(GENERATE_BUDGET, name="generate", rules=FROZEN_BUT_BRIDGE, data=CAPTIONS),

@@ -113,7 +113,7 @@ def _train_stage(
     model.requires_grad_(True)  # what an earlier stage froze trains again unless this stage's rules freeze it
     with distributed.main_process_first():
         inputs = task.training_inputs(run, stage, model)
-    evaluate = task.evaluation(run, model) if stage.evaluate else None
+    evaluate = task.evaluation(run, model, stage) if stage.evaluate else None
     progress = stage.train.progress and run.progress
     rules = stage.param_group_rules(model)
     config = dataclasses.replace(stage.train, param_groups=rules, batch_size=inputs.batch_size, progress=progress)

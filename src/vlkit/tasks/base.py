@@ -137,8 +137,12 @@ class Task:
     def training_inputs(self, run: RunContext, stage: Stage, model: nn.Module) -> TrainingInputs:
         raise NotImplementedError
 
-    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult] | None:
-        """Built once per stage (test sets rendered up front) and called at every periodic evaluation."""
+    def evaluation(
+        self, run: RunContext, model: nn.Module, stage: Stage | None = None
+    ) -> Callable[[nn.Module], EvalResult] | None:
+        """Built once per stage (test sets rendered up front) and called at every periodic evaluation; ``stage`` is
+        the stage being trained (None: the recipe's finished model), for a task whose stages learn different things
+        from different data (the vlm task's text stages)."""
         return None
 
     def report(self, run: RunContext, result: EvalResult, out_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:

@@ -207,7 +207,7 @@ class Classification(Task):
                                               data.colourless_fraction, seed=stage.train.seed)  # fmt: skip
         return TrainingInputs(dataset, None, classification_step(len(data.config.colours)), stage.train.batch_size)
 
-    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult]:
+    def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
         data = _objects(run)
         return ClassificationEval.build(data.config, ImageTransform(image_size=model.config.vision.image_size),
                                         data.eval_size)  # fmt: skip

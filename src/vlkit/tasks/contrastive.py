@@ -225,7 +225,7 @@ class Contrastive(Task):
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
-    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult]:
+    def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
         assert isinstance(model, DualEncoder) and model.tokenizer is not None
         tokenizer = model.tokenizer
         transform = ImageTransform(image_size=model.config.vision.image_size)

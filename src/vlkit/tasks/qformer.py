@@ -80,7 +80,7 @@ class QFormerPretraining(Task):
         dataset = CaptionDataset(data, tokenizer, model.config.vision.image_size, qformer.config.max_seq_len)
         return TrainingInputs(dataset, _collate(tokenizer.pad_token_id), _step, stage.train.batch_size)
 
-    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult]:
+    def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
         _, _, tokenizer = _parts(model)
         data = run.recipe.data
         if not isinstance(data, ShapesInstructions):

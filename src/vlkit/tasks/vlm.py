@@ -61,7 +61,7 @@ from vlkit.train import StepOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnswerWeighting", "VisionLanguage", "answer_weights", "decode_answer"]
+__all__ = ["AnswerWeighting", "DescribedTextEvaluation", "VisionLanguage", "answer_weights", "decode_answer"]
 
 AnswerWeighting = Literal["token", "answer", "sqrt"]
 
@@ -153,8 +153,17 @@ class VisionLanguage(Task):
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
-    def evaluation(self, run: RunContext, model: nn.Module) -> Callable[[nn.Module], EvalResult]:
+    def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
+        """The instruction evaluation (``VLMEvaluation``) on the recipe's data, also after a stage that trains on
+        captions alone (its zero-shot VQA); a stage on described text is scored as it trains, on its own data
+        (``DescribedTextEvaluation``: can the LM answer from the description in its context?)."""
         assert isinstance(model, VisionLanguageModel)
+        stage_data = None if stage is None else run.training_data(stage)
+        if isinstance(stage_data, ShapesText):
+            if not stage_data.described:
+                raise ValueError(f"recipe {run.recipe.name}, stage {stage.name}: plain ShapesText asks no question "
+                                 "to evaluate; set the stage's evaluate=False or described=True")  # fmt: skip
+            return DescribedTextEvaluation.build(stage_data, model, self.eval_batch_size)
         data = run.recipe.data
         if not isinstance(data, ShapesInstructions):
             raise ValueError(f"recipe {run.recipe.name}: the vlm task evaluates on ShapesInstructions data")
@@ -478,6 +487,58 @@ class VLMEvaluation:
             for row, index in enumerate(chunk):
                 answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.stop_ids)
         return answers
+
+
+@dataclass
+class DescribedTextEvaluation:
+    """The language model alone, asked about ``spec.eval_size`` test scenes (and as many of held-out combinations)
+    with each scene described in its context as ``spec`` trains it (``described_conversations``: the caption or the
+    layout, ``spec.kinds``, scenes of at least ``spec.min_objects`` objects), one question per conversation. An
+    answer is right when every one of its tokens and the end of turn is the most likely after the ones before it
+    (teacher-forced exact match, no generation): ``text_accuracy_<kind>`` per kind, ``text_accuracy`` over all
+    answers, ``_heldout`` for the held-out combinations. Box answers (grounding) count only when copied exactly."""
+
+    samples: list[tuple[str, str, torch.Tensor, torch.Tensor]]  # split, kind, input ids, labels
+    batch_size: int
+    pad_id: int
+
+    @classmethod
+    def build(cls, spec: ShapesText, model: VisionLanguageModel, batch_size: int) -> DescribedTextEvaluation:
+        assert model.tokenizer is not None
+        samples = []
+        for split in shapes.test_splits(spec.config):
+            for index in range(spec.eval_size):
+                sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
+                if len(sample.objects) < spec.min_objects:
+                    continue
+                asked = described_conversations(sample, spec.config, split, 1, spec.layout, spec.kinds)  # type: ignore[arg-type]
+                for conversation in asked:
+                    ids, labels = tokenize_conversation(conversation, model.config.chat_template, model.tokenizer,
+                                                        model.config.image_token_id, 0)  # fmt: skip
+                    samples.append((split, conversation.meta["kinds"][0], ids, labels))
+        if not samples:
+            raise ValueError(f"ShapesText: no test question in {spec.eval_size} scenes (kinds {spec.kinds}, "
+                             f"min_objects {spec.min_objects})")  # fmt: skip
+        return cls(samples, batch_size, model.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> EvalResult:
+        assert isinstance(model, VisionLanguageModel)
+        collate = _collate(self.pad_id)
+        device = next(model.parameters()).device
+        hits: dict[str, list[bool]] = {}
+        for start in range(0, len(self.samples), self.batch_size):
+            chunk = self.samples[start : start + self.batch_size]
+            batch = collate([{"input_ids": ids, "labels": labels} for _, _, ids, labels in chunk])
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+            predicted, targets = logits[:, :-1].argmax(-1).cpu(), batch["labels"][:, 1:]
+            for row, (split, kind, _, _) in enumerate(chunk):
+                trained = targets[row] != IGNORE_INDEX
+                right = bool((predicted[row][trained] == targets[row][trained]).all())
+                suffix = "" if split == "test" else "_heldout"
+                hits.setdefault(f"text_accuracy_{kind}{suffix}", []).append(right)
+                hits.setdefault(f"text_accuracy{suffix}", []).append(right)
+        return EvalResult({key: float(np.mean(values)) for key, values in sorted(hits.items())})
 
 
 def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int]) -> str:
