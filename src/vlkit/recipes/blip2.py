@@ -18,6 +18,10 @@ image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in fiv
 - ``instruct``: the same two parts on the instruction mix (VQA of every kind, captions, grounding; 800 steps), the
   image tower and LM still frozen.
 
+The two LM stages report what the LM answers from a layout in its context (``DescribedTextEvaluation``:
+``text_accuracy_<kind>``, box copying as ``text_accuracy_grounding``); the Q-Former stage reports retrieval, the two
+after it the VLM's evaluation.
+
 Measured on the AMX Xeon (README, "BLIP-2"; one run each on one tower): with the 300-step plain text stage and stage 2
 on the instruction mix alone the frozen-LM model answered at VQA 0.363; the layout text stage took it to 0.543; stage 2
 on captions first to 0.767 (0.731 zero-shot after the captions alone), colour from 0.15 to 0.81; the read stage to
