@@ -239,6 +239,14 @@ def _shapes_config(data: Any) -> shapes.ShapesConfig:
 # ---------------------------------------------------------------------------------------------- datasets
 
 
+def _described(spec: ShapesText, sample: shapes.ShapesSample, split: str, turns: int) -> list[Conversation]:
+    """The described conversations ``spec`` asks about ``sample`` (none about a scene of fewer than
+    ``spec.min_objects`` objects): what a stage on described text trains on, and what its evaluation asks."""
+    if len(sample.objects) < spec.min_objects:
+        return []
+    return described_conversations(sample, spec.config, split, turns, spec.layout, spec.kinds)  # type: ignore[arg-type]
+
+
 class ShapesTextDataset(torch.utils.data.Dataset):
     """Every ``text_samples`` string of the spec's scenes (``spec.plain``), tokenized ``<bos> ... <eos>``, all tokens
     trained on; with ``spec.described``, then every ``described_conversations`` conversation (the caption, or with
@@ -256,10 +264,8 @@ class ShapesTextDataset(torch.utils.data.Dataset):
             sample = shapes.generate(spec.config, "train", index)
             if spec.plain:
                 self.texts += text_samples(sample, spec.config, "train")
-            if spec.described and len(sample.objects) >= spec.min_objects:
-                self.conversations += described_conversations(
-                    sample, spec.config, "train", spec.turns, spec.layout, spec.kinds
-                )
+            if spec.described:
+                self.conversations += _described(spec, sample, "train", spec.turns)
         if not len(self):
             raise ValueError(f"ShapesText: no samples in {spec.train_size} scenes (kinds {spec.kinds}, "
                              f"min_objects {spec.min_objects})")  # fmt: skip
@@ -509,10 +515,7 @@ class DescribedTextEvaluation:
         for split in shapes.test_splits(spec.config):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
-                if len(sample.objects) < spec.min_objects:
-                    continue
-                asked = described_conversations(sample, spec.config, split, 1, spec.layout, spec.kinds)  # type: ignore[arg-type]
-                for conversation in asked:
+                for conversation in _described(spec, sample, split, 1):
                     ids, labels = tokenize_conversation(conversation, model.config.chat_template, model.tokenizer,
                                                         model.config.image_token_id, 0)  # fmt: skip
                     samples.append((split, conversation.meta["kinds"][0], ids, labels))
