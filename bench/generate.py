@@ -7,6 +7,11 @@ given to both libraries as ``inputs_embeds`` (transformers' decoder-only ``gener
 mask; at batch 8 the text lengths differ, so rows are left-padded. Both decode greedily for the same number of new
 tokens with no end-of-sequence token; the outputs must be identical.
 
+At batch 1 vlkit is measured twice: as it decodes once ``DecoderLM.compile_decoding`` has compiled its steps (a
+long generation or a server; "on" here, the compilation done before timing and its seconds reported) and eagerly
+("off": ``vlkit_eager_tok_s``, what a short one-off answer gets). ``linear_only_compiled_tok_s``: the products back
+to back in one compiled function (the multiply-and-sum reductions of the compiled steps).
+
 Decode speed excludes the prefill: rate = new tokens / (time(N new tokens) - time(1 new token)), best of
 ``--repeats`` (the two libraries alternate, so drifts of the machine's load hit both). At batch 1 decoding streams
 every weight once per token, so the script also measures the memory bandwidth (sums over a 512 MB tensor: the median
@@ -21,6 +26,7 @@ beside ``linear_only_f_linear_tok_s``, the same through ``F.linear`` (which kern
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -58,23 +64,28 @@ def read_bandwidth(tensors: list[torch.Tensor], rounds: int = 5, repeats: int = 
     return rates
 
 
-def linear_only_rate(model: Any, batch: int, repeats: int = 7, plain: bool = False) -> float:
+def linear_only_rate(model: Any, batch: int, repeats: int = 7, plain: bool = False, compiled: bool = False) -> float:
     """Tokens/s if a decode step were nothing but its matrix products: every linear layer and the head run back to back
     through the same kernels as ``generate`` (the ceiling the kernels allow, without attention, norms or dispatch);
-    ``plain``: through ``F.linear`` instead (MKL on CPU), the kernel transformers' decoding takes."""
+    ``plain``: through ``F.linear`` instead (MKL on CPU), the kernel transformers' decoding takes; ``compiled``: all
+    of them in one compiled function (one row: the multiply-and-sum of vlkit's compiled decoding)."""
     from vlkit.layers.linear import linear
 
     weights = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w, _ in weights}
+
+    def products() -> list[torch.Tensor]:
+        if plain:
+            return [torch.nn.functional.linear(inputs[w.shape[1]], w, b) for w, b in weights]
+        return [linear(inputs[w.shape[1]], w, b, pack=model.pack_weights) for w, b in weights]
+
+    run = torch.compile(products, dynamic=False) if compiled else products
     best = float("inf")
     with torch.no_grad():
+        run()
         for _ in range(repeats):
             start = time.perf_counter()
-            for weight, bias in weights:
-                if plain:
-                    torch.nn.functional.linear(inputs[weight.shape[1]], weight, bias)
-                else:
-                    linear(inputs[weight.shape[1]], weight, bias, pack=model.pack_weights)
+            run()
             best = min(best, time.perf_counter() - start)
     return batch / best
 
@@ -158,23 +169,40 @@ def main() -> None:
     for batch in (1, 8):
         embeds, mask = _prompt(reference.model.embed_tokens, batch, seed=batch)
 
-        def run_vlkit(n: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
+        def run_vlkit(
+            n: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask, compiled: bool = True
+        ) -> torch.Tensor:
+            model.compile_decoding = "on" if compiled else "off"  # one row only: batch 8 decodes eagerly either way
             return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n)
 
         def run_reference(n: int, embeds: torch.Tensor = embeds, mask: torch.Tensor = mask) -> torch.Tensor:
             with torch.inference_mode():
                 return reference.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
 
-        rates = decode_rates({"vlkit": run_vlkit, "reference": run_reference}, batch, args.new_tokens, args.repeats)
-        (ours, ours_ids), (theirs, their_ids) = rates["vlkit"], rates["reference"]
-        identical = identical and torch.equal(ours_ids, their_ids[:, -ours_ids.shape[1] :])
+        runs = {"vlkit": run_vlkit, "reference": run_reference}
+        row: dict[str, Any] = {}
+        if batch == 1:
+            start = time.perf_counter()
+            run_vlkit(3)  # compiles the decoding step's functions (inductor's on-disk cache makes later runs faster)
+            row["compile_seconds"] = round(time.perf_counter() - start, 1)
+            runs["eager"] = functools.partial(run_vlkit, compiled=False)
+        rates = decode_rates(runs, batch, args.new_tokens, args.repeats)
+        (ours, _), (theirs, their_ids) = rates["vlkit"], rates["reference"]
+        identical = identical and all(
+            torch.equal(ids, their_ids[:, -ids.shape[1] :])
+            for _, ids in (rates[name] for name in runs if name != "reference")
+        )
         bound = bandwidth / read_bytes
+        if batch == 1:
+            row["vlkit_eager_tok_s"] = round(rates["eager"][0], 1)
+            row["linear_only_compiled_tok_s"] = round(linear_only_rate(model, batch, compiled=True), 1)
         results[f"batch{batch}"] = {
             "vlkit_tok_s": round(ours, 1),
             "reference_tok_s": round(theirs, 1),
             "bound_tok_s": round(bound, 1),
             "linear_only_tok_s": round(linear_only_rate(model, batch), 1),
             "linear_only_f_linear_tok_s": round(linear_only_rate(model, batch, plain=True), 1),
+            **row,
             "speedup": round(ours / theirs, 2),
             "fraction_of_bound": round(ours / batch / bound, 3),
         }

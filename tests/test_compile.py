@@ -87,7 +87,7 @@ def test_tower_blocks_are_targets_from_their_compile_width() -> None:
     assert compile_targets(nn.Sequential(narrow, wide)) == [wide]
 
 
-@pytest.mark.skipif(not train_compile._compiler_present(), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(not train_compile.compiler_present(), reason="inductor needs a C++ compiler on CPU")
 def test_a_compiled_wide_tower_block_computes_the_eager_gradients() -> None:
     """The towers' block compiled as the trainer compiles it: with a padding mask and causal, the outputs and every
     parameter's gradient are the eager block's (to float rounding), and the undo makes it eager again."""
@@ -118,7 +118,7 @@ def test_a_compiled_wide_tower_block_computes_the_eager_gradients() -> None:
 
 def test_which_runs_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     lm, cpu = tiny_lm(), torch.device("cpu")
-    monkeypatch.setattr(train_compile, "_compiler_present", lambda: True)
+    monkeypatch.setattr(train_compile, "compiler_present", lambda: True)
     assert resolve_compile("on", lm, cpu, 1)
     assert resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS)
     assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS - 1)  # too short to pay the compilation back
@@ -126,13 +126,13 @@ def test_which_runs_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not resolve_compile("off", lm, cpu, 10 * AUTO_MIN_STEPS)
     assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS, sharded=True)  # FSDP: not measured
     assert not resolve_compile("on", nn.Linear(2, 2), cpu, 1)  # nothing marked worth compiling
-    monkeypatch.setattr(train_compile, "_compiler_present", lambda: False)
+    monkeypatch.setattr(train_compile, "compiler_present", lambda: False)
     assert not resolve_compile("auto", lm, cpu, AUTO_MIN_STEPS)
     with pytest.raises(ValueError, match="compile must be"):
         TrainConfig(steps=1, batch_size=1, lr=1.0, compile="always")  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(not train_compile._compiler_present(), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(not train_compile.compiler_present(), reason="inductor needs a C++ compiler on CPU")
 def test_compiled_training_matches_eager_and_evaluation_stays_eager(tmp_path: Path) -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -176,7 +176,7 @@ def test_a_resumed_auto_run_keeps_its_compile_decision(tmp_path: Path, monkeypat
         return lambda: None
 
     monkeypatch.setattr(trainer_module, "compile_for_training", record)
-    monkeypatch.setattr(train_compile, "_compiler_present", lambda: True)
+    monkeypatch.setattr(train_compile, "compiler_present", lambda: True)
     monkeypatch.setattr(train_compile, "AUTO_MIN_STEPS", 1)
 
     def run(steps: int, resume: bool) -> Trainer:
@@ -186,7 +186,7 @@ def test_a_resumed_auto_run_keeps_its_compile_decision(tmp_path: Path, monkeypat
         return trainer
 
     assert run(2, resume=False).compiled and compiled_runs == [2]
-    monkeypatch.setattr(train_compile, "_compiler_present", lambda: False)  # "auto" would now say no
+    monkeypatch.setattr(train_compile, "compiler_present", lambda: False)  # "auto" would now say no
     assert run(4, resume=True).compiled and compiled_runs == [2, 2]
     with pytest.raises(FileExistsError):
         run(4, resume=False)

@@ -4,6 +4,7 @@ nothing, each sampling option does what it says, cache slots can join and leave 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vlkit
+from vlkit.cpuinfo import compiler_present
 from vlkit.layers.linear import Linear, linear
 from vlkit.lm import DecoderLM, GenerationConfig, KVCache, LMConfig, sample_logits, stream_generate
 from vlkit.lm.generate import penalize_repetition
@@ -417,7 +419,7 @@ def test_fast_linear_matches_f_linear() -> None:
 
 
 def test_one_fp32_row_goes_to_f_linear_where_mkl_serves_it_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On Intel CPUs (``_MKL_ONE_ROW``) a single fp32 row skips oneDNN, packed or not: bit for bit ``F.linear``;
+    """On Intel CPUs (``MKL_ONE_ROW``) a single fp32 row skips oneDNN, packed or not: bit for bit ``F.linear``;
     several rows keep oneDNN's packed kernel, whichever the CPU."""
     from vlkit.layers import linear as fast_linear
 
@@ -427,7 +429,7 @@ def test_one_fp32_row_goes_to_f_linear_where_mkl_serves_it_faster(monkeypatch: p
     layer = torch.nn.Linear(40, 24)
     with torch.no_grad():
         for mkl in (True, False):
-            monkeypatch.setattr(fast_linear, "_MKL_ONE_ROW", mkl)
+            monkeypatch.setattr(fast_linear, "MKL_ONE_ROW", mkl)
             for rows in ((1, 1, 40), (4, 1, 40)):
                 calls.clear()
                 x = torch.randn(rows)
@@ -498,3 +500,96 @@ def test_stop_strings_across_bytes_special_tokens_and_the_prompt() -> None:
     assert run("a red", " circle<|im_end|> two green triangles", "<|im_end|>") == " circle<|im_end|>"
     assert run("two green", " triangles above a small circle", "green triangles") == " triangles"
     assert run("two green triangles", " above a small circle", "green triangles") == " above a small circle"
+
+
+@pytest.mark.skipif(not compiler_present(), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.parametrize("name", ["test_qwen2_lm", "test_opt_lm"])
+def test_compiled_decoding_equals_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_decoding="on"``: a batch-1 decode runs each block's two parts and the head compiled (a one-row
+    product as a multiply-and-sum), and gives the eager logits up to summation order and the same greedy ids (RoPE,
+    QKV biases and pre-norm in Qwen2; learned positions, post-norm and every bias in OPT)."""
+    from vlkit.lm import model as lm_model
+
+    model = _model(name)
+    ids, mask = _prompts([9], model.config.vocab_size, pad=0)
+    calls: list[str] = []
+    parts, head = lm_model._decoding_parts(), lm_model._decoding_head()
+
+    def counted(function: object, name: str) -> object:
+        return lambda *args: calls.append(name) or function(*args)  # type: ignore[operator]
+
+    model.compile_decoding = "off"
+    eager = model.generate(ids, mask, max_new_tokens=10)
+    with torch.no_grad():
+        eager_logits = model(eager[:, :-1], cache=None).logits
+    model.compile_decoding = "on"
+    monkeypatch.setattr(
+        lm_model, "_decoding_parts", lambda: (counted(parts[0], "inputs"), counted(parts[1], "outputs"))
+    )
+    monkeypatch.setattr(lm_model, "_decoding_head", lambda: counted(head, "head"))
+    compiled = model.generate(ids, mask, max_new_tokens=10)
+    steps = 9  # the prompt's prefill runs eagerly (its last position's head compiled), then 9 one-token steps
+    assert calls.count("inputs") == calls.count("outputs") == steps * model.config.depth
+    assert calls.count("head") == steps + 1
+    assert torch.equal(compiled, eager)
+    cache = model.new_cache(1, 32)
+    view = cache.view([0])
+    with torch.no_grad():
+        model(eager[:, :9], cache=view)  # prefill, then one compiled step per token, against the full pass
+        for position in range(9, eager.shape[1] - 1):
+            step = model(eager[:, position : position + 1], cache=view).logits[:, -1]
+            torch.testing.assert_close(step, eager_logits[:, position], atol=1e-4, rtol=1e-4)
+    assert not lm_model._DECODING["failed"]
+
+
+def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "auto" compiles only one-row fp32 steps on a CPU without gradients, of models with enough linear weights,
+    where a compiler is present and MKL does not serve one row (Intel), and only after the step count; "off" never."""
+    from vlkit.lm import model as lm_model
+
+    model = _model("test_llama_lm")
+    row, batch = torch.randn(1, 1, model.config.dim), torch.randn(2, 1, model.config.dim)
+    monkeypatch.setattr(lm_model, "AUTO_COMPILE_DECODING_STEPS", 2)
+    monkeypatch.setattr(lm_model, "compiler_present", lambda: True)
+    monkeypatch.setattr(lm_model, "MKL_ONE_ROW", False)
+    with torch.no_grad():
+        assert not model._compiles_decoding(row, count=True)  # too small for "auto"
+        monkeypatch.setattr(lm_model, "COMPILE_DECODING_MIN_BYTES", 0)
+        assert [model._compiles_decoding(row, count=True) for _ in range(4)] == [False, False, True, True]
+        assert model._compiles_decoding(row)  # the head asks without counting
+        assert not model._compiles_decoding(batch, count=True)
+        assert not model._compiles_decoding(row.bfloat16(), count=True)
+        for blocker in ("MKL_ONE_ROW", "compiler_present"):
+            with monkeypatch.context() as patch:
+                patch.setattr(lm_model, blocker, True if blocker == "MKL_ONE_ROW" else lambda: False)
+                assert not model._compiles_decoding(row, count=True)
+        model.compile_decoding = "off"
+        assert not model._compiles_decoding(row, count=True)
+        model.compile_decoding = "on"
+        assert lm_model.DecoderLM(model.config)._compiles_decoding(row) is False  # a new model starts at "auto"
+        assert model._compiles_decoding(row)
+    assert not model._compiles_decoding(row)  # with gradients: never
+
+
+def test_compiled_decoding_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlkit.lm import model as lm_model
+
+    def broken(function: object, **options: object) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})
+    monkeypatch.setattr(lm_model, "_decoding_parts", functools.cache(lm_model._decoding_parts.__wrapped__))
+    monkeypatch.setattr(lm_model, "_decoding_head", functools.cache(lm_model._decoding_head.__wrapped__))
+    model = _model("test_llama_lm")
+    ids, mask = _prompts([7], model.config.vocab_size, pad=0)
+    model.compile_decoding = "off"
+    eager = model.generate(ids, mask, max_new_tokens=6)
+    model.compile_decoding = "on"
+    with pytest.warns(UserWarning, match="compiling the decoding step failed .*no compiler here") as caught:
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=6), eager)
+    assert len([w for w in caught if "decoding step" in str(w.message)]) == 1
+    assert lm_model._DECODING["failed"]

@@ -11,17 +11,20 @@ step). Position ids follow the attention mask (cumsum), so a left-padded row get
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.cpuinfo import compiler_present
 from vlkit.layers import Rope1d, build_mlp, build_norm
 from vlkit.layers.attention import sdpa
-from vlkit.layers.linear import Linear, linear, release_packed, use_fast_linears
+from vlkit.layers.linear import MKL_ONE_ROW, Linear, linear, release_packed, use_fast_linears
 from vlkit.lm.cache import CacheStep, CacheView, KVCache, same_block
 from vlkit.lm.config import LMConfig
 from vlkit.models.base import PretrainedModel
@@ -29,6 +32,14 @@ from vlkit.models.base import PretrainedModel
 # CPU inference keeps oneDNN-packed copies of the linear weights (see vlkit.layers.linear) when they take at most this
 # much memory in fp32: the copies double the weights' memory, which a 7B model cannot afford on a 24 GB machine.
 PACK_BUDGET_BYTES = 2 * 2**30
+
+# Compiled decoding (``DecoderLM.compile_decoding``): "auto" compiles a model's one-token steps on a CPU once it has
+# decoded this many of them in the process, so that a short answer never waits for the compiler: on the 2-core EPYC
+# of bench/generate.py compiling took 34 s with an empty inductor cache and 4.4 s with a warm one, and saved ~5 ms per
+# step (the 156 MB model: 74-86 -> 128-135 tok/s), so a warm compile is paid back after ~900 steps. Only models whose
+# fp32 linear weights take at least ``COMPILE_DECODING_MIN_BYTES`` qualify: smaller ones sit in the caches.
+AUTO_COMPILE_DECODING_STEPS = 1024
+COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -44,6 +55,7 @@ class AttentionContext(NamedTuple):
     mask: torch.Tensor | None  # (B, 1, T, L): bool, True = attend, or an additive 0 / -inf bias
     is_causal: bool  # no mask and no cache: SDPA's own causal pattern
     step: CacheStep | None
+    compiled: bool = False  # a one-token decoding step through the compiled block parts (DecoderLM.compile_decoding)
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,11 +67,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.num_heads * self.head_dim, config.dim, bias=config.out_bias)
 
     def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        return self.proj(self.attend(*self.project(x, context.rope), context, layer))
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, heads, T, head_dim), keys and values (B, kv_heads, T, head_dim) of x, rotated by ``rope``."""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(batch, length, heads + 2 * kv_heads, head_dim)
-        if context.rope is not None:
-            cos, sin = context.rope
+        if rope is not None:
+            cos, sin = rope
             qk = qkv[:, :, : heads + kv_heads]  # queries and keys rotate together: one set of ops per layer
             # rotate_half(x) = roll(x, head_dim/2) with the first half negated; the sign is folded into sin.
             qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
@@ -67,7 +85,15 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads]
         v = qkv[:, :, heads + kv_heads :]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext, layer: int
+    ) -> torch.Tensor:
+        """Attention of the new tokens' q, k, v (``project``) over themselves and the cache: (B, T, heads * head_dim),
+        before the output projection."""
+        batch, heads, length, head_dim = q.shape
+        kv_heads = self.num_kv_heads
         if context.step is not None:
             k, v = context.step.update(layer, k, v)  # (B, kv_heads, L, head_dim)
         groups = heads // kv_heads
@@ -76,7 +102,7 @@ class CausalSelfAttention(nn.Module):
             # values are read once instead of being repeated per group.
             q = q.reshape(batch, kv_heads, groups, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask)  # (B, kv_heads, groups, hd)
-            return self.proj(out.reshape(batch, 1, heads * head_dim))
+            return out.reshape(batch, 1, heads * head_dim)
         if groups > 1:
             keys_len = k.shape[2]
             k = k[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
@@ -84,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         if q.dtype != v.dtype:  # under autocast the rotation left q, k in fp32: SDPA would cast them to v's bf16 anyway
             q, k = q.to(v.dtype), k.to(v.dtype)
         out = sdpa(q, k, v, context.mask, context.is_causal)  # without AMX, bf16 runs in the fp32 kernel (see sdpa)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, heads * head_dim))  # (B, T, heads * hd)
+        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 class DecoderBlock(nn.Module):
@@ -103,19 +129,50 @@ class DecoderBlock(nn.Module):
         self.mlp = build_mlp(config.dim, config.mlp_dim, config.mlp, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
+        if context.compiled:  # a decoding step: the parts around the attention over the cache run compiled
+            inputs, outputs = _decoding_parts()
+            q, k, v = inputs(self, x, context.rope)
+            return outputs(self, x, self.attn.attend(q, k, v, context, layer))
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), context, layer)
             return x + self.mlp(self.norm2(x))
         x = self.norm1(x + self.attn(x, context, layer))
         return self.norm2(x + self.mlp(x))
 
+    def attention_inputs(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's q, k, v of the block's input x (normalised first in a pre-norm block)."""
+        return self.attn.project(self.norm1(x) if self.pre_norm else x, rope)
+
+    def attention_outputs(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input x and the attention's output before projection (``forward``'s residual
+        path, written twice: test_compiled_decoding_equals_eager holds the two equal)."""
+        if self.pre_norm:
+            x = x + self.attn.proj(attended)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn.proj(attended))
+        return self.norm2(x + self.mlp(x))
+
 
 class DecoderLM(PretrainedModel):
     """``forward`` -> ``LMOutput(logits, loss)``; ``forward_features`` / ``forward_head`` split it at the final hidden
-    states; ``generate`` decodes with a KV cache (``new_cache`` makes one for a server's own loop)."""
+    states; ``generate`` decodes with a KV cache (``new_cache`` makes one for a server's own loop).
+
+    ``compile_decoding`` ("auto", "on", "off"): whether a one-row, one-token forward pass on a CPU in fp32 without
+    gradients (a decoding step at batch 1) runs through ``torch.compile``: each block as two compiled functions around
+    its attention over the cache, and the head as a third. Inside them a one-row product is a multiply-and-sum that
+    inductor emits as one streaming reduction, which reads the weights faster than the BLAS and oneDNN kernels do at
+    one row (``vlkit.layers.linear``), and the norms, rotation and residuals fuse into it. "auto" does this after
+    ``AUTO_COMPILE_DECODING_STEPS`` such steps of the model, for models of at least ``COMPILE_DECODING_MIN_BYTES`` of
+    linear weights, where a C++ compiler is present, and not on Intel CPUs, whose MKL one-row product already reads at
+    91-98 % of the memory bandwidth (not measured compiled there: "on" tries it). If compiling fails, decoding warns
+    once and stays eager. The numbers equal the eager ones up to summation order.
+    """
 
     config_class = LMConfig
     meta_init = True
+    compile_decoding: Literal["auto", "on", "off"] = "auto"
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
@@ -153,6 +210,8 @@ class DecoderLM(PretrainedModel):
         linear_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         linear_params += self.token_embed.weight.numel() if self.lm_head is None else 0
         self.set_weight_packing(4 * linear_params <= PACK_BUDGET_BYTES)
+        self._linear_bytes = 4 * linear_params  # in fp32
+        self._decoding_steps = 0  # one-row steps seen by "auto" compile_decoding
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -246,7 +305,7 @@ class DecoderLM(PretrainedModel):
                 raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len}")
             x = x + self.pos_embed(position_ids + self.config.position_offset)
         rope = self._rope(position_ids, x.dtype, limit) if self.rope is not None else None
-        context = AttentionContext(rope, mask, is_causal, step)
+        context = AttentionContext(rope, mask, is_causal, step, self._compiles_decoding(x, count=True))
         for layer, block in enumerate(self.blocks):
             x = block(x, context, layer)
         if self.norm is not None:
@@ -277,7 +336,25 @@ class DecoderLM(PretrainedModel):
 
     def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of hidden states (..., E)."""
+        if self._compiles_decoding(hidden):
+            # A prompt's last position is a row with the prompt's stride, which would compile the head once per prompt
+            # length: the same row with plain strides.
+            return _decoding_head()(hidden.flatten().view(hidden.shape), self.head_weight)
         return linear(hidden, self.head_weight, pack=self.pack_weights)
+
+    def _compiles_decoding(self, x: torch.Tensor, count: bool = False) -> bool:
+        """Whether a forward pass of ``x`` (a decoding step's input or hidden state) runs compiled; ``count``: this is
+        a step's first question (forward_features), which "auto" counts."""
+        if self.compile_decoding == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        if x.numel() != x.shape[-1] or x.device.type != "cpu" or x.dtype != torch.float32 or _DECODING["failed"]:
+            return False
+        if self.compile_decoding == "on":
+            return True
+        if MKL_ONE_ROW or self._linear_bytes < COMPILE_DECODING_MIN_BYTES or not compiler_present():
+            return False
+        self._decoding_steps += count
+        return self._decoding_steps > AUTO_COMPILE_DECODING_STEPS
 
     def forward(
         self,
@@ -349,6 +426,44 @@ class DecoderLM(PretrainedModel):
             decode=decode,
             attention_blocks=attention_blocks,
         )
+
+
+# --- compiled decoding (DecoderLM.compile_decoding)
+
+_DECODING = {"failed": False}  # compilation failed once in this process: every model decodes eagerly from then on
+
+
+def _head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return linear(hidden, weight)
+
+
+def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` through ``torch.compile`` (static shapes: a decoding step's are fixed), eager once that fails."""
+    compiled = torch.compile(function, dynamic=False)
+
+    def run(*args: Any) -> Any:
+        if not _DECODING["failed"]:
+            try:
+                return compiled(*args)
+            except Exception as error:  # no working compiler, an unsupported op: decode eagerly
+                _DECODING["failed"] = True
+                warnings.warn(f"compiling the decoding step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); decoding continues eagerly "
+                              "(model.compile_decoding = 'off' skips the attempt)", stacklevel=2)  # fmt: skip
+        return function(*args)
+
+    return run
+
+
+@functools.cache
+def _decoding_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The compiled ``DecoderBlock.attention_inputs`` and ``attention_outputs``, shared by every block and model."""
+    return _fallible(DecoderBlock.attention_inputs), _fallible(DecoderBlock.attention_outputs)
+
+
+@functools.cache
+def _decoding_head() -> Callable[..., Any]:
+    return _fallible(_head)
 
 
 def _loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

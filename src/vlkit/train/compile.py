@@ -19,15 +19,15 @@ inductor's cache holds it) and a C++ compiler is present. GPUs were not measured
 
 from __future__ import annotations
 
-import functools
 import logging
-import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from vlkit.cpuinfo import compiler_present
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,6 @@ def compile_targets(model: nn.Module) -> list[nn.Module]:
     return targets
 
 
-@functools.cache
-def _compiler_present() -> bool:
-    """Inductor on CPU builds C++: whether the compiler it is configured with (g++ by default) is on the PATH."""
-    from torch._inductor import config
-
-    names = [name for name in config.cpp.cxx if name]
-    return any(shutil.which(name) for name in names)
-
-
 def resolve_compile(
     setting: Compile, model: nn.Module, device: torch.device, steps: int, sharded: bool = False
 ) -> bool:
@@ -71,7 +62,7 @@ def resolve_compile(
         return False
     if setting == "on":
         return True
-    return device.type == "cpu" and not sharded and steps >= AUTO_MIN_STEPS and _compiler_present()
+    return device.type == "cpu" and not sharded and steps >= AUTO_MIN_STEPS and compiler_present()
 
 
 def compile_for_training(model: nn.Module) -> Callable[[], None]:
