@@ -148,13 +148,13 @@ def test_compiled_training_matches_eager_and_evaluation_stays_eager(tmp_path: Pa
     assert all("forward" not in block.__dict__ for block in model.blocks)  # eager again after fit
 
 
-def test_a_failed_compilation_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_compilation_falls_back_to_eager(tmp_path: Path) -> None:
     from torch._inductor import config
 
     torch._dynamo.reset()
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++-compiler",))
     _, eager_losses, _ = train(tmp_path, "eager", "off")
-    with warnings.catch_warnings(record=True) as caught:
+    # config.patch, not monkeypatch: setting the option back by setattr leaves inductor without it for later tests.
+    with config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, losses, _ = train(tmp_path, "fallback", "on")
     messages = [str(warning.message) for warning in caught if "torch.compile failed" in str(warning.message)]

@@ -512,6 +512,7 @@ def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pyte
     the fused kernels round less often than the eager ops, so both are held against the fp32 model: no further off."""
     from vlkit.lm import model as lm_model
 
+    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})  # whatever an earlier test's compilation did
     fp32 = _model(name)
     model = _model(name).to(getattr(torch, dtype))
     ids, mask = _prompts([9], model.config.vocab_size, pad=0)
@@ -560,6 +561,7 @@ def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monk
     model = _model("test_llama_lm")
     row, batch = torch.randn(1, 1, model.config.dim), torch.randn(2, 1, model.config.dim)
     monkeypatch.setattr(lm_model, "AUTO_COMPILE_DECODING_STEPS", 2)
+    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})
     monkeypatch.setattr(lm_model, "compiler_present", lambda: True)
     monkeypatch.setattr(lm_model, "MKL_ONE_ROW", False)
     with torch.no_grad():
