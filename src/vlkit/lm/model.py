@@ -33,12 +33,13 @@ from vlkit.models.base import PretrainedModel
 # much memory in fp32: the copies double the weights' memory, which a 7B model cannot afford on a 24 GB machine.
 PACK_BUDGET_BYTES = 2 * 2**30
 
-# Compiled decoding (``DecoderLM.compile_decoding``): "auto" compiles a model's one-token steps on a CPU once it has
-# decoded this many of them in the process, so that a short answer never waits for the compiler: on the 2-core EPYC
-# of bench/generate.py compiling took 34 s with an empty inductor cache and 4.4 s with a warm one, and saved ~5 ms per
-# step (the 156 MB model: 74-86 -> 128-135 tok/s), so a warm compile is paid back after ~900 steps. Only models whose
-# linear weights take at least ``COMPILE_DECODING_MIN_BYTES`` qualify: smaller ones sit in the caches.
-AUTO_COMPILE_DECODING_STEPS = 1024
+# Compiled decoding (``DecoderLM.compile_decoding``): "auto" compiles a model's one-token steps on a CPU once its
+# eager steps have read this many bytes of linear weights in the process, so that a short answer never waits for the
+# compiler. On the 2-core EPYC of bench/generate.py compiling took 3.5-4.7 s with inductor's cache warm (34 s cold)
+# and saved ~5 ms per step of the 156 MB model (eager 72-83 tok/s, compiled 105-147): paid back after ~900 steps.
+# What a step saves grows with the weights it reads, so the threshold is in bytes: ~1000 steps of that model (about
+# 12 s of eager decoding, 2-3x a warm compile), 12 of a 7B model in bf16 (13 GB, seconds per token).
+AUTO_COMPILE_DECODING_BYTES = 160 * 10**9
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
 
@@ -164,7 +165,7 @@ class DecoderLM(PretrainedModel):
     functions around its attention over the cache, and the head as a third. Inside them a one-row product is a
     multiply-and-sum that inductor emits as one streaming reduction, which reads the weights faster than the BLAS and
     oneDNN kernels do at one row (``vlkit.layers.linear``), and the norms, rotation and residuals fuse into it. "auto"
-    does this after ``AUTO_COMPILE_DECODING_STEPS`` such steps of the model, for models of at least
+    does this once such eager steps have read ``AUTO_COMPILE_DECODING_BYTES`` of weights, for models of at least
     ``COMPILE_DECODING_MIN_BYTES`` of linear weights, where a C++ compiler is present, and not on Intel CPUs, whose
     MKL one-row product already reads at 91-98 % of the memory bandwidth in fp32 (not measured compiled there: "on"
     tries it). If compiling fails, decoding warns once and stays eager. The numbers equal the eager ones up to
@@ -213,7 +214,7 @@ class DecoderLM(PretrainedModel):
         linear_params += self.token_embed.weight.numel() if self.lm_head is None else 0
         self.set_weight_packing(4 * linear_params <= PACK_BUDGET_BYTES)
         self._linear_params = linear_params
-        self._decoding_steps = 0  # one-row steps seen by "auto" compile_decoding
+        self._decoding_bytes = 0  # linear weights read by the one-row steps "auto" compile_decoding has seen
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -354,10 +355,11 @@ class DecoderLM(PretrainedModel):
             return False
         if self.compile_decoding == "on":
             return True
-        if MKL_ONE_ROW or self._linear_params * x.element_size() < COMPILE_DECODING_MIN_BYTES or not compiler_present():
+        weight_bytes = self._linear_params * x.element_size()
+        if MKL_ONE_ROW or weight_bytes < COMPILE_DECODING_MIN_BYTES or not compiler_present():
             return False
-        self._decoding_steps += count
-        return self._decoding_steps > AUTO_COMPILE_DECODING_STEPS
+        self._decoding_bytes += weight_bytes if count else 0
+        return self._decoding_bytes > AUTO_COMPILE_DECODING_BYTES
 
     def forward(
         self,
