@@ -16,7 +16,9 @@ Decode speed excludes the prefill: rate = new tokens / (time(N new tokens) - tim
 ``--repeats`` (the two libraries alternate, so drifts of the machine's load hit both). At batch 1 decoding streams
 every weight once per token, so the script also measures the memory bandwidth (sums over a 512 MB tensor: the median
 of five rounds, each the best of three) and reports the bound = bandwidth / bytes of weights read per token (every
-layer weight and the LM head, fp32; the embedding lookup reads one row), and ``linear_only_tok_s``: the rate if a
+layer weight and the LM head, fp32; the embedding lookup reads one row). The bandwidth of the 2-core development
+machines drifts within minutes (33-55 GB/s in one session), so one round is also measured before each repeat of the
+decoding: ``bound_during_tok_s`` and ``fraction_of_bound_during`` use their median. ``linear_only_tok_s``: the rate if a
 step were only its matrix products, run back to back through vlkit's kernels (what the GEMV kernels alone allow),
 beside ``linear_only_f_linear_tok_s``, the same through ``F.linear`` (which kernel is faster differs by CPU).
 
@@ -107,13 +109,18 @@ def _prompt(embed: torch.nn.Embedding, batch: int, seed: int) -> tuple[torch.Ten
     return embeds, mask
 
 
-def decode_rates(runs: dict[str, Any], batch: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+def decode_rates(
+    runs: dict[str, Any], batch: int, new_tokens: int, repeats: int, between: Any = None
+) -> dict[str, Any]:
     """Per library: tokens/s of the decode steps alone (prefill subtracted) and the ids of its long run. The libraries
-    alternate within each repeat, so a change in the machine's load or bandwidth hits both alike; best of repeats."""
+    alternate within each repeat, so a change in the machine's load or bandwidth hits both alike; best of repeats.
+    ``between()`` runs before each repeat (the bandwidth measured beside the decoding)."""
     short = dict.fromkeys(runs, float("inf"))
     long = dict.fromkeys(runs, float("inf"))
     ids: dict[str, torch.Tensor] = {}
     for _ in range(repeats):
+        if between is not None:
+            between()
         for name, run in runs.items():
             start = time.perf_counter()
             run(1)
@@ -145,7 +152,8 @@ def main() -> None:
     # Read per token: every parameter except the embedding table (one row of it).
     read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "token_embed.weight")
     # Read bandwidth: a 512 MB tensor (the bound's definition), and the decoder's own weights (what decoding reads).
-    rates = read_bandwidth([torch.ones(128 * 2**20)])
+    big = [torch.ones(128 * 2**20)]
+    rates = read_bandwidth(big)
     weight_rates = read_bandwidth([p for n, p in model.named_parameters() if n != "token_embed.weight"])
     bandwidth = statistics.median(rates)
 
@@ -186,13 +194,19 @@ def main() -> None:
             run_vlkit(3)  # compiles the decoding step's functions (inductor's on-disk cache makes later runs faster)
             row["compile_seconds"] = round(time.perf_counter() - start, 1)
             runs["eager"] = functools.partial(run_vlkit, compiled=False)
-        rates = decode_rates(runs, batch, args.new_tokens, args.repeats)
+        during: list[float] = []  # the bandwidth before each repeat: this machine's drifts within minutes
+        rates = decode_rates(runs, batch, args.new_tokens, args.repeats,
+                             between=lambda during=during: during.extend(read_bandwidth(big, rounds=1)))  # fmt: skip
         (ours, _), (theirs, their_ids) = rates["vlkit"], rates["reference"]
         identical = identical and all(
             torch.equal(ids, their_ids[:, -ids.shape[1] :])
             for _, ids in (rates[name] for name in runs if name != "reference")
         )
         bound = bandwidth / read_bytes
+        row["bandwidth_during_gb_s"] = [round(r / 1e9, 1) for r in during]
+        bound_during = statistics.median(during) / read_bytes
+        row["bound_during_tok_s"] = round(bound_during, 1)
+        row["fraction_of_bound_during"] = round(ours / batch / bound_during, 3)
         if batch == 1:
             row["vlkit_eager_tok_s"] = round(rates["eager"][0], 1)
             row["linear_only_compiled_tok_s"] = round(linear_only_rate(model, batch, compiled=True), 1)
