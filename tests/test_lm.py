@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vlkit
-from vlkit.cpuinfo import compiler_present
+from vlkit.compiling import compiler_present
 from vlkit.layers.linear import Linear, linear
 from vlkit.lm import DecoderLM, GenerationConfig, KVCache, LMConfig, sample_logits, stream_generate
 from vlkit.lm.generate import penalize_repetition
@@ -512,8 +512,7 @@ def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pyte
     the fused kernels round less often than the eager ops, so both are held against the fp32 model: no further off."""
     from vlkit.lm import model as lm_model
 
-    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})  # whatever an earlier test's compilation did
-    fp32 = _model(name)
+    monkeypatch.setitem(lm_model._DECODING, "failed", False)  # whatever an earlier test's compilation did
     model = _model(name).to(getattr(torch, dtype))
     ids, mask = _prompts([9], model.config.vocab_size, pad=0)
     calls: list[str] = []
@@ -547,7 +546,7 @@ def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pyte
     if dtype == "float32":
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     else:
-        truth = stepwise(fp32, "off")
+        truth = stepwise(_model(name), "off")
         compiled_error, eager_error = (logits - truth).abs(), (reference - truth).abs()
         assert compiled_error.max() <= 1.25 * eager_error.max() and compiled_error.mean() <= 1.1 * eager_error.mean()
     assert not lm_model._DECODING["failed"]
@@ -563,7 +562,7 @@ def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monk
     row, batch = torch.randn(1, 1, model.config.dim), torch.randn(2, 1, model.config.dim)
     step_bytes = model._linear_params * 4  # what one fp32 step reads
     monkeypatch.setattr(lm_model, "AUTO_COMPILE_DECODING_BYTES", 2 * step_bytes)
-    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})
+    monkeypatch.setitem(lm_model._DECODING, "failed", False)
     monkeypatch.setattr(lm_model, "compiler_present", lambda: True)
     monkeypatch.setattr(lm_model, "MKL_ONE_ROW", False)
     with torch.no_grad():
@@ -598,7 +597,7 @@ def test_compiled_decoding_falls_back_to_eager_with_one_warning(monkeypatch: pyt
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(lm_model, "_DECODING", {"failed": False})
+    monkeypatch.setitem(lm_model._DECODING, "failed", False)
     monkeypatch.setattr(lm_model, "_decoding_parts", functools.cache(lm_model._decoding_parts.__wrapped__))
     monkeypatch.setattr(lm_model, "_decoding_head", functools.cache(lm_model._decoding_head.__wrapped__))
     model = _model("test_llama_lm")

@@ -1,12 +1,10 @@
 """The text of ``/proc/cpuinfo``, read once per process ("" where there is none): what the CPU kernel choices
 (``layers/linear.py``) and the precision cache key (``train/precision.py``) look at; and whether PyTorch sees AMX
-tiles (``layers/attention.py``, the demo's VLM budget); and whether inductor finds its C++ compiler (``torch.compile``
-on CPU: ``train/compile.py``, the LM's compiled decoding)."""
+tiles (``layers/attention.py``, the demo's VLM budget)."""
 
 from __future__ import annotations
 
 import functools
-import shutil
 from pathlib import Path
 
 import torch
@@ -34,12 +32,3 @@ def amx_tiles() -> bool:
     """Whether PyTorch sees AMX tiles on this CPU (bf16 matrix units: Xeons from Sapphire Rapids on)."""
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return is_amx is not None and bool(is_amx())
-
-
-@functools.cache
-def compiler_present() -> bool:
-    """Inductor on CPU builds C++: whether the compiler it is configured with (g++ by default) is on the PATH."""
-    from torch._inductor import config
-
-    names = [name for name in config.cpp.cxx if name]
-    return any(shutil.which(name) for name in names)

@@ -12,7 +12,6 @@ step). Position ids follow the attention mask (cumsum), so a left-padded row get
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.cpuinfo import compiler_present
+from vlkit.compiling import compiled_or_eager, compiler_present
 from vlkit.layers import Rope1d, build_mlp, build_norm
 from vlkit.layers.attention import sdpa
 from vlkit.layers.linear import MKL_ONE_ROW, Linear, linear, release_packed, use_fast_linears
@@ -134,11 +133,7 @@ class DecoderBlock(nn.Module):
             inputs, outputs = _decoding_parts()
             q, k, v = inputs(self, x, context.rope)
             return outputs(self, x, self.attn.attend(q, k, v, context, layer))
-        if self.pre_norm:
-            x = x + self.attn(self.norm1(x), context, layer)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, context, layer))
-        return self.norm2(x + self.mlp(x))
+        return self.residuals(x, self.attn(self.norm1(x) if self.pre_norm else x, context, layer))
 
     def attention_inputs(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -147,12 +142,15 @@ class DecoderBlock(nn.Module):
         return self.attn.project(self.norm1(x) if self.pre_norm else x, rope)
 
     def attention_outputs(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The block's output from its input x and the attention's output before projection (``forward``'s residual
-        path, written twice: test_compiled_decoding_equals_eager holds the two equal)."""
+        """The block's output from its input x and the attention's output before projection."""
+        return self.residuals(x, self.attn.proj(attended))
+
+    def residuals(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input x and its attention's output: the residuals, the second norm, the MLP."""
         if self.pre_norm:
-            x = x + self.attn.proj(attended)
+            x = x + attention
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn.proj(attended))
+        x = self.norm1(x + attention)
         return self.norm2(x + self.mlp(x))
 
 
@@ -445,20 +443,10 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` through ``torch.compile`` (static shapes: a decoding step's are fixed), eager once that fails."""
-    compiled = torch.compile(function, dynamic=False)
-
-    def run(*args: Any) -> Any:
-        if not _DECODING["failed"]:
-            try:
-                return compiled(*args)
-            except Exception as error:  # no working compiler, an unsupported op: decode eagerly
-                _DECODING["failed"] = True
-                warnings.warn(f"compiling the decoding step failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); decoding continues eagerly "
-                              "(model.compile_decoding = 'off' skips the attempt)", stacklevel=2)  # fmt: skip
-        return function(*args)
-
-    return run
+    return compiled_or_eager(
+        torch.compile(function, dynamic=False), function, _DECODING, "compiling the decoding step failed",
+        "decoding continues eagerly (model.compile_decoding = 'off' skips the attempt)",
+    )  # fmt: skip
 
 
 @functools.cache

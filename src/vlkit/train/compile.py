@@ -19,15 +19,15 @@ inductor's cache holds it) and a C++ compiler is present. GPUs were not measured
 
 from __future__ import annotations
 
+import functools
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from vlkit.cpuinfo import compiler_present
+from vlkit.compiling import compiled_or_eager, compiler_present
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +76,15 @@ def compile_for_training(model: nn.Module) -> Callable[[], None]:
         kind = type(module)
         if kind not in compiled:
             compiled[kind] = torch.compile(kind.forward, dynamic=True)
-        function = compiled[kind]
+        guarded = compiled_or_eager(
+            functools.partial(compiled[kind], module), eager, state, "torch.compile failed",
+            "training continues without it (TrainConfig.compile='off' skips the attempt)",
+        )  # fmt: skip
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if state["failed"] or not (module.training and torch.is_grad_enabled()):
+            if not (module.training and torch.is_grad_enabled()):
                 return eager(*args, **kwargs)
-            try:
-                return function(module, *args, **kwargs)
-            except Exception as error:  # compilation failed: this run trains eagerly
-                state["failed"] = True
-                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                              "training continues without it (TrainConfig.compile='off' skips the attempt)",
-                              stacklevel=2)  # fmt: skip
-                return eager(*args, **kwargs)
+            return guarded(*args, **kwargs)
 
         return forward
 
