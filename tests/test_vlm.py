@@ -502,6 +502,21 @@ def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carrie
     assert evaluation.answer(model) == greedy
 
 
+def test_evaluation_on_the_validation_split_asks_about_validation_scenes_only(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model").eval()
+    spec = get_recipe("llava_shapes").with_overrides(TINY_VLM).data
+    test = VLMEvaluation.build(spec, model, max_new_tokens=4, batch_size=4)
+    val = VLMEvaluation.build(dataclasses.replace(spec, eval_split="val"), model, max_new_tokens=4, batch_size=4)
+    assert {q.split for q in test.questions} == {"test", "test_heldout"}
+    assert {q.split for q in val.questions} == {"val"}
+    scenes = [shapes.generate(spec.config, "val", index) for index in range(spec.eval_size)]
+    assert {q.image.tobytes() for q in val.questions} == {scene.image.tobytes() for scene in scenes}
+    metrics = val(model).metrics
+    assert "vqa_accuracy" in metrics and not any(key.endswith("_heldout") for key in metrics)
+    with pytest.raises(ValueError, match="eval_split must be 'test' or 'val'"):
+        dataclasses.replace(spec, eval_split="train")
+
+
 def _bench(name: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None

@@ -163,7 +163,9 @@ def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
     the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
-    scenes of seen and of held-out colour x shape combinations.
+    scenes of seen and of held-out colour x shape combinations; with ``eval_split="val"``, about ``eval_size``
+    validation scenes instead (seen combinations): the split to compare settings on, so that the test split only
+    reports the chosen one.
 
     ``question_first``: the probability that a training conversation puts its first question before the image
     rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
@@ -176,10 +178,13 @@ class ShapesInstructions(ConfigBase):
     kinds: tuple[str, ...] = INSTRUCTION_KINDS
     turns: int = 4
     question_first: float = 0.0
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")

@@ -68,7 +68,7 @@ AnswerWeighting = Literal["token", "answer", "sqrt"]
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
 _EVAL_STREAM = 12  # which item of each kind a test scene is asked
-SPLIT_IDS = {"test": 0, "test_heldout": 1}
+SPLIT_IDS = {"test": 0, "test_heldout": 1, "val": 2}
 
 
 @register_task
@@ -405,7 +405,8 @@ class _Question:
 
 @dataclass
 class VLMEvaluation:
-    """One question of each kind about each of ``eval_size`` test scenes per split, rendered and tokenized once."""
+    """One question of each kind about each of ``eval_size`` test scenes per split (or validation scenes, with the
+    spec's ``eval_split="val"``), rendered and tokenized once."""
 
     questions: list[_Question]
     max_new_tokens: int
@@ -420,7 +421,8 @@ class VLMEvaluation:
         tokenizer = model.tokenizer
         transform = ImageTransform(image_size=model.config.vision.image_size)
         questions = []
-        for split in shapes.test_splits(spec.config):
+        splits = shapes.test_splits(spec.config) if spec.eval_split == "test" else ("val",)
+        for split in splits:
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 by_kind: dict[str, list[InstructionItem]] = {}
@@ -447,7 +449,7 @@ class VLMEvaluation:
         assert isinstance(model, VisionLanguageModel)
         answers = self.answer(model)
         metrics: dict[str, float] = {}
-        for split, suffix in (("test", ""), ("test_heldout", "_heldout")):
+        for split, suffix in (("test", ""), ("test_heldout", "_heldout"), ("val", "")):
             rows = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == split]
             if not rows:
                 continue  # no held-out combinations in this config
@@ -464,7 +466,7 @@ class VLMEvaluation:
             if captions:
                 scores = caption_scores([a for _, a in captions], [q.objects for q, _ in captions])
                 metrics |= {f"{key}{suffix}": value for key, value in scores.as_dict().items()}
-        samples = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == "test"][:12]
+        samples = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split in ("test", "val")][:12]
         return EvalResult(metrics, {"samples": samples})
 
     def answer(self, model: VisionLanguageModel) -> list[str]:
