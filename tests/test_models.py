@@ -541,3 +541,36 @@ def test_an_override_can_replace_a_sub_config_by_kind() -> None:
 
     with pytest.raises(ValueError, match="resampler"):
         register_config(Impostor)
+
+
+def test_convnext_depthwise_convolution_runs_in_fp32_under_cpu_bf16_autocast() -> None:
+    from vlkit.encoders.convnext import ConvNeXtBlock
+
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(16, layer_scale=1.0, drop_path=0.0, eps=1e-6)
+    x = torch.randn(2, 16, 9, 9)
+
+    def run(fp32_depthwise: bool) -> tuple[torch.Tensor, ...]:
+        block.zero_grad()
+        source = x.clone().requires_grad_()
+        ConvNeXtBlock.fp32_depthwise_on_cpu = fp32_depthwise
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                conv_out = block.depthwise(source)
+                out = block(source)
+        finally:
+            ConvNeXtBlock.fp32_depthwise_on_cpu = True
+        out.float().square().sum().backward()
+        return conv_out, source.grad, block.dwconv.weight.grad, block.dwconv.bias.grad
+
+    fp32, bf16 = run(True), run(False)
+    assert fp32[0].dtype == bf16[0].dtype == torch.bfloat16  # what autocast's convolution returns
+    # The fp32 convolution, rounded once, against the exact one; autocast's bf16 one is further off.
+    exact = F.conv2d(x, block.dwconv.weight, block.dwconv.bias, padding=3, groups=16)
+    torch.testing.assert_close(fp32[0].float(), exact, rtol=2**-8, atol=1e-6)  # one rounding to bf16
+    assert (bf16[0].float() - exact).abs().max() > (fp32[0].float() - exact).abs().max()
+    for ours, autocast in zip(fp32[1:], bf16[1:], strict=True):  # gradients agree to bf16 precision
+        torch.testing.assert_close(ours, autocast.float(), rtol=0.05, atol=0.05 * autocast.abs().max().item())
+    # Without autograd (inference under autocast) the same fp32 convolution, no custom function.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(block.depthwise(x), fp32[0].detach())

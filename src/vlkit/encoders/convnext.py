@@ -42,7 +42,43 @@ class ConvNeXtConfig(ConfigBase):
         return self.dims[-1]
 
 
+class _Fp32Depthwise(torch.autograd.Function):
+    """A depthwise convolution computed in fp32 under CPU bf16 autocast: bf16 output, and a bf16 copy of its input
+    kept for backward, as autocast's bf16 convolution would (so it costs no memory over it); the weight gradient is
+    computed from that copy, as autocast's is."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        low = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            out = conv._conv_forward(x.float(), weight, bias)
+        ctx.save_for_backward(x.to(low), weight)
+        ctx.conv, ctx.has_bias, ctx.dtype = conv, bias is not None, x.dtype
+        return out.to(low)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        conv: nn.Conv2d = ctx.conv  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        has_bias: bool = ctx.has_bias  # type: ignore[attr-defined]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight, [weight.shape[0]] if has_bias else None, conv.stride, conv.padding,
+            conv.dilation, False, [0, 0], conv.groups, [needs[0], needs[2], needs[3] and has_bias],
+        )  # fmt: skip
+        grad_x = grad_x.to(ctx.dtype) if needs[0] else None  # type: ignore[attr-defined]
+        return grad_x, None, grad_weight, grad_bias if has_bias else None
+
+
 class ConvNeXtBlock(nn.Module):
+    # The depthwise 7x7 convolution in fp32 on CPU under bf16 autocast: oneDNN's bf16 depthwise convolution (its
+    # backward above all) is slower than its fp32 one there: ConvNeXt-T's training step at batch 16 on a 2-core
+    # AVX-512 CPU spent 1.4 s per step in bf16 convolution_backward against 0.5 s in fp32 (bench/README.md).
+    fp32_depthwise_on_cpu: ClassVar[bool] = True
+
     def __init__(self, dim: int, layer_scale: float | None, drop_path: float, eps: float) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
@@ -53,8 +89,16 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale else None
         self.drop_path = DropPath(drop_path)
 
+    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_depthwise_on_cpu and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            if torch.is_grad_enabled() and (x.requires_grad or self.dwconv.weight.requires_grad):
+                return _Fp32Depthwise.apply(x, self.dwconv, self.dwconv.weight, self.dwconv.bias)
+            with torch.autocast("cpu", enabled=False):
+                return self.dwconv(x.float()).to(torch.get_autocast_dtype("cpu"))
+        return self.dwconv(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C): channels-last so the MLP is a plain Linear
+        y = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C): channels-last so the MLP is a plain Linear
         y = self.fc2(self.act(self.fc1(self.norm(y))))
         if self.gamma is not None:
             y = y * self.gamma
