@@ -151,6 +151,21 @@ def test_warmup_cosine_schedule_values(tmp_path: Path) -> None:
     assert logged == pytest.approx(expected)
 
 
+def test_warmup_stable_decay_schedule_values(tmp_path: Path) -> None:
+    # 100 steps: warmup over 10, 1 until the last 20 % (step 80), then linearly to min_lr_ratio at step 100.
+    factor = {step: lr_lambda(step, 100, 10, "wsd", 0.1) for step in (0, 5, 10, 50, 80, 90, 99, 100, 150)}
+    assert factor[0] == 0.0 and factor[5] == pytest.approx(0.5)
+    assert factor[10] == factor[50] == factor[80] == 1.0
+    assert factor[90] == pytest.approx(0.1 + 0.9 * 0.5) and factor[99] == pytest.approx(0.1 + 0.9 * 0.05)
+    assert factor[100] == pytest.approx(0.1) and factor[150] == pytest.approx(0.1)
+    config = fp32_config(steps=10, warmup_steps=2, schedule="wsd")
+    result = Trainer(nn.Linear(4, 1), config, RegressionDataset(), None, regression_step, tmp_path).fit()
+    logged = [record["lr"] for record in read_log(result.log_path)]
+    assert logged == pytest.approx([config.lr * lr_lambda(step, 10, 2, "wsd") for step in range(10)])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fp32_config(schedule="linear")
+
+
 def test_two_micro_batches_equal_one_full_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -6,7 +6,8 @@ scales the learning rate per layer (``layer_decay_rules``: BEiT, Bao et al., 202
 ``build_param_groups`` turns such rules into the ``param_groups`` list that ``build_optimizer`` gives to AdamW
 (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) or to ``Lamb`` (You et al., "Large Batch
 Optimization for Deep Learning: Training BERT in 76 minutes", 2020), EVA-CLIP's optimizer. ``lr_lambda`` is the
-warmup + cosine (or constant) factor for ``LambdaLR`` (cosine schedule: Loshchilov & Hutter, "SGDR", 2017).
+warmup + cosine (or constant, or warmup-stable-decay) factor for ``LambdaLR`` (cosine schedule: Loshchilov & Hutter,
+"SGDR", 2017; warmup-stable-decay: Hu et al., "MiniCPM", 2024).
 """
 
 import math
@@ -128,24 +129,33 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+SCHEDULES = ("cosine", "constant", "wsd")
+WSD_DECAY_FRACTION = 0.2  # the share of the steps the wsd schedule decays over (MiniCPM: ~10 %; 20 % is common)
+
+
 def lr_lambda(
     step: int,
     total_steps: int,
     warmup_steps: int = 0,
-    schedule: Literal["cosine", "constant"] = "cosine",
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine",
     min_lr_ratio: float = 0.0,
 ) -> float:
     """Learning-rate factor for the optimizer step with zero-based index ``step``.
 
-    Linear warmup from 0 over ``warmup_steps``, then either constant 1 or a half cosine from 1 to
-    ``min_lr_ratio`` that reaches ``min_lr_ratio`` at ``step == total_steps``.
+    Linear warmup from 0 over ``warmup_steps``, then constant 1, or a half cosine from 1 to ``min_lr_ratio`` that
+    reaches it at ``step == total_steps``, or warmup-stable-decay (``wsd``; Hu et al., 2024, "MiniCPM"): 1 until the
+    last ``WSD_DECAY_FRACTION`` of the steps, then linearly down to ``min_lr_ratio`` at ``step == total_steps``.
     """
     if step < warmup_steps:
         return step / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        decay_steps = max(1, round(WSD_DECAY_FRACTION * total_steps))
+        left = min(1.0, max(0.0, (total_steps - step) / decay_steps))  # 1 until the decay starts, 0 at the end
+        return min_lr_ratio + (1.0 - min_lr_ratio) * left
     if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'constant'")
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

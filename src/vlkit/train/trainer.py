@@ -54,7 +54,7 @@ from vlkit.train.checkpoint import (
 from vlkit.train.compile import Compile, compile_for_training, resolve_compile
 from vlkit.train.distributed import GlobalBatchSampler, Strategy
 from vlkit.train.host_memory import keep_freed_memory
-from vlkit.train.optim import ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
+from vlkit.train.optim import SCHEDULES, ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class TrainConfig:
     eps: float = 1e-6
     optimizer: Literal["adamw", "lamb"] = "adamw"
     warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     grad_accum: int = 1
@@ -117,8 +117,8 @@ class TrainConfig:
             problems.append(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.warmup_steps <= self.steps:
             problems.append(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and self.grad_clip <= 0:
