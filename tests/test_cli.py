@@ -198,16 +198,24 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
     assert not all(torch.equal(text_before[name], text_after[name]) for name in text_before)
 
 
-@pytest.mark.parametrize(("cuda", "amx", "steps"), [(False, False, 600), (False, True, 1500), (True, False, 1500)])
+@pytest.mark.parametrize(
+    ("cuda", "amx", "settings"),
+    [(False, False, {"steps": 600, "schedule": "wsd"}), (False, True, {"steps": 1500}), (True, False, {"steps": 1500})],
+)
 def test_demo_vlm_trains_more_instruct_steps_on_matrix_units(
-    monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, steps: int
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, settings: dict
 ) -> None:
     import vlkit.cpuinfo
-    from vlkit.cli import DEMO_INSTRUCT_STEPS, demo_instruct_steps
+    from vlkit.cli import DEMO_INSTRUCT, demo_instruct
     from vlkit.recipes import get_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(vlkit.cpuinfo, "amx_tiles", lambda: amx)
-    assert demo_instruct_steps() == steps
-    # Both budgets are below the recipe's own, which the demo's 15 minutes cannot hold everywhere.
-    assert max(DEMO_INSTRUCT_STEPS.values()) < get_recipe("honeybee_c_shapes").stages[-1].train.steps
+    assert demo_instruct() == settings
+    # Both budgets are below the recipe's own, which the demo's 15 minutes cannot hold everywhere, and each is a
+    # valid override of the recipe's instruct stage.
+    recipe = get_recipe("honeybee_c_shapes")
+    assert max(budget["steps"] for budget in DEMO_INSTRUCT.values()) < recipe.stages[-1].train.steps
+    overridden = recipe.with_overrides({f"stages.instruct.train.{key}": value for key, value in settings.items()})
+    assert overridden.stages[-1].train.steps == settings["steps"]
+    assert overridden.stages[-1].train.schedule == settings.get("schedule", "cosine")
