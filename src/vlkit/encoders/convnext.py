@@ -42,6 +42,12 @@ class ConvNeXtConfig(ConfigBase):
         return self.dims[-1]
 
 
+def _fp32_convolution(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` computed in fp32 under CPU autocast, returned in autocast's dtype (what its convolution returns)."""
+    with torch.autocast("cpu", enabled=False):
+        return conv(x.float()).to(torch.get_autocast_dtype("cpu"))
+
+
 class _Fp32Depthwise(torch.autograd.Function):
     """A depthwise convolution computed in fp32 under CPU bf16 autocast: bf16 output, and a bf16 copy of its input
     kept for backward, as autocast's bf16 convolution would (so it costs no memory over it); the weight gradient is
@@ -52,12 +58,10 @@ class _Fp32Depthwise(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        low = torch.get_autocast_dtype("cpu")
-        with torch.autocast("cpu", enabled=False):
-            out = conv._conv_forward(x.float(), weight, bias)
-        ctx.save_for_backward(x.to(low), weight)
+        out = _fp32_convolution(conv, x)  # weight and bias are conv's, passed for autograd to track
+        ctx.save_for_backward(x.to(out.dtype), weight)
         ctx.conv, ctx.has_bias, ctx.dtype = conv, bias is not None, x.dtype
-        return out.to(low)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -93,8 +97,7 @@ class ConvNeXtBlock(nn.Module):
         if self.fp32_depthwise_on_cpu and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             if torch.is_grad_enabled() and (x.requires_grad or self.dwconv.weight.requires_grad):
                 return _Fp32Depthwise.apply(x, self.dwconv, self.dwconv.weight, self.dwconv.bias)
-            with torch.autocast("cpu", enabled=False):
-                return self.dwconv(x.float()).to(torch.get_autocast_dtype("cpu"))
+            return _fp32_convolution(self.dwconv, x)
         return self.dwconv(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

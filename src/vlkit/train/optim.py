@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-SCHEDULES = ("cosine", "constant", "wsd")
+Schedule = Literal["cosine", "constant", "wsd"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 WSD_DECAY_FRACTION = 0.2  # the share of the steps the wsd schedule decays over (MiniCPM: ~10 %; 20 % is common)
 
 
@@ -137,7 +138,7 @@ def lr_lambda(
     step: int,
     total_steps: int,
     warmup_steps: int = 0,
-    schedule: Literal["cosine", "constant", "wsd"] = "cosine",
+    schedule: Schedule = "cosine",
     min_lr_ratio: float = 0.0,
 ) -> float:
     """Learning-rate factor for the optimizer step with zero-based index ``step``.

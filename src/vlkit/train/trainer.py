@@ -54,7 +54,7 @@ from vlkit.train.checkpoint import (
 from vlkit.train.compile import Compile, compile_for_training, resolve_compile
 from vlkit.train.distributed import GlobalBatchSampler, Strategy
 from vlkit.train.host_memory import keep_freed_memory
-from vlkit.train.optim import SCHEDULES, ParamGroupRule, build_optimizer, build_param_groups, lr_lambda
+from vlkit.train.optim import SCHEDULES, ParamGroupRule, Schedule, build_optimizer, build_param_groups, lr_lambda
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class TrainConfig:
     eps: float = 1e-6
     optimizer: Literal["adamw", "lamb"] = "adamw"
     warmup_steps: int = 0
-    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     grad_accum: int = 1
