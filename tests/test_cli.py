@@ -69,6 +69,10 @@ def test_saved_model_loads_and_reproduces_metrics(trained_run: Path) -> None:
     # Trained and evaluated in fp32 (TINY): the saved model gives the trainer's numbers exactly.
     for key in ("zero_shot_top1", "zero_shot_top1_heldout", "zero_shot_top5"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-9), key
+    # --split val: the validation splits (seen and held-out combinations), the same keys, other images.
+    run_cli("eval", "--model", str(trained_run / "model"), "--split", "val", "--out", str(out))
+    validated = json.loads(out.read_text())
+    assert set(validated) == set(evaluated) and validated != evaluated
 
 
 def test_resume_of_a_finished_run_is_a_no_op(trained_run: Path) -> None:

@@ -23,6 +23,7 @@ from vlkit.data.shapes import (
     class_index,
     class_names,
     colourless_copy,
+    eval_splits,
     generate,
     shapes_main,
     single_object,
@@ -123,7 +124,7 @@ def test_write_shapes_is_byte_identical(tmp_path: Path) -> None:
     assert ShapesConfig.from_dict(settings["config"]) == config and settings["sizes"] == sizes
 
 
-def test_heldout_combos_only_in_test_heldout() -> None:
+def test_heldout_combos_only_in_the_heldout_splits() -> None:
     heldout = set(CONFIG.heldout)
     seen_in_train = set()
     for split in SEEN_SPLITS:
@@ -133,10 +134,35 @@ def test_heldout_combos_only_in_test_heldout() -> None:
             seen_in_train |= combos
             assert not heldout & {(o.colour, o.shape) for o in single_object(CONFIG, split, len(seen_in_train)).objects}
     assert seen_in_train == set(allowed_combos(CONFIG, "train"))
-    for index in range(100):
-        assert {(o.colour, o.shape) for o in generate(CONFIG, "test_heldout", index).objects} & heldout
-        (item,) = single_object(CONFIG, "test_heldout", index).objects
-        assert (item.colour, item.shape) in heldout
+    for split in ("test_heldout", "val_heldout"):
+        for index in range(100):
+            assert {(o.colour, o.shape) for o in generate(CONFIG, split, index).objects} & heldout
+            (item,) = single_object(CONFIG, split, index).objects
+            assert (item.colour, item.shape) in heldout
+
+
+def test_validation_splits_mirror_the_test_splits_with_other_scenes() -> None:
+    assert eval_splits(CONFIG) == ("test", "test_heldout") and eval_splits(CONFIG, "val") == ("val", "val_heldout")
+    assert eval_splits(ShapesConfig(heldout=()), "val") == ("val",)
+    with pytest.raises(ValueError, match="'test' or 'val'"):
+        eval_splits(CONFIG, "train")
+    for test, val in (("test", "val"), ("test_heldout", "val_heldout")):
+        images = {generate(CONFIG, test, index).image.tobytes() for index in range(50)}
+        assert not images & {generate(CONFIG, val, index).image.tobytes() for index in range(50)}
+    # An existence question about a held-out split may name an absent held-out combination, as about test_heldout.
+    from vlkit.data.shapes_vqa import instruction_items
+
+    def absent_heldout(split: str) -> set[tuple[str, str]]:
+        named = set()
+        for index in range(60):
+            for item in instruction_items(generate(CONFIG, split, index), CONFIG, split):  # type: ignore[arg-type]
+                if item.kind == "existence" and item.answer == "no":
+                    named |= {combo for combo in CONFIG.heldout if f"{combo[0]} {combo[1]}?" in item.question}
+        return named
+
+    assert absent_heldout("val_heldout") and not absent_heldout("val")
+    with pytest.raises(ValueError, match="val_heldout needs a non-empty config"):
+        generate(ShapesConfig(heldout=()), "val_heldout", 0)
 
 
 def test_boxes_inside_disjoint_and_tight() -> None:
@@ -302,6 +328,8 @@ def test_shapes_main_writes_and_rejects(tmp_path: Path, capsys: pytest.CaptureFi
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["test_heldout.jsonl", "train.jsonl", "val.jsonl"]
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "shapes_config.json").read_text())["config"]["seed"] == 3
+    assert shapes_main([*argv, "--val-heldout", "2"]) == 0
+    assert len((tmp_path / "val_heldout.jsonl").read_text().splitlines()) == 2
     assert shapes_main([*argv, "--aspect-ratio-min", "0.5"]) == 2
     assert shapes_main([*argv, "--letter-probability", "2"]) == 2
     assert "letter_probability" in capsys.readouterr().err

@@ -508,12 +508,16 @@ def test_evaluation_on_the_validation_split_asks_about_validation_scenes_only(ti
     test = VLMEvaluation.build(spec, model, max_new_tokens=4, batch_size=4)
     val = VLMEvaluation.build(dataclasses.replace(spec, eval_split="val"), model, max_new_tokens=4, batch_size=4)
     assert {q.split for q in test.questions} == {"test", "test_heldout"}
-    assert {q.split for q in val.questions} == {"val"}
-    scenes = [shapes.generate(spec.config, "val", index) for index in range(spec.eval_size)]
-    assert {q.image.tobytes() for q in val.questions} == {scene.image.tobytes() for scene in scenes}
-    metrics = val(model).metrics
-    assert "vqa_accuracy" in metrics and not any(key.endswith("_heldout") for key in metrics)
-    with pytest.raises(ValueError, match="eval_split must be 'test' or 'val'"):
+    assert {q.split for q in val.questions} == {"val", "val_heldout"}
+    for split in ("val", "val_heldout"):
+        scenes = [shapes.generate(spec.config, split, index) for index in range(spec.eval_size)]
+        asked = {q.image.tobytes() for q in val.questions if q.split == split}
+        assert asked == {scene.image.tobytes() for scene in scenes}
+    assert not {q.image.tobytes() for q in val.questions} & {q.image.tobytes() for q in test.questions}
+    # The same keys, _heldout ones included (per-kind keys follow the kinds a few scenes happen to ask).
+    keys = {f"{key}{end}" for key in ("vqa_accuracy", "grounding_acc50", "caption_f1") for end in ("", "_heldout")}
+    assert keys <= set(val(model).metrics) and keys <= set(test(model).metrics)
+    with pytest.raises(ValueError, match="eval_split must be one of"):
         dataclasses.replace(spec, eval_split="train")
 
 
@@ -613,6 +617,30 @@ def test_answers_are_marked_right_as_the_metrics_score_them() -> None:
     assert not answer_is_right(grounding, "<ref> the red star</ref><box> (0,0),(100,100)</box>")
     assert answer_is_right(question("colour", "red"), "Red.") and not answer_is_right(question("colour", "red"), "")
     assert answer_is_right(question("caption", sample.captions[0]), sample.captions[0])
+
+
+def test_contrastive_and_classification_evaluations_read_the_validation_splits() -> None:
+    from vlkit.data.specs import ShapesObjects, ShapesScenes
+    from vlkit.eval.benchmarks import shapes_suite
+    from vlkit.tasks.classification import ClassificationEval
+
+    transform = ImageTransform(image_size=32)
+    suite = shapes_suite(SHAPES_DATA, transform, size=6, retrieval_size=4, which="val")
+    assert set(suite.zero_shot) == {"zero_shot", "zero_shot_heldout"}
+    for key, split in (("zero_shot", "val"), ("zero_shot_heldout", "val_heldout")):
+        expected = [shapes.single_object(SHAPES_DATA, split, index) for index in range(6)]
+        labels = [shapes.class_index(SHAPES_DATA, s.objects[0].colour, s.objects[0].shape) for s in expected]
+        assert suite.zero_shot[key].labels.tolist() == labels
+    assert suite.retrieval is not None
+    assert suite.retrieval.texts == [shapes.generate(SHAPES_DATA, "val", index).captions[0] for index in range(4)]
+    test = ClassificationEval.build(SHAPES_DATA, transform, 4)
+    val = ClassificationEval.build(SHAPES_DATA, transform, 4, "val")
+    assert set(val.splits) == set(test.splits) == {"", "_heldout"}
+    assert not torch.equal(val.splits["_heldout"].pixels, test.splits["_heldout"].pixels)
+    for spec in (ShapesScenes, ShapesObjects):
+        assert spec(eval_split="val").eval_split == "val"
+        with pytest.raises(ValueError, match="eval_split must be one of"):
+            spec(eval_split="train")
 
 
 def test_a_config_without_held_out_combinations_evaluates_its_test_split(tiny_llava: Path) -> None:

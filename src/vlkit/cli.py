@@ -149,7 +149,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has no tokenizer.json: zero-shot evaluation needs one")
     transform = ImageTransform(image_size=model.config.vision.image_size)
     shapes_config = get_recipe(args.recipe).data.config
-    suite = digits_suite(transform) if args.suite == "digits" else shapes_suite(shapes_config, transform, args.size)
+    if args.suite == "digits":
+        if args.split != "test":
+            raise ValueError("--suite digits has no validation split: its evaluation reads scikit-learn's test fifth")
+        suite = digits_suite(transform)
+    else:
+        suite = shapes_suite(shapes_config, transform, args.size, which=args.split)
     metrics = suite(model, model.tokenizer).metrics
     _print_metrics(metrics)
     if args.out:
@@ -170,6 +175,10 @@ def _eval_recorded(args: argparse.Namespace) -> int:
     from vlkit.tasks.base import RunContext
 
     recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
+    if args.split != "test":
+        if not hasattr(recipe.data, "eval_split"):
+            raise ValueError(f"{args.model}: its data ({recipe.data.kind}) has no validation split to evaluate on")
+        recipe = recipe.with_overrides({"data.eval_split": args.split})
     model = from_pretrained(args.model).eval()
     with tempfile.TemporaryDirectory() as scratch:
         evaluation = recipe.task.evaluation(RunContext(recipe, Path(scratch), progress=False), model)
@@ -319,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--suite", choices=["shapes", "digits"], default="shapes")
     evaluate.add_argument("--size", type=int, default=400)
+    evaluate.add_argument(
+        "--split", choices=("test", "val"), default="test",  # vlkit.data.specs.EVAL_SPLITS, without importing torch
+        help="ShapesWorld: the test splits (seen and held-out combinations), or the validation ones to compare on",
+    )  # fmt: skip
     evaluate.add_argument("--recipe", default="siglip_shapes", help="the recipe whose ShapesWorld settings to use")
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.set_defaults(func=cmd_eval)

@@ -7,8 +7,10 @@ dataset of any size is generated on the fly or written to disk byte-identically,
 
 Compositional generalisation is built in: a set of held-out (colour, shape) combinations never occurs in the
 train/val/test splits and occurs in every `test_heldout` image, the zero-shot test of whether a model binds
-attributes (CLIP, Radford et al., 2021, and its critics). `aspect_ratios` samples a width/height ratio per
-image at a roughly fixed pixel budget: the native-aspect-ratio input that NaViT (Dehghani et al., 2023) packs.
+attributes (CLIP, Radford et al., 2021, and its critics); `val_heldout` holds them the same way for validation, so
+that settings are chosen without reading either test split (`eval_splits(config, "val")`). `aspect_ratios` samples
+a width/height ratio per image at a roughly fixed pixel budget: the native-aspect-ratio input that NaViT (Dehghani
+et al., 2023) packs.
 
     generate(config, split, index) -> ShapesSample(image (W, H) RGB, objects, captions, questions, referring)
 
@@ -36,8 +38,15 @@ from tqdm import tqdm
 
 from vlkit.config import register_config
 
-Split = Literal["train", "val", "test", "test_heldout"]
-SPLITS: tuple[str, ...] = ("train", "val", "test", "test_heldout")
+Split = Literal["train", "val", "test", "test_heldout", "val_heldout"]
+SPLITS: tuple[str, ...] = (
+    "train",
+    "val",
+    "test",
+    "test_heldout",
+    "val_heldout",
+)  # appended: a split's seed is its index
+HELDOUT_SPLITS: tuple[str, ...] = ("test_heldout", "val_heldout")  # every image shows a held-out combination
 _SPLIT_IDS = {name: number for number, name in enumerate(SPLITS)}
 
 # Saturated colours far apart in RGB and all far from the background, so a colour is never a judgement call.
@@ -230,15 +239,25 @@ def class_index(config: ShapesConfig, colour: str, shape: str) -> int:
     return config.colours.index(colour) * len(config.shapes) + config.shapes.index(shape)
 
 
-def test_splits(config: ShapesConfig) -> tuple[Split, ...]:
-    """The splits an evaluation reads: ``test``, and ``test_heldout`` when the config holds combinations out."""
-    return ("test", "test_heldout") if config.heldout else ("test",)
+def eval_splits(config: ShapesConfig, which: str = "test") -> tuple[Split, ...]:
+    """The splits an evaluation reads: ``test`` (or ``val``), and ``test_heldout`` (``val_heldout``) when the config
+    holds combinations out."""
+    if which not in ("test", "val"):
+        raise ValueError(f"the evaluation split must be 'test' or 'val', got {which!r}")
+    split: Split = "test" if which == "test" else "val"
+    heldout: Split = "test_heldout" if which == "test" else "val_heldout"
+    return (split, heldout) if config.heldout else (split,)
+
+
+def is_heldout(split: str) -> bool:
+    """Whether every image of ``split`` shows a held-out combination (``test_heldout``, ``val_heldout``)."""
+    return split in HELDOUT_SPLITS
 
 
 def allowed_combos(config: ShapesConfig, split: Split) -> list[tuple[str, str]]:
-    """The (colour, shape) classes a split draws from: held-out ones for test_heldout, the rest otherwise."""
+    """The (colour, shape) classes a split draws from: the held-out ones for a held-out split, the rest otherwise."""
     _check_split(split)
-    if split == "test_heldout":
+    if is_heldout(split):
         return list(config.heldout)
     heldout = set(config.heldout)
     return [(colour, shape) for colour in config.colours for shape in config.shapes if (colour, shape) not in heldout]
@@ -247,6 +266,21 @@ def allowed_combos(config: ShapesConfig, split: Split) -> list[tuple[str, str]]:
 def _check_split(split: str) -> None:
     if split not in _SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
+
+
+def _check_heldout(config: ShapesConfig, split: str) -> None:
+    if is_heldout(split) and not config.heldout:
+        raise ValueError(f"{split} needs a non-empty config.heldout")
+
+
+def _check_sizes(config: ShapesConfig, sizes: Mapping[str, int]) -> None:
+    """A writer's split -> count: known splits, counts >= 0, held-out splits only where combinations are held out."""
+    for split, count in sizes.items():
+        _check_split(split)
+        if count < 0:
+            raise ValueError(f"size of split {split!r} must be non-negative, got {count}")
+        if count:
+            _check_heldout(config, split)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -518,7 +552,7 @@ def _questions(config: ShapesConfig, split: Split, objects: list[ShapesObject], 
 
     present = sorted({(o.colour, o.shape) for o in objects}, key=lambda combo: class_index(config, *combo))
     # "No" answers come from the split's own combinations, so train never mentions a held-out combination.
-    pool = allowed_combos(config, "train") + (list(config.heldout) if split == "test_heldout" else [])
+    pool = allowed_combos(config, "train") + (list(config.heldout) if is_heldout(split) else [])
     absent = [combo for combo in pool if combo not in present]
     asked = min(2, len(present), len(absent))
     for combo in [present[k] for k in rng.permutation(len(present))[:asked]]:
@@ -615,8 +649,7 @@ def _rng(config: ShapesConfig, split: Split, index: int, stream: int) -> np.rand
 def generate(config: ShapesConfig, split: Split, index: int) -> ShapesSample:
     """Scene `index` of `split`: min_objects..max_objects shapes, fully annotated, deterministic."""
     rng = _rng(config, split, index, stream=0)
-    if split == "test_heldout" and not config.heldout:
-        raise ValueError("test_heldout needs a non-empty config.heldout")
+    _check_heldout(config, split)
     seen = allowed_combos(config, "train")
     anything = seen + list(config.heldout)
     count = int(rng.integers(config.min_objects, config.max_objects + 1))
@@ -624,7 +657,7 @@ def generate(config: ShapesConfig, split: Split, index: int) -> ShapesSample:
     for number in range(count):
         # The first object is placed into an empty image, so a held-out object there always survives placement.
         pool = seen
-        if split == "test_heldout":
+        if is_heldout(split):
             pool = list(config.heldout) if number == 0 else anything
         combos.append(pool[int(rng.integers(len(pool)))])
     image, objects = _render(config, rng, combos)
@@ -671,8 +704,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         _check_split(split)
         if size < 0:
             raise ValueError(f"size must be non-negative, got {size}")
-        if split == "test_heldout" and not config.heldout:
-            raise ValueError("test_heldout needs a non-empty config.heldout")
+        _check_heldout(config, split)
         self.config = config
         self.split = split
         self.size = size
@@ -697,12 +729,7 @@ def write_shapes(
 
     Returns split -> manifest path. The same config and sizes give byte-identical files.
     """
-    for split, count in sizes.items():
-        _check_split(split)
-        if count < 0:
-            raise ValueError(f"size of split {split!r} must be non-negative, got {count}")
-    if sizes.get("test_heldout") and not config.heldout:
-        raise ValueError("test_heldout needs a non-empty config.heldout")
+    _check_sizes(config, sizes)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifests: dict[str, Path] = {}
@@ -728,7 +755,8 @@ def shapes_main(argv: list[str] | None = None) -> int:
     """`vlkit data shapes --out DIR ...`: write a ShapesWorld dataset to disk; returns the exit status."""
     parser = argparse.ArgumentParser(prog="vlkit data shapes", description="Write the ShapesWorld benchmark.")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    for flag, default in (("--train", 10000), ("--val", 1000), ("--test", 1000), ("--test-heldout", 1000)):
+    splits = (("--train", 10000), ("--val", 1000), ("--test", 1000), ("--test-heldout", 1000), ("--val-heldout", 0))
+    for flag, default in splits:
         parser.add_argument(flag, type=int, default=default, help=f"samples in that split (default {default})")
     for flag, default in (("--width", 64), ("--height", 64), ("--min-objects", 1), ("--max-objects", 3), ("--seed", 0)):
         parser.add_argument(flag, type=int, default=default)
@@ -758,7 +786,8 @@ def shapes_main(argv: list[str] | None = None) -> int:
             aspect_ratios=aspect_ratios,
             seed=args.seed,
         )
-        counts = {"train": args.train, "val": args.val, "test": args.test, "test_heldout": args.test_heldout}
+        counts = {"train": args.train, "val": args.val, "test": args.test, "test_heldout": args.test_heldout,
+                  "val_heldout": args.val_heldout}  # fmt: skip
         write = write_shapes
         if args.format == "llava":
             from vlkit.data.shapes_vqa import write_llava as write

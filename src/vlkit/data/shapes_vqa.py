@@ -37,6 +37,7 @@ from vlkit.data.shapes import (
     ShapesSample,
     Split,
     _article,
+    _check_sizes,
     _check_split,
     _pairwise_relations,
     _plural,
@@ -45,6 +46,7 @@ from vlkit.data.shapes import (
     allowed_combos,
     class_index,
     generate,
+    is_heldout,
 )
 from vlkit.seeding import mix_seed
 from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn
@@ -105,7 +107,7 @@ def instruction_items(sample: ShapesSample, config: ShapesConfig, split: Split) 
     """Caption, questions of every kind and grounding items for one scene, deterministic in the scene.
 
     ``split`` decides which absent (colour, shape) combinations an existence question may name: never a held-out
-    one outside ``test_heldout``, so training data never mentions a held-out combination.
+    one outside the held-out splits, so training data never mentions a held-out combination.
     """
     _check_split(split)
     rng = scene_rng(sample)
@@ -152,8 +154,8 @@ def _count_items(
 
 def _nameable_combos(config: ShapesConfig, split: Split) -> list[tuple[str, str]]:
     """The (colour, shape) combinations a question about ``split`` may name: never a held-out one outside
-    ``test_heldout``, so training data never mentions a held-out combination."""
-    return allowed_combos(config, "train") + (list(config.heldout) if split == "test_heldout" else [])
+    the held-out splits, so training data never mentions a held-out combination."""
+    return allowed_combos(config, "train") + (list(config.heldout) if is_heldout(split) else [])
 
 
 def _attribute_items(objects: list[ShapesObject]) -> list[InstructionItem]:
@@ -292,12 +294,7 @@ def write_llava(
     """Write images/{split}/{index:06d}.png, one LLaVA conversation JSON ``llava_{split}.json`` per split (one
     multi-turn conversation per scene, with ``kinds``, ``objects``, ``width`` and ``height`` beside it) and
     shapes_config.json. Returns split -> JSON path; the same config and sizes give byte-identical files."""
-    for split, count in sizes.items():
-        _check_split(split)
-        if count < 0:
-            raise ValueError(f"size of split {split!r} must be non-negative, got {count}")
-    if sizes.get("test_heldout") and not config.heldout:
-        raise ValueError("test_heldout needs a non-empty config.heldout")
+    _check_sizes(config, sizes)
     root = Path(out_dir)
     written: dict[str, Path] = {}
     for split, count in sizes.items():

@@ -45,21 +45,34 @@ __all__ = [
 ]
 
 
+# Where a ShapesWorld spec is evaluated: "test" (the ``test`` and ``test_heldout`` splits, the numbers a run reports)
+# or "val" (``val`` and ``val_heldout``: other scenes of the same seen and held-out combinations), the split to compare
+# settings on, so that the test splits only report the chosen one. The metric keys are the same.
+EVAL_SPLITS = ("test", "val")
+
+
+def _check_eval_split(split: str) -> None:
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {split!r}")
+
+
 @register_config
 @dataclass(frozen=True)
 class ShapesScenes(ConfigBase):
     """``train_size`` rendered ShapesWorld scenes (+ colourless copies); evaluation renders ``eval_size`` test
-    scenes per set."""
+    scenes per set (``eval_split``: see ``EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
     train_size: int = 10_000
     eval_size: int = 400
     colourless_copies: float = 0.0
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):  # read back from recipe.json
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        _check_eval_split(self.eval_split)
         if not 0.0 <= self.colourless_copies <= 1.0:
             raise ValueError(f"colourless_copies must be in [0, 1], got {self.colourless_copies}")
         if self.train_size < 1 or self.eval_size < 1:
@@ -70,17 +83,20 @@ class ShapesScenes(ConfigBase):
 @dataclass(frozen=True)
 class ShapesObjects(ConfigBase):
     """``train_size`` one-object scenes rendered on demand; ``colourless_fraction`` of them (a seeded draw per
-    index) shown as their colourless copy instead."""
+    index) shown as their colourless copy instead. Evaluated on ``eval_size`` one-object scenes per set of
+    ``eval_split`` (see ``EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes_objects"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
     train_size: int = 10_000
     eval_size: int = 400
     colourless_fraction: float = 0.0
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        _check_eval_split(self.eval_split)
         if not 0.0 <= self.colourless_fraction < 1.0:
             raise ValueError(f"colourless_fraction must be in [0, 1), got {self.colourless_fraction}")
 
@@ -118,7 +134,8 @@ class ShapesText(ConfigBase):
     object with its box, which answers spatial and grounding questions too. ``kinds`` (empty: all) and
     ``min_objects`` narrow the described questions to those kinds about scenes of at least that many objects: asked
     about two objects, a colour or shape question is answered only by binding the attribute to its noun. A stage on
-    described text is evaluated on ``eval_size`` test scenes asked the same way (``DescribedTextEvaluation``)."""
+    described text is evaluated on ``eval_size`` test scenes asked the same way (``DescribedTextEvaluation``;
+    ``eval_split``: see ``EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes_text"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -130,10 +147,12 @@ class ShapesText(ConfigBase):
     kinds: tuple[str, ...] = ()
     min_objects: int = 1
     eval_size: int = 100  # test scenes a stage on described text is evaluated on (DescribedTextEvaluation)
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
+        _check_eval_split(self.eval_split)
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if self.eval_size < 1:
             raise ValueError(f"eval_size must be >= 1, got {self.eval_size}")
@@ -163,9 +182,7 @@ def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
     the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
-    scenes of seen and of held-out colour x shape combinations; with ``eval_split="val"``, about ``eval_size``
-    validation scenes instead (seen combinations): the split to compare settings on, so that the test split only
-    reports the chosen one.
+    scenes of seen and of held-out colour x shape combinations (``eval_split``: see ``EVAL_SPLITS``).
 
     ``question_first``: the probability that a training conversation puts its first question before the image
     rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
@@ -183,8 +200,7 @@ class ShapesInstructions(ConfigBase):
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
-        if self.eval_split not in ("test", "val"):
-            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
+        _check_eval_split(self.eval_split)
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")

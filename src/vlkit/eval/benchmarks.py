@@ -80,19 +80,21 @@ def _stack(images: Sequence[Image.Image], transform: Transform) -> torch.Tensor:
 
 
 def shapes_suite(
-    config: shapes.ShapesConfig, transform: Transform, size: int = 400, retrieval_size: int = 500
+    config: shapes.ShapesConfig, transform: Transform, size: int = 400, retrieval_size: int = 500, which: str = "test"
 ) -> EvalSuite:
     """Zero-shot over all colour x shape classes on seen (``test``) and held-out (``test_heldout``) combinations,
-    and image<->text retrieval of canonical captions on multi-object ``test`` scenes."""
+    and image<->text retrieval of canonical captions on multi-object ``test`` scenes; ``which="val"``: the same on
+    ``val`` and ``val_heldout`` (``shapes.eval_splits``)."""
     names = shapes.class_names(config)
     sets = {}
-    for split in shapes.test_splits(config):
-        key = "zero_shot_heldout" if split == "test_heldout" else "zero_shot"
+    splits = shapes.eval_splits(config, which)
+    for split in splits:
+        key = "zero_shot_heldout" if shapes.is_heldout(split) else "zero_shot"
         samples = [shapes.single_object(config, split, index) for index in range(size)]
         labels = [shapes.class_index(config, s.objects[0].colour, s.objects[0].shape) for s in samples]
         sets[key] = ZeroShotSet(key, _stack([s.image for s in samples], transform), torch.tensor(labels), names,
                                 SHAPES_TEMPLATES)  # fmt: skip
-    scenes = [shapes.generate(config, "test", index) for index in range(retrieval_size)]
+    scenes = [shapes.generate(config, splits[0], index) for index in range(retrieval_size)]
     retrieval = RetrievalSet(
         pixels=_stack([s.image for s in scenes], transform),
         images=[s.image for s in scenes],

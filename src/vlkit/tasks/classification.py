@@ -136,7 +136,8 @@ class _EvalSplit:
 
 @dataclass
 class ClassificationEval:
-    """Top-1 on seen-combination (``test``) and held-out-combination (``test_heldout``) one-object scenes.
+    """Top-1 on seen-combination (``test``) and held-out-combination (``test_heldout``) one-object scenes (or on
+    ``val`` and ``val_heldout``: ``shapes.eval_splits``).
 
     Sets are rendered once; each call returns the shape confusion matrix of every split as an artifact.
     """
@@ -146,10 +147,12 @@ class ClassificationEval:
     batch_size: int = 256
 
     @classmethod
-    def build(cls, config: shapes.ShapesConfig, transform: ImageTransform, size: int) -> ClassificationEval:
+    def build(
+        cls, config: shapes.ShapesConfig, transform: ImageTransform, size: int, which: str = "test"
+    ) -> ClassificationEval:
         splits = {}
-        for split in shapes.test_splits(config):
-            key = "_heldout" if split == "test_heldout" else ""
+        for split in shapes.eval_splits(config, which):
+            key = "_heldout" if shapes.is_heldout(split) else ""
             dataset = ShapesClassificationDataset(config, split, size, transform)
             items = [dataset[index] for index in range(size)]
             splits[key] = _EvalSplit(
@@ -210,12 +213,14 @@ class Classification(Task):
     def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
         data = _objects(run)
         return ClassificationEval.build(data.config, ImageTransform(image_size=model.config.vision.image_size),
-                                        data.eval_size)  # fmt: skip
+                                        data.eval_size, data.eval_split)  # fmt: skip
 
     def report(self, run: RunContext, result: EvalResult, out_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-        shape_names = list(_objects(run).config.shapes)
+        data = _objects(run)
+        shape_names = list(data.config.shapes)
         figures = []
-        for suffix, split_name in (("", "test"), ("_heldout", "test_heldout")):
+        for split_name in shapes.eval_splits(data.config, data.eval_split):
+            suffix = "_heldout" if shapes.is_heldout(split_name) else ""
             confusion = result.artifacts.get(f"confusion{suffix}")
             if confusion is None:
                 continue

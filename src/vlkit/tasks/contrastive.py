@@ -232,7 +232,7 @@ class Contrastive(Task):
         data = run.recipe.data
         if isinstance(data, ShapesScenes):
             square = dataclasses.replace(data.config, aspect_ratios=None)
-            suite: EvalSuite = shapes_suite(square, transform, data.eval_size, data.eval_size)
+            suite: EvalSuite = shapes_suite(square, transform, data.eval_size, data.eval_size, data.eval_split)
         elif isinstance(data, Digits):
             suite = digits_suite(transform)
         else:

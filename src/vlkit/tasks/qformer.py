@@ -255,7 +255,8 @@ def _collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str,
 
 @dataclass
 class RetrievalEvaluation:
-    """``eval_size`` test scenes per split (seen / held-out combinations): pixels and first captions, made once."""
+    """``eval_size`` scenes per split of the spec's ``eval_split`` (seen / held-out combinations): pixels and first
+    captions, made once."""
 
     splits: dict[str, tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]]  # suffix -> pixels, captions, batch
     batch_size: int
@@ -268,8 +269,8 @@ class RetrievalEvaluation:
         assert isinstance(model.bridge, QFormer)
         max_len = model.bridge.config.max_seq_len
         splits = {}
-        for split in shapes.test_splits(spec.config):
-            suffix = "_heldout" if split == "test_heldout" else ""
+        for split in shapes.eval_splits(spec.config, spec.eval_split):
+            suffix = "_heldout" if shapes.is_heldout(split) else ""
             scenes = [shapes.generate(spec.config, split, index) for index in range(spec.eval_size)]  # type: ignore[arg-type]
             captions = [scene.captions[0] for scene in scenes]
             pixels = torch.stack([transform(scene.image) for scene in scenes])  # (S, 3, H, W)

@@ -68,7 +68,7 @@ AnswerWeighting = Literal["token", "answer", "sqrt"]
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
 _EVAL_STREAM = 12  # which item of each kind a test scene is asked
-SPLIT_IDS = {"test": 0, "test_heldout": 1, "val": 2}
+SPLIT_IDS = {"test": 0, "test_heldout": 1, "val": 2, "val_heldout": 3}
 
 
 @register_task
@@ -405,8 +405,8 @@ class _Question:
 
 @dataclass
 class VLMEvaluation:
-    """One question of each kind about each of ``eval_size`` test scenes per split (or validation scenes, with the
-    spec's ``eval_split="val"``), rendered and tokenized once."""
+    """One question of each kind about each of ``eval_size`` scenes per split of the spec's ``eval_split`` (test or
+    validation, seen and held-out combinations), rendered and tokenized once."""
 
     questions: list[_Question]
     max_new_tokens: int
@@ -421,8 +421,7 @@ class VLMEvaluation:
         tokenizer = model.tokenizer
         transform = ImageTransform(image_size=model.config.vision.image_size)
         questions = []
-        splits = shapes.test_splits(spec.config) if spec.eval_split == "test" else ("val",)
-        for split in splits:
+        for split in shapes.eval_splits(spec.config, spec.eval_split):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 by_kind: dict[str, list[InstructionItem]] = {}
@@ -449,8 +448,10 @@ class VLMEvaluation:
         assert isinstance(model, VisionLanguageModel)
         answers = self.answer(model)
         metrics: dict[str, float] = {}
-        for split, suffix in (("test", ""), ("test_heldout", "_heldout"), ("val", "")):
-            rows = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split == split]
+        for heldout, suffix in ((False, ""), (True, "_heldout")):
+            rows = [
+                (q, a) for q, a in zip(self.questions, answers, strict=True) if shapes.is_heldout(q.split) == heldout
+            ]
             if not rows:
                 continue  # no held-out combinations in this config
             vqa = [(q, a) for q, a in rows if q.kind not in ("caption", "grounding")]
@@ -466,7 +467,7 @@ class VLMEvaluation:
             if captions:
                 scores = caption_scores([a for _, a in captions], [q.objects for q, _ in captions])
                 metrics |= {f"{key}{suffix}": value for key, value in scores.as_dict().items()}
-        samples = [(q, a) for q, a in zip(self.questions, answers, strict=True) if q.split in ("test", "val")][:12]
+        samples = [(q, a) for q, a in zip(self.questions, answers, strict=True) if not shapes.is_heldout(q.split)][:12]
         return EvalResult(metrics, {"samples": samples})
 
     def answer(self, model: VisionLanguageModel) -> list[str]:
@@ -499,7 +500,8 @@ class VLMEvaluation:
 
 @dataclass
 class DescribedTextEvaluation:
-    """The language model alone, asked about ``spec.eval_size`` test scenes (and as many of held-out combinations)
+    """The language model alone, asked about ``spec.eval_size`` test scenes (and as many of held-out combinations;
+    validation scenes with ``spec.eval_split="val"``)
     with each scene described in its context as ``spec`` trains it (``described_conversations``: the caption or the
     layout, ``spec.kinds``, scenes of at least ``spec.min_objects`` objects), one question per conversation. An
     answer is right when every one of its tokens and the end of turn is the most likely after the ones before it
@@ -514,7 +516,7 @@ class DescribedTextEvaluation:
     def build(cls, spec: ShapesText, model: VisionLanguageModel, batch_size: int) -> DescribedTextEvaluation:
         assert model.tokenizer is not None
         samples = []
-        for split in shapes.test_splits(spec.config):
+        for split in shapes.eval_splits(spec.config, spec.eval_split):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 for conversation in _described(spec, sample, split, 1):
@@ -522,8 +524,8 @@ class DescribedTextEvaluation:
                                                         model.config.image_token_id, 0)  # fmt: skip
                     samples.append((split, conversation.meta["kinds"][0], ids, labels))
         if not samples:
-            raise ValueError(f"ShapesText: no test question in {spec.eval_size} scenes (kinds {spec.kinds}, "
-                             f"min_objects {spec.min_objects})")  # fmt: skip
+            raise ValueError(f"ShapesText: no {spec.eval_split} question in {spec.eval_size} scenes "
+                             f"(kinds {spec.kinds}, min_objects {spec.min_objects})")  # fmt: skip
         return cls(samples, batch_size, model.tokenizer.pad_token_id)
 
     @torch.no_grad()
@@ -540,7 +542,7 @@ class DescribedTextEvaluation:
             for row, (split, kind, _, _) in enumerate(chunk):
                 trained = targets[row] != IGNORE_INDEX
                 right = bool((predicted[row][trained] == targets[row][trained]).all())
-                suffix = "" if split == "test" else "_heldout"
+                suffix = "_heldout" if shapes.is_heldout(split) else ""
                 hits.setdefault(f"text_accuracy_{kind}{suffix}", []).append(right)
                 hits.setdefault(f"text_accuracy{suffix}", []).append(right)
         return EvalResult({key: float(np.mean(values)) for key, values in sorted(hits.items())})
