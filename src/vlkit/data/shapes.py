@@ -39,13 +39,8 @@ from tqdm import tqdm
 from vlkit.config import register_config
 
 Split = Literal["train", "val", "test", "test_heldout", "val_heldout"]
-SPLITS: tuple[str, ...] = (
-    "train",
-    "val",
-    "test",
-    "test_heldout",
-    "val_heldout",
-)  # appended: a split's seed is its index
+# A split's index seeds its scenes, so a new split is appended and the existing ones keep their scenes.
+SPLITS: tuple[str, ...] = ("train", "val", "test", "test_heldout", "val_heldout")
 HELDOUT_SPLITS: tuple[str, ...] = ("test_heldout", "val_heldout")  # every image shows a held-out combination
 _SPLIT_IDS = {name: number for number, name in enumerate(SPLITS)}
 
