@@ -15,7 +15,7 @@ import vlkit
 from vlkit.compiling import compiler_present
 from vlkit.layers.linear import Linear, linear
 from vlkit.lm import DecoderLM, GenerationConfig, KVCache, LMConfig, sample_logits, stream_generate
-from vlkit.lm.generate import GREEDY_BLOCK, GREEDY_BLOCKED_VOCAB, greedy_tokens, penalize_repetition
+from vlkit.lm.generate import penalize_repetition
 
 PRESETS = ["test_llama_lm", "test_qwen2_lm", "test_opt_lm"]
 
@@ -203,22 +203,6 @@ def test_top_k_one_equals_greedy_and_sampling_is_seeded() -> None:
 
     assert torch.equal(sampled(0), sampled(0))
     assert not torch.equal(sampled(0), sampled(1))
-
-
-@pytest.mark.parametrize("vocab", [1024, GREEDY_BLOCKED_VOCAB, 32000, 32064, 151_936])
-def test_greedy_tokens_are_argmax_ties_and_nan_included(vocab: int) -> None:
-    generator = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(8, vocab, generator=generator)
-    logits[1, [7, vocab - 1]] = 50.0  # a tie: the first index wins
-    logits[2, [GREEDY_BLOCK - 1, GREEDY_BLOCK]] = 50.0  # a tie across two blocks
-    logits[3, vocab - 1] = 60.0  # the maximum in the last, possibly short, block
-    logits[4, vocab // 2] = float("nan")  # argmax counts NaN as the maximum
-    logits[5] = float("-inf")
-    logits[6, :] = 1.0
-    for dtype in (torch.float32, torch.bfloat16):
-        x = logits.to(dtype)
-        assert torch.equal(greedy_tokens(x), x.argmax(-1)), dtype
-    assert greedy_tokens(logits)[1:5].tolist() == [7, GREEDY_BLOCK - 1, vocab - 1, vocab // 2]
 
 
 def test_top_p_and_top_k_keep_exactly_the_nucleus() -> None:
