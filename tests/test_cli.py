@@ -204,7 +204,11 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("cuda", "amx", "settings"),
-    [(False, False, {"steps": 600, "schedule": "wsd"}), (False, True, {"steps": 1500}), (True, False, {"steps": 1500})],
+    [
+        (False, False, {"steps": 600, "schedule": "wsd"}),
+        (False, True, {"steps": 1500, "schedule": "wsd"}),
+        (True, False, {"steps": 1500, "schedule": "wsd"}),
+    ],
 )
 def test_demo_vlm_trains_more_instruct_steps_on_matrix_units(
     monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, settings: dict

@@ -201,12 +201,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # The demo's VLM trains fewer instruct steps than its recipe's 1800, so that SigLIP and the VLM fit 15 minutes: 1500
 # where bf16 runs on matrix units (a CPU with AMX tiles: the whole demo in 588-615 s on a 2-core Xeon, VQA 0.923 and
-# grounding 0.75 there; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 14.9-18.5 minutes with 600). The
-# 600-step budget holds the rate until its last 20 % (warmup-stable-decay): on the validation split it ended at VQA
-# 0.776 / 0.819 and grounding 0.525 / 0.182 (seeds 0 / 1) against the cosine schedule's 0.750 / 0.763 and 0.16 /
-# 0.182 (docs/experiments.md); the 1500 steps keep the recipe's cosine, with which they were measured.
-# README, "`make demo`".
-DEMO_INSTRUCT: dict[str, dict[str, Any]] = {"matrix units": {"steps": 1500}, "other": {"steps": 600, "schedule": "wsd"}}
+# grounding 0.75 there with the cosine schedule; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 14.9-18.5
+# minutes with 600). Both hold the rate until their last 20 % (warmup-stable-decay), chosen on the validation split
+# (docs/experiments.md): at 600 steps VQA 0.776 / 0.819 and grounding 0.525 / 0.182 (seeds 0 / 1) against the cosine
+# schedule's 0.750 / 0.763 and 0.16 / 0.182; at 1500 steps 0.897 / 0.914 and 0.71 / 0.72 against 0.895 / 0.892 and
+# 0.65 / 0.67. README, "`make demo`".
+DEMO_INSTRUCT: dict[str, dict[str, Any]] = {
+    "matrix units": {"steps": 1500, "schedule": "wsd"},
+    "other": {"steps": 600, "schedule": "wsd"},
+}
 
 
 def demo_instruct() -> dict[str, Any]:
