@@ -290,23 +290,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             print(f"  {key:28s} {value:.4f}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlkit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    models = sub.add_parser("models", help="list model presets")
-    models.add_argument("pattern", nargs="?", default="*")
-    models.set_defaults(func=cmd_models)
-
-    recipes = sub.add_parser("recipes", help="list training recipes")
-    recipes.set_defaults(func=cmd_recipes)
-
-    data = sub.add_parser("data", help="generate datasets (vlkit data shapes --out DIR ...)")
-    data.add_argument("dataset", choices=["shapes"])
-    data.add_argument("rest", nargs=argparse.REMAINDER)
-    data.set_defaults(func=None)
-
-    train = sub.add_parser("train", help="train a recipe")
+def _add_train_parser(train: argparse.ArgumentParser) -> None:
     train.add_argument("--recipe", required=True)
     train.add_argument("--out", required=True)
     train.add_argument("--steps", type=int)
@@ -327,12 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list model presets")
+    models.add_argument("pattern", nargs="?", default="*")
+    models.set_defaults(func=cmd_models)
+
+    recipes = sub.add_parser("recipes", help="list training recipes")
+    recipes.set_defaults(func=cmd_recipes)
+
+    data = sub.add_parser("data", help="generate datasets (vlkit data shapes --out DIR ...)")
+    data.add_argument("dataset", choices=["shapes"])
+    data.add_argument("rest", nargs=argparse.REMAINDER)
+    data.set_defaults(func=None)
+
+    _add_train_parser(sub.add_parser("train", help="train a recipe"))
+
     evaluate = sub.add_parser("eval", help="evaluate a saved model (a run's model/ evaluates on its own task and data)")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--suite", choices=["shapes", "digits"], default="shapes")
     evaluate.add_argument("--size", type=int, default=400)
     evaluate.add_argument(
-        "--split", choices=("test", "val"), default="test",  # vlkit.data.specs.EVAL_SPLITS, without importing torch
+        "--split", choices=("test", "val"), default="test",  # vlkit.data.shapes.EVAL_SPLITS, without importing torch
         help="ShapesWorld: the test splits (seen and held-out combinations), or the validation ones to compare on",
     )  # fmt: skip
     evaluate.add_argument("--recipe", default="siglip_shapes", help="the recipe whose ShapesWorld settings to use")

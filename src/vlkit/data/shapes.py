@@ -234,14 +234,19 @@ def class_index(config: ShapesConfig, colour: str, shape: str) -> int:
     return config.colours.index(colour) * len(config.shapes) + config.shapes.index(shape)
 
 
+# Where a ShapesWorld evaluation reads: "test" (the numbers a run reports) or "val" (other scenes of the same seen and
+# held-out combinations: the splits to compare settings on, so that the test splits only report the chosen one).
+_EVAL_SPLIT_PAIRS: dict[str, tuple[Split, Split]] = {"test": ("test", "test_heldout"), "val": ("val", "val_heldout")}
+EVAL_SPLITS: tuple[str, ...] = tuple(_EVAL_SPLIT_PAIRS)
+
+
 def eval_splits(config: ShapesConfig, which: str = "test") -> tuple[Split, ...]:
     """The splits an evaluation reads: ``test`` (or ``val``), and ``test_heldout`` (``val_heldout``) when the config
     holds combinations out."""
-    if which not in ("test", "val"):
+    if which not in _EVAL_SPLIT_PAIRS:
         raise ValueError(f"the evaluation split must be 'test' or 'val', got {which!r}")
-    split: Split = "test" if which == "test" else "val"
-    heldout: Split = "test_heldout" if which == "test" else "val_heldout"
-    return (split, heldout) if config.heldout else (split,)
+    pair = _EVAL_SPLIT_PAIRS[which]
+    return pair if config.heldout else pair[:1]
 
 
 def is_heldout(split: str) -> bool:

@@ -45,22 +45,17 @@ __all__ = [
 ]
 
 
-# Where a ShapesWorld spec is evaluated: "test" (the ``test`` and ``test_heldout`` splits, the numbers a run reports)
-# or "val" (``val`` and ``val_heldout``: other scenes of the same seen and held-out combinations), the split to compare
-# settings on, so that the test splits only report the chosen one. The metric keys are the same.
-EVAL_SPLITS = ("test", "val")
-
-
 def _check_eval_split(split: str) -> None:
-    if split not in EVAL_SPLITS:
-        raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {split!r}")
+    """A ShapesWorld spec's ``eval_split``: one of ``shapes.EVAL_SPLITS`` (the same metric keys on each)."""
+    if split not in shapes.EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {shapes.EVAL_SPLITS}, got {split!r}")
 
 
 @register_config
 @dataclass(frozen=True)
 class ShapesScenes(ConfigBase):
     """``train_size`` rendered ShapesWorld scenes (+ colourless copies); evaluation renders ``eval_size`` test
-    scenes per set (``eval_split``: see ``EVAL_SPLITS``)."""
+    scenes per set (``eval_split``: see ``shapes.EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -84,7 +79,7 @@ class ShapesScenes(ConfigBase):
 class ShapesObjects(ConfigBase):
     """``train_size`` one-object scenes rendered on demand; ``colourless_fraction`` of them (a seeded draw per
     index) shown as their colourless copy instead. Evaluated on ``eval_size`` one-object scenes per set of
-    ``eval_split`` (see ``EVAL_SPLITS``)."""
+    ``eval_split`` (see ``shapes.EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes_objects"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -135,7 +130,7 @@ class ShapesText(ConfigBase):
     ``min_objects`` narrow the described questions to those kinds about scenes of at least that many objects: asked
     about two objects, a colour or shape question is answered only by binding the attribute to its noun. A stage on
     described text is evaluated on ``eval_size`` test scenes asked the same way (``DescribedTextEvaluation``;
-    ``eval_split``: see ``EVAL_SPLITS``)."""
+    ``eval_split``: see ``shapes.EVAL_SPLITS``)."""
 
     kind: ClassVar[str] = "shapes_text"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -182,7 +177,7 @@ def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
     the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
-    scenes of seen and of held-out colour x shape combinations (``eval_split``: see ``EVAL_SPLITS``).
+    scenes of seen and of held-out colour x shape combinations (``eval_split``: see ``shapes.EVAL_SPLITS``).
 
     ``question_first``: the probability that a training conversation puts its first question before the image
     rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
