@@ -3,12 +3,15 @@
 The experiment log's (docs/experiments.md) "Why existence, spatial and grounding stay low" table: each row retrains
 only the last stage of a ``llava_shapes`` / ``honeybee_c_shapes`` run (its ``text`` and ``align`` stages and tokenizer
 are copied from ``--from``, so every row starts from the same LM, bridge and tower; a change that alters what ``align``
-sees, ``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). The runner's
+sees, ``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). A run of
+another model (the demo's ``honeybee_c_shapes`` for ``--recipe honeybee_d_shapes``) lends only its text stage's LM:
+``align`` starts the LM from it and the image tower from ``--tower``, and every later stage trains again. The runner's
 ``--resume`` skips the copied stages. Writes ``OUT/metrics.json`` as ``vlkit train`` does.
 
     python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]
         [--feature-layer -2 --tower SIGLIP_RUN/model] [--set task.answer_weighting=answer ...]
         [--kinds existence --turns 1] [--steps 600]
+    python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_d_shapes --tower DEMO/contrastive/model
     python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes (--train-lm | --drop-stage qformer)
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit.cli import _parse_overrides
+from vlkit.files import read_json
 from vlkit.recipes import InitFrom, Recipe, get_recipe
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.recipes.vlm import FROZEN_LM
@@ -67,6 +71,16 @@ def main(argv: list[str] | None = None) -> None:
         overrides["data.turns"] = args.turns
     if args.steps:
         overrides[f"stages.{last.name}.train.steps"] = args.steps
+    source, out = Path(args.source), Path(args.out)
+    source_recipe = read_json(source / "recipe.json")
+    if source_recipe["model"] != recipe.model:  # another bridge: only the text stage's LM carries over
+        if not args.tower:
+            parser.error(f"--from {source} trained {source_recipe['model']}, not {recipe.model}: give --tower")
+        text, align = recipe.stages[0], recipe.stages[1]
+        lm = InitFrom(str(stage_dir(source, recipe, text) / "model"), part="lm")
+        overrides[f"stages.{align.name}.init"] = {"encoder": InitFrom(args.tower, part="image_encoder"), "lm": lm}
+        recipe = dataclasses.replace(recipe, stages=recipe.stages[1:])
+        reused = []
     recipe = recipe.with_overrides(overrides)
     if args.train_tower is not None:
         recipe = _with_last_rules(recipe, (ParamGroupRule(r"encoder\..*", lr_scale=args.train_tower),))
@@ -84,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
         recipe = dataclasses.replace(recipe, stages=(*recipe.stages[:index], following, *recipe.stages[index + 2 :]))
         reused = [name for name in reused if names.index(name) < index]  # every later stage trains again
 
-    source, out = Path(args.source), Path(args.out)
     if not out.exists():
         out.mkdir(parents=True)
         shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
