@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,16 @@ def test_saved_model_loads_and_reproduces_metrics(trained_run: Path) -> None:
     run_cli("eval", "--model", str(trained_run / "model"), "--split", "val", "--out", str(out))
     validated = json.loads(out.read_text())
     assert set(validated) == set(evaluated) and validated != evaluated
+    # A run that compared on the validation split (--set data.eval_split=val) still evaluates on the test split by
+    # default: --split, not the recorded choice, decides.
+    compared = trained_run / "compared_on_val"
+    shutil.copytree(trained_run / "model", compared)
+    recipe = json.loads((compared / "recipe.json").read_text())
+    recipe["data"]["eval_split"] = "val"
+    (compared / "recipe.json").write_text(json.dumps(recipe))
+    for split, expected in (("test", evaluated), ("val", validated)):
+        run_cli("eval", "--model", str(compared), "--size", "16", "--split", split, "--out", str(out))
+        assert json.loads(out.read_text()) == expected, split
 
 
 def test_resume_of_a_finished_run_is_a_no_op(trained_run: Path) -> None:

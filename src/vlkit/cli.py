@@ -175,10 +175,11 @@ def _eval_recorded(args: argparse.Namespace) -> int:
     from vlkit.tasks.base import RunContext
 
     recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
-    if args.split != "test":
-        if not hasattr(recipe.data, "eval_split"):
-            raise ValueError(f"{args.model}: its data ({recipe.data.kind}) has no validation split to evaluate on")
+    # --split decides, not the split the run compared on during training (--set data.eval_split=val).
+    if hasattr(recipe.data, "eval_split"):
         recipe = recipe.with_overrides({"data.eval_split": args.split})
+    elif args.split != "test":
+        raise ValueError(f"{args.model}: its data ({recipe.data.kind}) has no validation split to evaluate on")
     model = from_pretrained(args.model).eval()
     with tempfile.TemporaryDirectory() as scratch:
         evaluation = recipe.task.evaluation(RunContext(recipe, Path(scratch), progress=False), model)
