@@ -59,7 +59,7 @@ def test_train_writes_the_output_contract(trained_run: Path) -> None:
     assert json.loads((trained_run / STAGE / "metrics.json").read_text())["steps"] == 4
 
 
-def test_saved_model_loads_and_reproduces_metrics(trained_run: Path) -> None:
+def test_saved_model_loads_and_reproduces_metrics(trained_run: Path, tmp_path: Path) -> None:
     model = vlkit.from_pretrained(trained_run / "model")
     assert model.tokenizer is not None
     assert model.config.vision.dim == 32 and model.config.loss == "siglip"
@@ -76,7 +76,7 @@ def test_saved_model_loads_and_reproduces_metrics(trained_run: Path) -> None:
     assert set(validated) == set(evaluated) and validated != evaluated
     # A run that compared on the validation split (--set data.eval_split=val) still evaluates on the test split by
     # default: --split, not the recorded choice, decides.
-    compared = trained_run / "compared_on_val"
+    compared = tmp_path / "compared_on_val"  # a copy: the module's run stays as trained
     shutil.copytree(trained_run / "model", compared)
     recipe = json.loads((compared / "recipe.json").read_text())
     recipe["data"]["eval_split"] = "val"
