@@ -16,7 +16,7 @@ import torch
 import vlkit
 from vlkit.data import shapes
 from vlkit.data.shapes_vqa import described_conversations, scene_layout
-from vlkit.data.specs import ShapesText
+from vlkit.data.specs import ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.lm import GenerationConfig
 from vlkit.models.vlm import VisionLanguageModel
@@ -489,6 +489,32 @@ def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Pat
     assert layouts == {0.0: {False}, 0.5: {False, True}, 1.0: {True}}
     with pytest.raises(ValueError, match="question_first is a probability"):
         dataclasses.replace(recipe.data, question_first=1.5)
+
+
+def test_kind_weights_draw_the_weighted_kind_more_often(tiny_llava: Path) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+
+    def grounding_turns(spec: ShapesInstructions) -> int:
+        dataset = ShapesInstructionDataset(spec, model, seed=0)
+        answers = [decode_answer(model.tokenizer, dataset[k]["input_ids"].tolist(), stop_ids=()) for k in range(24)]
+        return sum("<box>" in answer for answer in answers)
+
+    one_turn = dataclasses.replace(recipe.data, turns=1)
+    assert grounding_turns(one_turn) <= 8  # one kind in eight, where the scene has a referring expression
+    assert grounding_turns(dataclasses.replace(one_turn, kind_weights=(("grounding", 100.0),))) >= 20
+    # JSON and --set give lists; the recipe records pairs.
+    weighted = recipe.with_overrides({"data.kind_weights": [["grounding", 3]]}).data
+    assert weighted.kind_weights == (("grounding", 3.0),)
+    assert ShapesInstructions.from_dict(weighted.to_dict()) == weighted
+    for bad, message in (
+        ([["groundin", 2]], "'groundin' is not one of the drawn kinds"),
+        ([["grounding", 0]], "weight of 'grounding' must be positive"),
+        ([["count", 2], ["count", 1]], "names a kind twice"),
+        ([["count"]], "holds \\(kind, weight\\) pairs"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(recipe.data, kind_weights=bad)
 
 
 def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carries(tiny_llava: Path) -> None:

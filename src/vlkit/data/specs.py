@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -172,6 +172,25 @@ def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def _kind_weights(pairs: Sequence[Sequence[Any]], kinds: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """``pairs`` as ``((kind, weight), ...)`` (JSON and ``--set`` give lists), each kind one of ``kinds`` and named
+    once, each weight positive."""
+    out = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"kind_weights holds (kind, weight) pairs, got {list(pair)!r}")
+        kind, weight = str(pair[0]), float(pair[1])
+        if kind not in kinds:
+            raise ValueError(f"kind_weights: {kind!r} is not one of the drawn kinds {kinds}")
+        if not weight > 0:
+            raise ValueError(f"kind_weights: the weight of {kind!r} must be positive, got {weight}")
+        out.append((kind, weight))
+    named = [kind for kind, _ in out]
+    if len(set(named)) != len(named):
+        raise ValueError(f"kind_weights names a kind twice: {named}")
+    return tuple(out)
+
+
 @register_config
 @dataclass(frozen=True)
 class ShapesInstructions(ConfigBase):
@@ -181,7 +200,10 @@ class ShapesInstructions(ConfigBase):
 
     ``question_first``: the probability that a training conversation puts its first question before the image
     rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
-    is at least 0.5. Asked first, the question is in the context of every image token."""
+    is at least 0.5. Asked first, the question is in the context of every image token.
+
+    ``kind_weights``: ``(kind, weight)`` pairs weighting the draw of a training conversation's kinds (a kind not named
+    weighs 1); empty draws every kind alike, as the stream always has. Evaluation is unchanged."""
 
     kind: ClassVar[str] = "shapes_instructions"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -191,6 +213,7 @@ class ShapesInstructions(ConfigBase):
     turns: int = 4
     question_first: float = 0.0
     eval_split: str = "test"
+    kind_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
@@ -199,6 +222,7 @@ class ShapesInstructions(ConfigBase):
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
+        object.__setattr__(self, "kind_weights", _kind_weights(self.kind_weights, self.kinds))
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if not 0.0 <= self.question_first <= 1.0:

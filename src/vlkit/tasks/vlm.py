@@ -321,8 +321,14 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         for item in items:
             by_kind.setdefault(item.kind, []).append(item)
         kinds = list(by_kind)
+        if self.spec.kind_weights:
+            weights = dict(self.spec.kind_weights)
+            p = np.array([weights.get(kind, 1.0) for kind in kinds])
+            drawn = rng.choice(len(kinds), size=min(self.spec.turns, len(kinds)), replace=False, p=p / p.sum())
+        else:  # unweighted: the stream as it was before weights existed
+            drawn = rng.permutation(len(kinds))[: self.spec.turns]
         chosen = []
-        for kind in rng.permutation(len(kinds))[: self.spec.turns]:
+        for kind in drawn:
             group = by_kind[kinds[kind]]
             chosen.append(group[int(rng.integers(len(group)))])
         # No draw at 0 keeps the image-first stream as it was.
