@@ -62,7 +62,8 @@ from vlkit.train import ParamGroupRule, TrainConfig
 # (in ~89 % of conversations instead of half). Grounding is learned in a jump whose step varied from seed to seed;
 # drawn more often it comes sooner: validation grounding 0.68 / 0.70 / 0.63 against 0.68 / 0.53 / 0.51 at 1800
 # steps (seeds 0-2), VQA 0.893 / 0.912 / 0.882 against 0.901 / 0.879 / 0.895 (docs/experiments.md, the
-# twenty-third session).
+# twenty-third session). honeybee_c_shapes keeps the unweighted mix: it learns grounding without the help, and the
+# same weight cost it VQA (validation 0.856 against 0.890, one seed).
 GROUNDING_WEIGHTED = (("grounding", 4.0),)
 # The stage-1 heads train in the qformer stage only; the stages after it never read them.
 FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
