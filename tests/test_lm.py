@@ -320,6 +320,33 @@ def test_cache_slots_join_and_leave_a_running_batch() -> None:
     assert cache.allocate(3) == [0, 1, 2] and cache.lengths == [0, 0, 0]
 
 
+@pytest.mark.parametrize(("slots", "lengths", "sliced"), [([2, 0], [3, 0], False), ([1, 2], [2, 2], True)])
+def test_cache_store_writes_every_layer_as_update_does(slots: list[int], lengths: list[int], sliced: bool) -> None:
+    """``CacheStep.store`` (all layers at once, what a compiled decoding step returns) writes the same cache as
+    ``update`` layer by layer: slots 2 and 0 at unequal lengths through index tensors, 1 and 2 through slices."""
+    model = _model("test_llama_lm")
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    new = [torch.randn(config.depth, 2, config.num_kv_heads, 1, config.head_dim, generator=generator) for _ in "kv"]
+    caches = []
+    for write in ("update", "store"):
+        cache = model.new_cache(num_slots=3, max_len=8)
+        cache.allocate(3)
+        for slot, length in zip(slots, lengths, strict=True):
+            cache.lengths[slot] = length
+        step = cache.view(slots).begin(1, None)
+        assert step.sliced == sliced
+        if write == "store":
+            step.store(*new)
+        else:
+            for layer in range(config.depth):
+                step.update(layer, new[0][layer], new[1][layer])
+        caches.append(cache)
+    for name in ("keys", "values", "key_bias"):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name))
+    assert caches[1].keys.abs().sum() > 0
+
+
 def test_cache_errors_and_layout() -> None:
     model = _model("test_llama_lm")
     cache = model.new_cache(num_slots=2, max_len=8)
@@ -506,41 +533,36 @@ def test_stop_strings_across_bytes_special_tokens_and_the_prompt() -> None:
 @pytest.mark.parametrize(("name", "dtype"), [("test_qwen2_lm", "float32"), ("test_opt_lm", "float32"),
                                              ("test_qwen2_lm", "bfloat16")])  # fmt: skip
 def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``compile_decoding="on"``: a batch-1 decode runs each block's two parts and the head compiled (a one-row
-    product as a multiply-and-sum) and gives the same greedy ids as eager decoding, and logits equal up to summation
-    order in fp32 (RoPE, QKV biases and pre-norm in Qwen2; learned positions, post-norm and every bias in OPT). In bf16
-    the fused kernels round less often than the eager ops, so both are held against the fp32 model: no further off."""
+    """``compile_decoding="on"``: each step of a batch-1 decode after the prefill runs as one compiled function (every
+    block, the attention over the cache, the head; a one-row product as a multiply-and-sum) and gives the same greedy
+    ids as eager decoding, and logits equal up to summation order in fp32 (RoPE, QKV biases and pre-norm in Qwen2;
+    learned positions, post-norm and every bias in OPT), the prompt left-padded. In bf16 the fused kernels round less
+    often than the eager ops, so both are held against the fp32 model: no further off."""
     from vlkit.lm import model as lm_model
 
     monkeypatch.setitem(lm_model._DECODING, "failed", False)  # whatever an earlier test's compilation did
     model = _model(name).to(getattr(torch, dtype))
     ids, mask = _prompts([9], model.config.vocab_size, pad=0)
-    calls: list[str] = []
-    parts, head = lm_model._decoding_parts(), lm_model._decoding_head()
-
-    def counted(function: object, name: str) -> object:
-        return lambda *args: calls.append(name) or function(*args)  # type: ignore[operator]
+    pad = torch.zeros(1, 2, dtype=torch.long)  # left padding: the cache holds positions no query sees
+    ids, mask = torch.cat([pad, ids], 1), torch.cat([pad, mask], 1)
+    calls: list[int] = []
+    step = lm_model._decoding_step()
 
     def stepwise(model: DecoderLM, mode: str) -> torch.Tensor:
         """The fp32 logits of each one-token step after a prefill of the prompt, decoding ``eager``'s ids."""
         model.compile_decoding = mode
         view = model.new_cache(1, 32).view([0])
         with torch.no_grad():
-            model(eager[:, :9], cache=view)
-            return torch.cat([model(eager[:, at : at + 1], cache=view).logits[:, -1] for at in range(9, 19)]).float()
+            model(eager[:, :11], mask, cache=view)
+            return torch.cat([model.decode_step(eager[:, at : at + 1], view) for at in range(11, 21)]).float()
 
     model.compile_decoding = "off"
     eager = model.generate(ids, mask, max_new_tokens=10)
     reference = stepwise(model, "off")
-    monkeypatch.setattr(
-        lm_model, "_decoding_parts", lambda: (counted(parts[0], "inputs"), counted(parts[1], "outputs"))
-    )
-    monkeypatch.setattr(lm_model, "_decoding_head", lambda: counted(head, "head"))
+    monkeypatch.setattr(lm_model, "_decoding_step", lambda: lambda *args: calls.append(args[3].shape[2]) or step(*args))
     model.compile_decoding = "on"
     compiled = model.generate(ids, mask, max_new_tokens=10)
-    steps = 9  # the prompt's prefill runs eagerly (its last position's head compiled), then 9 one-token steps
-    assert calls.count("inputs") == calls.count("outputs") == steps * model.config.depth
-    assert calls.count("head") == steps + 1
+    assert calls == list(range(11, 20))  # after the prefill (eager), 9 one-token steps over the growing cache
     assert torch.equal(compiled, eager)
     logits = stepwise(model, "on")
     if dtype == "float32":
@@ -598,8 +620,7 @@ def test_compiled_decoding_falls_back_to_eager_with_one_warning(monkeypatch: pyt
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setitem(lm_model._DECODING, "failed", False)
-    monkeypatch.setattr(lm_model, "_decoding_parts", functools.cache(lm_model._decoding_parts.__wrapped__))
-    monkeypatch.setattr(lm_model, "_decoding_head", functools.cache(lm_model._decoding_head.__wrapped__))
+    monkeypatch.setattr(lm_model, "_decoding_step", functools.cache(lm_model._decoding_step.__wrapped__))
     model = _model("test_llama_lm")
     ids, mask = _prompts([7], model.config.vocab_size, pad=0)
     model.compile_decoding = "off"

@@ -190,6 +190,18 @@ class CacheStep:
         cache.values[layer][rows, :, columns] = values.transpose(1, 2)
         return cache.keys[layer][view.index, :, : self.end], cache.values[layer][view.index, :, : self.end]
 
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store this step's keys/values of every layer at once (layers, B, kv_heads, length, head_dim): what a
+        compiled decoding step returns instead of writing them layer by layer (``update``)."""
+        if self.sliced:
+            self.write[0].copy_(keys)
+            self.write[1].copy_(values)
+            return
+        cache = self.view.cache
+        rows, columns = self._positions()
+        cache.keys[:, rows, :, columns] = keys.permute(1, 3, 0, 2, 4)  # (B, length, layers, kv_heads, hd)
+        cache.values[:, rows, :, columns] = values.permute(1, 3, 0, 2, 4)
+
     def finish(self, next_positions: torch.Tensor) -> None:
         """After the forward pass: advance host lengths and store each row's next position id (B,)."""
         cache = self.view.cache

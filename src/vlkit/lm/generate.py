@@ -235,8 +235,7 @@ def _steps(
         last = step == config.max_new_tokens - 1
         if last or ((stop_tensor is not None or config.stop_strings) and bool(finished.all())):
             return
-        hidden = model.forward_features(tokens[:, None], cache=view)
-        logits = model.forward_head(hidden[:, -1]).float()
+        logits = model.decode_step(tokens[:, None], view).float()
 
 
 def _stop_string_hits(

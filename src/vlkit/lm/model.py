@@ -34,10 +34,10 @@ PACK_BUDGET_BYTES = 2 * 2**30
 
 # Compiled decoding (``DecoderLM.compile_decoding``): "auto" compiles a model's one-token steps on a CPU once its
 # eager steps have read this many bytes of linear weights in the process, so that a short answer never waits for the
-# compiler. On the 2-core EPYC of bench/generate.py compiling took 3.5-4.7 s with inductor's cache warm (34 s cold)
-# and saved ~5 ms per step of the 156 MB model (eager 72-83 tok/s, compiled 105-147): paid back after ~900 steps.
-# What a step saves grows with the weights it reads, so the threshold is in bytes: ~1000 steps of that model (about
-# 12 s of eager decoding, 2-3x a warm compile), 12 of a 7B model in bf16 (13 GB, seconds per token).
+# compiler. On the 2-core EPYC of bench/generate.py compiling the step took 5-7 s with inductor's cache warm (23 s
+# cold) and saved ~6.5 ms per step of the 156 MB model (eager 79-94 tok/s, compiled 164-177): paid back after ~1000
+# steps. What a step saves grows with the weights it reads, so the threshold is in bytes: ~1000 steps of that model
+# (about 12 s of eager decoding, 2x a warm compile), 12 of a 7B model in bf16 (13 GB, seconds per token).
 AUTO_COMPILE_DECODING_BYTES = 160 * 10**9
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
@@ -55,7 +55,6 @@ class AttentionContext(NamedTuple):
     mask: torch.Tensor | None  # (B, 1, T, L): bool, True = attend, or an additive 0 / -inf bias
     is_causal: bool  # no mask and no cache: SDPA's own causal pattern
     step: CacheStep | None
-    compiled: bool = False  # a one-token decoding step through the compiled block parts (DecoderLM.compile_decoding)
 
 
 class CausalSelfAttention(nn.Module):
@@ -129,10 +128,6 @@ class DecoderBlock(nn.Module):
         self.mlp = build_mlp(config.dim, config.mlp_dim, config.mlp, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, context: AttentionContext, layer: int) -> torch.Tensor:
-        if context.compiled:  # a decoding step: the parts around the attention over the cache run compiled
-            inputs, outputs = _decoding_parts()
-            q, k, v = inputs(self, x, context.rope)
-            return outputs(self, x, self.attn.attend(q, k, v, context, layer))
         return self.residuals(x, self.attn(self.norm1(x) if self.pre_norm else x, context, layer))
 
     def attention_inputs(
@@ -158,17 +153,20 @@ class DecoderLM(PretrainedModel):
     """``forward`` -> ``LMOutput(logits, loss)``; ``forward_features`` / ``forward_head`` split it at the final hidden
     states; ``generate`` decodes with a KV cache (``new_cache`` makes one for a server's own loop).
 
-    ``compile_decoding`` ("auto", "on", "off"): whether a one-row, one-token forward pass on a CPU in fp32 or bf16
-    without gradients (a decoding step at batch 1) runs through ``torch.compile``: each block as two compiled
-    functions around its attention over the cache, and the head as a third. Inside them a one-row product is a
-    multiply-and-sum that inductor emits as one streaming reduction, which reads the weights faster than the BLAS and
-    oneDNN kernels do at one row (``vlkit.layers.linear``), and the norms, rotation and residuals fuse into it. "auto"
-    does this once such eager steps have read ``AUTO_COMPILE_DECODING_BYTES`` of weights, for models of at least
-    ``COMPILE_DECODING_MIN_BYTES`` of linear weights, where a C++ compiler is present, and not on Intel CPUs, whose
-    MKL one-row product already reads at 91-98 % of the memory bandwidth in fp32 (not measured compiled there: "on"
-    tries it). If compiling fails, decoding warns once and stays eager. The numbers equal the eager ones up to
-    summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1: fp32 77-79 -> 122-132 tok/s,
-    bf16 129 -> 174).
+    ``decode_step`` is one decoding step of one new token per row over a ``CacheView`` (``generate``'s loop, or a
+    server's). ``compile_decoding`` ("auto", "on", "off"): whether a decoding step at batch 1 on a CPU in fp32 or bf16
+    without gradients runs as one compiled function (``torch.compile``): every block with its attention over the
+    cache, the final norm and the head in one graph, whose only input that grows is the cache (a dynamic length, so
+    it never recompiles as the sequence grows); the new keys and values come out of it and are stored after it.
+    Inside it a one-row product is a multiply-and-sum that inductor emits as one streaming reduction, which reads the
+    weights faster than the BLAS and oneDNN kernels do at one row (``vlkit.layers.linear``), and the norms, rotation,
+    attention and residuals fuse around them. "auto" does this once such eager steps have read
+    ``AUTO_COMPILE_DECODING_BYTES`` of weights, for models of at least ``COMPILE_DECODING_MIN_BYTES`` of linear
+    weights, where a C++ compiler is present, and not on Intel CPUs, whose MKL one-row product already reads at
+    91-98 % of the memory bandwidth in fp32 (not measured compiled there: "on" tries it). If compiling fails, decoding
+    warns once and stays eager. The numbers equal the eager ones up to summation order (bench/generate.py: 55 M
+    Qwen2-style, 2-core AVX-512 EPYC, batch 1, fp32: eager 73-79 tok/s; each block's parts compiled around an eager
+    attention, the nineteenth session, 105-147; the whole step, README "Generation").
     """
 
     config_class = LMConfig
@@ -297,6 +295,21 @@ class DecoderLM(PretrainedModel):
         if position_ids is None:
             position_ids = _positions(attention_mask, start, batch, length, x.device)
             limit = step.end if step is not None else length
+        x, rope = self._block_inputs(x, position_ids, limit)
+        context = AttentionContext(rope, mask, is_causal, step)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, context, layer)
+        x = self._block_outputs(x)
+        if step is not None:
+            assert start is not None
+            step.finish(start + (length if attention_mask is None else attention_mask.sum(-1)))
+        return x
+
+    def _block_inputs(
+        self, x: torch.Tensor, position_ids: torch.Tensor, limit: int | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The first block's input from the embeddings (B, T, E) at ``position_ids``, and the rotation tables.
+        ``limit``: a bound on the positions known without reading them (None: unknown)."""
         if self.embed_in is not None:
             x = self.embed_in(x)
         if self.pos_embed is not None:
@@ -305,18 +318,13 @@ class DecoderLM(PretrainedModel):
             ) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.config.max_seq_len}")
             x = x + self.pos_embed(position_ids + self.config.position_offset)
-        rope = self._rope(position_ids, x.dtype, limit) if self.rope is not None else None
-        context = AttentionContext(rope, mask, is_causal, step, self._compiles_decoding(x, count=True))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, context, layer)
+        return x, self._rope(position_ids, x.dtype, limit) if self.rope is not None else None
+
+    def _block_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states from the last block's output: the final norm and the output projection."""
         if self.norm is not None:
             x = self.norm(x)
-        if self.embed_out is not None:
-            x = self.embed_out(x)
-        if step is not None:
-            assert start is not None
-            step.finish(start + (length if attention_mask is None else attention_mask.sum(-1)))
-        return x
+        return x if self.embed_out is None else self.embed_out(x)
 
     def _rope(
         self, position_ids: torch.Tensor, dtype: torch.dtype, limit: int | None
@@ -337,15 +345,31 @@ class DecoderLM(PretrainedModel):
 
     def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of hidden states (..., E)."""
-        if self._compiles_decoding(hidden):
-            # A prompt's last position is a row with the prompt's stride, which would compile the head once per prompt
-            # length: the same row with plain strides.
-            return _decoding_head()(hidden.flatten().view(hidden.shape), self.head_weight)
         return linear(hidden, self.head_weight, pack=self.pack_weights)
 
+    def decode_step(self, input_ids: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """Logits (B, V) of one new token per row (``input_ids`` (B, 1)) after what the rows' cache slots hold; the
+        new keys and values are stored in the slots. At batch 1 ``compile_decoding`` may run it compiled (above)."""
+        x = self.embed(input_ids)
+        kv, slot = cache.cache, cache.slots[0]
+        if input_ids.shape != (1, 1) or kv.lengths[slot] == 0 or not self._compiles_decoding(x, count=True):
+            return self.forward_head(self.forward_features(inputs_embeds=x, cache=cache)[:, -1])
+        stored = kv.lengths[slot]
+        position = kv.next_position[slot : slot + 1, None]  # (1, 1)
+        x, rope = self._block_inputs(x, position, stored + 1)
+        keys, values = kv.keys[:, slot, :, :stored], kv.values[:, slot, :, :stored]  # (layers, kv_heads, L, hd)
+        key_bias = kv.key_bias[slot : slot + 1, :stored]  # (1, L): -inf at the prompt's padding
+        if stored > 1:  # one graph for every cache length (a length of 1 is specialised by the compiler)
+            for tensor in (keys, values, key_bias):
+                torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor is not key_bias else 1)
+        logits, new_keys, new_values = _decoding_step()(self, x, rope, keys, values, key_bias)
+        step = cache.begin(1, None)
+        step.store(new_keys, new_values)
+        step.finish(position[:, 0] + 1)
+        return logits
+
     def _compiles_decoding(self, x: torch.Tensor, count: bool = False) -> bool:
-        """Whether a forward pass of ``x`` (a decoding step's input or hidden state) runs compiled; ``count``: this is
-        a step's first question (forward_features), which "auto" counts."""
+        """Whether a decoding step of the embeddings ``x`` runs compiled; ``count``: "auto" counts the step."""
         if self.compile_decoding == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         one_row = x.numel() == x.shape[-1]
@@ -437,8 +461,43 @@ _DECODING = {"failed": False}  # compilation failed once in this process: every 
 _DECODING_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return linear(hidden, weight)
+def _one_token_step(
+    model: DecoderLM,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row's decoding step from the first block's input x (1, 1, D): logits (1, V) and the new token's keys and
+    values of every layer (layers, 1, kv_heads, 1, head_dim), over the stored ``keys`` / ``values`` (layers, kv_heads,
+    L, head_dim) and their additive ``key_bias`` (1, L). Nothing is written: the caller stores the new keys."""
+    new_keys, new_values = [], []
+    for layer, block in enumerate(model.blocks):
+        q, k, v = block.attention_inputs(x, rope)
+        attended = _one_query_attention(q, k, v, keys[layer], values[layer], key_bias)
+        x = block.attention_outputs(x, attended.to(x.dtype))
+        new_keys.append(k)
+        new_values.append(v)
+    logits = linear(model._block_outputs(x)[:, -1], model.head_weight)
+    return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+def _one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor
+) -> torch.Tensor:
+    """SDPA of one query row q (1, heads, 1, hd) over the stored keys / values (kv_heads, L, hd) plus its own k, v
+    (1, kv_heads, 1, hd), without concatenating them: (1, 1, heads * hd), in fp32. Written as products and sums
+    that inductor fuses into a few reductions over L; the query heads sharing a key head read it once."""
+    heads, head_dim = q.shape[1], q.shape[3]
+    kv_heads = k.shape[1]
+    q = q.float().reshape(kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
+    stored = (q[:, :, None] * keys.float()[:, None]).sum(-1) + key_bias.float()  # (kv_heads, groups, L)
+    own = (q * k.float()[0]).sum(-1, keepdim=True)  # (kv_heads, groups, 1)
+    top = torch.maximum(stored.amax(-1, keepdim=True), own)
+    stored, own = (stored - top).exp(), (own - top).exp()
+    out = (stored[..., None] * values.float()[:, None]).sum(-2) + own * v.float()[0]  # (kv_heads, groups, hd)
+    return (out / (stored.sum(-1, keepdim=True) + own)).reshape(1, 1, heads * head_dim)
 
 
 def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -450,14 +509,9 @@ def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @functools.cache
-def _decoding_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The compiled ``DecoderBlock.attention_inputs`` and ``attention_outputs``, shared by every block and model."""
-    return _fallible(DecoderBlock.attention_inputs), _fallible(DecoderBlock.attention_outputs)
-
-
-@functools.cache
-def _decoding_head() -> Callable[..., Any]:
-    return _fallible(_head)
+def _decoding_step() -> Callable[..., Any]:
+    """The compiled ``_one_token_step``, shared by every model."""
+    return _fallible(_one_token_step)
 
 
 def _loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
