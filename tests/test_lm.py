@@ -577,13 +577,14 @@ def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pyte
 def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """ "auto" compiles only one-row fp32 / bf16 steps on a CPU without gradients, of models with enough linear
     weights, where a compiler is present and MKL does not serve one row (Intel), and only once its eager steps have
-    read ``AUTO_COMPILE_DECODING_BYTES`` of weights (a bf16 step reads half as much); "off" never."""
+    read ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (a bf16 step reads half as much); "off"
+    never."""
     from vlkit.lm import model as lm_model
 
     model = _model("test_llama_lm")
     row, batch = torch.randn(1, 1, model.config.dim), torch.randn(2, 1, model.config.dim)
     step_bytes = model._linear_params * 4  # what one fp32 step reads
-    monkeypatch.setattr(lm_model, "AUTO_COMPILE_DECODING_BYTES", 2 * step_bytes)
+    monkeypatch.setattr(lm_model, "AUTO_COMPILE_DECODING_BYTES_PER_LAYER", 2 * step_bytes / model.config.depth)
     monkeypatch.setitem(lm_model._DECODING, "failed", False)
     monkeypatch.setattr(lm_model, "compiler_present", lambda: True)
     monkeypatch.setattr(lm_model, "MKL_ONE_ROW", False)

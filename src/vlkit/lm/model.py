@@ -33,12 +33,14 @@ from vlkit.models.base import PretrainedModel
 PACK_BUDGET_BYTES = 2 * 2**30
 
 # Compiled decoding (``DecoderLM.compile_decoding``): "auto" compiles a model's one-token steps on a CPU once its
-# eager steps have read this many bytes of linear weights in the process, so that a short answer never waits for the
-# compiler. On the 2-core EPYC of bench/generate.py compiling the step took 5-7 s with inductor's cache warm (23 s
-# cold) and saved ~6.5 ms per step of the 156 MB model (eager 79-94 tok/s, compiled 164-177): paid back after ~1000
-# steps. What a step saves grows with the weights it reads, so the threshold is in bytes: ~1000 steps of that model
-# (about 12 s of eager decoding, 2x a warm compile), 12 of a 7B model in bf16 (13 GB, seconds per token).
-AUTO_COMPILE_DECODING_BYTES = 160 * 10**9
+# eager steps have read this many bytes of linear weights per layer in the process, so that a short answer never waits
+# for the compiler. The step is one graph of every layer, so compiling it takes longer the deeper the model: on the
+# 2-core EPYC of bench/generate.py 5 s with inductor's cache warm (19-23 s cold) at 8 layers, 9.5 s (68 s cold) at 32.
+# It saved ~6.5 ms per step of the 156 MB, 8-layer model (eager 79-94 tok/s, compiled 164-177): paid back after ~1000
+# steps warm. What a step saves grows with the weights it reads, so the threshold is in bytes per layer: ~1000 steps
+# of that model (about 12 s of eager decoding, 2x a warm compile), ~50 of a 7B model in bf16 (32 layers, 13 GB a step,
+# about a second each here: ~50 s of eager decoding against a 10-70 s compile).
+AUTO_COMPILE_DECODING_BYTES_PER_LAYER = 20 * 10**9
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
 
@@ -161,12 +163,13 @@ class DecoderLM(PretrainedModel):
     Inside it a one-row product is a multiply-and-sum that inductor emits as one streaming reduction, which reads the
     weights faster than the BLAS and oneDNN kernels do at one row (``vlkit.layers.linear``), and the norms, rotation,
     attention and residuals fuse around them. "auto" does this once such eager steps have read
-    ``AUTO_COMPILE_DECODING_BYTES`` of weights, for models of at least ``COMPILE_DECODING_MIN_BYTES`` of linear
-    weights, where a C++ compiler is present, and not on Intel CPUs, whose MKL one-row product already reads at
-    91-98 % of the memory bandwidth in fp32 (not measured compiled there: "on" tries it). If compiling fails, decoding
-    warns once and stays eager. The numbers equal the eager ones up to summation order (bench/generate.py: 55 M
-    Qwen2-style, 2-core AVX-512 EPYC, batch 1, fp32: eager 73-79 tok/s; each block's parts compiled around an eager
-    attention, the nineteenth session, 105-147; the whole step, README "Generation").
+    ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (compiling takes longer the deeper the model), for
+    models of at least ``COMPILE_DECODING_MIN_BYTES`` of linear weights, where a C++ compiler is present, and not on
+    Intel CPUs, whose MKL one-row product already reads at 91-98 % of the memory bandwidth in fp32 (not measured
+    compiled there: "on" tries it). If compiling fails, decoding warns once and stays eager. The numbers equal the
+    eager ones up to summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1, fp32: eager
+    73-79 tok/s; each block's parts compiled around an eager attention, the nineteenth session, 105-147; the whole
+    step, README "Generation").
     """
 
     config_class = LMConfig
@@ -381,7 +384,7 @@ class DecoderLM(PretrainedModel):
         if MKL_ONE_ROW or weight_bytes < COMPILE_DECODING_MIN_BYTES or not compiler_present():
             return False
         self._decoding_bytes += weight_bytes if count else 0
-        return self._decoding_bytes > AUTO_COMPILE_DECODING_BYTES
+        return self._decoding_bytes > AUTO_COMPILE_DECODING_BYTES_PER_LAYER * self.config.depth
 
     def forward(
         self,
