@@ -358,6 +358,11 @@ def test_cache_errors_and_layout() -> None:
         model(torch.arange(3, 12)[None], cache=view)
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    model.compile_decoding = "on"  # the compiled step too names a view that does not match the batch
+    with torch.no_grad():
+        model(torch.tensor([[5, 6]]), cache=view)
+        with pytest.raises(ValueError, match="cache view has 2 slots for a batch of 1"):
+            model.decode_step(torch.tensor([[7]]), cache.view([0, 1]))
 
 
 def _labelled(model: DecoderLM) -> tuple[torch.Tensor, torch.Tensor]:

@@ -354,9 +354,10 @@ class DecoderLM(PretrainedModel):
         """Logits (B, V) of one new token per row (``input_ids`` (B, 1)) after what the rows' cache slots hold; the
         new keys and values are stored in the slots. At batch 1 ``compile_decoding`` may run it compiled (above)."""
         x = self.embed(input_ids)
-        kv, slot = cache.cache, cache.slots[0]
-        if input_ids.shape != (1, 1) or kv.lengths[slot] == 0 or not self._compiles_decoding(x, count=True):
+        one = input_ids.shape == (1, 1) and len(cache) == 1 and cache.lengths[0] > 0
+        if not one or not self._compiles_decoding(x, count=True):
             return self.forward_head(self.forward_features(inputs_embeds=x, cache=cache)[:, -1])
+        kv, slot = cache.cache, cache.slots[0]
         stored = kv.lengths[slot]
         position = kv.next_position[slot : slot + 1, None]  # (1, 1)
         x, rope = self._block_inputs(x, position, stored + 1)
