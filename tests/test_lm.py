@@ -594,21 +594,20 @@ def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monk
     monkeypatch.setattr(lm_model, "compiler_present", lambda: True)
     monkeypatch.setattr(lm_model, "MKL_ONE_ROW", False)
     with torch.no_grad():
-        assert not model._compiles_decoding(row, count=True)  # too small for "auto"
+        assert not model._compiles_decoding(row)  # too small for "auto"
         monkeypatch.setattr(lm_model, "COMPILE_DECODING_MIN_BYTES", 0)
-        assert [model._compiles_decoding(row, count=True) for _ in range(4)] == [False, False, True, True]
-        assert model._compiles_decoding(row)  # the head asks without counting
-        assert not model._compiles_decoding(batch, count=True)
-        assert model._compiles_decoding(row.bfloat16(), count=True)
-        assert not model._compiles_decoding(row.double(), count=True)
+        assert [model._compiles_decoding(row) for _ in range(4)] == [False, False, True, True]
+        assert not model._compiles_decoding(batch)
+        assert model._compiles_decoding(row.bfloat16())
+        assert not model._compiles_decoding(row.double())
         half = _model("test_llama_lm").bfloat16()
-        assert [half._compiles_decoding(row.bfloat16(), count=True) for _ in range(5)] == [False] * 4 + [True]
+        assert [half._compiles_decoding(row.bfloat16()) for _ in range(5)] == [False] * 4 + [True]
         for blocker in ("MKL_ONE_ROW", "compiler_present"):
             with monkeypatch.context() as patch:
                 patch.setattr(lm_model, blocker, True if blocker == "MKL_ONE_ROW" else lambda: False)
-                assert not model._compiles_decoding(row, count=True)
+                assert not model._compiles_decoding(row)
         model.compile_decoding = "off"
-        assert not model._compiles_decoding(row, count=True)
+        assert not model._compiles_decoding(row)
         model.compile_decoding = "on"
         assert lm_model.DecoderLM(model.config)._compiles_decoding(row) is False  # a new model starts at "auto"
         assert model._compiles_decoding(row)

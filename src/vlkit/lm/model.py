@@ -355,25 +355,24 @@ class DecoderLM(PretrainedModel):
         new keys and values are stored in the slots. At batch 1 ``compile_decoding`` may run it compiled (above)."""
         x = self.embed(input_ids)
         one = input_ids.shape == (1, 1) and len(cache) == 1 and cache.lengths[0] > 0
-        if not one or not self._compiles_decoding(x, count=True):
+        if not one or not self._compiles_decoding(x):
             return self.forward_head(self.forward_features(inputs_embeds=x, cache=cache)[:, -1])
-        kv, slot = cache.cache, cache.slots[0]
-        stored = kv.lengths[slot]
+        kv, slot, stored = cache.cache, cache.slots[0], cache.lengths[0]
         position = kv.next_position[slot : slot + 1, None]  # (1, 1)
         x, rope = self._block_inputs(x, position, stored + 1)
         keys, values = kv.keys[:, slot, :, :stored], kv.values[:, slot, :, :stored]  # (layers, kv_heads, L, hd)
         key_bias = kv.key_bias[slot : slot + 1, :stored]  # (1, L): -inf at the prompt's padding
         if stored > 1:  # one graph for every cache length (a length of 1 is specialised by the compiler)
-            for tensor in (keys, values, key_bias):
-                torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor is not key_bias else 1)
+            for tensor, length_dim in ((keys, 2), (values, 2), (key_bias, 1)):
+                torch._dynamo.mark_dynamic(tensor, length_dim)
         logits, new_keys, new_values = _decoding_step()(self, x, rope, keys, values, key_bias)
         step = cache.begin(1, None)
         step.store(new_keys, new_values)
         step.finish(position[:, 0] + 1)
         return logits
 
-    def _compiles_decoding(self, x: torch.Tensor, count: bool = False) -> bool:
-        """Whether a decoding step of the embeddings ``x`` runs compiled; ``count``: "auto" counts the step."""
+    def _compiles_decoding(self, x: torch.Tensor) -> bool:
+        """Whether a decoding step of the embeddings ``x`` runs compiled; "auto" counts the step's weights."""
         if self.compile_decoding == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         one_row = x.numel() == x.shape[-1]
@@ -384,7 +383,7 @@ class DecoderLM(PretrainedModel):
         weight_bytes = self._linear_params * x.element_size()
         if MKL_ONE_ROW or weight_bytes < COMPILE_DECODING_MIN_BYTES or not compiler_present():
             return False
-        self._decoding_bytes += weight_bytes if count else 0
+        self._decoding_bytes += weight_bytes
         return self._decoding_bytes > AUTO_COMPILE_DECODING_BYTES_PER_LAYER * self.config.depth
 
     def forward(
@@ -505,7 +504,8 @@ def _one_query_attention(
 
 
 def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` through ``torch.compile`` (static shapes: a decoding step's are fixed), eager once that fails."""
+    """``function`` through ``torch.compile`` (static shapes but for the dims marked dynamic: a decoding step's cache
+    length), eager once that fails."""
     return compiled_or_eager(
         torch.compile(function, dynamic=False), function, _DECODING, "compiling the decoding step failed",
         "decoding continues eagerly (model.compile_decoding = 'off' skips the attempt)",
