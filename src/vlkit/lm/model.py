@@ -165,11 +165,12 @@ class DecoderLM(PretrainedModel):
     attention and residuals fuse around them. "auto" does this once such eager steps have read
     ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (compiling takes longer the deeper the model), for
     models of at least ``COMPILE_DECODING_MIN_BYTES`` of linear weights, where a C++ compiler is present, and not on
-    Intel CPUs, whose MKL one-row product already reads at 91-98 % of the memory bandwidth in fp32 (not measured
-    compiled there: "on" tries it). If compiling fails, decoding warns once and stays eager. The numbers equal the
-    eager ones up to summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1, fp32: eager
-    73-79 tok/s; each block's parts compiled around an eager attention, the nineteenth session, 105-147; the whole
-    step, README "Generation").
+    Intel CPUs, where the eager step is the faster one (MKL's one-row product in fp32, oneDNN's in bf16; on the
+    2-core AMX Xeon of bench/generate.py eager 145-152 tok/s against compiled 131-132 in fp32, 182 against 170 in
+    bf16: "on" compiles there all the same). If compiling fails, decoding warns once and stays eager. The numbers
+    equal the eager ones up to summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1,
+    fp32: eager 73-79 tok/s; each block's parts compiled around an eager attention, the nineteenth session, 105-147;
+    the whole step, README "Generation").
     """
 
     config_class = LMConfig
