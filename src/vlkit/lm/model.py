@@ -483,7 +483,7 @@ def _one_token_step(
         x = block.attention_outputs(x, attended.to(x.dtype))
         new_keys.append(k)
         new_values.append(v)
-    logits = linear(model._block_outputs(x)[:, -1], model.head_weight)
+    logits = model.forward_head(model._block_outputs(x)[:, -1])
     return logits, torch.stack(new_keys), torch.stack(new_values)
 
 
