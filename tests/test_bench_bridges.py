@@ -105,6 +105,8 @@ def test_full_scale_rows_take_llava_shapes_stages_and_share_the_claims_tower(tmp
             assert stage.train == dataclasses.replace(source.train, steps=round(steps * 0.5),
                                                       warmup_steps=stage.train.warmup_steps)  # fmt: skip
         assert recipe.stages[0].init == {"encoder": tower, "lm": lm} and recipe.model == row.preset
+        # llava_shapes' data, but every kind drawn alike (the mix the bench's table was measured on).
+        assert llava.data.kind_weights and recipe.data == dataclasses.replace(llava.data, kind_weights=())
     # At one scale for both benches the tower is the run the claims bench would train under that name.
     name, source, overrides, _ = bench.tower_run()
     batch = get_recipe("siglip_patch_shapes").stages[0].train.batch_size

@@ -328,8 +328,11 @@ def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path
     for name in ("honeybee_c_shapes", "honeybee_d_shapes"):  # llava_shapes' layer override, inherited
         assert get_recipe(name).model_overrides == get_recipe("llava_shapes").model_overrides == {"feature_layer": 2}
     assert get_recipe("honeybee_d_shapes").model == "shapes_honeybee_d"
-    # The D-Abstractor's mix weights referring expressions; the rest of llava_shapes' data is its own.
-    honeybee_d, llava = get_recipe("honeybee_d_shapes").data, get_recipe("llava_shapes").data
-    assert honeybee_d.kind_weights == (("grounding", 4.0),) and llava.kind_weights == ()
-    assert dataclasses.replace(honeybee_d, kind_weights=()) == llava
+    # llava_shapes' mix weights referring expressions, and so does the D-Abstractor's; the C-Abstractor's does not,
+    # the rest of its data being llava_shapes'.
+    data = {name: get_recipe(name).data for name in ("llava_shapes", "honeybee_c_shapes", "honeybee_d_shapes")}
+    assert data["llava_shapes"].kind_weights == data["honeybee_d_shapes"].kind_weights == (("grounding", 4.0),)
+    assert data["honeybee_d_shapes"] == data["llava_shapes"]
+    assert data["honeybee_c_shapes"].kind_weights == ()
+    assert dataclasses.replace(data["honeybee_c_shapes"], kind_weights=(("grounding", 4.0),)) == data["llava_shapes"]
     assert vlkit.get_config("shapes_honeybee_d").bridge.num_queries == 16

@@ -35,7 +35,8 @@ the C-Abstractor (``shapes_honeybee_c``) and the D-Abstractor (``shapes_honeybee
 than the MLP's 64. Reading the tower's last layer, 1800 steps took ``honeybee_c_shapes`` to VQA 0.89-0.93 and
 grounding acc@0.5 0.64-0.73 (three runs); reading layer 2 it stood at 0.925 / 0.73 at step 1200 and 0.927 / 0.73 at
 1800 (README, "Where the column is lost"). ``honeybee_d_shapes`` draws referring expressions four times as often as
-another kind (``GROUNDING_WEIGHTED``), which steadied its grounding over seeds.
+another kind (``GROUNDING_WEIGHTED``), which steadied its grounding over seeds, as ``llava_shapes`` now does;
+``honeybee_c_shapes`` keeps the unweighted mix.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from vlkit.recipes.vlm import (
     FROZEN_BRIDGE,
     FROZEN_ENCODER,
     FROZEN_LM,
+    GROUNDING_WEIGHTED,
     SHAPES_TOWER,
     TEXT_BUDGET,
     llava_shapes,
@@ -58,13 +60,6 @@ from vlkit.tasks.qformer import QFormerPretraining
 from vlkit.tasks.vlm import VisionLanguage
 from vlkit.train import ParamGroupRule, TrainConfig
 
-# honeybee_d_shapes' instruction mix: a conversation's kinds drawn with referring expressions weighing 4 against 1
-# (in ~89 % of conversations instead of half). Grounding is learned in a jump whose step varied from seed to seed;
-# drawn more often it comes sooner: validation grounding 0.68 / 0.70 / 0.63 against 0.68 / 0.53 / 0.51 at 1800
-# steps (seeds 0-2), VQA 0.893 / 0.912 / 0.882 against 0.901 / 0.879 / 0.895 (docs/experiments.md, the
-# twenty-third session). honeybee_c_shapes keeps the unweighted mix: it learns grounding without the help, and the
-# same weight cost it VQA (validation 0.856 against 0.890, one seed).
-GROUNDING_WEIGHTED = (("grounding", 4.0),)
 # The stage-1 heads train in the qformer stage only; the stages after it never read them.
 FROZEN_HEADS = ParamGroupRule(r"qformer_heads\..*", freeze=True)
 
@@ -108,13 +103,17 @@ def blip2_shapes() -> Recipe:
 
 @register_recipe
 def honeybee_c_shapes() -> Recipe:
+    llava = llava_shapes()
     return dataclasses.replace(
-        llava_shapes(),
+        llava,
         name="honeybee_c_shapes",
         description="Honeybee with the C-Abstractor on ShapesWorld (16 bridge tokens) reading the tower's layer 2: "
         "llava_shapes' stages, LM on ShapesWorld text, then the bridge on captions, then bridge + LM on the "
         "instruction mix.",
         model="shapes_honeybee_c",
+        # The unweighted mix: the C-Abstractor learns grounding without the help, and llava_shapes' weight cost it
+        # VQA (validation 0.856 against 0.890, one seed; docs/experiments.md, the twenty-third session).
+        data=dataclasses.replace(llava.data, kind_weights=()),
     )
 
 
@@ -128,5 +127,5 @@ def honeybee_d_shapes() -> Recipe:
         "llava_shapes' stages, LM on ShapesWorld text, then the bridge on captions, then bridge + LM on the "
         "instruction mix, referring expressions drawn four times as often as another kind.",
         model="shapes_honeybee_d",
-        data=dataclasses.replace(llava.data, kind_weights=GROUNDING_WEIGHTED),
+        data=dataclasses.replace(llava.data, kind_weights=GROUNDING_WEIGHTED),  # llava_shapes' weights, pinned
     )
