@@ -13,7 +13,7 @@ once), one language model with its tokenizer (``llava_shapes``' text stage alone
 ``llava_shapes``' other stages (align, instruct) with their budgets as the recipe defines them when the bench runs,
 but ``INSTRUCT_STEPS`` (600) instruct steps, where the recipe trains 1800, so that the 14 rows fit two hours, and
 its instruction mix without the kind weights (every kind drawn alike, as the table was measured before the recipe
-weighted referring expressions: ``UNWEIGHTED``);
+weighted referring expressions);
 the Q-Former + stage 1 row runs ``blip2_shapes``' Q-Former stage before them. Every row reads the encoder where
 ``shapes_llava`` does (its ``feature_layer``), BLIP-2's Q-Former included. The rows take the bridge settings of the
 presets that have them (``shapes_llava``'s MLP, ``shapes_blip2``'s Q-Former, ``shapes_honeybee_c`` / ``_d``'s
@@ -97,10 +97,6 @@ LLAVA = "llava_shapes"
 BLIP2 = "blip2_shapes"
 LM_RUN = "llava_text"
 PRESET_PREFIX = "bench_bridges_"
-# The rows' instruction mix draws every kind alike: the bridges are compared on the mix their table was measured
-# on (llava_shapes has since weighted referring expressions, GROUNDING_WEIGHTED, which lifts grounding for a bridge
-# that learns it late).
-UNWEIGHTED: tuple[tuple[str, float], ...] = ()
 # Instruct steps of every row (llava_shapes trains 1800): at 600 the 14 rows fit the bench's two hours on a 2-core CPU.
 INSTRUCT_STEPS = 600
 
@@ -247,7 +243,9 @@ class BridgesBench(ClaimsBench):
         names = " + ".join(stage.name for stage in stages)
         return dataclasses.replace(
             llava, name=f"bridges_{row.name}", model=row.preset, model_overrides={}, stages=tuple(stages),
-            data=dataclasses.replace(llava.data, kind_weights=UNWEIGHTED),
+            # Every kind drawn alike, the mix the table was measured on (llava_shapes has since weighted referring
+            # expressions, GROUNDING_WEIGHTED, which lifts grounding for a bridge that learns it late).
+            data=dataclasses.replace(llava.data, kind_weights=()),
             description=f"{LLAVA}' stages ({names}) with the {row.label} bridge at M = {row.tokens}, on the image "
             "tower and LM the bridges bench shares.",
         )  # fmt: skip
