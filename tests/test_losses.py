@@ -161,3 +161,25 @@ def test_siglip_perfect_alignment_beats_random() -> None:
     aligned = SigLipLoss(4)(eye, eye, scale, bias)
     shuffled = SigLipLoss(4)(eye, eye.roll(1, 0), scale, bias)
     assert float(aligned) < 1e-3 < 5 < float(shuffled)
+
+
+# --- under bf16 autocast
+
+
+@pytest.mark.parametrize("loss_fn", [SigLipLoss(5), ClipLoss()], ids=["siglip", "clip"])
+def test_losses_score_in_fp32_under_bf16_autocast(loss_fn) -> None:
+    # A tower under bf16 autocast hands the loss bf16 features. Near SigLIP's bias of -10 a bf16 logit is resolved to
+    # 1/16, which moves a pair's sigmoid gradient by up to ~6 %: the logits must be formed in fp32 whatever the
+    # autocast context, and the gradients must equal the fp32 loss's on the same (bf16-valued) features.
+    image, text = _features(12, 8, torch.bfloat16, seed=7)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    leaves = [t.clone().requires_grad_(True) for t in (image, text, scale, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(*leaves)
+    grads = torch.autograd.grad(loss, leaves)  # outside autocast, as the trainer (and PyTorch's guide) calls it
+    want, want_grads = _loss_and_grads(loss_fn, image.float(), text.float(), scale, bias)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    for name, got, expected in zip(("image", "text", "scale", "bias"), grads, want_grads, strict=True):
+        assert got.dtype == (torch.bfloat16 if name in ("image", "text") else torch.float32), name
+        torch.testing.assert_close(got.float(), expected.to(got.dtype).float(), rtol=0, atol=0, msg=name)

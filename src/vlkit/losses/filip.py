@@ -164,4 +164,5 @@ class FilipLoss(nn.Module):
         if logit_bias is not None:
             image_logits, text_logits = image_logits + logit_bias, text_logits + logit_bias
         labels = torch.arange(local, device=image_tokens.device) + rank * local
-        return (F.cross_entropy(image_logits.float(), labels) + F.cross_entropy(text_logits.float(), labels)) / 2
+        dtype = torch.promote_types(image_logits.dtype, torch.float32)  # at least fp32, as ClipLoss scores
+        return (F.cross_entropy(image_logits.to(dtype), labels) + F.cross_entropy(text_logits.to(dtype), labels)) / 2
