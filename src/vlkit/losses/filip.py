@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from vlkit.losses.contrastive import _scoring_dtype
 from vlkit.losses.distributed import all_gather_no_grad, all_gather_with_grad, distributed_world
 
 
@@ -164,5 +165,5 @@ class FilipLoss(nn.Module):
         if logit_bias is not None:
             image_logits, text_logits = image_logits + logit_bias, text_logits + logit_bias
         labels = torch.arange(local, device=image_tokens.device) + rank * local
-        dtype = torch.promote_types(image_logits.dtype, torch.float32)  # at least fp32, as ClipLoss scores
-        return (F.cross_entropy(image_logits.to(dtype), labels) + F.cross_entropy(text_logits.to(dtype), labels)) / 2
+        image_logits, text_logits = _scoring_dtype(image_logits), _scoring_dtype(text_logits)  # as ClipLoss scores
+        return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
