@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from run_utils import TINY_DUAL_ENCODER
+from vlkit.recipes import get_recipe
+from vlkit.recipes.run import run_recipe
+
 BENCH = Path(__file__).parents[1] / "bench"
 
 
@@ -129,3 +133,19 @@ def test_host_memory_quick_times_both_settings_in_their_own_processes(tmp_path: 
     assert runs[0]["applied"] is False and runs[1]["applied"] is (platform.libc_ver()[0] == "glibc")
     assert result["models"]["shapes"]["speedup"] == pytest.approx(runs[0]["median_s"] / runs[1]["median_s"])
     assert result["quick"] is True and "cpu_model" in result
+
+
+def test_heldout_probe_reads_both_towers_on_seen_and_heldout_images(tmp_path: Path) -> None:
+    tiny = {**TINY_DUAL_ENCODER, "train.steps": 3, "train.batch_size": 8, "train.eval_every": None,
+            "train.precision": "fp32", "data.train_size": 16, "data.eval_size": 8}  # fmt: skip
+    run_recipe(get_recipe("siglip_shapes").with_overrides(tiny), tmp_path / "run", progress=False, report=False)
+    out = tmp_path / "probe.json"
+    model = str(tmp_path / "run" / "model")
+    _run("heldout_probe.py", "--model", model, "--out", str(out), "--size", "20", "--fit", "40")
+    (result,) = json.loads(out.read_text())["results"].values()
+    assert set(result) == {"val", "val_heldout"}
+    for row in result.values():
+        assert set(row) == {"top1", "shape_within_colour", "grey_prompt_shape", "image_probe_shape", "text_probe_shape"}
+        assert all(0.0 <= value <= 1.0 for value in row.values())
+        # A 40-way hit is a hit among its own colour's five prompts too.
+        assert row["shape_within_colour"] >= row["top1"]
