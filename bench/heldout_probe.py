@@ -66,9 +66,8 @@ def _accuracy(scores: torch.Tensor, truth: list[int]) -> float:
 
 def probe_model(model: DualEncoder, config: shapes.ShapesConfig, which: str, size: int, fit: int) -> dict:
     shape_index = {shape: k for k, shape in enumerate(config.shapes)}
-    with torch.enable_grad():
-        train, train_shapes, _ = _images(model, config, "train", fit)
-        probe = _fit_probe(train, torch.tensor([shape_index[s] for s in train_shapes]), len(config.shapes))
+    train, train_shapes, _ = _images(model, config, "train", fit)
+    probe = _fit_probe(train, torch.tensor([shape_index[s] for s in train_shapes]), len(config.shapes))
     names = shapes.class_names(config)
     classes = _prompts(model, names)
     grey = _prompts(model, [f"grey {shape}" for shape in config.shapes])
