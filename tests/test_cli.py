@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,18 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "siglip"
-    run_cli("train", "--recipe", "siglip_shapes", "--out", str(out), "--steps", "4", "--save-every", "2", "--quiet",
-            *TINY)  # fmt: skip
+    result = run_cli("train", "--recipe", "siglip_shapes", "--out", str(out), "--steps", "4", "--save-every", "2",
+                     "--quiet", *TINY)  # fmt: skip
+    (out.parent / "stderr.txt").write_text(result.stderr)
     return out
+
+
+def test_train_prints_what_the_overrides_resolved_to(trained_run: Path) -> None:
+    stderr = (trained_run.parent / "stderr.txt").read_text()
+    # --steps 4 scales the recipe's warmup with it, and says so; --set lines name the setting as given.
+    assert re.search(r"recipe siglip_shapes: stages\.train\.train\.steps: \d+ -> 4\n", stderr), stderr
+    assert re.search(r"stages\.train\.train\.warmup_steps: \d+ -> 0 \(scaled with train\.steps", stderr), stderr
+    assert "model.vision.depth: (unset) -> 1" in stderr and "data.train_size: " in stderr
 
 
 def test_train_writes_the_output_contract(trained_run: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from run_utils import TINY_DUAL_ENCODER, interrupt_after
 from vlkit import from_pretrained
 from vlkit.recipes import InitFrom, Stage, get_recipe
-from vlkit.recipes.base import lock_rules, recipe_from_dict
+from vlkit.recipes.base import describe_changes, lock_rules, recipe_from_dict
 from vlkit.recipes.run import run_recipe, stage_dir
 from vlkit.tasks.base import RunContext
 
@@ -91,6 +91,22 @@ def test_overrides_address_every_stage_or_one() -> None:
     assert recipe.with_overrides({"lock": "none"}).stages[0].rules == ()
     with pytest.raises(KeyError, match="no stage"):
         recipe.with_overrides({"stages.missing.train.lr": 0.1})
+
+
+def test_describe_changes_names_each_changed_setting_and_a_scaled_warmup() -> None:
+    recipe = two_stage_recipe()
+    overrides = {"stages.both.train.steps": 9, "model.vision.depth": 3}
+    lines = describe_changes(recipe, recipe.with_overrides(overrides), given=overrides)
+    assert lines == [
+        f"model.vision.depth: {recipe.model_overrides['vision.depth']} -> 3",
+        "stages.both.train.steps: 3 -> 9",
+        "stages.both.train.warmup_steps: 1 -> 3 (scaled with train.steps; give train.warmup_steps to choose it)",
+    ]
+    overrides = {"train.steps": 9, "train.warmup_steps": 2}
+    assert describe_changes(recipe, recipe.with_overrides(overrides), given=overrides) == [
+        f"stages.{name}.train.{key}" for name in ("locked", "both") for key in ("steps: 3 -> 9", "warmup_steps: 1 -> 2")
+    ]
+    assert describe_changes(recipe, recipe) == []
 
 
 def test_a_stage_can_skip_its_evaluation(tmp_path: Path) -> None:

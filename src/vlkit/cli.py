@@ -77,6 +77,7 @@ def _launch_workers(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vlkit.recipes import get_recipe
+    from vlkit.recipes.base import describe_changes
     from vlkit.recipes.run import run_recipe
     from vlkit.train.distributed import distributed_context
 
@@ -91,11 +92,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["train.precision"] = args.precision
     if args.lock is not None:
         overrides["lock"] = args.lock
-    recipe = get_recipe(args.recipe).with_overrides(overrides)
+    base = get_recipe(args.recipe)
+    recipe = base.with_overrides(overrides)
     if args.nproc is not None and args.nproc > 1:
         return _launch_workers(args)
     # Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) this joins the process group; alone it is a no-op.
     with distributed_context(None if args.device == "auto" else args.device) as info:
+        if info.is_main:
+            # What the overrides resolved to, e.g. the warmup that a new train.steps scaled.
+            for line in describe_changes(base, recipe, given=overrides):
+                print(f"recipe {recipe.name}: {line}", file=sys.stderr)
         result = run_recipe(
             recipe,
             args.out,
@@ -294,7 +300,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def _add_train_parser(train: argparse.ArgumentParser) -> None:
     train.add_argument("--recipe", required=True)
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="every stage's steps (each warmup scaled by the same factor)")
     train.add_argument("--save-every", type=int)
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
     train.add_argument("--train-data", help="a JSONL manifest or CSV to train on instead of the recipe's data")
@@ -308,7 +314,9 @@ def _add_train_parser(train: argparse.ArgumentParser) -> None:
                        help="ddp (replicated weights) or fsdp (FSDP2, sharded); default ddp")  # fmt: skip
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto: the local rank's GPU when CUDA is available, else the CPU")  # fmt: skip
-    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.lr=1e-3")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                       help="recipe overrides, e.g. train.lr=1e-3 (a new train.steps scales the warmup unless "
+                       "train.warmup_steps is given too); each change is printed before training")  # fmt: skip
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=cmd_train)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -37,6 +37,7 @@ __all__ = [
     "LayerDecay",
     "Recipe",
     "Stage",
+    "describe_changes",
     "get_recipe",
     "list_recipes",
     "lock_rules",
@@ -188,6 +189,36 @@ class Recipe:
             "data": self.data.to_dict(),
             "stages": [_stage_dict(stage) for stage in self.stages],
         }
+
+
+def describe_changes(before: Recipe, after: Recipe, given: Iterable[str] = ()) -> list[str]:
+    """What overrides changed, one ``key: old -> new`` line per changed setting (stages by name), so that a user sees
+    what ``--set`` resolved to, e.g. the warmup that a new ``train.steps`` scaled (``given``: the override keys, so
+    that a warmup set by hand is not called scaled)."""
+    old, new = _flatten(before.to_dict()), _flatten(after.to_dict())
+    warmup_given = any(key.endswith("train.warmup_steps") for key in given)
+    lines = []
+    for key in dict.fromkeys([*old, *new]):
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            name = "model." + key.removeprefix("model_overrides.") if key.startswith("model_overrides.") else key
+            line = f"{name}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+            if key.endswith(".train.warmup_steps") and not warmup_given:
+                line += " (scaled with train.steps; give train.warmup_steps to choose it)"
+            lines.append(line)
+    return lines
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list) and value and all(isinstance(item, dict) and "name" in item for item in value):
+        items = ((item["name"], item) for item in value)  # stages, by name
+    else:
+        return {prefix: json.dumps(value) if isinstance(value, list | dict) else value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def _override_stage(stage: Stage, changes: dict[str, Any]) -> Stage:
