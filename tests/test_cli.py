@@ -224,27 +224,35 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("cuda", "amx", "settings"),
+    ("cuda", "amx", "tower", "instruct"),
     [
-        (False, False, {"steps": 600, "schedule": "wsd"}),
-        (False, True, {"steps": 1500, "schedule": "wsd"}),
-        (True, False, {"steps": 1500, "schedule": "wsd"}),
+        (False, False, {"steps": 1600, "warmup_steps": 225}, {"steps": 600, "schedule": "wsd"}),
+        (False, True, {}, {"steps": 1500, "schedule": "wsd"}),
+        (True, False, {}, {"steps": 1500, "schedule": "wsd"}),
     ],
 )
-def test_demo_vlm_trains_more_instruct_steps_on_matrix_units(
-    monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, settings: dict
+def test_demo_budgets_follow_the_machine_kind(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, tower: dict, instruct: dict
 ) -> None:
     import vlkit.cpuinfo
-    from vlkit.cli import DEMO_INSTRUCT, demo_instruct
+    from vlkit.cli import DEMO_BUDGETS, demo_budget
     from vlkit.recipes import get_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(vlkit.cpuinfo, "amx_tiles", lambda: amx)
-    assert demo_instruct() == settings
-    # Both budgets are below the recipe's own, which the demo's 15 minutes cannot hold everywhere, and each is a
+    assert demo_budget() == {"tower": tower, "instruct": instruct}
+    # The VLM's budgets are below its recipe's own, which the demo's 15 minutes cannot hold everywhere, and each is a
     # valid override of the recipe's instruct stage.
     recipe = get_recipe("honeybee_c_shapes")
-    assert max(budget["steps"] for budget in DEMO_INSTRUCT.values()) < recipe.stages[-1].train.steps
-    overridden = recipe.with_overrides({f"stages.instruct.train.{key}": value for key, value in settings.items()})
-    assert overridden.stages[-1].train.steps == settings["steps"]
-    assert overridden.stages[-1].train.schedule == settings.get("schedule", "cosine")
+    assert max(budget["instruct"]["steps"] for budget in DEMO_BUDGETS.values()) < recipe.stages[-1].train.steps
+    overridden = recipe.with_overrides({f"stages.instruct.train.{key}": value for key, value in instruct.items()})
+    assert overridden.stages[-1].train.steps == instruct["steps"]
+    assert overridden.stages[-1].train.schedule == instruct.get("schedule", "cosine")
+    # The tower: its recipe's own budget on matrix units, fewer steps (the recipe's warmup) elsewhere.
+    siglip = get_recipe("siglip_patch_shapes")
+    trained = siglip.with_overrides({f"train.{key}": value for key, value in tower.items()}).stages[-1].train
+    assert (trained.steps, trained.warmup_steps) == (
+        tower.get("steps", siglip.stages[-1].train.steps),
+        siglip.stages[-1].train.warmup_steps,
+    )
+    assert trained.steps <= siglip.stages[-1].train.steps

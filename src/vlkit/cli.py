@@ -206,26 +206,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args.model, args.image, args.prompt, args.max_new_tokens)
 
 
-# The demo's VLM trains fewer instruct steps than its recipe's 1800, so that SigLIP and the VLM fit 15 minutes: 1500
-# where bf16 runs on matrix units (a CPU with AMX tiles: the whole demo in 588-615 s on a 2-core Xeon, VQA 0.923 and
-# grounding 0.75 there with the cosine schedule; a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 14.9-18.5
-# minutes with 600). Both hold the rate until their last 20 % (warmup-stable-decay), chosen on the validation split
-# (docs/experiments.md): at 600 steps VQA 0.776 / 0.819 and grounding 0.525 / 0.182 (seeds 0 / 1) against the cosine
-# schedule's 0.750 / 0.763 and 0.16 / 0.182; at 1500 steps 0.897 / 0.914 and 0.71 / 0.72 against 0.895 / 0.892 and
-# 0.65 / 0.67. README, "`make demo`".
-DEMO_INSTRUCT: dict[str, dict[str, Any]] = {
-    "matrix units": {"steps": 1500, "schedule": "wsd"},
-    "other": {"steps": 600, "schedule": "wsd"},
+# The demo's budgets on this machine kind, so that SigLIP and the VLM fit 15 minutes (README, "`make demo`").
+# The VLM trains fewer instruct steps than its recipe's 1800: 1500 where bf16 runs on matrix units (a CPU with AMX
+# tiles: the whole demo in 588-615 s on a 2-core Xeon, VQA 0.923 and grounding 0.75 there with the cosine schedule;
+# a CUDA GPU), 600 elsewhere (a 2-core AVX-512 EPYC took 14.9-18.5 minutes with 600). Both hold the rate until their
+# last 20 % (warmup-stable-decay), chosen on the validation split (docs/experiments.md): at 600 steps VQA 0.776 /
+# 0.819 and grounding 0.525 / 0.182 (seeds 0 / 1) against the cosine schedule's 0.750 / 0.763 and 0.16 / 0.182; at
+# 1500 steps 0.897 / 0.914 and 0.71 / 0.72 against 0.895 / 0.892 and 0.65 / 0.67.
+# The tower trains its recipe's 2400 steps on matrix units (326 s of a 777 s demo on the AMX Xeon) and 1600 (warmup
+# 225, as the recipe's) elsewhere: the EPYC trained 1600 steps in 363-430 s of a 821-948 s demo, so 2400 would add
+# about 3.5 minutes there. Over five validation seeds on the AMX Xeon 1600 / 225 held out 88.75 % on average (worst
+# 80.25 %) against 2400 / 225's 93.1 % (85.75 %): docs/experiments.md, the twenty-eighth session.
+DEMO_BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "matrix units": {"tower": {}, "instruct": {"steps": 1500, "schedule": "wsd"}},
+    "other": {"tower": {"steps": 1600, "warmup_steps": 225}, "instruct": {"steps": 600, "schedule": "wsd"}},
 }
 
 
-def demo_instruct() -> dict[str, Any]:
-    """The demo VLM's instruct-stage training settings on this machine (``DEMO_INSTRUCT``)."""
+def demo_budget() -> dict[str, dict[str, Any]]:
+    """The demo's training settings on this machine (``DEMO_BUDGETS``): ``tower`` for the SigLIP recipe's stage,
+    ``instruct`` for the VLM's instruct stage."""
     import torch
 
     from vlkit.cpuinfo import amx_tiles
 
-    return DEMO_INSTRUCT["matrix units" if torch.cuda.is_available() or amx_tiles() else "other"]
+    return DEMO_BUDGETS["matrix units" if torch.cuda.is_available() or amx_tiles() else "other"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -236,21 +241,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     start = time.perf_counter()
-    recipe = get_recipe(args.recipe).with_overrides(_parse_overrides(args.set or []))
+    budget = demo_budget()
+    # The tower's budget on this machine kind (DEMO_BUDGETS); --set train.steps=N (with train.warmup_steps) wins.
+    tower_budget = {f"train.{key}": value for key, value in budget["tower"].items()}
+    recipe = get_recipe(args.recipe).with_overrides({**tower_budget, **_parse_overrides(args.set or [])})
     result = run_recipe(recipe, out / "contrastive", resume=True, progress=not args.quiet)
     metrics: dict[str, Any] = {"contrastive": result.metrics}
     figures = [(caption, out / "contrastive" / name) for caption, name in _DEMO_FIGURES]
     notes = [
-        f"A SigLIP dual encoder trained from scratch on ShapesWorld (recipe {args.recipe}: {recipe.description})",
+        f"A SigLIP dual encoder trained from scratch on ShapesWorld (recipe {args.recipe}, "
+        f"{recipe.stages[-1].train.steps} steps: the demo trains the recipe's own on a CPU with AMX or a GPU, "
+        f"{DEMO_BUDGETS['other']['tower']['steps']} elsewhere, to fit 15 minutes: "
+        f"{recipe.description})",
         "zero_shot_top1: single-object test images over all colour x shape classes; "
         "zero_shot_top1_heldout: colour x shape combinations never seen in training.",
         f"Full training report: {out / 'contrastive' / 'report.html'}",
     ]
     if not args.no_vlm:
         tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
-        # Fewer instruct steps than the recipe's, so that both parts fit 15 minutes (DEMO_INSTRUCT);
+        # Fewer instruct steps than the recipe's, so that both parts fit 15 minutes (DEMO_BUDGETS);
         # --vlm-set stages.instruct.train.steps=N (or .schedule=...) overrides it.
-        instruct = {f"stages.instruct.train.{key}": value for key, value in demo_instruct().items()}
+        instruct = {f"stages.instruct.train.{key}": value for key, value in budget["instruct"].items()}
         demo = {"stages.align.init": tower, **instruct}
         vlm_recipe = get_recipe(args.vlm_recipe).with_overrides({**demo, **_parse_overrides(args.vlm_set or [])})
         vlm = run_recipe(vlm_recipe, out / "vlm", resume=True, progress=not args.quiet)
@@ -260,8 +271,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         notes += [
             f"A LLaVA-style VLM (recipe {args.vlm_recipe}, {vlm_recipe.stages[-1].train.steps} instruct steps: the "
-            f"demo trains {DEMO_INSTRUCT['matrix units']['steps']} on a CPU with AMX or a GPU, "
-            f"{DEMO_INSTRUCT['other']['steps']} elsewhere, to fit 15 minutes) on the SigLIP's image tower: "
+            f"demo trains {DEMO_BUDGETS['matrix units']['instruct']['steps']} on a CPU with AMX or a GPU, "
+            f"{DEMO_BUDGETS['other']['instruct']['steps']} elsewhere, to fit 15 minutes) on the SigLIP's image tower: "
             "vqa_accuracy (exact match), "
             "grounding_acc50 (IoU >= 0.5 of the <box> answers), caption_f1 (colour-shape mentions); the _heldout "
             "keys are test scenes of held-out colour x shape combinations.",
