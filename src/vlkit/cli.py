@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     # SigLIP with the per-patch objective: its tokens say which object they hold, which the VLM's bridge reads
     # (README, "The image tower, trained patch by patch"); --recipe siglip_shapes for the sigmoid loss alone.
     demo.add_argument("--recipe", default="siglip_patch_shapes", help="the contrastive recipe (the VLM's tower)")
-    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides for the SigLIP recipe")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                      help="overrides for the SigLIP recipe (win over the demo's tower budget)")  # fmt: skip
     # LLaVA's stages with Honeybee's C-Abstractor: 16 image tokens instead of the MLP's 64 train the VLM 1.7x faster
     # at the same accuracy (README, "Vision-language models on ShapesWorld").
     demo.add_argument("--vlm-recipe", default="honeybee_c_shapes", help="the VLM recipe (llava_shapes: the MLP bridge)")
