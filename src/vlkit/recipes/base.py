@@ -199,12 +199,14 @@ def describe_changes(before: Recipe, after: Recipe, given: Iterable[str] = ()) -
     warmup_given = any(key.endswith("train.warmup_steps") for key in given)
     lines = []
     for key in dict.fromkeys([*old, *new]):
-        if old.get(key, "(unset)") != new.get(key, "(unset)"):
-            name = "model." + key.removeprefix("model_overrides.") if key.startswith("model_overrides.") else key
-            line = f"{name}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
-            if key.endswith(".train.warmup_steps") and not warmup_given:
-                line += " (scaled with train.steps; give train.warmup_steps to choose it)"
-            lines.append(line)
+        was, now = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if was == now:
+            continue
+        # Model overrides are addressed as model.KEY, as --set gives them.
+        line = f"{key.replace('model_overrides.', 'model.', 1)}: {was} -> {now}"
+        if key.endswith(".train.warmup_steps") and not warmup_given:
+            line += " (scaled with train.steps; give train.warmup_steps to choose it)"
+        lines.append(line)
     return lines
 
 
