@@ -10,7 +10,7 @@ the described conversations of the training scenes alone, and is probed every ``
 learns to read the description. The image tower and bridge are not used. Writes ``--out`` (JSON).
 
     python bench/vlm_text_probe.py --model RUN/stages/0-text/model --out probe.json [--steps 800 --lr 1e-3]
-        [--save DIR]
+        [--save DIR] [--split val]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlkit.data.shapes import EVAL_SPLITS
 from vlkit.data.specs import ShapesText
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
@@ -31,8 +32,9 @@ from vlkit.recipes.contrastive import SHAPES_DATA
 from vlkit.tasks.vlm import DescribedTextEvaluation, ShapesTextDataset, _collate, _step
 
 
-def _spec(scenes: int, layout: bool, eval_size: int = 100) -> ShapesText:
-    return ShapesText(SHAPES_DATA, train_size=scenes, described=True, plain=False, layout=layout, eval_size=eval_size)
+def _spec(scenes: int, layout: bool, eval_size: int = 100, split: str = "test") -> ShapesText:
+    return ShapesText(SHAPES_DATA, train_size=scenes, described=True, plain=False, layout=layout, eval_size=eval_size,
+                      eval_split=split)  # fmt: skip
 
 
 def probe(model: VisionLanguageModel, evaluation: DescribedTextEvaluation) -> dict[str, float]:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=100, help="probe every this many steps")
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--probe-scenes", type=int, default=100, help="test scenes asked about")
+    parser.add_argument("--split", default="test", choices=EVAL_SPLITS, help="the split the probed scenes come from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", action="store_true",
                         help="describe each scene by its layout (every object with its box) rather than its caption, "
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(model, VisionLanguageModel) or model.tokenizer is None:
         raise SystemExit(f"error: {args.model} is not a VLM with a tokenizer")
     collate = _collate(model.tokenizer.pad_token_id)
-    held_out = DescribedTextEvaluation.build(_spec(1, args.layout, args.probe_scenes), model, batch_size=128)
+    held_out = DescribedTextEvaluation.build(
+        _spec(1, args.layout, args.probe_scenes, args.split), model, batch_size=128
+    )
     results = [{"step": 0, "accuracy": probe(model, held_out)}]
     print(results[-1], flush=True)
     if args.steps:
