@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--every", type=int, default=100, help="probe every this many steps")
     parser.add_argument("--train-scenes", type=int, default=2000)
-    parser.add_argument("--probe-scenes", type=int, default=100, help="test scenes asked about")
+    parser.add_argument("--probe-scenes", type=int, default=100, help="scenes of --split asked about")
     parser.add_argument("--split", default="test", choices=EVAL_SPLITS, help="the split the probed scenes come from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", action="store_true",

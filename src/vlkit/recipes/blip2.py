@@ -29,7 +29,7 @@ on captions first to 0.767 (0.731 zero-shot after the captions alone), colour fr
 stage 2's 1e-3 lowered VQA from 0.742 zero-shot to 0.664; at 3e-4 (chosen on the validation split) it reads 0.808.
 Grounding stays near 0 (0.04-0.11): captions carry no boxes, and the frozen LM copies none from the Q-Former.
 Neither the tower read before its last block (BLIP-2's choice) or at layer 2, nor 32 queries, nor a 4000-step read
-stage answered better on validation (0.779-0.839 against 0.809-0.821 over two instruct seeds; one run each).
+stage answered better on validation (0.779-0.839 against 0.809-0.821 over two instruct seeds; one or two runs each).
 
 ``honeybee_c_shapes`` and ``honeybee_d_shapes`` are ``llava_shapes`` (its stages: text, align, instruct, and its
 reading of the tower's layer 2) with Honeybee's locality-preserving bridges (Cha et al., 2023) in place of the MLP:
