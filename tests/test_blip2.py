@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -27,11 +26,11 @@ from vlkit.tasks.vlm import ShapesInstructionDataset, VLMEvaluation, _collate, _
 VOCAB, PAD = 40, 0
 
 
-def _model(seed: int = 0, **bridge: Any) -> VisionLanguageModel:
+def _model(seed: int = 0) -> VisionLanguageModel:
     vision = ViTConfig(image_size=16, patch_size=8, dim=16, depth=1, num_heads=2, mlp_dim=32, class_token=True,
                        final_norm="tokens")  # fmt: skip
     qformer = QFormerConfig(num_queries=3, dim=24, depth=2, num_heads=2, mlp_dim=32, cross_attention_frequency=1,
-                            text_input=True, vocab_size=VOCAB, max_seq_len=16).replace(**bridge)  # fmt: skip
+                            text_input=True, vocab_size=VOCAB, max_seq_len=16)  # fmt: skip
     lm = vlkit.get_config("test_llama_lm").replace(vocab_size=VOCAB)
     config = VLMConfig(vision=vision, bridge=qformer, lm=lm, feature_layer=None, keep_class_token=True,
                        image_token_id=VOCAB - 1, embed_dim=8)  # fmt: skip
@@ -148,15 +147,14 @@ def test_generation_pattern_hides_later_text_and_shows_the_queries() -> None:
 
 
 def test_the_losses_train_the_qformer_and_heads_only() -> None:
-    model = _model(2, pos_embed_grid=(2, 2)).train()  # with a position table on the image tokens, trained here too
+    model = _model(2).train()
     model.encoder.requires_grad_(False)
     losses = qformer_losses(model, **_batch(2))
     losses.total.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     assert all(grads[name] is None for name in grads if name.startswith(("encoder.", "lm.")))
     for name in ("qformer_heads.image_proj.weight", "qformer_heads.itm_head.weight", "qformer_heads.logit_scale",
-                 "bridge.word_embed.weight", "bridge.layers.0.cross_attn.kv.weight", "bridge.queries",
-                 "bridge.key_pos_embed.weight"):  # fmt: skip
+                 "bridge.word_embed.weight", "bridge.layers.0.cross_attn.kv.weight", "bridge.queries"):  # fmt: skip
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert grads["bridge.projection.weight"] is None  # the LM-side projection is stage 2's
 

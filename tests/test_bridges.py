@@ -49,9 +49,6 @@ CONFIGS: dict[str, Any] = {
     "qformer": QFormerConfig(
         num_queries=4, dim=12, depth=3, num_heads=2, mlp_dim=20, text_input=True, vocab_size=30, max_seq_len=8
     ),
-    "qformer_key_positions": QFormerConfig(
-        num_queries=3, dim=12, depth=2, num_heads=2, mlp_dim=20, text_input=True, vocab_size=30, pos_embed_grid=(4, 4)
-    ),
     "resampler_qwen_vl": ResamplerConfig(num_queries=4, dim=VISION, num_heads=2),
     "resampler_minicpm_v": ResamplerConfig(
         num_queries=5, dim=12, num_heads=3, query_pos_embed=False, key_pos_embed="computed"

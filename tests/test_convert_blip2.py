@@ -153,9 +153,6 @@ def test_unsupported_options_are_clear_errors(tmp_path: Path) -> None:
     # unnormed tower without class token.
     with pytest.raises(ConversionError, match=r"(?s)class_token.*text_input.*embed_dim"):
         vlkit.export_hf(vlkit.create_model("shapes_blip2", **{"lm.vocab_size": 64}), tmp_path / "odd")
-    with pytest.raises(ConversionError, match="pos_embed_grid"):
-        vlkit.export_hf(vlkit.create_model("shapes_blip2", **{"lm.vocab_size": 64, "bridge.pos_embed_grid": (8, 8)}),
-                        tmp_path / "odd")  # fmt: skip
     # A Q-Former VLM exports as BLIP-2, any other bridge as LLaVA.
     llava_like = vlkit.get_config("test_llava").replace(bridge=MLPBridgeConfig())
     with pytest.raises(ConversionError, match="pre_norm"):

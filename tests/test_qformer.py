@@ -244,23 +244,3 @@ def test_text_errors_are_clear() -> None:
     assert isinstance(no_text, QFormer)
     with pytest.raises(ValueError, match="without text input"):
         no_text.encode(image, None, torch.zeros(1, 3, dtype=torch.long))
-
-
-def test_key_position_table_moves_the_grid_tokens_only() -> None:
-    """``pos_embed_grid``: the table is added to each image's grid tokens (a class token before them and the padding
-    after a smaller grid untouched), resized for a grid other than its own; without it the tokens pass unchanged."""
-    torch.manual_seed(0)
-    model = build_bridge(PATTERN_CONFIG.replace(text_input=False, pos_embed_grid=(2, 3)), 12, LM)
-    assert isinstance(model, QFormer) and model.key_pos_embed is not None
-    tokens = torch.randn(2, 7, 12)  # a class token, then a 2 x 3 grid; the second image a 1 x 2 grid, padded
-    moved = model.add_key_positions(tokens, torch.tensor([[2, 3], [1, 2]]))
-    table = model.key_pos_embed.weight[0]
-    torch.testing.assert_close(moved[:, 0], tokens[:, 0])
-    torch.testing.assert_close(moved[0, 1:], tokens[0, 1:] + table)
-    torch.testing.assert_close(moved[1, 1:3], tokens[1, 1:3] + model.key_pos_embed.resized((1, 2)))
-    torch.testing.assert_close(moved[1, 3:], tokens[1, 3:])
-    with pytest.raises(ValueError, match="fewer than the grid"):
-        model.add_key_positions(tokens[:, :5], torch.tensor([[2, 3], [2, 3]]))
-    plain = build_bridge(PATTERN_CONFIG.replace(text_input=False), 12, LM)
-    assert isinstance(plain, QFormer) and plain.key_pos_embed is None
-    assert plain.add_key_positions(tokens, torch.tensor([[2, 3], [1, 2]])) is tokens

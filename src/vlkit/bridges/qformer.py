@@ -31,11 +31,10 @@ import torch
 from torch import nn
 
 from vlkit.bridges.base import Bridge, BridgeOutput
-from vlkit.bridges.grid import check_mask, per_image_tables
+from vlkit.bridges.grid import check_mask
 from vlkit.config import ConfigBase, register_config
 from vlkit.layers.attention import Attention, CrossAttention
 from vlkit.layers.mlp import Mlp
-from vlkit.layers.pos_embed import LearnedPosEmbed2d
 
 AttentionPattern = Literal["bidirectional", "unimodal", "multimodal_causal"]
 ATTENTION_PATTERNS: tuple[str, ...] = ("bidirectional", "unimodal", "multimodal_causal")
@@ -46,9 +45,7 @@ ATTENTION_PATTERNS: tuple[str, ...] = ("bidirectional", "unimodal", "multimodal_
 class QFormerConfig(ConfigBase):
     """Defaults: BLIP-2's Q-Former (BERT-base, 32 queries). ``text_input``: build the text embeddings and the text
     feed-forward blocks (stage 1); BLIP-2's stage-2 checkpoints drop them. ``vocab_size`` / ``max_seq_len`` size the
-    text embeddings. ``pos_embed_grid``: the reference grid of a learned position table added to the image tokens the
-    queries cross-attend to (None, BLIP-2's: its ViT's features carry their positions; the Honeybee abstractors' table,
-    for a tower whose output has lost them)."""
+    text embeddings."""
 
     kind: ClassVar[str] = "qformer"
 
@@ -63,7 +60,6 @@ class QFormerConfig(ConfigBase):
     text_input: bool = False
     vocab_size: int = 30522
     max_seq_len: int = 512
-    pos_embed_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -134,7 +130,6 @@ class QFormer(Bridge):
             QFormerLayer(config, vision_dim, cross_attention=i % frequency == 0) for i in range(config.depth)
         )
         self.projection = nn.Linear(config.dim, lm_dim)
-        self.key_pos_embed = LearnedPosEmbed2d(config.pos_embed_grid, vision_dim) if config.pos_embed_grid else None
 
     def forward(
         self,
@@ -147,19 +142,8 @@ class QFormer(Bridge):
         """With ``text_ids`` (B, T) (and ``text_mask``), the queries read that text too, all positions seeing each
         other (BLIP-2's question-conditioned Q-Former for VQA, Sec. 4.3); only the queries' outputs are returned."""
         check_mask(tokens, mask, "Q-Former")
-        queries = self.encode(self.add_key_positions(tokens, grid), mask, text_ids, text_mask).queries
+        queries = self.encode(tokens, mask, text_ids, text_mask).queries
         return BridgeOutput(self.projection(queries), None, None)
-
-    def add_key_positions(self, tokens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """The position table (``pos_embed_grid``) added to each image's grid tokens; a class token before them (the
-        tokens beyond the largest grid) is left as it is. Without a table, ``tokens`` unchanged."""
-        if self.key_pos_embed is None:
-            return tokens
-        prefix = tokens.shape[1] - int(grid.prod(-1).max())
-        if prefix < 0:
-            raise ValueError(f"Q-Former: {tokens.shape[1]} image tokens are fewer than the grid's {grid.tolist()}")
-        table = per_image_tables(grid, tokens.shape[1] - prefix, self.key_pos_embed.resized).to(tokens.dtype)
-        return torch.cat([tokens[:, :prefix], tokens[:, prefix:] + table], dim=1)
 
     def num_output_tokens(self, grid: torch.Tensor) -> torch.Tensor:
         return torch.full((grid.shape[0],), self.config.num_queries, dtype=torch.long, device=grid.device)

@@ -204,12 +204,9 @@ def _problems(config: VLMConfig) -> list[str]:
                         f"keep_class_token={config.keep_class_token}")  # fmt: skip
     if not isinstance(bridge, QFormerConfig):
         problems.append(f"bridge {type(bridge).__name__}: BLIP-2's bridge is the Q-Former")
-    else:
-        if bridge.text_input:
-            problems.append("bridge.text_input=True: Blip2ForConditionalGeneration keeps no Q-Former text embeddings "
-                            "(stage-1 parts)")  # fmt: skip
-        if bridge.pos_embed_grid is not None:
-            problems.append("bridge.pos_embed_grid: Blip2QFormerModel adds no position table to the image features")
+    elif bridge.text_input:
+        problems.append("bridge.text_input=True: Blip2ForConditionalGeneration keeps no Q-Former text embeddings "
+                        "(stage-1 parts)")  # fmt: skip
     if config.embed_dim is not None:
         problems.append("embed_dim: the stage-1 heads (QFormerHeads) have no place in Blip2ForConditionalGeneration")
     if not (llama.matches(config.lm) or opt.matches(config.lm)):

@@ -170,8 +170,8 @@ def qformer_losses(
     """The three stage-1 losses on a batch of images (B, 3, H, W) and their captions (B, T) (right-padded)."""
     qformer, heads = model.bridge, model.qformer_heads
     assert isinstance(qformer, QFormer) and heads is not None
-    image, grid = model.image_tokens(pixel_values)  # (B, N, D_vis)
-    image = qformer.add_key_positions(image.to(qformer.queries.dtype), grid)
+    image, _ = model.image_tokens(pixel_values)  # (B, N, D_vis)
+    image = image.to(qformer.queries.dtype)
     mask = attention_mask.bool()
     # Identical captions (the same padded ids) are each other's positives.
     positives = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # (B, B)
@@ -302,9 +302,8 @@ class RetrievalEvaluation:
         images, texts = [], []
         for start in range(0, len(pixels), self.batch_size):
             part = slice(start, start + self.batch_size)
-            image, grid = model.image_tokens(pixels[part].to(device))
-            image = qformer.add_key_positions(image.to(qformer.queries.dtype), grid)
-            out = qformer.encode(image, text_ids=ids[part].to(device),
+            image, _ = model.image_tokens(pixels[part].to(device))
+            out = qformer.encode(image.to(qformer.queries.dtype), text_ids=ids[part].to(device),
                                  text_mask=mask[part].to(device).bool(), attention_pattern="unimodal")  # fmt: skip
             assert out.text is not None
             images.append(F.normalize(heads.image_proj(out.queries).float(), dim=-1))  # (b, M, E)
