@@ -12,9 +12,12 @@ and a line per split says where the parsed boxes err, as the median and mean dis
 along y and of the width and height from the true box, in the [0, 1000) coordinates the model writes, and the
 correlation of the predicted with the true centre along each axis. The README's
 "The image tower, trained patch by patch" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
-column).
+column). A second line per split tells a box on the wrong object from a box on none: the answers at IoU >= 0.5 with
+the referred object, with any object of the scene, and on the scenes of one object (nothing to bind), and how often
+the scene's best-matching object is the referred one. The experiment log's BLIP-2 section of the thirty-first session
+reads the frozen LM's boxes off it (on no object, one-object scenes as two).
 
-    python bench/vlm_errors.py --model RUN/model --out errors.jsonl [--show 12]
+    python bench/vlm_errors.py --model RUN/model --out errors.jsonl [--show 12] [--split val]
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from vlkit.data.shapes import EVAL_SPLITS, is_heldout
+from vlkit.data.shapes_vqa import normalise_box
 from vlkit.eval.grounding import box_iou, parse_box
 from vlkit.eval.vqa import normalise_answer
 from vlkit.files import read_json
@@ -45,12 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a VLM model directory a recipe run wrote")
     parser.add_argument("--out", required=True, help="JSON lines of the wrong answers")
     parser.add_argument("--show", type=int, default=12, help="wrong answers printed per kind")
+    parser.add_argument("--split", default="test", choices=EVAL_SPLITS,
+                        help="the scenes asked about (wrong answers listed: its seen combinations)")  # fmt: skip
     args = parser.parse_args(argv)
 
     model = from_pretrained(args.model).eval()
     if not isinstance(model, VisionLanguageModel):
         parser.error(f"{args.model} holds no vision-language model")
     recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
+    if hasattr(recipe.data, "eval_split"):
+        recipe = recipe.with_overrides({"data.eval_split": args.split})
     with tempfile.TemporaryDirectory() as scratch:
         evaluation = recipe.task.evaluation(RunContext(recipe, Path(scratch), progress=False), model)
     if not isinstance(evaluation, VLMEvaluation):
@@ -60,17 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     wrong: dict[str, list[dict[str, object]]] = defaultdict(list)
     box_errors: dict[str, list[list[float]]] = defaultdict(list)  # split -> [|dx|, |dy|, |dw|, |dh|] per parsed box
     centres: dict[str, list[list[float]]] = defaultdict(list)  # split -> [x, y, true x, true y] per parsed box
+    # split -> per referring expression: [hit the referred object, hit any object, one-object scene, best is referred]
+    objects_hit: dict[str, list[list[bool]]] = defaultdict(list)
     for question, answer in zip(evaluation.questions, answers, strict=True):
+        seen = not is_heldout(question.split)
         if question.kind == "grounding" and question.box is not None:
             box = parse_box(answer)
+            objects_hit[question.split].append(_objects_hit(box, question))
             if box is not None:
                 box_errors[question.split].append(_box_error(box, question.box))
                 centres[question.split].append([*_centre(box), *_centre(question.box)])
-            if question.split == "test" and (box is None or box_iou(box, question.box) < 0.5):
+            if seen and (box is None or box_iou(box, question.box) < 0.5):
                 predicted = None if box is None else list(box)
                 wrong["grounding"].append({"kind": "grounding", "question": question.question, "answer": answer,
                                            "truth": list(question.box), "box": predicted})  # fmt: skip
-        vqa = question.split == "test" and question.kind not in NOT_VQA
+        vqa = seen and question.kind not in NOT_VQA
         if vqa and normalise_answer(answer) != normalise_answer(question.answer):
             objects = [[o.size, o.colour, o.shape] for o in question.objects]
             wrong[question.kind].append({"kind": question.kind, "question": question.question, "answer": answer,
@@ -89,6 +103,25 @@ def main(argv: list[str] | None = None) -> None:
         corr = [np.corrcoef(points[:, axis], points[:, axis + 2])[0, 1] for axis in (0, 1)]
         print(f"grounding, {split} ({len(errors)} parsed boxes), |error| median / mean: {cells}; correlation of the "
               f"predicted with the true centre: x {corr[0]:.2f}, y {corr[1]:.2f}")  # fmt: skip
+    for split, rows in objects_hit.items():
+        hits = np.array(rows, dtype=bool)  # (Q, 4)
+        alone = hits[hits[:, 2]]
+        on_alone = f"{alone[:, 0].mean():.1%} of {len(alone)}" if len(alone) else "none asked"
+        print(f"grounding, {split} ({len(hits)} referring expressions), IoU >= 0.5 with the referred object "
+              f"{hits[:, 0].mean():.1%}, with any object of the scene {hits[:, 1].mean():.1%}, on one-object scenes "
+              f"{on_alone}; the best-matching object is the referred one {hits[:, 3].mean():.1%}")  # fmt: skip
+
+
+def _objects_hit(box: tuple[int, ...] | None, question: Any) -> list[bool]:
+    """[IoU >= 0.5 with the referred box, with any object's box, the scene has one object, the object the box overlaps
+    most is the referred one] for one referring expression (a missing box hits nothing)."""
+    width, height = question.image.size
+    boxes = [normalise_box(o.box, width, height) for o in question.objects]
+    if box is None:
+        return [False, False, len(boxes) == 1, False]
+    ious = [box_iou(box, other) for other in boxes]
+    best = boxes[int(np.argmax(ious))]
+    return [box_iou(box, question.box) >= 0.5, max(ious) >= 0.5, len(boxes) == 1, tuple(best) == tuple(question.box)]
 
 
 def _centre(box: tuple[int, ...]) -> tuple[float, float]:
