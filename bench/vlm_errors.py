@@ -14,8 +14,8 @@ correlation of the predicted with the true centre along each axis. The README's
 "The image tower, trained patch by patch" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
 column). A second line per split tells a box on the wrong object from a box on none: the answers at IoU >= 0.5 with
 the referred object, with any object of the scene, and on the scenes of one object (nothing to bind), and how often
-the scene's best-matching object is the referred one. The experiment log's BLIP-2 section of the thirty-first session
-reads the frozen LM's boxes off it (on no object, one-object scenes as two).
+the object whose centre is nearest the box's is the referred one. The experiment log's BLIP-2 section of the
+thirty-first session reads the frozen LM's boxes off it (on no object, one-object scenes as two).
 
     python bench/vlm_errors.py --model RUN/model --out errors.jsonl [--show 12] [--split val]
 """
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     wrong: dict[str, list[dict[str, object]]] = defaultdict(list)
     box_errors: dict[str, list[list[float]]] = defaultdict(list)  # split -> [|dx|, |dy|, |dw|, |dh|] per parsed box
     centres: dict[str, list[list[float]]] = defaultdict(list)  # split -> [x, y, true x, true y] per parsed box
-    # split -> per referring expression: [hit the referred object, hit any object, one-object scene, best is referred]
+    # split -> per referring expression: [hit the referred, hit any object, one-object scene, nearest is the referred]
     objects_hit: dict[str, list[list[bool]]] = defaultdict(list)
     for question, answer in zip(evaluation.questions, answers, strict=True):
         seen = not is_heldout(question.split)
@@ -109,19 +109,20 @@ def main(argv: list[str] | None = None) -> None:
         on_alone = f"{alone[:, 0].mean():.1%} of {len(alone)}" if len(alone) else "none asked"
         print(f"grounding, {split} ({len(hits)} referring expressions), IoU >= 0.5 with the referred object "
               f"{hits[:, 0].mean():.1%}, with any object of the scene {hits[:, 1].mean():.1%}, on one-object scenes "
-              f"{on_alone}; the best-matching object is the referred one {hits[:, 3].mean():.1%}")  # fmt: skip
+              f"{on_alone}; the object nearest the box is the referred one {hits[:, 3].mean():.1%}")  # fmt: skip
 
 
 def _objects_hit(box: tuple[int, ...] | None, question: Any) -> list[bool]:
-    """[IoU >= 0.5 with the referred box, with any object's box, the scene has one object, the object the box overlaps
-    most is the referred one] for one referring expression (a missing box hits nothing)."""
+    """[IoU >= 0.5 with the referred box, with any object's box, the scene has one object, the object whose centre is
+    nearest the box's is the referred one] for one referring expression (a missing box hits nothing)."""
     width, height = question.image.size
     boxes = [normalise_box(o.box, width, height) for o in question.objects]
     if box is None:
         return [False, False, len(boxes) == 1, False]
     ious = [box_iou(box, other) for other in boxes]
-    best = boxes[int(np.argmax(ious))]
-    return [box_iou(box, question.box) >= 0.5, max(ious) >= 0.5, len(boxes) == 1, tuple(best) == tuple(question.box)]
+    centre = np.array(_centre(box))
+    nearest = min(boxes, key=lambda other: float(np.linalg.norm(np.array(_centre(other)) - centre)))
+    return [box_iou(box, question.box) >= 0.5, max(ious) >= 0.5, len(boxes) == 1, tuple(nearest) == tuple(question.box)]
 
 
 def _centre(box: tuple[int, ...]) -> tuple[float, float]:
