@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -119,10 +120,9 @@ def _objects_hit(box: tuple[int, ...] | None, question: Any) -> list[bool]:
     boxes = [normalise_box(o.box, width, height) for o in question.objects]
     if box is None:
         return [False, False, len(boxes) == 1, False]
-    ious = [box_iou(box, other) for other in boxes]
-    centre = np.array(_centre(box))
-    nearest = min(boxes, key=lambda other: float(np.linalg.norm(np.array(_centre(other)) - centre)))
-    return [box_iou(box, question.box) >= 0.5, max(ious) >= 0.5, len(boxes) == 1, tuple(nearest) == tuple(question.box)]
+    nearest = min(boxes, key=lambda other: math.dist(_centre(other), _centre(box)))
+    hits_any = max(box_iou(box, other) for other in boxes) >= 0.5
+    return [box_iou(box, question.box) >= 0.5, hits_any, len(boxes) == 1, tuple(nearest) == tuple(question.box)]
 
 
 def _centre(box: tuple[int, ...]) -> tuple[float, float]:
