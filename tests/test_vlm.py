@@ -400,6 +400,47 @@ def test_described_text_samples_train_on_the_answers_only(tiny_llava: Path) -> N
         ShapesText(SHAPES_DATA, plain=False)
 
 
+def test_described_text_context_weight_trains_every_token_with_the_answers_weighted_one(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    spec = ShapesText(SHAPES_DATA, train_size=3, described=True, turns=2, layout=True)
+    answers_only = ShapesTextDataset(spec, model)
+    weighted = ShapesTextDataset(spec.replace(context_weight=0.25), model)
+    plain = len(answers_only.texts)
+    assert "loss_weights" not in answers_only[plain] and len(weighted) == len(answers_only)
+    for index in (0, plain, len(weighted) - 1):
+        before, after = answers_only[index], weighted[index]
+        assert torch.equal(after["input_ids"], before["input_ids"])
+        assert torch.equal(after["labels"], after["input_ids"])  # every token a target
+        answer = before["labels"] != IGNORE_INDEX
+        assert torch.equal(after["loss_weights"], torch.where(answer, 1.0, 0.25))
+    # Plain texts keep weight 1 everywhere; the collated weights pad with 0, and the loss is their weighted mean.
+    batch = _collate(model.tokenizer.pad_token_id, "token")([weighted[0], weighted[plain]])
+    assert batch["loss_weights"].shape == batch["labels"].shape
+    assert batch["loss_weights"][batch["attention_mask"] == 0].sum() == 0
+    full = _collate(model.tokenizer.pad_token_id, "token")(
+        [ShapesTextDataset(spec.replace(context_weight=1.0), model)[plain]]
+    )
+    with torch.no_grad():
+        every_token = dict(full, labels=full["input_ids"].clone())
+        del every_token["loss_weights"]
+        assert float(_step(model, full).loss) == pytest.approx(float(_step(model, every_token).loss), rel=1e-5)
+    # context="description": the weight on the description's tokens alone; the questions and template untrained.
+    described = ShapesTextDataset(spec.replace(context_weight=0.25, context="description", plain=False), model)[0]
+    layout = scene_layout(shapes.generate(SHAPES_DATA, "train", 0))
+    weighted_text = decode_answer(model.tokenizer, described["input_ids"][described["loss_weights"] == 0.25].tolist(),
+                                  stop_ids=())  # fmt: skip
+    assert weighted_text.replace(" ", "") == layout.replace(" ", "")
+    trained = described["labels"] != IGNORE_INDEX
+    assert torch.equal(trained, described["loss_weights"] > 0)
+    assert torch.equal(described["loss_weights"][trained & (described["loss_weights"] != 0.25)],
+                       torch.ones(int((described["loss_weights"] == 1).sum())))  # fmt: skip
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="context_weight"):
+            spec.replace(context_weight=bad)
+    with pytest.raises(ValueError, match="need described"):
+        ShapesText(SHAPES_DATA, context_weight=0.5)
+
+
 def test_described_text_narrowed_to_kinds_and_scenes_of_several_objects(tiny_llava: Path) -> None:
     model = vlkit.from_pretrained(tiny_llava / "model")
     spec = ShapesText(SHAPES_DATA, train_size=12, described=True, plain=False, turns=1, kinds=["colour", "shape"],

@@ -251,7 +251,8 @@ def described_conversations(
     for start in range(0, len(order), turns):
         chunk = order[start : start + turns]
         dialogue = item_turns(chunk, f"{description} {chunk[0].question}")
-        conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in chunk]}))
+        meta = {"kinds": [item.kind for item in chunk], "description": description}
+        conversations.append(Conversation(turns=dialogue, meta=meta))
     return conversations
 
 

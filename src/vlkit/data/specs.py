@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -141,6 +141,10 @@ class ShapesText(ConfigBase):
     plain: bool = True
     kinds: tuple[str, ...] = ()
     min_objects: int = 1
+    # The loss weight of a described conversation's other tokens (description, questions, template) against its
+    # answers' 1: 0 trains on the answers alone, 1 on every token as a language model is pre-trained.
+    context_weight: float = 0.0
+    context: Literal["all", "description"] = "all"  # the tokens context_weight weighs
     eval_size: int = 100  # test scenes a stage on described text is evaluated on (DescribedTextEvaluation)
     eval_split: str = "test"
 
@@ -157,8 +161,11 @@ class ShapesText(ConfigBase):
             raise ValueError(f"min_objects must be >= 1, got {self.min_objects}")
         if not (self.plain or self.described):
             raise ValueError("ShapesText needs plain or described samples (or both)")
-        if (self.kinds or self.min_objects > 1) and not self.described:
-            raise ValueError("kinds and min_objects choose described questions: they need described=True")
+        if not 0 <= self.context_weight <= 1:
+            raise ValueError(f"context_weight must be in [0, 1], got {self.context_weight}")
+        if (self.kinds or self.min_objects > 1 or self.context_weight) and not self.described:
+            raise ValueError("kinds, min_objects and context_weight concern described questions: they need "
+                             "described=True")  # fmt: skip
 
 
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")

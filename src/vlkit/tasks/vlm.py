@@ -54,6 +54,7 @@ from vlkit.text.chat import (
     Turn,
     end_of_answer_ids,
     get_template,
+    segment_encoder,
     tokenize_conversation,
     tokenize_prompt,
 )
@@ -250,14 +251,17 @@ def _described(spec: ShapesText, sample: shapes.ShapesSample, split: str, turns:
 class ShapesTextDataset(torch.utils.data.Dataset):
     """Every ``text_samples`` string of the spec's scenes (``spec.plain``), tokenized ``<bos> ... <eos>``, all tokens
     trained on; with ``spec.described``, then every ``described_conversations`` conversation (the caption, or with
-    ``spec.layout`` the scene's layout, in context) in the model's chat template, answers trained on, with as many
-    of its turns as fit the LM's context."""
+    ``spec.layout`` the scene's layout, in context) in the model's chat template, answers trained on (every other
+    token too at ``spec.context_weight``: then each sample carries its ``loss_weights``), with as many of its turns
+    as fit the LM's context."""
 
     def __init__(self, spec: ShapesText, model: VisionLanguageModel) -> None:
         assert model.tokenizer is not None
         self.tokenizer = model.tokenizer
         self.template = model.config.chat_template
         self.image_token = model.config.image_token_id
+        self.context_weight = spec.context_weight
+        self.context = spec.context
         self.texts: list[str] = []
         self.conversations: list[Conversation] = []
         for index in range(spec.train_size):  # each scene rendered once
@@ -283,9 +287,28 @@ class ShapesTextDataset(torch.utils.data.Dataset):
                 shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token, 0),
                 self.tokenizer.max_len, f"ShapesWorld described conversation {index - len(self.texts)}",
             )  # fmt: skip
-            return {"input_ids": ids, "labels": labels}
+            if not self.context_weight:
+                return {"input_ids": ids, "labels": labels}
+            answers = (labels != IGNORE_INDEX).float()
+            if self.context == "description":
+                described = segment_encoder(self.tokenizer)(conversation.meta["description"])
+                start = next(k for k in range(len(ids)) if ids[k : k + len(described)].tolist() == described)
+                weights = answers.clone()
+                weights[start : start + len(described)] = self.context_weight
+                return {
+                    "input_ids": ids,
+                    "labels": torch.where(weights > 0, ids, IGNORE_INDEX),
+                    "loss_weights": weights,
+                }
+            return {
+                "input_ids": ids,
+                "labels": ids.clone(),
+                "loss_weights": answers + (1 - answers) * self.context_weight,
+            }
         ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
-        return {"input_ids": ids, "labels": ids.clone()}
+        if not self.context_weight:
+            return {"input_ids": ids, "labels": ids.clone()}
+        return {"input_ids": ids, "labels": ids.clone(), "loss_weights": torch.ones(len(ids))}
 
 
 class ShapesInstructionDataset(torch.utils.data.Dataset):
@@ -386,7 +409,10 @@ def _collate(
             batch["qformer_input_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_id)
             ones = [torch.ones_like(prompt) for prompt in prompts]
             batch["qformer_attention_mask"] = pad_sequence(ones, batch_first=True, padding_value=0)
-        if weighting != "token":
+        if "loss_weights" in samples[0]:  # the samples' own (ShapesText.context_weight)
+            batch["loss_weights"] = pad_sequence([s["loss_weights"] for s in samples], batch_first=True,
+                                                 padding_value=0.0)  # fmt: skip
+        elif weighting != "token":
             batch["loss_weights"] = answer_weights(batch["labels"], weighting)
         return batch
 
