@@ -292,7 +292,8 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     # Stage 2 trains the Q-Former on captions (the paper's stage 2), the instruct stage on the mix after it.
     assert recipe.stage("generate").data.kinds == ("caption",) and recipe.stage("instruct").data is None
     stage2_model = vlkit.from_pretrained(out / "stages" / "3-generate" / "model").state_dict()
-    assert not recipe.stage("read").data.plain and recipe.stage("read").data.layout
+    read = recipe.stage("read").data
+    assert not read.plain and read.layout and read.context_weight == 0.1
     moved = [name for name in final if not torch.equal(text_stage[name], read_stage[name])]
     assert moved and all(name.startswith("lm.") for name in moved)  # the reading stage trains the LM alone
     for before, after in ((stage1_model, stage2_model), (stage2_model, final)):

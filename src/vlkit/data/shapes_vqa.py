@@ -251,8 +251,7 @@ def described_conversations(
     for start in range(0, len(order), turns):
         chunk = order[start : start + turns]
         dialogue = item_turns(chunk, f"{description} {chunk[0].question}")
-        meta = {"kinds": [item.kind for item in chunk], "description": description}
-        conversations.append(Conversation(turns=dialogue, meta=meta))
+        conversations.append(Conversation(turns=dialogue, meta={"kinds": [item.kind for item in chunk]}))
     return conversations
 
 

@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -144,7 +144,6 @@ class ShapesText(ConfigBase):
     # The loss weight of a described conversation's other tokens (description, questions, template) against its
     # answers' 1: 0 trains on the answers alone, 1 on every token as a language model is pre-trained.
     context_weight: float = 0.0
-    context: Literal["all", "description"] = "all"  # the tokens context_weight weighs
     eval_size: int = 100  # test scenes a stage on described text is evaluated on (DescribedTextEvaluation)
     eval_split: str = "test"
 

@@ -54,7 +54,6 @@ from vlkit.text.chat import (
     Turn,
     end_of_answer_ids,
     get_template,
-    segment_encoder,
     tokenize_conversation,
     tokenize_prompt,
 )
@@ -261,7 +260,6 @@ class ShapesTextDataset(torch.utils.data.Dataset):
         self.template = model.config.chat_template
         self.image_token = model.config.image_token_id
         self.context_weight = spec.context_weight
-        self.context = spec.context
         self.texts: list[str] = []
         self.conversations: list[Conversation] = []
         for index in range(spec.train_size):  # each scene rendered once
@@ -290,21 +288,8 @@ class ShapesTextDataset(torch.utils.data.Dataset):
             if not self.context_weight:
                 return {"input_ids": ids, "labels": labels}
             answers = (labels != IGNORE_INDEX).float()
-            if self.context == "description":
-                described = segment_encoder(self.tokenizer)(conversation.meta["description"])
-                start = next(k for k in range(len(ids)) if ids[k : k + len(described)].tolist() == described)
-                weights = answers.clone()
-                weights[start : start + len(described)] = self.context_weight
-                return {
-                    "input_ids": ids,
-                    "labels": torch.where(weights > 0, ids, IGNORE_INDEX),
-                    "loss_weights": weights,
-                }
-            return {
-                "input_ids": ids,
-                "labels": ids.clone(),
-                "loss_weights": answers + (1 - answers) * self.context_weight,
-            }
+            weights = answers + (1 - answers) * self.context_weight
+            return {"input_ids": ids, "labels": ids.clone(), "loss_weights": weights}
         ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
         if not self.context_weight:
             return {"input_ids": ids, "labels": ids.clone()}
