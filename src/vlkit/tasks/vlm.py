@@ -285,15 +285,14 @@ class ShapesTextDataset(torch.utils.data.Dataset):
                 shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token, 0),
                 self.tokenizer.max_len, f"ShapesWorld described conversation {index - len(self.texts)}",
             )  # fmt: skip
-            if not self.context_weight:
-                return {"input_ids": ids, "labels": labels}
-            answers = (labels != IGNORE_INDEX).float()
-            weights = answers + (1 - answers) * self.context_weight
-            return {"input_ids": ids, "labels": ids.clone(), "loss_weights": weights}
-        ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
+        else:
+            ids = torch.tensor(self.tokenizer.encode(self.texts[index])[: self.tokenizer.max_len], dtype=torch.long)
+            labels = ids.clone()
         if not self.context_weight:
-            return {"input_ids": ids, "labels": ids.clone()}
-        return {"input_ids": ids, "labels": ids.clone(), "loss_weights": torch.ones(len(ids))}
+            return {"input_ids": ids, "labels": labels}
+        # Every token a target: the answers (all of a plain text) at weight 1, the rest at context_weight.
+        answers = (labels != IGNORE_INDEX).float()
+        return {"input_ids": ids, "labels": ids.clone(), "loss_weights": answers + (1 - answers) * self.context_weight}
 
 
 class ShapesInstructionDataset(torch.utils.data.Dataset):
