@@ -294,6 +294,7 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     stage2_model = vlkit.from_pretrained(out / "stages" / "3-generate" / "model").state_dict()
     read = recipe.stage("read").data
     assert not read.plain and read.layout and read.context_weight == 0.1
+    assert recipe.stage("read").train.schedule == "wsd"  # the read LM ends on a decayed rate
     moved = [name for name in final if not torch.equal(text_stage[name], read_stage[name])]
     assert moved and all(name.startswith("lm.") for name in moved)  # the reading stage trains the LM alone
     for before, after in ((stage1_model, stage2_model), (stage2_model, final)):
