@@ -10,9 +10,8 @@ image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in fiv
   the LM is trained once, as the tower is);
 - ``read``: the LM alone on the layout-described questions without the plain text, 2000 steps, the rate decayed over
   the last 400 (about 15 minutes): counting, positions and box copying from the layout, which the mixed stage leaves
-  half-learned;
-  every token is trained on, the layout and the questions at a tenth of the answers' weight, as an LLM is pre-trained
-  on all its text (``ShapesText.context_weight``);
+  half-learned; every token is trained on, the layout and the questions at a tenth of the answers' weight, as an LLM
+  is pre-trained on all its text (``ShapesText.context_weight``);
 - ``qformer``: stage 1, vision-language representation learning: the Q-Former (and its stage-1 heads) against the
   frozen image tower on captions, with the contrastive, matching and grounded-generation losses
   (``tasks.qformer``); the tower starts from ``recipe:siglip_patch_shapes`` as in ``llava_shapes``;
@@ -79,9 +78,9 @@ BLIP2_TEXT_BUDGET = dataclasses.replace(TEXT_BUDGET, steps=3000, warmup_steps=30
 LAYOUT_TEXT = ShapesText(SHAPES_DATA, described=True, layout=True)
 # Then reading alone: the layout-described questions without the plain text (the text probe's continuation,
 # ``bench/vlm_text_probe.py --steps 2000 --layout``, which taught counting, spatial questions and box copying that the
-# mixed stage had not). 4000 steps read layouts better (the LM's answers from a layout 0.808 -> 0.850
-# on the test split's scenes) but did not make the frozen-LM model answer better: validation VQA 0.839 (2000 + 2000
-# steps) and 0.779 (4000 in this stage) against 0.809-0.821 (the thirtieth session, docs/experiments.md).
+# mixed stage had not). 4000 steps read layouts better (the LM's answers from a layout 0.808 -> 0.850 on the test
+# split's scenes) but did not make the frozen-LM model answer better: validation VQA 0.839 (2000 + 2000 steps) and
+# 0.779 (4000 in this stage) against 0.809-0.821 (the thirtieth session, docs/experiments.md).
 # Warmup-stable-decay (no warmup: the text stage's LM), not the probe's constant rate, which leaves the LM wherever
 # its last steps at 1e-3 put it: over three read-stage seeds the frozen-LM model's validation VQA 0.804 / 0.789 / 0.830
 # -> 0.826 / 0.832 / 0.841 (held-out 0.68 -> 0.75); test 0.853 / 0.825 / 0.846 -> 0.836 / 0.852 / 0.844 (the
