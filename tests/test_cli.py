@@ -226,7 +226,7 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
 @pytest.mark.parametrize(
     ("cuda", "amx", "tower", "instruct"),
     [
-        (False, False, {"steps": 1600, "warmup_steps": 225}, {"steps": 600, "schedule": "wsd"}),
+        (False, False, {"steps": 1600, "warmup_steps": 225}, {"steps": 900, "schedule": "wsd"}),
         (False, True, {}, {"steps": 1500, "schedule": "wsd"}),
         (True, False, {}, {"steps": 1500, "schedule": "wsd"}),
     ],
