@@ -206,20 +206,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args.model, args.image, args.prompt, args.max_new_tokens)
 
 
-# The demo's budgets on this machine kind, so that SigLIP and the VLM fit 15 minutes (README, "`make demo`").
-# The VLM trains fewer instruct steps than its recipe's 1800: 1500 where bf16 runs on matrix units (a CPU with AMX
-# tiles: the whole demo in 588-615 s on a 2-core Xeon, VQA 0.923 and grounding 0.75 there with the cosine schedule;
-# a CUDA GPU), 900 elsewhere: on a 2-core AVX-512 EPYC the demo with 600 took 700-768 s in its last runs (732 s in
-# the thirty-fourth session's, SigLIP 314 s, instruct 259 s), and 900 steps, at 0.36 s each, add about 110 s. Chosen
-# on the validation split over three seeds there (docs/experiments.md, the thirty-fourth session): VQA 0.807 / 0.865
-# / 0.864 and grounding 0.61 / 0.68 / 0.61 at 900 steps against 0.811 / 0.738 / 0.750 and 0.57 / 0.50 / 0.43 at 600.
-# Both hold the rate until their last 20 % (warmup-stable-decay), chosen on the validation split: at 600 steps VQA
-# 0.776 / 0.819 and grounding 0.525 / 0.182 (seeds 0 / 1) against the cosine schedule's 0.750 / 0.763 and 0.16 /
-# 0.182; at 1500 steps 0.897 / 0.914 and 0.71 / 0.72 against 0.895 / 0.892 and 0.65 / 0.67.
-# The tower trains its recipe's 2400 steps on matrix units (326 s of a 777 s demo on the AMX Xeon) and 1600 (warmup
-# 225, as the recipe's) elsewhere: the EPYC trained 1600 steps in 363-430 s of a 821-948 s demo, so 2400 would add
-# about 3.5 minutes there. Over five validation seeds on the AMX Xeon 1600 / 225 held out 88.75 % on average (worst
-# 80.25 %) against 2400 / 225's 93.1 % (85.75 %): docs/experiments.md, the twenty-eighth session.
+# The demo's budgets on this machine kind, so that SigLIP and the VLM fit 15 minutes (README, "`make demo`"; the runs
+# behind each number are in docs/experiments.md).
+# The VLM trains fewer instruct steps than its recipe's 1800, holding the rate until the last 20 % (warmup-stable-
+# decay, which beat the cosine schedule on the validation split at 600 and at 1500 steps): 1500 where bf16 runs on
+# matrix units (a CPU with AMX tiles, a CUDA GPU; the whole demo in 773-799 s on a 2-core AMX Xeon, VQA 0.927,
+# grounding 0.70), 900 elsewhere (a 2-core AVX-512 EPYC: 0.36 s a step, the demo 794 s; on the validation split over
+# three seeds VQA 0.845 and grounding 0.63 on average against 600 steps' 0.766 and 0.50; the thirty-fourth session).
+# The tower trains its recipe's 2400 steps on matrix units and 1600 (warmup 225, as the recipe's) elsewhere, where
+# 2400 would add ~155 s (the EPYC's 1600 took 314-320 s). 1600 steps hold out less: 88.75 % on average over five
+# validation seeds on the AMX Xeon against 2400's 93.1 % (the twenty-eighth session), 79.4 % over three on the EPYC.
 DEMO_BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "matrix units": {"tower": {}, "instruct": {"steps": 1500, "schedule": "wsd"}},
     "other": {"tower": {"steps": 1600, "warmup_steps": 225}, "instruct": {"steps": 900, "schedule": "wsd"}},
