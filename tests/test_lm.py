@@ -535,39 +535,47 @@ def test_stop_strings_across_bytes_special_tokens_and_the_prompt() -> None:
 
 
 @pytest.mark.skipif(not compiler_present(), reason="inductor needs a C++ compiler on CPU")
-@pytest.mark.parametrize(("name", "dtype"), [("test_qwen2_lm", "float32"), ("test_opt_lm", "float32"),
-                                             ("test_qwen2_lm", "bfloat16")])  # fmt: skip
-def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``compile_decoding="on"``: each step of a batch-1 decode after the prefill runs as one compiled function (every
-    block, the attention over the cache, the head; a one-row product as a multiply-and-sum) and gives the same greedy
-    ids as eager decoding, and logits equal up to summation order in fp32 (RoPE, QKV biases and pre-norm in Qwen2;
-    learned positions, post-norm and every bias in OPT), the prompt left-padded. In bf16 the fused kernels round less
-    often than the eager ops, so both are held against the fp32 model: no further off."""
+@pytest.mark.parametrize(("name", "dtype", "lengths"), [("test_qwen2_lm", "float32", [9]),
+                                                        ("test_opt_lm", "float32", [9]),
+                                                        ("test_qwen2_lm", "bfloat16", [9]),
+                                                        ("test_qwen2_lm", "float32", [9, 5, 7])])  # fmt: skip
+def test_compiled_decoding_equals_eager(
+    name: str, dtype: str, lengths: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile_decoding="on"``: each step of a decode after the prefill runs as one compiled function (every block,
+    the attention over the cache, the head; a one-row product as a multiply-and-sum, several rows' products as the
+    eager kernel) and gives the same greedy ids as eager decoding, and logits equal up to summation order in fp32
+    (RoPE, QKV biases and pre-norm in Qwen2; learned positions, post-norm and every bias in OPT), every prompt left-
+    padded (three rows: by different amounts). In bf16 the fused kernels round less often than the eager ops, so both
+    are held against the fp32 model: no further off."""
     from vlkit.lm import model as lm_model
 
     monkeypatch.setitem(lm_model._DECODING, "failed", False)  # whatever an earlier test's compilation did
     model = _model(name).to(getattr(torch, dtype))
-    ids, mask = _prompts([9], model.config.vocab_size, pad=0)
-    pad = torch.zeros(1, 2, dtype=torch.long)  # left padding: the cache holds positions no query sees
+    ids, mask = _prompts(lengths, model.config.vocab_size, pad=0)
+    pad = torch.zeros(len(lengths), 2, dtype=torch.long)  # left padding: the cache holds positions no query sees
     ids, mask = torch.cat([pad, ids], 1), torch.cat([pad, mask], 1)
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     step = lm_model._decoding_step()
 
     def stepwise(model: DecoderLM, mode: str) -> torch.Tensor:
         """The fp32 logits of each one-token step after a prefill of the prompt, decoding ``eager``'s ids."""
         model.compile_decoding = mode
-        view = model.new_cache(1, 32).view([0])
+        view = model.new_cache(len(lengths), 32).view(range(len(lengths)))
         with torch.no_grad():
             model(eager[:, :11], mask, cache=view)
-            return torch.cat([model.decode_step(eager[:, at : at + 1], view) for at in range(11, 21)]).float()
+            return torch.stack([model.decode_step(eager[:, at : at + 1], view) for at in range(11, 21)]).float()
 
     model.compile_decoding = "off"
     eager = model.generate(ids, mask, max_new_tokens=10)
     reference = stepwise(model, "off")
-    monkeypatch.setattr(lm_model, "_decoding_step", lambda: lambda *args: calls.append(args[3].shape[2]) or step(*args))
+    monkeypatch.setattr(
+        lm_model, "_decoding_step", lambda: lambda *args: calls.append(args[3].shape[1:4:2]) or step(*args)
+    )
     model.compile_decoding = "on"
     compiled = model.generate(ids, mask, max_new_tokens=10)
-    assert calls == list(range(11, 20))  # after the prefill (eager), 9 one-token steps over the growing cache
+    # after the prefill (eager), 9 one-token steps of every row over the growing cache: (rows, stored positions)
+    assert calls == [(len(lengths), stored) for stored in range(11, 20)]
     assert torch.equal(compiled, eager)
     logits = stepwise(model, "on")
     if dtype == "float32":
@@ -579,11 +587,11 @@ def test_compiled_decoding_equals_eager(name: str, dtype: str, monkeypatch: pyte
     assert not lm_model._DECODING["failed"]
 
 
-def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ "auto" compiles only one-row fp32 / bf16 steps on a CPU without gradients, of models with enough linear
-    weights, where a compiler is present and MKL does not serve one row (Intel), and only once its eager steps have
-    read ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (a bf16 step reads half as much); "off"
-    never."""
+def test_auto_compiles_decoding_after_enough_steps_of_a_large_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "auto" compiles only fp32 / bf16 steps on a CPU without gradients, of models with enough linear weights, where
+    a compiler is present and MKL does not serve one row (Intel), and only once its eager steps have read
+    ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (a bf16 step reads half as much; batched steps
+    ``AUTO_COMPILE_BATCHED_FACTOR`` times as much); "off" never."""
     from vlkit.lm import model as lm_model
 
     model = _model("test_llama_lm")
@@ -597,7 +605,9 @@ def test_auto_compiles_decoding_after_enough_one_row_steps_of_a_large_model(monk
         assert not model._compiles_decoding(row)  # too small for "auto"
         monkeypatch.setattr(lm_model, "COMPILE_DECODING_MIN_BYTES", 0)
         assert [model._compiles_decoding(row) for _ in range(4)] == [False, False, True, True]
-        assert not model._compiles_decoding(batch)
+        # batched steps are counted apart and wait AUTO_COMPILE_BATCHED_FACTOR times as long
+        factor = lm_model.AUTO_COMPILE_BATCHED_FACTOR
+        assert [model._compiles_decoding(batch) for _ in range(2 * factor + 1)] == [False] * 2 * factor + [True]
         assert model._compiles_decoding(row.bfloat16())
         assert not model._compiles_decoding(row.double())
         half = _model("test_llama_lm").bfloat16()

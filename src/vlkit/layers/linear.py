@@ -32,11 +32,15 @@ from vlkit.cpuinfo import cpuinfo_field
 # Packed copies by id of the weight tensor (not stored on it, so deepcopy / pickling of models never meets the opaque
 # oneDNN tensors): the weight (weakly, so an entry dies with it), its version and storage when packed, the copy.
 _PACKED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], torch.Tensor | None]] = {}
-_PACK_BATCH_HINT = 8  # the rows oneDNN lays the weight out for: a few rows' layout serves single tokens and batches
 
 
 # Whether one fp32 row is multiplied fastest by MKL (F.linear): on Intel CPUs, read once at import.
 MKL_ONE_ROW = cpuinfo_field("vendor_id") == "GenuineIntel"
+# The rows oneDNN is told to lay a packed weight out for (its blocking; any number of rows then runs on it). On the
+# 2-core AVX-512 EPYC of bench/generate.py a layout for 1024 rows runs that model's products 5-20 % faster than one for
+# 8 at 1 to 16 rows (all of them back to back, best of 12: 6.3-7.1 ms against 7.6-8.6 at 8 rows). Intel CPUs keep the
+# layout for 8 that their decoding numbers were measured with (not yet compared there, nor on the AVX2-only EPYC).
+_PACK_BATCH_HINT = 8 if MKL_ONE_ROW else 1024
 
 
 @functools.cache
@@ -65,7 +69,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     copy of ``weight``), except a single fp32 row on Intel CPUs (``MKL_ONE_ROW``), which MKL serves faster, and a
     single row being compiled, which becomes a multiply-and-sum."""
     one_row = x.numel() == x.shape[-1]
-    if one_row and torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu":
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu":
+        if not one_row:  # the eager kernel below, opaque to the compiler (it cannot trace the packed copies)
+            return torch.ops.vlkit.linear(x, weight, bias, pack)
         out = (weight * x.reshape(1, -1)).sum(-1)  # (out,): one streaming reduction over the weight's rows
         out = out if bias is None else out + bias
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -83,6 +89,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> torch.Tensor:
+    packed = _packed(weight) if pack else None
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    with torch.no_grad():
+        return linear(x, weight, bias)
+
+
+# ``linear`` as one operator that ``torch.compile`` calls rather than traces: several rows inside the decoder LM's
+# compiled decoding steps keep the eager kernel (packed oneDNN), which no kernel inductor generates beats at a few rows
+# (bench/generate.py's products at 8 rows on the 2-core AVX-512 EPYC: packed oneDNN 56-2300 us, MKL's packed GEMM
+# 1.8-3.7x and inductor's C++ GEMM template 1.5-2.5x slower). Registered through ``torch.library.Library`` rather than
+# ``custom_op``, whose wrapping costs ~3 us more a call (33 calls a step).
+_LIBRARY = torch.library.Library("vlkit", "DEF")
+_LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias, bool pack) -> Tensor")
+_LIBRARY.impl("linear", _eager_linear, "CPU")
+_LIBRARY.impl("linear", lambda x, weight, bias, pack: x.new_empty(*x.shape[:-1], weight.shape[0]), "Meta")
 
 
 def release_packed(weights: Iterable[torch.Tensor]) -> None:

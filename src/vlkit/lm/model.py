@@ -41,6 +41,10 @@ PACK_BUDGET_BYTES = 2 * 2**30
 # of that model (about 12 s of eager decoding, 2x a warm compile), ~50 of a 7B model in bf16 (32 layers, 13 GB a step,
 # about a second each here: ~50 s of eager decoding against a 10-70 s compile).
 AUTO_COMPILE_DECODING_BYTES_PER_LAYER = 20 * 10**9
+# Several rows in lockstep (generate's batches) save a smaller share of a step, for the products stay the eager kernel
+# (vlkit.layers.linear's opaque op) and only what lies between them fuses: 1.2-1.3 ms of that model's ~11 ms step at
+# 8 rows against 6.5 ms at one. Batched steps then wait this many times longer before "auto" compiles them.
+AUTO_COMPILE_BATCHED_FACTOR = 5
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
 
@@ -80,8 +84,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             qk = qkv[:, :, : heads + kv_heads]  # queries and keys rotate together: one set of ops per layer
-            # rotate_half(x) = roll(x, head_dim/2) with the first half negated; the sign is folded into sin.
-            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+            # rotate_half(x) = x with its halves swapped and the first negated; the sign is folded into sin. Swapped
+            # as a flip of a (2, head_dim/2) view rather than a roll: compiled, the halves then load as whole vectors
+            # where the roll's wrap-around index gathered them element by element (the decoding step's attention
+            # recomputes the rotation per stored key: 145 -> 87 us a layer at 8 rows, bench/generate.py's model).
+            swapped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
+            qk = qk * cos + swapped * sin
             q, k = qk[:, :, :heads], qk[:, :, heads:]
         else:
             q, k = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads]
@@ -156,21 +164,24 @@ class DecoderLM(PretrainedModel):
     states; ``generate`` decodes with a KV cache (``new_cache`` makes one for a server's own loop).
 
     ``decode_step`` is one decoding step of one new token per row over a ``CacheView`` (``generate``'s loop, or a
-    server's). ``compile_decoding`` ("auto", "on", "off"): whether a decoding step at batch 1 on a CPU in fp32 or bf16
-    without gradients runs as one compiled function (``torch.compile``): every block with its attention over the
+    server's). ``compile_decoding`` ("auto", "on", "off"): whether a decoding step of one row, or of several in
+    lockstep (consecutive cache slots holding equally many positions, as ``generate``'s batches), on a CPU in fp32 or
+    bf16 without gradients runs as one compiled function (``torch.compile``): every block with its attention over the
     cache, the final norm and the head in one graph, whose only input that grows is the cache (a dynamic length, so
-    it never recompiles as the sequence grows); the new keys and values come out of it and are stored after it.
-    Inside it a one-row product is a multiply-and-sum that inductor emits as one streaming reduction, which reads the
-    weights faster than the BLAS and oneDNN kernels do at one row (``vlkit.layers.linear``), and the norms, rotation,
-    attention and residuals fuse around them. "auto" does this once such eager steps have read
-    ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (compiling takes longer the deeper the model), for
-    models of at least ``COMPILE_DECODING_MIN_BYTES`` of linear weights, where a C++ compiler is present, and not on
-    Intel CPUs, where the eager step is the faster one (MKL's one-row product in fp32, oneDNN's in bf16; on the
-    2-core AMX Xeon of bench/generate.py eager 145-152 tok/s against compiled 131-132 in fp32, 182 against 170 in
-    bf16: "on" compiles there all the same). If compiling fails, decoding warns once and stays eager. The numbers
-    equal the eager ones up to summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1,
-    fp32: eager 73-79 tok/s; each block's parts compiled around an eager attention, the nineteenth session, 105-147;
-    the whole step, README "Generation").
+    it never recompiles as the sequence grows; each batch size is its own graph); the new keys and values come out of
+    it and are stored after it. Inside it a one-row product is a multiply-and-sum that inductor emits as one streaming
+    reduction, which reads the weights faster than the BLAS and oneDNN kernels do at one row
+    (``vlkit.layers.linear``); several rows' products call the eager packed kernel as one opaque operator. The norms,
+    rotation, attention and residuals fuse around the products. "auto" does this once such eager steps have read
+    ``AUTO_COMPILE_DECODING_BYTES_PER_LAYER`` of weights per layer (``AUTO_COMPILE_BATCHED_FACTOR`` times as much for
+    batched steps; compiling takes longer the deeper the model), for models of at least ``COMPILE_DECODING_MIN_BYTES``
+    of linear weights, where a C++ compiler is present, and not on Intel CPUs, where the eager step is the faster one
+    at one row (MKL's one-row product in fp32, oneDNN's in bf16; on the 2-core AMX Xeon of bench/generate.py eager
+    145-152 tok/s against compiled 131-132 in fp32, 182 against 170 in bf16; batched steps not compared there: "on"
+    compiles there all the same). If compiling fails, decoding warns once and stays eager. The numbers equal the eager
+    ones up to summation order (bench/generate.py: 55 M Qwen2-style, 2-core AVX-512 EPYC, batch 1, fp32: eager 73-79
+    tok/s; each block's parts compiled around an eager attention, the nineteenth session, 105-147; the whole step,
+    README "Generation").
     """
 
     config_class = LMConfig
@@ -214,7 +225,8 @@ class DecoderLM(PretrainedModel):
         linear_params += self.token_embed.weight.numel() if self.lm_head is None else 0
         self.set_weight_packing(4 * linear_params <= PACK_BUDGET_BYTES)
         self._linear_params = linear_params
-        self._decoding_bytes = 0  # linear weights read by the one-row steps "auto" compile_decoding has seen
+        # Linear weights read by the eager steps "auto" compile_decoding has seen: batched ones (False), one-row (True).
+        self._decoding_bytes = {False: 0, True: 0}
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -353,18 +365,22 @@ class DecoderLM(PretrainedModel):
 
     def decode_step(self, input_ids: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """Logits (B, V) of one new token per row (``input_ids`` (B, 1)) after what the rows' cache slots hold; the
-        new keys and values are stored in the slots. At batch 1 ``compile_decoding`` may run it compiled (above)."""
+        new keys and values are stored in the slots. ``compile_decoding`` may run it compiled (above) when the rows
+        decode in lockstep: consecutive slots holding the same number of positions, as ``generate``'s do."""
         x = self.embed(input_ids)
-        one = input_ids.shape == (1, 1) and len(cache) == 1 and cache.lengths[0] > 0
-        if not one or not self._compiles_decoding(x):
+        rows, lengths = len(cache), cache.lengths
+        lockstep = (
+            input_ids.shape == (rows, 1) and cache.range is not None and len(set(lengths)) == 1 and lengths[0] > 0
+        )
+        if not lockstep or not self._compiles_decoding(x):
             return self.forward_head(self.forward_features(inputs_embeds=x, cache=cache)[:, -1])
-        kv, slot, stored = cache.cache, cache.slots[0], cache.lengths[0]
-        position = kv.next_position[slot : slot + 1, None]  # (1, 1)
+        kv, (first, last), stored = cache.cache, cache.range, lengths[0]  # type: ignore[misc]
+        position = kv.next_position[first:last, None]  # (B, 1)
         x, rope = self._block_inputs(x, position, stored + 1)
-        keys, values = kv.keys[:, slot, :, :stored], kv.values[:, slot, :, :stored]  # (layers, kv_heads, L, hd)
-        key_bias = kv.key_bias[slot : slot + 1, :stored]  # (1, L): -inf at the prompt's padding
+        keys, values = kv.keys[:, first:last, :, :stored], kv.values[:, first:last, :, :stored]  # (layers, B, ...)
+        key_bias = kv.key_bias[first:last, :stored]  # (B, L): -inf at the prompts' padding
         if stored > 1:  # one graph for every cache length (a length of 1 is specialised by the compiler)
-            for tensor, length_dim in ((keys, 2), (values, 2), (key_bias, 1)):
+            for tensor, length_dim in ((keys, 3), (values, 3), (key_bias, 1)):
                 torch._dynamo.mark_dynamic(tensor, length_dim)
         logits, new_keys, new_values = _decoding_step()(self, x, rope, keys, values, key_bias)
         step = cache.begin(1, None)
@@ -373,19 +389,21 @@ class DecoderLM(PretrainedModel):
         return logits
 
     def _compiles_decoding(self, x: torch.Tensor) -> bool:
-        """Whether a decoding step of the embeddings ``x`` runs compiled; "auto" counts the step's weights."""
+        """Whether a decoding step of the embeddings ``x`` (B, 1, D) runs compiled; "auto" counts the steps'
+        weights, one-row steps and batched ones apart (they save different shares of a step)."""
         if self.compile_decoding == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
-        one_row = x.numel() == x.shape[-1]
-        if not one_row or x.device.type != "cpu" or x.dtype not in _DECODING_DTYPES or _DECODING["failed"]:
+        if x.device.type != "cpu" or x.dtype not in _DECODING_DTYPES or _DECODING["failed"]:
             return False
         if self.compile_decoding == "on":
             return True
+        one_row = x.numel() == x.shape[-1]
         weight_bytes = self._linear_params * x.element_size()
         if MKL_ONE_ROW or weight_bytes < COMPILE_DECODING_MIN_BYTES or not compiler_present():
             return False
-        self._decoding_bytes += weight_bytes
-        return self._decoding_bytes > AUTO_COMPILE_DECODING_BYTES_PER_LAYER * self.config.depth
+        self._decoding_bytes[one_row] += weight_bytes
+        threshold = AUTO_COMPILE_DECODING_BYTES_PER_LAYER * (1 if one_row else AUTO_COMPILE_BATCHED_FACTOR)
+        return self._decoding_bytes[one_row] > threshold * self.config.depth
 
     def forward(
         self,
@@ -465,7 +483,7 @@ _DECODING = {"failed": False}  # compilation failed once in this process: every 
 _DECODING_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _one_token_step(
+def _lockstep_step(
     model: DecoderLM,
     x: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -473,9 +491,10 @@ def _one_token_step(
     values: torch.Tensor,
     key_bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row's decoding step from the first block's input x (1, 1, D): logits (1, V) and the new token's keys and
-    values of every layer (layers, 1, kv_heads, 1, head_dim), over the stored ``keys`` / ``values`` (layers, kv_heads,
-    L, head_dim) and their additive ``key_bias`` (1, L). Nothing is written: the caller stores the new keys."""
+    """A decoding step of B rows in lockstep from the first block's input x (B, 1, D): logits (B, V) and the new
+    token's keys and values of every layer (layers, B, kv_heads, 1, head_dim), over the stored ``keys`` / ``values``
+    (layers, B, kv_heads, L, head_dim) and their additive ``key_bias`` (B, L). Nothing is written: the caller stores
+    the new keys."""
     new_keys, new_values = [], []
     for layer, block in enumerate(model.blocks):
         q, k, v = block.attention_inputs(x, rope)
@@ -490,18 +509,19 @@ def _one_token_step(
 def _one_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor
 ) -> torch.Tensor:
-    """SDPA of one query row q (1, heads, 1, hd) over the stored keys / values (kv_heads, L, hd) plus its own k, v
-    (1, kv_heads, 1, hd), without concatenating them: (1, 1, heads * hd), in fp32. Written as products and sums
-    that inductor fuses into a few reductions over L; the query heads sharing a key head read it once."""
-    heads, head_dim = q.shape[1], q.shape[3]
+    """SDPA of one query per row, q (B, heads, 1, hd), over the stored keys / values (B, kv_heads, L, hd) plus the
+    row's own k, v (B, kv_heads, 1, hd), without concatenating them: (B, 1, heads * hd), in fp32. Written as products
+    and sums that inductor fuses into a few reductions over L; the query heads sharing a key head read it once."""
+    batch, heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
-    q = q.float().reshape(kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
-    stored = (q[:, :, None] * keys.float()[:, None]).sum(-1) + key_bias.float()  # (kv_heads, groups, L)
-    own = (q * k.float()[0]).sum(-1, keepdim=True)  # (kv_heads, groups, 1)
+    q = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
+    stored = (q[:, :, :, None] * keys.float()[:, :, None]).sum(-1)  # (B, kv_heads, groups, L)
+    stored = stored + key_bias.float()[:, None, None]
+    own = (q * k.float()).sum(-1, keepdim=True)  # (B, kv_heads, groups, 1)
     top = torch.maximum(stored.amax(-1, keepdim=True), own)
     stored, own = (stored - top).exp(), (own - top).exp()
-    out = (stored[..., None] * values.float()[:, None]).sum(-2) + own * v.float()[0]  # (kv_heads, groups, hd)
-    return (out / (stored.sum(-1, keepdim=True) + own)).reshape(1, 1, heads * head_dim)
+    out = (stored[..., None] * values.float()[:, :, None]).sum(-2) + own * v.float()  # (B, kv_heads, groups, hd)
+    return (out / (stored.sum(-1, keepdim=True) + own)).reshape(batch, 1, heads * head_dim)
 
 
 def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -515,8 +535,8 @@ def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
 
 @functools.cache
 def _decoding_step() -> Callable[..., Any]:
-    """The compiled ``_one_token_step``, shared by every model."""
-    return _fallible(_one_token_step)
+    """The compiled ``_lockstep_step``, shared by every model."""
+    return _fallible(_lockstep_step)
 
 
 def _loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
