@@ -37,8 +37,8 @@ _PACKED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], torch.Tenso
 # Whether one fp32 row is multiplied fastest by MKL (F.linear): on Intel CPUs, read once at import.
 MKL_ONE_ROW = cpuinfo_field("vendor_id") == "GenuineIntel"
 # The rows oneDNN is told to lay a packed weight out for (its blocking; any number of rows then runs on it). On the
-# 2-core AVX-512 EPYC of bench/generate.py a layout for 1024 rows runs that model's products 5-20 % faster than one for
-# 8 at 1 to 16 rows (all of them back to back, best of 12: 6.3-7.1 ms against 7.6-8.6 at 8 rows). Intel CPUs keep the
+# 2-core AVX-512 EPYC, a layout for 1024 rows runs bench/generate.py's products 13-32 % faster than one for 8 at 1 to
+# 16 rows (bench/pack_layout.py: 6.8 against 9.2 ms for all of them at 8 rows, best of 30). Intel CPUs keep the
 # layout for 8 that their decoding numbers were measured with (not yet compared there, nor on the AVX2-only EPYC).
 _PACK_BATCH_HINT = 8 if MKL_ONE_ROW else 1024
 

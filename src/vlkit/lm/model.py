@@ -41,10 +41,11 @@ PACK_BUDGET_BYTES = 2 * 2**30
 # of that model (about 12 s of eager decoding, 2x a warm compile), ~50 of a 7B model in bf16 (32 layers, 13 GB a step,
 # about a second each here: ~50 s of eager decoding against a 10-70 s compile).
 AUTO_COMPILE_DECODING_BYTES_PER_LAYER = 20 * 10**9
-# Several rows in lockstep (generate's batches) save a smaller share of a step, for the products stay the eager kernel
-# (vlkit.layers.linear's opaque op) and only what lies between them fuses: 1.2-1.3 ms of that model's ~11 ms step at
-# 8 rows against 6.5 ms at one. Batched steps then wait this many times longer before "auto" compiles them.
-AUTO_COMPILE_BATCHED_FACTOR = 5
+# Several rows in lockstep (generate's batches) save less a step, for their products stay the eager kernel
+# (vlkit.layers.linear's opaque op) and only what lies between them fuses: in three runs of bench/generate.py (the
+# thirty-fifth session, same EPYC kind) 1.8-2.6 ms of a 10.2-11.5 ms eager step at 8 rows, against 4.0-4.4 ms of 9.1-9.7
+# at one. Batched steps then wait this many times longer before "auto" compiles them.
+AUTO_COMPILE_BATCHED_FACTOR = 2
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
 
