@@ -91,14 +91,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> torch.Tensor:
-    packed = _packed(weight) if pack else None
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    with torch.no_grad():
-        return linear(x, weight, bias)
-
-
 # ``linear`` as one operator that ``torch.compile`` calls rather than traces: several rows inside the decoder LM's
 # compiled decoding steps keep the eager kernel (packed oneDNN), which no kernel inductor generates beats at a few rows
 # (bench/generate.py's products at 8 rows on the 2-core AVX-512 EPYC: packed oneDNN 56-2300 us, MKL's packed GEMM
@@ -106,7 +98,7 @@ def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 # ``custom_op``, whose wrapping costs ~3 us more a call (33 calls a step).
 _LIBRARY = torch.library.Library("vlkit", "DEF")
 _LIBRARY.define("linear(Tensor x, Tensor weight, Tensor? bias, bool pack) -> Tensor")
-_LIBRARY.impl("linear", _eager_linear, "CPU")
+_LIBRARY.impl("linear", linear, "CPU")  # run outside the compiler, without autograd: the eager kernel
 _LIBRARY.impl("linear", lambda x, weight, bias, pack: x.new_empty(*x.shape[:-1], weight.shape[0]), "Meta")
 
 
