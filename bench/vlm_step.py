@@ -1,10 +1,17 @@
-"""The VLM training step with the LM head at every position against the head at the targets only.
+"""The VLM training step as the task runs it, against the padded batch and against the LM head at every position.
 
 Times the ``vlm`` task's training step (forward, loss, backward, fused AdamW) of a ShapesWorld VLM on batches of its
-own instruct data, two ways, alternating in one process: the logits of every position and the loss from them (what
-``model(..., labels)`` returns, as transformers computes it) against the loss alone (``return_logits=False``, the
-task's step: the head runs only at the positions that have a target, a fifth of an instruction sample). Also the
-frozen tower's forward alone, for scale. Writes ``--out`` (JSON: medians and every step's seconds).
+own instruct data, alternating in one process:
+
+- ``step``: the task's step: the LM's blocks on the real tokens only (``DecoderLM.train_unpadded``) and the loss alone
+  (``return_logits=False``: the head runs only at the positions that have a target, a fifth of an instruction sample);
+- ``padded``: the same with ``train_unpadded`` off, the right-padded batch as it is;
+- ``head_everywhere``: the logits of every position and the loss from them (what ``model(..., labels)`` returns, as
+  transformers computes it);
+- ``tower_forward``: the frozen tower's forward alone, for scale.
+
+``--compile on`` (the default) compiles the LM's blocks as the trainer does for the instruct stages on a CPU
+(``TrainConfig.compile="auto"``). Writes ``--out`` (JSON: medians, speed-ups and every step's seconds).
 
     python bench/vlm_step.py --model RUN/stages/1-align/model --out bench/results/vlm_step.json
 """
@@ -26,6 +33,7 @@ from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes.base import recipe_from_dict
 from vlkit.tasks.vlm import ShapesInstructionDataset, _collate
+from vlkit.train.compile import compile_for_training
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", choices=("on", "off"), default="on", help="the LM's blocks, as the trainer does")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step(batch: dict[str, torch.Tensor], return_logits: bool) -> None:
+    if args.compile == "on":
+        compile_for_training(model)
+
+    def step(batch: dict[str, torch.Tensor], return_logits: bool, unpadded: bool = True) -> None:
+        model.lm.train_unpadded = unpadded
         with autocast:
             out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                         return_logits=return_logits)  # fmt: skip
@@ -67,13 +80,14 @@ def main(argv: list[str] | None = None) -> None:
             model.image_tokens(batch["pixel_values"])
 
     variants = {
+        "step": lambda b: step(b, False),
+        "padded": lambda b: step(b, False, unpadded=False),
         "head_everywhere": lambda b: step(b, True),
-        "head_at_targets": lambda b: step(b, False),
         "tower_forward": tower,
     }
-    for batch in batches:  # warm-up
-        step(batch, True)
-        step(batch, False)
+    for batch in batches:  # warm-up (and compilation)
+        for run in variants.values():
+            run(batch)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, run in variants.items():
@@ -94,9 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": size,
         "padded_lengths": [int(b["input_ids"].shape[1]) for b in batches],
         "mean_lengths": lengths,
+        "real_fraction": float(sum(b["attention_mask"].float().mean() for b in batches) / len(batches)),
         "trained_fraction": float(sum((b["labels"] != -100).float().mean() for b in batches) / len(batches)),
         "median_s": medians,
-        "speedup": medians["head_everywhere"] / medians["head_at_targets"],
+        "compile": args.compile,
+        "speedup": {
+            "unpadded": medians["padded"] / medians["step"],
+            "head_at_targets": medians["head_everywhere"] / medians["step"],
+        },
         "seconds": seconds,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,33 @@ def test_right_padding_equals_each_row_alone(name: str) -> None:
         torch.testing.assert_close(gapped[0, :4], logits[0, :4], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_training_on_the_real_tokens_alone_equals_each_row_alone(name: str) -> None:
+    """With gradients on, the blocks of a right-padded batch run on its real tokens only (``Unpadded``): the real
+    tokens' logits, the loss and every gradient must be what the rows give alone, unpadded."""
+    model = _model(name, seed=3).train()
+    lengths = [4, 9, 6]
+    ids, mask = _prompts(lengths, model.config.vocab_size, 0, seed=3)
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row, length in enumerate(lengths):
+        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    labels = right_ids.masked_fill(right_mask == 0, -100)
+    out = model(right_ids, right_mask, labels=labels)
+    out.loss.backward()
+    batch_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    targets = sum(length - 1 for length in lengths)
+    loss = torch.zeros(())
+    for row, length in enumerate(lengths):
+        alone = model(right_ids[row : row + 1, :length], labels=labels[row : row + 1, :length])
+        torch.testing.assert_close(out.logits[row, :length], alone.logits[0], atol=1e-5, rtol=1e-5)
+        loss = loss + alone.loss * (length - 1) / targets  # the batch's loss is the mean over all its targets
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
+    for name_, parameter in model.named_parameters():
+        torch.testing.assert_close(batch_grads[name_], parameter.grad, atol=1e-5, rtol=1e-4, msg=name_)
+
+
 def test_positions_past_max_seq_len() -> None:
     """RoPE has no length limit (the position tables grow); OPT's learned table does, and says so."""
     model = _model("test_llama_lm")
