@@ -135,6 +135,9 @@ def test_training_on_the_real_tokens_alone_equals_each_row_alone(name: str) -> N
     torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=1e-5)
     for name_, parameter in model.named_parameters():
         torch.testing.assert_close(batch_grads[name_], parameter.grad, atol=1e-5, rtol=1e-4, msg=name_)
+    # Position ids broadcast over the batch (one row for all) give the same.
+    positions = torch.arange(right_ids.shape[1])[None]
+    torch.testing.assert_close(model(right_ids, right_mask, position_ids=positions, labels=labels).loss, out.loss)
 
 
 def test_positions_past_max_seq_len() -> None:

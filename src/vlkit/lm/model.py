@@ -364,8 +364,9 @@ class DecoderLM(PretrainedModel):
             # Training on a right-padded batch: the blocks see its real tokens only (Unpadded).
             unpadded = Unpadded.of(attention_mask)
             x = unpadded.pack(x)
-            if rope is not None:
-                rope = (unpadded.pack(rope[0]), unpadded.pack(rope[1]))
+            if rope is not None:  # (B or 1, T, 1, head_dim): position ids may broadcast over the batch
+                cos, sin = (table.expand(batch, length, *table.shape[2:]) for table in rope)
+                rope = (unpadded.pack(cos), unpadded.pack(sin))
         context = AttentionContext(rope, mask, is_causal, step, unpadded)
         for layer, block in enumerate(self.blocks):
             x = block(x, context, layer)
