@@ -41,6 +41,15 @@ def _prompts(lengths: list[int], vocab: int, pad: int, seed: int = 0) -> tuple[t
     return ids, mask
 
 
+def _right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_prompts``' rows with their padding on the right (pad id 0), as training batches are."""
+    ids, mask = _prompts(lengths, vocab, 0, seed=seed)
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row, length in enumerate(lengths):
+        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    return right_ids, right_mask
+
+
 def _greedy_without_cache(model: DecoderLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
     """The obvious reference: rerun the whole sequence for every new token."""
     with torch.no_grad():
@@ -94,10 +103,7 @@ def test_right_padding_equals_each_row_alone(name: str) -> None:
     the loss must be each row's own, and a pad left of a real token (which the shortcut cannot take) too."""
     model = _model(name, seed=2)
     lengths = [4, 9, 6]
-    ids, mask = _prompts(lengths, model.config.vocab_size, 0, seed=2)
-    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
-    for row, length in enumerate(lengths):
-        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    right_ids, right_mask = _right_padded(lengths, model.config.vocab_size, seed=2)
     gap_mask = right_mask.clone()
     gap_mask[1, 2] = 0  # a pad inside the row: this row must not see position 2
     with torch.no_grad():
@@ -116,10 +122,7 @@ def test_training_on_the_real_tokens_alone_equals_each_row_alone(name: str) -> N
     tokens' logits, the loss and every gradient must be what the rows give alone, unpadded."""
     model = _model(name, seed=3).train()
     lengths = [4, 9, 6]
-    ids, mask = _prompts(lengths, model.config.vocab_size, 0, seed=3)
-    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
-    for row, length in enumerate(lengths):
-        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    right_ids, right_mask = _right_padded(lengths, model.config.vocab_size, seed=3)
     labels = right_ids.masked_fill(right_mask == 0, -100)
     out = model(right_ids, right_mask, labels=labels)
     out.loss.backward()

@@ -111,24 +111,21 @@ class CausalSelfAttention(nn.Module):
         ``rope``; of x (N, E), the real tokens of ``unpadded``, laid out as (B, T) with zeros at the pads."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).unflatten(-1, (heads + 2 * kv_heads, head_dim))
+        qk = qkv[..., : heads + kv_heads, :]  # queries and keys rotate together: one set of ops per layer
         if rope is not None:
             cos, sin = rope
-            qk = qkv[..., : heads + kv_heads, :]  # queries and keys rotate together: one set of ops per layer
             # rotate_half(x) = x with its halves swapped and the first negated; the sign is folded into sin. Swapped
             # as a flip of a (2, head_dim/2) view rather than a roll: compiled, the halves then load as whole vectors
             # where the roll's wrap-around index gathered them element by element (the decoding step's attention
             # recomputes the rotation per stored key: 145 -> 87 us a layer at 8 rows, bench/generate.py's model).
             swapped = qk.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
             qk = qk * cos + swapped * sin
-            if unpadded is not None:  # (attend casts q and k to v's dtype too: autocast rotates them in fp32)
-                qkv = unpadded.unpack(torch.cat([qk.to(qkv.dtype), qkv[..., heads + kv_heads :, :]], dim=-2))
-                qk = qkv[..., : heads + kv_heads, :]
-            q, k = qk[:, :, :heads], qk[:, :, heads:]
-        else:
-            if unpadded is not None:
-                qkv = unpadded.unpack(qkv)
-            q, k = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads]
-        v = qkv[:, :, heads + kv_heads :]
+            if unpadded is not None:  # laid out with v in one tensor (attend casts q and k to v's dtype too)
+                qkv = torch.cat([qk.to(qkv.dtype), qkv[..., heads + kv_heads :, :]], dim=-2)
+        if unpadded is not None:
+            qkv = unpadded.unpack(qkv)
+            qk = qkv[..., : heads + kv_heads, :]
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(
