@@ -8,6 +8,8 @@ with gradients:
 - ``fp32``: the same kernel on fp32 copies, both ways (vlkit's path on CPUs without AMX);
 - ``bf16_fwd_fp32_bwd``: the bf16 kernel's forward, the fp32 kernel's backward (vlkit's path on AMX CPUs for short
   keys);
+- ``products``: two bf16 products and a softmax, autograd's backward (``attention._math_attention``: vlkit's path
+  in training on CPUs without AMX with no mask and up to 4 keys per head channel causal, 8 otherwise);
 - ``vlkit``: ``vlkit.layers.attention.sdpa`` as this CPU runs it (one of the above).
 
 Each is timed as the median of ``--repeats`` calls after a warm-up; the JSON also gives each gradient's largest error
@@ -51,6 +53,10 @@ def bf16_fwd_fp32_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     return attention._Fp32Attention.apply(q, k, v, None, causal, False)
 
 
+def products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return attention._math_attention(q, k, v, causal)
+
+
 def vlkit_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     return attention.sdpa(q, k, v, is_causal=causal)
 
@@ -81,7 +87,8 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 def attention_grid(repeats: int, quick: bool) -> list[dict[str, Any]]:
     rows = []
-    ways: dict[str, Attend] = {"bf16": bf16, "fp32": fp32, "bf16_fwd_fp32_bwd": bf16_fwd_fp32_bwd, "vlkit": vlkit_sdpa}
+    ways: dict[str, Attend] = {"bf16": bf16, "fp32": fp32, "bf16_fwd_fp32_bwd": bf16_fwd_fp32_bwd,
+                               "products": products, "vlkit": vlkit_sdpa}  # fmt: skip
     work = 2**12 if quick else WORK
     for head_dim in (16,) if quick else (32, 64, 128):
         for keys in (8, 16) if quick else (64, 128, 256, 512, 1024):
@@ -102,8 +109,9 @@ def attention_grid(repeats: int, quick: bool) -> list[dict[str, Any]]:
                     row[f"{name}_ms"] = seconds * 1e3
                     row[f"{name}_grad_error"] = relative_error(grads, exact)
                 row["bf16_over_fp32"] = row["bf16_ms"] / row["fp32_ms"]
-                row["vlkit_fp32_backward"] = attention._fp32_on_this_cpu(leaves[0]) or (
-                    attention._fp32_backward_on_this_cpu(leaves[0], leaves[1])
+                row["vlkit_products"] = attention._math_on_this_cpu(*leaves, causal)
+                row["vlkit_fp32_backward"] = not row["vlkit_products"] and (
+                    attention._fp32_on_this_cpu(leaves[0]) or attention._fp32_backward_on_this_cpu(*leaves[:2])
                 )
                 rows.append(row)
                 print(f"head_dim {head_dim:3d} keys {keys:4d} causal {causal!s:5}: " + ", ".join(
@@ -138,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = {**ts.cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     machine["amx_fp32_backward_max"] = attention._AMX_FP32_BACKWARD_MAX
     machine["cpu_bf16_attention_slow"] = attention._CPU_BF16_ATTENTION_SLOW
+    machine["math_keys_per_channel"] = {
+        "causal": attention._MATH_KEYS_PER_CHANNEL_CAUSAL,
+        "full": attention._MATH_KEYS_PER_CHANNEL,
+    }
     result = {
         "machine": machine,
         "attention": attention_grid(repeats, args.quick),

@@ -53,6 +53,7 @@ from vlkit.lm.model import CausalSelfAttention
 from vlkit.losses import ClipLoss, SigLipLoss
 
 SCOPE = "vlkit:"  # record_function names: "vlkit:<group>:<module name>" and "vlkit:phase:<phase>"
+CUSTOM_OPS = "vlkit::"  # vlkit's custom ops (attention's products), ops like any other
 EVALUATE = "autograd::engine::evaluate_function"
 OTHER_FORWARD = "other forward (residuals, pooling, casts)"
 
@@ -223,7 +224,7 @@ def attribute(events: list[Any], device: torch.device) -> dict[str, Any]:
         while node is not None:
             if evaluated is None and node.name.startswith(EVALUATE):
                 evaluated = node.sequence_nr
-            elif node.name.startswith(SCOPE):
+            elif node.name.startswith(SCOPE) and not node.name.startswith(CUSTOM_OPS):
                 kind, label = node.name[len(SCOPE) :].split(":", 1)
                 if kind == "phase":
                     phase_name = phase_name or label

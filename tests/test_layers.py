@@ -150,6 +150,16 @@ def test_attention_causal_combined_with_padding_mask(kind: str) -> None:
     torch.testing.assert_close(attn(x, mask=mask, is_causal=True), _reference_self_attention(attn, x, allowed), **TIGHT)
 
 
+def _bf16_forward_backward(
+    attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor
+) -> list[torch.Tensor]:
+    """``attend``'s output on bf16 copies of q, k, v and, after backward of ``grad_out``, their gradients."""
+    leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attend(*leaves)
+    out.backward(grad_out)
+    return [out, *(leaf.grad for leaf in leaves)]
+
+
 @pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
 @pytest.mark.parametrize("case", ["none", "bool", "additive", "causal", "cross"])
 def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
@@ -162,6 +172,8 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     from vlkit.layers import attention
 
     monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", not amx)
+    monkeypatch.setattr(attention, "_MATH_KEYS_PER_CHANNEL_CAUSAL", 0)  # the two products: their own tests, below
+    monkeypatch.setattr(attention, "_MATH_KEYS_PER_CHANNEL", 0)
     routed: list[bool] = []
     apply = attention._Fp32Attention.apply
     monkeypatch.setattr(attention._Fp32Attention, "apply", lambda *args: routed.append(args[-1]) or apply(*args))
@@ -174,15 +186,9 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     causal = case == "causal"
     grad_out = torch.randn(q.shape).bfloat16()
 
-    def run(sdpa: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
-        leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-        out = sdpa(*leaves)
-        out.backward(grad_out)
-        return [out, *(leaf.grad for leaf in leaves)]
-
-    ours = run(lambda q, k, v: attention.sdpa(q, k, v, mask, causal))
-    cast = run(lambda q, k, v: F.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).bfloat16())  # fmt: skip
+    ours = _bf16_forward_backward(lambda q, k, v: attention.sdpa(q, k, v, mask, causal), q, k, v, grad_out)
+    cast = _bf16_forward_backward(lambda q, k, v: F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).bfloat16(), q, k, v, grad_out)  # fmt: skip
     for got, expected in zip(ours, cast, strict=True):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
@@ -198,6 +204,103 @@ def test_bf16_attention_in_fp32_matches_the_cast_and_keeps_no_fp32_copies(
     assert not large_fp32, f"fp32 tensors kept for backward: {large_fp32}"
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "cross", "causal-cross"])
+def test_bf16_attention_as_two_products_matches_the_fp32_kernel(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Without AMX, bf16 training attention with no mask over few keys per head channel runs as two bf16 products
+    and a softmax: outputs and gradients are SDPA's on fp32 copies to bf16 rounding (the causal pattern aligned as
+    SDPA aligns it when queries and keys differ in number), and autograd keeps no fp32 tensor."""
+    from vlkit.layers import attention
+
+    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", True)
+    monkeypatch.setattr(attention, "_CPU_BF16_PRODUCTS", True)
+    routed: list[bool] = []
+    math_attention = attention._math_attention
+    monkeypatch.setattr(attention, "_math_attention", lambda *args: routed.append(True) or math_attention(*args))
+    torch.manual_seed(7)
+    keys = 12 if "cross" in case else 9
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, keys, 16), torch.randn(2, 4, keys, 16)
+    causal = case.startswith("causal")
+    grad_out = torch.randn(q.shape).bfloat16()
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = _bf16_forward_backward(lambda q, k, v: attention.sdpa(q, k, v, None, causal), q, k, v, grad_out)
+    cast = _bf16_forward_backward(
+        lambda q, k, v: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal),
+        q, k, v, grad_out,
+    )  # fmt: skip
+    for got, expected in zip(ours, cast, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert routed == [True], "the two products were not taken"
+    assert not [t.shape for t in saved if t.dtype == torch.float32], "fp32 tensors kept for backward"
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_attention_products_ops_pass_opcheck_and_compile(monkeypatch: pytest.MonkeyPatch, is_causal: bool) -> None:
+    """The two custom ops behind the products: fake kernels, autograd registration and schema as torch.library checks
+    them, and a compiled self-attention layer (dynamic lengths) giving the eager layer's outputs and gradients."""
+    from vlkit.layers import attention
+
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 7, 16).bfloat16().requires_grad_() for _ in range(3))
+    torch.library.opcheck(attention._products, (q, k, v, is_causal))
+    probs = attention._products(q, k, v, is_causal)[1].detach()
+    grad = torch.randn(2, 4, 7, 16).bfloat16()
+    torch.library.opcheck(attention._products_backward, (grad, *(t.detach() for t in (q, k, v)), probs))
+
+    monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", True)
+    monkeypatch.setattr(attention, "_CPU_BF16_PRODUCTS", True)
+    layer = _randomize(Attention(64, num_heads=4))
+    compiled = torch.compile(layer, dynamic=True)
+
+    def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, is_causal=is_causal)
+        out.float().square().sum().backward()
+        return [out.float(), x.grad, layer.qkv.weight.grad]
+
+    for length in (9, 13):
+        x = torch.randn(2, length, 64)
+        for got, expected in zip(run(compiled, x), run(layer, x), strict=True):
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_attention_as_two_products_only_in_training_without_mask_for_short_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mask, more keys per head channel than the limits (4 causal, 8 otherwise), no gradients, an AMX CPU or one
+    without AVX-512 bf16 (bf16 products emulated) keep the flash kernel."""
+    from vlkit.layers import attention
+
+    routed: list[bool] = []
+    math_attention = attention._math_attention
+    monkeypatch.setattr(attention, "_math_attention", lambda *args: routed.append(True) or math_attention(*args))
+    head_dim = 16
+    causal_limit = attention._MATH_KEYS_PER_CHANNEL_CAUSAL * head_dim
+    limit = attention._MATH_KEYS_PER_CHANNEL * head_dim
+    for keys, causal, grad, mask, cpu, expected in [
+        (limit, False, True, False, "avx512_bf16", [True]),
+        (limit + 1, False, True, False, "avx512_bf16", []),
+        (causal_limit, True, True, False, "avx512_bf16", [True]),
+        (causal_limit + 1, True, True, False, "avx512_bf16", []),
+        (8, False, True, True, "avx512_bf16", []),
+        (8, False, False, False, "avx512_bf16", []),
+        (8, False, True, False, "amx", []),
+        (8, False, True, False, "avx2", []),
+    ]:
+        monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", cpu != "amx")
+        monkeypatch.setattr(attention, "_CPU_BF16_PRODUCTS", cpu != "avx2")
+        routed.clear()
+        q = torch.randn(1, 2, 4, head_dim).bfloat16().requires_grad_(grad)
+        kv = torch.randn(1, 2, keys, head_dim).bfloat16()
+        keep = torch.ones(1, 1, 4, keys, dtype=torch.bool) if mask else None
+        out = attention.sdpa(q, kv, kv, keep, causal)
+        assert out.dtype == torch.bfloat16 and routed == expected, (keys, causal, grad, mask, cpu, routed)
 
 
 def test_bf16_attention_on_amx_keeps_the_bf16_kernel_for_long_keys_and_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:

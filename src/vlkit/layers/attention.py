@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.cpuinfo import amx_tiles
+from vlkit.cpuinfo import amx_tiles, avx512_bf16
 from vlkit.layers.mlp import build_mlp
 from vlkit.layers.rope import RopeTables, apply_rope
 
@@ -26,9 +26,19 @@ from vlkit.layers.rope import RopeTables, apply_rope
 #   backward pays a large fixed cost per (batch, head) pair: 3.5x the fp32 kernel's time at 64 keys x 32 channels,
 #   2.3x at 64 x 64, even at 256 x 64, ahead only from about 512 x 64 (0.74x) or 256 x 128 (0.72x). So in training
 #   the forward stays bf16 and the backward runs in fp32 wherever keys x head_dim <= _AMX_FP32_BACKWARD_MAX.
+# - without AMX but with AVX-512 bf16 dot products (not emulated, as on AVX2 alone), training with no mask is faster
+#   still as two bf16 products and a softmax, autograd's own backward
+#   (`_math_attention`), while the (queries x keys) scores stay small beside q, k and v: up to 4 keys per head channel
+#   causal (the kernel skips the masked half, the products do not), 8 otherwise. Measured on an AVX-512 EPYC
+#   (bench/results/cpu_kernels_epyc.json): 0.34-0.87 of the fp32 kernel's forward + backward time in the 21 cells
+#   of its grid within those limits (64-1024 keys, head_dim 32-128), 0.83-2.17 in the 9 beyond them; the gradients'
+#   error relative to fp64, 0.5-1.4 %, is about the bf16 flash kernel's (0.4-1.1 %; the fp32 kernel's 0.1-0.5 %).
 # Asked once, at import: a constant is what torch.compile can trace (it will not trace the CPU query itself).
 _CPU_BF16_ATTENTION_SLOW = not amx_tiles()
+_CPU_BF16_PRODUCTS = avx512_bf16()
 _AMX_FP32_BACKWARD_MAX = 256 * 64
+_MATH_KEYS_PER_CHANNEL_CAUSAL = 4
+_MATH_KEYS_PER_CHANNEL = 8
 
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
@@ -43,6 +53,78 @@ def _fp32_on_this_cpu(x: torch.Tensor) -> bool:
 def _fp32_backward_on_this_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the backward of bf16 attention is faster in fp32 on an AMX CPU: short keys, narrow heads."""
     return _cpu_bf16(q) and not _CPU_BF16_ATTENTION_SLOW and k.shape[-2] * q.shape[-1] <= _AMX_FP32_BACKWARD_MAX
+
+
+def _math_on_this_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
+    """Whether bf16 attention with gradients is faster as products and a softmax (no AMX, AVX-512 bf16, few keys per
+    head channel)."""
+    per_channel = _MATH_KEYS_PER_CHANNEL_CAUSAL if is_causal else _MATH_KEYS_PER_CHANNEL
+    same = q.dtype == k.dtype == v.dtype
+    return same and _CPU_BF16_PRODUCTS and _fp32_on_this_cpu(q) and k.shape[-2] <= per_channel * q.shape[-1]
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v in q's dtype: two products and a softmax (which computes in fp32 inside and
+    rounds its output), as transformers' eager attention does in bf16; the (.., queries, keys) probabilities are kept
+    for backward. ``is_causal`` masks as SDPA does (query i sees keys 0..i).
+
+    One custom op each way (``vlkit::attention_products`` and its backward), so that torch.compile calls these ATen
+    kernels instead of generating its own softmax: inside the compiled LM block inductor fused the softmax with the
+    layout copies around it and laid k and the gradients out transposed, which cost two thirds of the products' gain
+    (`llava_shapes`' instruct step: 1.02x where the eager kernels give more; bench/README.md, "Attention as two
+    products")."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _products(q.contiguous(), k.contiguous(), v.contiguous(), is_causal)[0]
+
+
+@torch.library.custom_op("vlkit::attention_products", mutates_args=())
+def _products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, probabilities) of attention over contiguous q, k, v (``_math_attention``)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+    if is_causal:
+        future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        scores.masked_fill_(future, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    return torch.matmul(probs, v).contiguous(), probs.contiguous()
+
+
+@_products.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((*q.shape[:-1], k.shape[-2]))
+
+
+@torch.library.custom_op("vlkit::attention_products_backward", mutates_args=())
+def _products_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v from the output's ``grad`` and the kept probabilities."""
+    grad_v = torch.matmul(probs.transpose(-2, -1), grad)
+    grad_scores = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-2, -1)), probs, -1, probs.dtype)
+    grad_scores.mul_(q.shape[-1] ** -0.5)
+    grad_q, grad_k = torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-2, -1), q)
+    return grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()
+
+
+@_products_backward.register_fake
+def _(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _products_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    q, k, v, _ = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+
+
+def _products_grad(
+    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, probs = ctx.saved_tensors  # type: ignore[attr-defined]
+    return (*_products_backward(grad.contiguous(), q, k, v, probs), None)
+
+
+_products.register_autograd(_products_grad, setup_context=_products_setup)
 
 
 def _additive_fp32(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,12 +182,15 @@ def sdpa(
     """``F.scaled_dot_product_attention`` with the output in the dtype of q.
 
     bf16 on a CPU: where bf16 attention is slower than fp32 (``_CPU_BF16_ATTENTION_SLOW``: no AMX), q, k, v are
-    attended in fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back;
+    attended in fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back,
+    except in training without a mask over few keys per head channel, which runs ``_math_attention`` in bf16;
     on AMX CPUs training with short keys and narrow heads keeps the bf16 forward and runs the backward in fp32
     (``_fp32_backward_on_this_cpu``). Without autocast and bf16 (plain fp32 training) this is exactly the plain call.
     """
     fp32 = _fp32_on_this_cpu(q)
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if training and mask is None and _math_on_this_cpu(q, k, v, is_causal):
+        return _math_attention(q, k, v, is_causal)
     if training and not (mask is not None and mask.requires_grad) and (fp32 or _fp32_backward_on_this_cpu(q, k)):
         return _Fp32Attention.apply(q, k, v, _additive_fp32(mask), is_causal, fp32)
     if mask is not None and mask.is_floating_point():
