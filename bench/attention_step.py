@@ -1,9 +1,10 @@
 """Whole bf16 training steps with attention as two products against the flash kernel, alternating in one process.
 
-``vlkit.layers.attention.sdpa`` runs bf16 training attention without a mask as two bf16 products and a softmax on a
-CPU without AMX, up to 4 keys per head channel causal and 8 otherwise (``_MATH_KEYS_PER_CHANNEL*``; per call,
-``bench/cpu_kernels.py``); this bench times what that does to whole steps: ``products`` (the limits as shipped) against
-``kernel`` (the limits at 0: the fp32 flash kernel, vlkit's path before). Cases:
+``vlkit.layers.attention.sdpa(..., bf16_products=True)`` runs bf16 training attention without a mask as two bf16
+products and a softmax on a CPU without AMX, up to 4 keys per head channel causal and 8 otherwise
+(``_MATH_KEYS_PER_CHANNEL*``; per call, ``bench/cpu_kernels.py``). The towers' ``Attention`` and the language model's
+``CausalSelfAttention`` ship with it off (their ``bf16_products``); this bench times what turning it on does to whole
+steps: ``products`` (both switches on) against ``kernel`` (off: the fp32 flash kernel). Cases:
 
 - ``siglip``: the demo's ``shapes_siglip`` (batch 128, random pixels and right-padded texts, SigLIP loss), eager as
   the trainer runs it; the two settings alternate step by step.
@@ -34,15 +35,13 @@ import torch
 import train_step as ts
 import vlkit
 from vlkit.layers import attention
+from vlkit.lm.model import CausalSelfAttention
 
-SETTINGS = {
-    "products": (attention._MATH_KEYS_PER_CHANNEL_CAUSAL, attention._MATH_KEYS_PER_CHANNEL),
-    "kernel": (0, 0),
-}
+SETTINGS = ("products", "kernel")
 
 
 def use(setting: str) -> None:
-    attention._MATH_KEYS_PER_CHANNEL_CAUSAL, attention._MATH_KEYS_PER_CHANNEL = SETTINGS[setting]
+    attention.Attention.bf16_products = CausalSelfAttention.bf16_products = setting == "products"
 
 
 def siglip_steps(args: argparse.Namespace) -> tuple[list[Callable[[], None]], dict[str, Any], bool]:
@@ -127,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
                 run()
                 seconds[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
-    use("products")
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     result = {

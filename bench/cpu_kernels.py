@@ -8,9 +8,9 @@ with gradients:
 - ``fp32``: the same kernel on fp32 copies, both ways (vlkit's path on CPUs without AMX);
 - ``bf16_fwd_fp32_bwd``: the bf16 kernel's forward, the fp32 kernel's backward (vlkit's path on AMX CPUs for short
   keys);
-- ``products``: two bf16 products and a softmax, autograd's backward (``attention._math_attention``: vlkit's path
-  in training on CPUs without AMX with no mask and up to 4 keys per head channel causal, 8 otherwise);
-- ``vlkit``: ``vlkit.layers.attention.sdpa`` as this CPU runs it (one of the above).
+- ``products``: two bf16 products and a softmax (``attention._math_attention``: ``sdpa``'s path with
+  ``bf16_products=True`` in training on CPUs without AMX, no mask, up to 4 keys per head channel causal, 8 otherwise);
+- ``vlkit``: ``vlkit.layers.attention.sdpa`` as this CPU runs it by default (one of the above).
 
 Each is timed as the median of ``--repeats`` calls after a warm-up; the JSON also gives each gradient's largest error
 relative to fp64 attention on the same bf16 inputs. Then QuickGELU (x * sigmoid(1.702 x)) on a CLIP ViT-B/16 MLP
@@ -109,9 +109,9 @@ def attention_grid(repeats: int, quick: bool) -> list[dict[str, Any]]:
                     row[f"{name}_ms"] = seconds * 1e3
                     row[f"{name}_grad_error"] = relative_error(grads, exact)
                 row["bf16_over_fp32"] = row["bf16_ms"] / row["fp32_ms"]
-                row["vlkit_products"] = attention._math_on_this_cpu(*leaves, causal)
-                row["vlkit_fp32_backward"] = not row["vlkit_products"] and (
-                    attention._fp32_on_this_cpu(leaves[0]) or attention._fp32_backward_on_this_cpu(*leaves[:2])
+                row["products_allowed_here"] = attention._math_on_this_cpu(*leaves, causal)  # with bf16_products
+                row["vlkit_fp32_backward"] = attention._fp32_on_this_cpu(leaves[0]) or (
+                    attention._fp32_backward_on_this_cpu(leaves[0], leaves[1])
                 )
                 rows.append(row)
                 print(f"head_dim {head_dim:3d} keys {keys:4d} causal {causal!s:5}: " + ", ".join(

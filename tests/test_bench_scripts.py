@@ -70,8 +70,7 @@ def test_cpu_kernels_quick_times_every_way_and_checks_the_gradients(tmp_path: Pa
         for way in ("bf16", "fp32", "bf16_fwd_fp32_bwd", "products", "vlkit"):
             assert row[f"{way}_ms"] > 0
             assert 0 < row[f"{way}_grad_error"] < 0.05, (way, row)  # bf16 gradients, against fp64 attention
-        assert isinstance(row["vlkit_fp32_backward"], bool) and isinstance(row["vlkit_products"], bool)
-        assert not (row["vlkit_fp32_backward"] and row["vlkit_products"])
+        assert isinstance(row["vlkit_fp32_backward"], bool) and isinstance(row["products_allowed_here"], bool)
     for precision in ("bf16", "fp32"):
         gelu = result["quick_gelu"][precision]
         assert gelu["speedup"] == pytest.approx(gelu["plain_ms"] / gelu["vlkit_ms"])

@@ -226,7 +226,9 @@ def test_bf16_attention_as_two_products_matches_the_fp32_kernel(monkeypatch: pyt
 
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ours = _bf16_forward_backward(lambda q, k, v: attention.sdpa(q, k, v, None, causal), q, k, v, grad_out)
+        ours = _bf16_forward_backward(
+            lambda q, k, v: attention.sdpa(q, k, v, None, causal, bf16_products=True), q, k, v, grad_out
+        )
     cast = _bf16_forward_backward(
         lambda q, k, v: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal),
         q, k, v, grad_out,
@@ -253,7 +255,11 @@ def test_attention_products_ops_pass_opcheck_and_compile(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", True)
     monkeypatch.setattr(attention, "_CPU_BF16_PRODUCTS", True)
+    calls: list[bool] = []
+    products = attention._products
+    monkeypatch.setattr(attention, "_products", lambda *args: calls.append(True) or products(*args))
     layer = _randomize(Attention(64, num_heads=4))
+    layer.bf16_products = True  # the towers' default is the kernel
     compiled = torch.compile(layer, dynamic=True)
 
     def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -268,13 +274,15 @@ def test_attention_products_ops_pass_opcheck_and_compile(monkeypatch: pytest.Mon
         x = torch.randn(2, length, 64)
         for got, expected in zip(run(compiled, x), run(layer, x), strict=True):
             torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert calls, "the products were not taken"
 
 
 def test_bf16_attention_as_two_products_only_in_training_without_mask_for_short_keys(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A mask, more keys per head channel than the limits (4 causal, 8 otherwise), no gradients, an AMX CPU or one
-    without AVX-512 bf16 (bf16 products emulated) keep the flash kernel."""
+    """A caller that does not allow them (the towers' ``Attention`` by default), a mask, more keys per head channel
+    than the limits (4 causal, 8 otherwise), no gradients, an AMX CPU or one without AVX-512 bf16 (bf16 products
+    emulated) keep the flash kernel."""
     from vlkit.layers import attention
 
     routed: list[bool] = []
@@ -283,15 +291,16 @@ def test_bf16_attention_as_two_products_only_in_training_without_mask_for_short_
     head_dim = 16
     causal_limit = attention._MATH_KEYS_PER_CHANNEL_CAUSAL * head_dim
     limit = attention._MATH_KEYS_PER_CHANNEL * head_dim
-    for keys, causal, grad, mask, cpu, expected in [
-        (limit, False, True, False, "avx512_bf16", [True]),
-        (limit + 1, False, True, False, "avx512_bf16", []),
-        (causal_limit, True, True, False, "avx512_bf16", [True]),
-        (causal_limit + 1, True, True, False, "avx512_bf16", []),
-        (8, False, True, True, "avx512_bf16", []),
-        (8, False, False, False, "avx512_bf16", []),
-        (8, False, True, False, "amx", []),
-        (8, False, True, False, "avx2", []),
+    for keys, causal, grad, mask, cpu, allowed, expected in [
+        (limit, False, True, False, "avx512_bf16", True, [True]),
+        (limit, False, True, False, "avx512_bf16", False, []),
+        (limit + 1, False, True, False, "avx512_bf16", True, []),
+        (causal_limit, True, True, False, "avx512_bf16", True, [True]),
+        (causal_limit + 1, True, True, False, "avx512_bf16", True, []),
+        (8, False, True, True, "avx512_bf16", True, []),
+        (8, False, False, False, "avx512_bf16", True, []),
+        (8, False, True, False, "amx", True, []),
+        (8, False, True, False, "avx2", True, []),
     ]:
         monkeypatch.setattr(attention, "_CPU_BF16_ATTENTION_SLOW", cpu != "amx")
         monkeypatch.setattr(attention, "_CPU_BF16_PRODUCTS", cpu != "avx2")
@@ -299,8 +308,8 @@ def test_bf16_attention_as_two_products_only_in_training_without_mask_for_short_
         q = torch.randn(1, 2, 4, head_dim).bfloat16().requires_grad_(grad)
         kv = torch.randn(1, 2, keys, head_dim).bfloat16()
         keep = torch.ones(1, 1, 4, keys, dtype=torch.bool) if mask else None
-        out = attention.sdpa(q, kv, kv, keep, causal)
-        assert out.dtype == torch.bfloat16 and routed == expected, (keys, causal, grad, mask, cpu, routed)
+        out = attention.sdpa(q, kv, kv, keep, causal, bf16_products=allowed)
+        assert out.dtype == torch.bfloat16 and routed == expected, (keys, causal, grad, mask, cpu, allowed, routed)
 
 
 def test_bf16_attention_on_amx_keeps_the_bf16_kernel_for_long_keys_and_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,13 +26,14 @@ from vlkit.layers.rope import RopeTables, apply_rope
 #   backward pays a large fixed cost per (batch, head) pair: 3.5x the fp32 kernel's time at 64 keys x 32 channels,
 #   2.3x at 64 x 64, even at 256 x 64, ahead only from about 512 x 64 (0.74x) or 256 x 128 (0.72x). So in training
 #   the forward stays bf16 and the backward runs in fp32 wherever keys x head_dim <= _AMX_FP32_BACKWARD_MAX.
-# - without AMX but with AVX-512 bf16 dot products (not emulated, as on AVX2 alone), training with no mask is faster
-#   still as two bf16 products and a softmax, autograd's own backward
-#   (`_math_attention`), while the (queries x keys) scores stay small beside q, k and v: up to 4 keys per head channel
-#   causal (the kernel skips the masked half, the products do not), 8 otherwise. Measured on an AVX-512 EPYC
-#   (bench/results/cpu_kernels_epyc.json): 0.34-0.87 of the fp32 kernel's forward + backward time in the 21 cells
-#   of its grid within those limits (64-1024 keys, head_dim 32-128), 0.83-2.17 in the 9 beyond them; the gradients'
-#   error relative to fp64, 0.5-1.4 %, is about the bf16 flash kernel's (0.4-1.1 %; the fp32 kernel's 0.1-0.5 %).
+# - without AMX but with AVX-512 bf16 dot products (not emulated, as on AVX2 alone), training with no mask can run
+#   as two bf16 products and a softmax (`_math_attention`, where the caller allows it: `bf16_products`, off by
+#   default) while the (queries x keys) scores stay small beside q, k and v: up to 4 keys per head channel causal (the
+#   kernel skips the masked half, the products do not), 8 otherwise. Measured on an AVX-512 EPYC in two runs
+#   (bench/results/cpu_kernels_epyc.json is the second): 0.34-0.87 and 0.35-1.37 of the fp32 kernel's forward +
+#   backward time in the 21 cells of the grid within those limits (32-wide heads at 128-256 keys flip between runs),
+#   0.76-2.17 beyond them; the gradients' error relative to fp64, 0.5-1.8 %, is about the bf16 flash kernel's
+#   (0.4-1.1 %; the fp32 kernel's 0.1-0.5 %).
 # Asked once, at import: a constant is what torch.compile can trace (it will not trace the CPU query itself).
 _CPU_BF16_ATTENTION_SLOW = not amx_tiles()
 _CPU_BF16_PRODUCTS = avx512_bf16()
@@ -177,19 +178,25 @@ class _Fp32Attention(torch.autograd.Function):
 
 
 def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the output in the dtype of q.
 
     bf16 on a CPU: where bf16 attention is slower than fp32 (``_CPU_BF16_ATTENTION_SLOW``: no AMX), q, k, v are
     attended in fp32 (in training through ``_Fp32Attention``, which keeps no fp32 copies) and the output cast back,
-    except in training without a mask over few keys per head channel, which runs ``_math_attention`` in bf16;
-    on AMX CPUs training with short keys and narrow heads keeps the bf16 forward and runs the backward in fp32
-    (``_fp32_backward_on_this_cpu``). Without autocast and bf16 (plain fp32 training) this is exactly the plain call.
+    except, where the caller allows it (``bf16_products``), in training without a mask over few keys per head channel,
+    which runs ``_math_attention`` in bf16; on AMX CPUs training with short keys and narrow heads keeps the bf16
+    forward and runs the backward in fp32 (``_fp32_backward_on_this_cpu``). Without autocast and bf16 (plain fp32
+    training) this is exactly the plain call.
     """
     fp32 = _fp32_on_this_cpu(q)
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if training and mask is None and _math_on_this_cpu(q, k, v, is_causal):
+    if bf16_products and training and mask is None and _math_on_this_cpu(q, k, v, is_causal):
         return _math_attention(q, k, v, is_causal)
     if training and not (mask is not None and mask.requires_grad) and (fp32 or _fp32_backward_on_this_cpu(q, k)):
         return _Fp32Attention.apply(q, k, v, _additive_fp32(mask), is_causal, fp32)
@@ -222,7 +229,14 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Self-attention with fused QKV. ``mask``: bool (True = attend) or additive float, broadcast to (B, h, N, N)."""
+    """Self-attention with fused QKV. ``mask``: bool (True = attend) or additive float, broadcast to (B, h, N, N).
+
+    ``bf16_products``: whether bf16 training on a CPU without AMX may run as two products (``sdpa``): 1.11-1.14x on
+    the demo's tower step, off by default as in the language model (``CausalSelfAttention.bf16_products``) until
+    several seeds show the models train as well (docs/experiments.md, the thirty-seventh session).
+    """
+
+    bf16_products = False
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int | None = None, qkv_bias: bool = True, proj_bias: bool = True
@@ -256,7 +270,7 @@ class Attention(nn.Module):
                 mask = mask & causal
             else:
                 mask = mask + torch.zeros_like(causal, dtype=mask.dtype).masked_fill(~causal, float("-inf"))
-        out = sdpa(q, k, v, mask, is_causal and mask is None)
+        out = sdpa(q, k, v, mask, is_causal and mask is None, bf16_products=self.bf16_products)
         return self.proj(_merge_heads(out))
 
 

@@ -93,6 +93,11 @@ class Unpadded(NamedTuple):
 
 
 class CausalSelfAttention(nn.Module):
+    # Whether bf16 training on a CPU without AMX may run as two products (``layers.attention.sdpa``): 1.07-1.21x on
+    # the ShapesWorld instruct steps, but off until several seeds show the VLMs train as well (docs/experiments.md,
+    # the thirty-seventh session: the one LM whose text stage trained that way gave the demo's VLM VQA 0.68-0.69).
+    bf16_products = False
+
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         assert config.num_kv_heads is not None and config.head_dim is not None
@@ -150,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             v = v[:, :, None].expand(batch, kv_heads, groups, keys_len, head_dim).reshape(batch, heads, keys_len, -1)
         if q.dtype != v.dtype:  # under autocast the rotation left q, k in fp32: SDPA would cast them to v's bf16 anyway
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = sdpa(q, k, v, context.mask, context.is_causal)  # without AMX, bf16 runs in the fp32 kernel (see sdpa)
+        out = sdpa(q, k, v, context.mask, context.is_causal, bf16_products=self.bf16_products)  # see sdpa
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
