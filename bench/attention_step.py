@@ -22,20 +22,20 @@ Both use fused AdamW and bf16 autocast. Writes ``--out`` (JSON: medians, CPU-tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import train_step as ts
 import vlkit
+import vlm_step
 from vlkit.layers import attention
 from vlkit.lm.model import CausalSelfAttention
+from vlkit.train.compile import compile_for_training
 
 SETTINGS = ("products", "kernel")
 
@@ -60,37 +60,14 @@ def siglip_steps(args: argparse.Namespace) -> tuple[list[Callable[[], None]], di
 
 
 def vlm_steps(args: argparse.Namespace) -> tuple[list[Callable[[], None]], dict[str, Any], bool]:
-    from vlkit.files import read_json
-    from vlkit.hub import from_pretrained
-    from vlkit.models.vlm import VisionLanguageModel
-    from vlkit.recipes.base import recipe_from_dict
-    from vlkit.tasks.vlm import ShapesInstructionDataset, _collate
-    from vlkit.train.compile import compile_for_training
-
-    model = from_pretrained(args.model).train()
-    if not isinstance(model, VisionLanguageModel):
-        raise SystemExit(f"{args.model} holds no vision-language model")
-    recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
-    for parameter in model.encoder.parameters():  # the instruct stage's rule: the tower frozen
-        parameter.requires_grad_(False)
-    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
-    collate = _collate(model.tokenizer.pad_token_id)
-    size = recipe.stages[-1].train.batch_size
-    batches = [collate([dataset[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
+    model, recipe, batches = vlm_step.instruct_batches(args.model, args.batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     compile_for_training(model)
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                        return_logits=False)  # fmt: skip
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    info = {"model": args.model, "recipe": recipe.name, "batch_size": size,
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    info = {"model": args.model, "recipe": recipe.name, "batch_size": recipe.stages[-1].train.batch_size,
             "padded_lengths": [int(b["input_ids"].shape[1]) for b in batches]}  # fmt: skip
-    return [lambda batch=batch: step(batch) for batch in batches], info, True
+    steps = [lambda batch=batch: vlm_step.train_step(model, optimizer, batch, autocast) for batch in batches]
+    return steps, info, True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "speedup_cpu": cpu_medians["kernel"] / cpu_medians["products"],
         "seconds": seconds,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=1))
+    vlm_step.write_result(args.out, result)
 
 
 if __name__ == "__main__":

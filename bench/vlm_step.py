@@ -24,6 +24,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ import train_step as ts
 from vlkit.files import read_json
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
-from vlkit.recipes.base import recipe_from_dict
+from vlkit.recipes.base import Recipe, recipe_from_dict
 from vlkit.tasks.vlm import ShapesInstructionDataset, _collate
 from vlkit.train.compile import compile_for_training
 
@@ -49,17 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = from_pretrained(args.model).train()
-    if not isinstance(model, VisionLanguageModel):
-        parser.error(f"{args.model} holds no vision-language model")
-    recipe = recipe_from_dict(read_json(Path(args.model) / "recipe.json"))
-    instruct = recipe.stages[-1]
-    for parameter in model.encoder.parameters():  # the instruct stage's rule: the tower frozen
-        parameter.requires_grad_(False)
-    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
-    collate = _collate(model.tokenizer.pad_token_id)
-    size = instruct.train.batch_size
-    batches = [collate([dataset[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
+    model, recipe, batches = instruct_batches(args.model, args.batches)
+    size = recipe.stages[-1].train.batch_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -68,12 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(batch: dict[str, torch.Tensor], return_logits: bool, unpadded: bool = True) -> None:
         model.lm.train_unpadded = unpadded
-        with autocast:
-            out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                        return_logits=return_logits)  # fmt: skip
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, batch, autocast, return_logits)
 
     def tower(batch: dict[str, torch.Tensor]) -> None:
         with autocast, torch.no_grad():
@@ -118,8 +105,44 @@ def main(argv: list[str] | None = None) -> None:
         },
         "seconds": seconds,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
+
+
+def instruct_batches(model_dir: str, count: int) -> tuple[VisionLanguageModel, Recipe, list[dict[str, torch.Tensor]]]:
+    """The ShapesWorld VLM in ``model_dir`` in training mode with its tower frozen (the instruct stage's rule), its
+    recipe, and ``count`` collated batches of the instruct stage's size from the recipe's instruction data."""
+    model = from_pretrained(model_dir).train()
+    if not isinstance(model, VisionLanguageModel):
+        raise SystemExit(f"{model_dir} holds no vision-language model")
+    recipe = recipe_from_dict(read_json(Path(model_dir) / "recipe.json"))
+    for parameter in model.encoder.parameters():
+        parameter.requires_grad_(False)
+    dataset = ShapesInstructionDataset(recipe.data, model, seed=0)
+    collate = _collate(model.tokenizer.pad_token_id)
+    size = recipe.stages[-1].train.batch_size
+    return model, recipe, [collate([dataset[i] for i in range(b * size, (b + 1) * size)]) for b in range(count)]
+
+
+def train_step(
+    model: VisionLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    autocast: torch.autocast,
+    return_logits: bool = False,
+) -> None:
+    """Forward with the loss (the head at the targets only unless ``return_logits``), backward, optimizer step."""
+    with autocast:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                    return_logits=return_logits)  # fmt: skip
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def write_result(out: str, result: dict[str, Any]) -> None:
+    """``result`` as JSON at ``out``; printed without its per-step ``seconds``."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=1))
 
 
