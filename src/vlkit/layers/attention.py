@@ -33,7 +33,11 @@ from vlkit.layers.rope import RopeTables, apply_rope
 #   (bench/results/cpu_kernels_epyc.json is the second): 0.34-0.87 and 0.35-1.37 of the fp32 kernel's forward +
 #   backward time in the 21 cells of the grid within those limits (32-wide heads at 128-256 keys flip between runs),
 #   0.76-2.17 beyond them; the gradients' error relative to fp64, 0.5-1.8 %, is about the bf16 flash kernel's
-#   (0.4-1.1 %; the fp32 kernel's 0.1-0.5 %).
+#   (0.4-1.1 %; the fp32 kernel's 0.1-0.5 %). But the first product rounds the scores to bf16 before the softmax
+#   (flash kernels keep them in fp32): on a trained tower's q, k, v the output and dv errors are 2-3x the bf16 flash
+#   kernel's, and three language models trained from scratch this way gave the demo's VLM VQA 0.69-0.76 against
+#   0.80-0.87 for the kernel's three (docs/experiments.md, the thirty-eighth session). Hence off by default; CPU
+#   PyTorch has no bf16 x bf16 -> fp32 product, and the scores as an fp32 product keep little of the speed.
 # Asked once, at import: a constant is what torch.compile can trace (it will not trace the CPU query itself).
 _CPU_BF16_ATTENTION_SLOW = not amx_tiles()
 _CPU_BF16_PRODUCTS = avx512_bf16()
@@ -232,8 +236,9 @@ class Attention(nn.Module):
     """Self-attention with fused QKV. ``mask``: bool (True = attend) or additive float, broadcast to (B, h, N, N).
 
     ``bf16_products``: whether bf16 training on a CPU without AMX may run as two products (``sdpa``): 1.11-1.14x on
-    the demo's tower step, off by default as in the language model (``CausalSelfAttention.bf16_products``) until
-    several seeds show the models train as well (docs/experiments.md, the thirty-seventh session).
+    the demo's tower step, off by default as in the language model (``CausalSelfAttention.bf16_products``): the
+    scores are rounded to bf16, and the tower trained with them held out 72.0 / 71.0 / 83.75 % of the validation
+    split's combinations against the kernel's 76.75 / 84.5 / 77.0 % (docs/experiments.md, the thirty-eighth session).
     """
 
     bf16_products = False

@@ -94,8 +94,9 @@ class Unpadded(NamedTuple):
 
 class CausalSelfAttention(nn.Module):
     # Whether bf16 training on a CPU without AMX may run as two products (``layers.attention.sdpa``): 1.07-1.21x on
-    # the ShapesWorld instruct steps, but off until several seeds show the VLMs train as well (docs/experiments.md,
-    # the thirty-seventh session: the one LM whose text stage trained that way gave the demo's VLM VQA 0.68-0.69).
+    # the ShapesWorld instruct steps, and harmless there, but off: three LMs whose text stage (from scratch) trained
+    # that way gave the demo's VLM validation VQA 0.69-0.76 against 0.80-0.87 for the kernel's three, the same text
+    # loss (docs/experiments.md, the thirty-eighth session). A run that only fine-tunes a trained LM may turn it on.
     bf16_products = False
 
     def __init__(self, config: LMConfig) -> None:
