@@ -13,6 +13,13 @@ another model (the demo's ``honeybee_c_shapes`` for ``--recipe honeybee_d_shapes
         [--kinds existence --turns 1] [--steps 600]
     python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_d_shapes --tower DEMO/contrastive/model
     python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes (--train-lm | --drop-stage qformer)
+    python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_c_shapes --tower DEMO/contrastive/model
+        --text-seed 1 [--text-products] --steps 900 --set stages.instruct.train.schedule=wsd data.eval_split=val
+
+``--text-seed N`` trains every stage again, the text stage at seed N (the image tower from ``--tower``): how much the
+VLM depends on its language model's draw. ``--text-products`` trains that text stage with the language model's bf16
+products attention on (``CausalSelfAttention.bf16_products``; the later stages without): docs/experiments.md, the
+thirty-eighth session.
 """
 
 from __future__ import annotations
@@ -38,6 +45,23 @@ def _with_last_rules(recipe: Recipe, rules: tuple[Any, ...]) -> Recipe:
     return dataclasses.replace(recipe, stages=(*recipe.stages[:-1], last))
 
 
+def _train_text_with_products(recipe: Recipe, out: Path) -> None:
+    """``recipe``'s first stage alone with the LM's bf16 products on, its model where the whole recipe's resume finds
+    a finished first stage."""
+    from vlkit.lm.model import CausalSelfAttention
+
+    text = recipe.stages[0]
+    folder = stage_dir(out, recipe, text)
+    if (folder / "model" / "model.safetensors").exists():
+        return
+    CausalSelfAttention.bf16_products = True
+    try:
+        run_recipe(dataclasses.replace(recipe, stages=(text,)), out, resume=True, report=False)
+    finally:
+        CausalSelfAttention.bf16_products = False
+    shutil.move(out / "model", folder / "model")  # a one-stage run keeps its model at OUT/model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, help="a finished run of --recipe (its OUT)")
@@ -51,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tower", help="the image tower's model directory (for a retrained align)")
     parser.add_argument("--kinds", nargs="*", help="train on these question kinds only")
     parser.add_argument("--turns", type=int)
+    parser.add_argument("--text-seed", type=int, help="train every stage again, the text stage at this seed")
+    parser.add_argument("--text-products", action="store_true", help="with --text-seed: the text stage's attention "
+                        "as bf16 products (CausalSelfAttention.bf16_products), the later stages without")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     args = parser.parse_args(argv)
 
@@ -65,6 +92,15 @@ def main(argv: list[str] | None = None) -> None:
         align = recipe.stages[-2]
         overrides[f"stages.{align.name}.init"] = {"encoder": InitFrom(args.tower, part="image_encoder")}
         reused = reused[:-1]
+    if args.text_products and args.text_seed is None:
+        parser.error("--text-products trains the text stage again: give --text-seed")
+    if args.text_seed is not None:
+        if not args.tower:
+            parser.error("--text-seed trains every stage again: give --tower")
+        text, align = recipe.stages[0], recipe.stages[1]
+        overrides[f"stages.{text.name}.train.seed"] = args.text_seed
+        overrides[f"stages.{align.name}.init"] = {"encoder": InitFrom(args.tower, part="image_encoder")}
+        reused = []
     if args.kinds:
         overrides["data.kinds"] = tuple(args.kinds)
     if args.turns:
@@ -105,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copytree(source / "pretrain", out / "pretrain")
         for stage in (stage for stage in recipe.stages if stage.name in reused):
             shutil.copytree(stage_dir(source, recipe, stage), stage_dir(out, recipe, stage))
+    if args.text_products:
+        _train_text_with_products(recipe, out)
     metrics = run_recipe(recipe, out, resume=True, report=False).metrics
     keys = ("vqa_accuracy", "vqa_accuracy_existence", "vqa_accuracy_spatial", "grounding_acc50", "caption_f1")
     print(json.dumps({key: round(metrics[key], 3) for key in keys if key in metrics}))
