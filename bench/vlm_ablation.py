@@ -54,11 +54,11 @@ def _train_text_with_products(recipe: Recipe, out: Path) -> None:
     folder = stage_dir(out, recipe, text)
     if (folder / "model" / "model.safetensors").exists():
         return
-    CausalSelfAttention.bf16_products = True
+    shipped, CausalSelfAttention.bf16_products = CausalSelfAttention.bf16_products, True
     try:
         run_recipe(dataclasses.replace(recipe, stages=(text,)), out, resume=True, report=False)
     finally:
-        CausalSelfAttention.bf16_products = False
+        CausalSelfAttention.bf16_products = shipped
     shutil.move(out / "model", folder / "model")  # a one-stage run keeps its model at OUT/model
 
 
