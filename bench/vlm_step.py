@@ -5,11 +5,15 @@ own instruct data, alternating in one process:
 
 - ``step``: the task's step: the LM's blocks on the real tokens only (``DecoderLM.train_unpadded``) and the loss alone
   (``return_logits=False``: the head runs only at the positions that have a target, a fifth of an instruction sample);
+- ``exact_rows``: ``step`` with its row counts not rounded up to ``ROW_MULTIPLE`` (``vlkit.lm.model``): a new
+  shape for every product at every batch;
 - ``padded``: the same with ``train_unpadded`` off, the right-padded batch as it is;
 - ``head_everywhere``: the logits of every position and the loss from them (what ``model(..., labels)`` returns, as
   transformers computes it);
 - ``tower_forward``: the frozen tower's forward alone, for scale.
 
+Every timed step runs on a batch no step before it saw, as in training: oneDNN builds a kernel per product shape
+(JIT-compiled for AMX tiles), which a bench repeating its batches would pay once and then find cached.
 ``--compile on`` (the default) compiles the LM's blocks as the trainer does for the instruct stages on a CPU
 (``TrainConfig.compile="auto"``). Writes ``--out`` (JSON: medians, speed-ups and every step's seconds).
 
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 
 import train_step as ts
+import vlkit.lm.model as lm_model
 from vlkit.files import read_json
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a ShapesWorld VLM model directory a recipe run wrote")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches, each timed once per round")
+    parser.add_argument("--batches", type=int, default=4, help="batches a round, each new, every variant on each")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--threads", type=int, default=None)
@@ -50,17 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, recipe, batches = instruct_batches(args.model, args.batches)
+    model, recipe, batches = instruct_batches(args.model, args.batches * (args.rounds + 1))
     size = recipe.stages[-1].train.batch_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     if args.compile == "on":
         compile_for_training(model)
+    row_multiple = lm_model.ROW_MULTIPLE
 
-    def step(batch: dict[str, torch.Tensor], return_logits: bool, unpadded: bool = True) -> None:
+    def step(batch: dict[str, torch.Tensor], return_logits: bool, unpadded: bool = True, multiple: int = 0) -> None:
         model.lm.train_unpadded = unpadded
+        lm_model.ROW_MULTIPLE = multiple or row_multiple
         train_step(model, optimizer, batch, autocast, return_logits)
+        lm_model.ROW_MULTIPLE = row_multiple
 
     def tower(batch: dict[str, torch.Tensor]) -> None:
         with autocast, torch.no_grad():
@@ -68,17 +76,18 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {
         "step": lambda b: step(b, False),
+        "exact_rows": lambda b: step(b, False, multiple=1),
         "padded": lambda b: step(b, False, unpadded=False),
         "head_everywhere": lambda b: step(b, True),
         "tower_forward": tower,
     }
-    for batch in batches:  # warm-up (and compilation)
+    for batch in batches[: args.batches]:  # warm-up (and compilation)
         for run in variants.values():
             run(batch)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            for batch in batches:
+    for round_ in range(1, args.rounds + 1):
+        for batch in batches[round_ * args.batches : (round_ + 1) * args.batches]:
+            for name, run in variants.items():
                 start = time.perf_counter()
                 run(batch)
                 seconds[name].append(time.perf_counter() - start)
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "compile": args.compile,
         "speedup": {
             "unpadded": medians["padded"] / medians["step"],
+            "rows_rounded": medians["exact_rows"] / medians["step"],
             "head_at_targets": medians["head_everywhere"] / medians["step"],
         },
         "seconds": seconds,

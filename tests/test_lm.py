@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vlkit
+import vlkit.lm.model as lm_model
 from vlkit.compiling import compiler_present
 from vlkit.layers.linear import Linear, linear
 from vlkit.lm import DecoderLM, GenerationConfig, KVCache, LMConfig, sample_logits, stream_generate
@@ -116,10 +117,18 @@ def test_right_padding_equals_each_row_alone(name: str) -> None:
         torch.testing.assert_close(gapped[0, :4], logits[0, :4], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [1, 8, 64])
 @pytest.mark.parametrize("name", PRESETS)
-def test_training_on_the_real_tokens_alone_equals_each_row_alone(name: str) -> None:
+def test_training_on_the_real_tokens_alone_equals_each_row_alone(
+    name: str, multiple: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With gradients on, the blocks of a right-padded batch run on its real tokens only (``Unpadded``): the real
-    tokens' logits, the loss and every gradient must be what the rows give alone, unpadded."""
+    tokens' logits, the loss and every gradient must be what the rows give alone, unpadded. The rows are rounded up
+    to ``multiple`` with pads (and the head's to it with positions without a target): 1 takes none, 8 some, 64 all."""
+    monkeypatch.setattr(lm_model, "ROW_MULTIPLE", multiple)
+    real = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+    rows = lm_model.Unpadded.of(real).index
+    assert rows.numel() == {1: 6, 8: 8, 64: 12}[multiple] and int(real.flatten()[rows].sum()) == 6  # every real one
     model = _model(name, seed=3).train()
     lengths = [4, 9, 6]
     right_ids, right_mask = _right_padded(lengths, model.config.vocab_size, seed=3)

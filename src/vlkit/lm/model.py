@@ -48,6 +48,16 @@ AUTO_COMPILE_DECODING_BYTES_PER_LAYER = 20 * 10**9
 AUTO_COMPILE_BATCHED_FACTOR = 2
 COMPILE_DECODING_MIN_BYTES = 64 * 2**20
 
+# Training on the real tokens only (``Unpadded``) and the head at the targets only (``DecoderLM.next_token_loss``)
+# give the products a row count N that changes with every batch. oneDNN, which runs bf16 products on CPUs, builds a
+# kernel per shape (for AMX tiles, a JIT-compiled one) and keeps 1024 of them: a new N every step rebuilds the
+# kernels of every product (2.3x the time of the products themselves at 2000-3000 rows of a 256-wide layer on the
+# AMX Xeon). So N is rounded up to a multiple of this many rows with positions that the result never reads (pads, or
+# positions without a target): a few dozen shapes for ~1 % more rows. On the AMX Xeon (the thirty-ninth session) the
+# demo's instruct stage went from 81 to 117 samples/s (105 before the unpadded training), bench/vlm_step.py's step on
+# new batches 1.21x (bench/results/vlm_step_honeybee_amx_s39.json).
+ROW_MULTIPLE = 64
+
 
 @dataclass
 class LMOutput:
@@ -72,6 +82,8 @@ class Unpadded(NamedTuple):
     and lays them out as (B, T) around the attention alone; pads cost nothing but zeros there. Under the causal
     pattern of a right-padded row no real token sees a pad, so the real tokens' outputs are those of the padded
     batch. (Transformers' "padding-free" training packs rows instead, which needs a variable-length attention kernel.)
+    The first few pads join the real tokens so that N is a multiple of ``ROW_MULTIPLE`` (or B * T): they compute what
+    the padded batch computes there, which nothing reads.
     """
 
     index: torch.Tensor
@@ -80,7 +92,8 @@ class Unpadded(NamedTuple):
 
     @staticmethod
     def of(attention_mask: torch.Tensor) -> Unpadded:
-        return Unpadded(attention_mask.flatten().nonzero().squeeze(1), *attention_mask.shape)
+        """The real tokens of ``attention_mask`` (B, T) and, to a multiple of ``ROW_MULTIPLE``, pads."""
+        return Unpadded(_rows_to_multiple(attention_mask.flatten().bool()).nonzero().squeeze(1), *attention_mask.shape)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)."""
@@ -497,7 +510,8 @@ class DecoderLM(PretrainedModel):
     ) -> torch.Tensor:
         """The next-token loss of final hidden states (B, T, E), the head applied only at positions with a target."""
         labels = labels.to(hidden.device)
-        trained = labels[:, 1:] != -100  # position t predicts token t + 1
+        # Position t predicts token t + 1; a few positions without a target join, to a multiple of ROW_MULTIPLE rows.
+        trained = _rows_to_multiple(labels[:, 1:] != -100)
         logits = self.forward_head(hidden[:, :-1][trained])  # (N, V)
         weights = None if weights is None else weights[:, 1:][trained.to(weights.device)]
         return _weighted_cross_entropy(logits, labels[:, 1:][trained], weights)
@@ -597,6 +611,18 @@ def _fallible(function: Callable[..., Any]) -> Callable[..., Any]:
 def _decoding_step() -> Callable[..., Any]:
     """The compiled ``_lockstep_step``, shared by every model."""
     return _fallible(_lockstep_step)
+
+
+def _rows_to_multiple(chosen: torch.Tensor) -> torch.Tensor:
+    """``chosen`` (bool) with its first unchosen positions added until it counts a multiple of ``ROW_MULTIPLE`` (or
+    every position)."""
+    count = int(chosen.sum())
+    extra = min(-count % ROW_MULTIPLE, chosen.numel() - count)
+    if extra == 0:
+        return chosen
+    flat = chosen.flatten().clone()
+    flat[(~flat).nonzero()[:extra, 0]] = True
+    return flat.view_as(chosen)
 
 
 def _loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
