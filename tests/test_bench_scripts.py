@@ -161,3 +161,13 @@ def test_heldout_probe_reads_both_towers_on_seen_and_heldout_images(tmp_path: Pa
         assert all(0.0 <= value <= 1.0 for value in row.values())
         # A 40-way hit is a hit among its own colour's five prompts too.
         assert row["shape_within_colour"] >= row["top1"]
+
+
+def test_row_counts_times_every_pass_and_rounds_to_few_shapes(tmp_path: Path) -> None:
+    out = tmp_path / "row_counts.json"
+    _run("row_counts.py", "--width", "16", "--features", "32", "--counts", "6", "--low", "100", "--high", "300",
+         "--multiple", "64", "--threads", "1", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["seconds"]) == {"one_count", "new_counts", "same_counts_again", "rounded"}
+    assert all(seconds > 0 for seconds in result["seconds"].values())
+    assert 1 <= result["distinct_rounded"] <= 4 and "cpu_model" in result  # 100-300 rounded up to 64: 128 ... 320
