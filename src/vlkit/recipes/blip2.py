@@ -6,10 +6,10 @@ image tower, a 16-query Q-Former with text input, ``shapes_llava``'s LM), in fiv
 - ``text``: the language model alone on ShapesWorld text (BLIP-2 starts from a trained LM): ``llava_shapes``' text
   samples, which teach the answer formats, and every question asked with the scene's layout (each object with its
   box) standing where the image will (``ShapesText(layout=True)``), so that the LM that stage 2 freezes answers from
-  a description in its context, which the Q-Former then has to write. 3000 steps (about 16 minutes on the AMX Xeon;
+  a description in its context, which the Q-Former then has to write. 3000 steps (about 11 minutes on the AMX Xeon;
   the LM is trained once, as the tower is);
 - ``read``: the LM alone on the layout-described questions without the plain text, 2000 steps, the rate decayed over
-  the last 400 (about 15 minutes): counting, positions and box copying from the layout, which the mixed stage leaves
+  the last 400 (about 12-13 minutes): counting, positions and box copying from the layout, which the mixed stage leaves
   half-learned; every token is trained on, the layout and the questions at a tenth of the answers' weight, as an LLM
   is pre-trained on all its text (``ShapesText.context_weight``);
 - ``qformer``: stage 1, vision-language representation learning: the Q-Former (and its stage-1 heads) against the
