@@ -20,7 +20,8 @@ from vlkit.bench.bridges import (
     load_bridges,
     median_step_seconds,
 )
-from vlkit.bench.claims import QUICK, ClaimsBench, Scale
+from vlkit.bench.claims import QUICK, ClaimsBench, Scale, machines_line
+from vlkit.cpuinfo import describe_machine
 from vlkit.recipes import base, get_recipe
 
 
@@ -66,6 +67,11 @@ def test_quick_bench_trains_every_row_on_the_shared_tower_and_lm(quick_bench: Pa
     stage1, plain = (next(row for row in rows if row["run"] == name) for name in ("qformer_m16_stage1", "qformer_m16"))
     assert stage1["bridge_parameters"] == plain["bridge_parameters"]  # the text side only stage 1 reads is left out
     assert bridges_table(rows) in (quick_bench / "bridges.md").read_text()
+    # The table names the machine every run it reads trained on (the shared tower and LM too).
+    machines = json.loads((quick_bench / "bridges.json").read_text())["machines"]
+    assert sorted(machines) == sorted(path.name for path in runs.iterdir())
+    assert set(machines.values()) == {describe_machine("cpu")}
+    assert f"Trained on: {describe_machine('cpu')}.\n" in (quick_bench / "bridges.md").read_text()
 
 
 def test_quick_bench_resumes_refuses_changes_and_serves_the_claims(
@@ -81,6 +87,8 @@ def test_quick_bench_resumes_refuses_changes_and_serves_the_claims(
     assert sorted(path.name for path in (quick_bench / "runs").iterdir()) == runs
     claims = {row["key"]: row for row in json.loads((quick_bench / "claims.json").read_text())["claims"]}
     assert list(claims) == only and claims["blip2_stage1"]["numbers"]["stage2_steps"] == 2.0
+    machines = json.loads((quick_bench / "claims.json").read_text())["machines"]
+    assert {"c_abstractor_m16", "resampler_m16", "qformer_m16", "qformer_m16_stage1"} <= set(machines)
     assert (quick_bench / "runs" / "qformer_m16" / "eval-align.json").exists()
     # llava_shapes as the bench reads it when it runs: a changed recipe stops the bench at the row it changes.
     original = base._RECIPES["llava_shapes"]
@@ -152,3 +160,10 @@ def test_median_step_seconds_and_the_table(tmp_path: Path) -> None:
     assert lines[0].startswith("| bridge | M | parameters | instruct s/step | VQA | spatial | count |")
     assert lines[2] == "| Q-Former | 16 | 1.23 M | 0.457 | 0.813 | n/a | 0.500 | 0.250 | 321 |"
     assert lines[3].startswith("| resampler | 16 | 6.0 k |") and len(lines) == 4
+
+
+def test_the_machines_line_names_each_machine_once_and_the_runs_that_recorded_none() -> None:
+    assert machines_line({"a": "Y", "b": "X", "c": "Y"}) == "Trained on: X; Y.\n"
+    expected = "Trained on: X (not recorded for c: trained before vlkit recorded it).\n"
+    assert machines_line({"a": "X", "c": None}) == expected
+    assert machines_line({"a": None}) == "Trained on: not recorded.\n"

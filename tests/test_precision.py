@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import vlkit.cpuinfo
 from vlkit.train import StepOutput, TrainConfig, Trainer
 from vlkit.train import precision as precision_module
 from vlkit.train.precision import measure_precision
@@ -57,6 +58,16 @@ def test_the_cache_tells_machines_apart_by_the_instruction_sets_that_decide_bf16
     without = precision_module._describe_cpu(entry.format(""), "x86_64")
     assert with_bf16 == "AMD EPYC|avx2+avx512f+avx512_bf16" and without == "AMD EPYC|avx2"
     assert precision_module._describe_cpu("", "x86_64") == "x86_64|-"  # no /proc/cpuinfo: the platform's name
+
+
+def test_a_machine_is_described_by_its_cpu_flags_threads_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    monkeypatch.setattr(vlkit.cpuinfo, "cpuinfo_text", lambda: entry)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    described = vlkit.cpuinfo.describe_machine("cpu")
+    assert described == f"AMD EPYC (avx2, avx512f, avx512_bf16), 3 threads, torch {torch.__version__}"
+    monkeypatch.setattr(vlkit.cpuinfo, "cpuinfo_text", lambda: "processor\t: 0\nmodel name\t: Old\nflags\t: fpu\n")
+    assert vlkit.cpuinfo.describe_machine().startswith("Old (no avx2 / avx512f / avx512_bf16 / amx_bf16), 3 threads")
 
 
 def test_a_run_records_the_resolved_precision_and_a_resume_keeps_it(

@@ -13,6 +13,7 @@ import torch
 
 from run_utils import TINY_DUAL_ENCODER, interrupt_after
 from vlkit import from_pretrained
+from vlkit.cpuinfo import describe_machine
 from vlkit.recipes import InitFrom, Stage, get_recipe
 from vlkit.recipes.base import describe_changes, lock_rules, recipe_from_dict
 from vlkit.recipes.run import run_recipe, stage_dir
@@ -43,6 +44,8 @@ def test_stages_run_in_order_with_their_own_rules(finished: Path, tmp_path: Path
     metrics = json.loads((finished / "metrics.json").read_text())
     assert set(metrics["stages"]) == {"locked", "both"} and metrics["steps"] == 6
     assert metrics["zero_shot_top1"] == metrics["stages"]["both"]["zero_shot_top1"]
+    # Every stage records the machine it trained on (its times and the precision "auto" picked hold there).
+    assert {stage["machine"] for stage in metrics["stages"].values()} == {metrics["machine"], describe_machine("cpu")}
     assert recipe_from_dict(json.loads((finished / "recipe.json").read_text())) == recipe
     # Stage "locked" froze the image tower: its weights equal the freshly built model's; stage "both" moved them.
     initial = recipe.task.build_model(RunContext(recipe, finished, progress=False)).image_encoder.state_dict()

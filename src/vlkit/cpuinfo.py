@@ -1,10 +1,12 @@
 """The text of ``/proc/cpuinfo``, read once per process ("" where there is none): what the CPU kernel choices
 (``layers/linear.py``) and the precision cache key (``train/precision.py``) look at; and whether PyTorch sees AMX
-tiles (``layers/attention.py``, the demo's VLM budget) and bf16 dot-product instructions (``layers/attention.py``)."""
+tiles (``layers/attention.py``, the demo's VLM budget) and bf16 dot-product instructions (``layers/attention.py``);
+and the machine a run trained on (``describe_machine``: every run's metrics, the benches' tables)."""
 
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -25,6 +27,26 @@ def cpuinfo_field(name: str) -> str:
         if key.strip() == name:
             return value.strip()
     return ""
+
+
+# The instruction sets that decide bf16's speed. A virtual machine's model name need not tell them apart: two
+# development machines both read "AMD EPYC", one with avx512_bf16 (the demo's tower 1.6x faster in bf16), one with
+# avx2 alone (one of the demo's steps 13x slower in bf16).
+BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def describe_machine(device: torch.device | str = "cpu") -> str:
+    """What a run trains on, in words: a GPU's name, or the CPU's model name with those of ``BF16_FLAGS`` it has and
+    PyTorch's thread count; and PyTorch's version. Times and the precision ``auto`` picks depend on all of it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    else:
+        flags = set(cpuinfo_field("flags").split())
+        isa = ", ".join(flag for flag in BF16_FLAGS if flag in flags) or "no " + " / ".join(BF16_FLAGS)
+        name = cpuinfo_field("model name") or platform.processor() or platform.machine()
+        where = f"{name} ({isa}), {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
 
 
 @functools.cache

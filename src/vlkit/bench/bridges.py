@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from vlkit.bench.claims import TOLERANCE, ClaimResult, ClaimsBench, Scale
+from vlkit.bench.claims import TOLERANCE, ClaimResult, ClaimsBench, Scale, machines_line
 from vlkit.bridges import (
     AttentionPoolConfig,
     BridgeConfig,
@@ -193,7 +193,11 @@ class BridgesBench(ClaimsBench):
 
     @classmethod
     def of(cls, bench: ClaimsBench) -> BridgesBench:
-        return bench if isinstance(bench, BridgesBench) else cls(bench.out_dir, bench.scale, bench.progress)
+        if isinstance(bench, BridgesBench):
+            return bench
+        bridges = cls(bench.out_dir, bench.scale, bench.progress)
+        bridges.machines = bench.machines  # the claims' table names the machines of the runs they read here too
+        return bridges
 
     def tower_run(self) -> tuple[str, str, dict[str, Any], str | None]:
         """The run ``llava_shapes`` starts its encoder from: its name here, the ``recipe:`` source, the overrides the
@@ -498,7 +502,7 @@ def bridges_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bridges_markdown(rows: Sequence[Mapping[str, Any]], scale: Scale) -> str:
+def bridges_markdown(rows: Sequence[Mapping[str, Any]], scale: Scale, machines: Mapping[str, str | None]) -> str:
     size = scale.label or f"the recipes' own budget x {scale.steps:g} steps"
     return (
         "# vlkit: every bridge under one budget on ShapesWorld\n\n"
@@ -508,7 +512,7 @@ def bridges_markdown(rows: Sequence[Mapping[str, Any]], scale: Scale) -> str:
         "Q-Former stage first (counted). M: bridge tokens per image (of 64 patch tokens); parameters: the bridge's; "
         "s/step: the median over the last stage's steps; VQA: exact match, one question of each kind per test scene "
         "of seen combinations, spatial and count "
-        "its questions of those kinds.\n\n" + bridges_table(rows)
+        "its questions of those kinds.\n\n" + bridges_table(rows) + "\n" + machines_line(machines)
     )
 
 
@@ -534,7 +538,7 @@ def run_bridges(
             continue
         rows.append(bench.row_result(row))
         # Written after every row: a long bench shows its finished rows while the next one trains.
-        data = {"scale": dataclasses.asdict(scale), "rows": rows}
+        data = {"scale": dataclasses.asdict(scale), "rows": rows, "machines": bench.machines}
         (out_dir / "bridges.json").write_text(json.dumps(data, indent=2) + "\n")
-        (out_dir / "bridges.md").write_text(bridges_markdown(rows, scale))
+        (out_dir / "bridges.md").write_text(bridges_markdown(rows, scale, bench.machines))
     return rows

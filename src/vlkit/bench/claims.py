@@ -137,6 +137,8 @@ class ClaimsBench:
         self.out_dir = Path(out_dir)
         self.scale = scale
         self.progress = progress
+        # The machine each run this bench read trained on (None: a run from before vlkit recorded it).
+        self.machines: dict[str, str | None] = {}
 
     def run_dir(self, name: str) -> Path:
         return self.out_dir / "runs" / name
@@ -175,9 +177,12 @@ class ClaimsBench:
             if json.loads(json.dumps(saved)) != json.loads(json.dumps(recipe.to_dict())):
                 raise ValueError(f"{run_dir} was trained with other settings than the bench's {recipe.name} now; "
                                  "delete it to retrain, or bench into a new --out")  # fmt: skip
-            return json.loads(metrics_file.read_text())
-        logger.info("claims: training %s (%s) in %s", name, recipe.name, run_dir)
-        return run_recipe(recipe, run_dir, resume=True, progress=self.progress, report=self.scale.report).metrics
+            metrics = json.loads(metrics_file.read_text())
+        else:
+            logger.info("claims: training %s (%s) in %s", name, recipe.name, run_dir)
+            metrics = run_recipe(recipe, run_dir, resume=True, progress=self.progress, report=self.scale.report).metrics
+        self.machines[name] = metrics.get("machine")
+        return metrics
 
     def batch_size(self, name: str) -> int:
         return int(json.loads((self.run_dir(name) / "recipe.json").read_text())["stages"][-1]["train"]["batch_size"])
@@ -469,14 +474,24 @@ def load_claims(path: str | Path) -> list[ClaimResult]:
     return [ClaimResult(**row) for row in json.loads(Path(path).read_text())["claims"]]
 
 
-def claims_markdown(results: Sequence[ClaimResult], scale: Scale) -> str:
+def machines_line(machines: Mapping[str, str | None]) -> str:
+    """The markdown line naming the machines a bench's runs trained on (a table's times hold on those alone)."""
+    known = sorted({machine for machine in machines.values() if machine})
+    unknown = sorted(name for name, machine in machines.items() if not machine)
+    text = "; ".join(known) if known else "not recorded"
+    if known and unknown:
+        text += f" (not recorded for {', '.join(unknown)}: trained before vlkit recorded it)"
+    return f"Trained on: {text}.\n"
+
+
+def claims_markdown(results: Sequence[ClaimResult], scale: Scale, machines: Mapping[str, str | None]) -> str:
     size = scale.label or f"the recipes' own budget x {scale.steps:g} steps"
     return (
         "# vlkit: the papers' claims on ShapesWorld\n\n"
         f"Scale: {size}. Each row's runs share data, model size and budget and differ in the one thing the claim is "
         'about; "reproduced" applies the row\'s rule to the numbers beside it. Zero-shot top-1 is on single-object '
         "test scenes of seen colour x shape combinations; VQA is exact match on one question of each kind per test "
-        "scene of seen combinations.\n\n" + claims_table(results)
+        "scene of seen combinations.\n\n" + claims_table(results) + "\n" + machines_line(machines)
     )
 
 
@@ -495,7 +510,8 @@ def run_claims(
             continue
         results.append(claim(bench))
         # Written after every claim: a long bench shows its finished rows while the next one trains.
-        data = {"scale": dataclasses.asdict(scale), "claims": [dataclasses.asdict(result) for result in results]}
+        data = {"scale": dataclasses.asdict(scale), "claims": [dataclasses.asdict(result) for result in results],
+                "machines": bench.machines}  # fmt: skip
         (out_dir / "claims.json").write_text(json.dumps(data, indent=2) + "\n")
-        (out_dir / "claims.md").write_text(claims_markdown(results, scale))
+        (out_dir / "claims.md").write_text(claims_markdown(results, scale, bench.machines))
     return results

@@ -6,7 +6,8 @@ Outputs (the contract other parts rely on), for a recipe with stages ``s0, s1, .
     out/stages/{i}-{name}/            each stage's log.jsonl, tensorboard/, checkpoints/, metrics.json, report.html
     out/stages/{i}-{name}/model       a finished stage's weights (all stages but the last)
     out/model                         the final model (loadable with ``vlkit.from_pretrained``)
-    out/metrics.json                  the last stage's evaluation + train_seconds, steps, skipped, and per stage
+    out/metrics.json                  the last stage's evaluation + train_seconds, steps, skipped, the machine it
+                                      trained on, and per stage
     out/report.html
 
 ``resume`` skips finished stages (their weights are loaded) and continues the interrupted one from its newest intact
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlkit.cpuinfo import describe_machine
 from vlkit.files import load_safetensors, read_json, write_json
 from vlkit.models.base import build_model
 from vlkit.recipes.base import Recipe, Stage
@@ -123,7 +125,8 @@ def _train_stage(
     result = trainer.fit(resume=resume)
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
                                "skipped": result.skipped, "stage": stage.name,
-                               "precision": result.precision, "compiled": result.compiled}  # fmt: skip
+                               "precision": result.precision, "compiled": result.compiled,
+                               "machine": _machine(trainer.device)}  # fmt: skip
     padding = logged_mean(result.log_path, "padding_fraction") if main else None
     if padding is not None:
         metrics["padding_fraction"] = padding
@@ -169,6 +172,12 @@ def _check_run_folder(run: RunContext, resume: bool) -> None:
     if resume and (run.out_dir / "checkpoints").is_dir() and not (run.out_dir / "stages").exists():
         raise ValueError(f"{run.out_dir} is a run folder of an earlier vlkit (checkpoints/ at the top, not per "
                          "stage) and cannot be resumed; its model/ still loads. Train into a new --out")  # fmt: skip
+
+
+def _machine(device: torch.device) -> str:
+    """``describe_machine``, with the number of processes where a run trains on several."""
+    world = distributed.get_world_size()
+    return describe_machine(device) + (f"; {world} processes" if world > 1 else "")
 
 
 def logged_mean(log_path: Path, key: str) -> float | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.cpuinfo import cpuinfo_text
+from vlkit.cpuinfo import BF16_FLAGS, cpuinfo_text
 from vlkit.files import write_json
 
 __all__ = ["cache_path", "measure_precision"]
@@ -35,15 +35,10 @@ def cache_path() -> Path:
     return Path(os.environ.get("VLKIT_CACHE", Path.home() / ".cache" / "vlkit")) / "precision.json"
 
 
-# The instruction sets that decide bf16's speed. A virtual machine's model name need not tell them apart: two
-# development machines both read "AMD EPYC", one with avx512_bf16 (the demo's tower 1.6x faster in bf16), one with
-# avx2 alone (one of the demo's steps 13x slower in bf16), and a home directory shared between such machines would
-# otherwise reuse the other one's answer.
-_PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
 def _describe_cpu(cpuinfo: str, fallback: str) -> str:
-    """The model name and the flags that matter, from the text of /proc/cpuinfo (its first processor's entry)."""
+    """The model name and the flags that matter, from the text of /proc/cpuinfo (its first processor's entry): in the
+    cache key, as a home directory shared between machines of one model name but other ``BF16_FLAGS`` would otherwise
+    reuse the other one's answer."""
     name, flags = fallback, set()
     for line in cpuinfo.splitlines():
         if line.startswith("model name"):
@@ -51,7 +46,7 @@ def _describe_cpu(cpuinfo: str, fallback: str) -> str:
         elif line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    isa = "+".join(flag for flag in _PRECISION_FLAGS if flag in flags) or "-"
+    isa = "+".join(flag for flag in BF16_FLAGS if flag in flags) or "-"
     return f"{name}|{isa}"
 
 
