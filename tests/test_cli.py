@@ -94,6 +94,14 @@ def test_saved_model_loads_and_reproduces_metrics(trained_run: Path, tmp_path: P
     for split, expected in (("test", evaluated), ("val", validated)):
         run_cli("eval", "--model", str(compared), "--size", "16", "--split", split, "--out", str(out))
         assert json.loads(out.read_text()) == expected, split
+    # --size sets the recorded run's data.eval_size: the same numbers as a run recorded with that size.
+    recipe["data"]["eval_size"] = 5
+    (compared / "recipe.json").write_text(json.dumps(recipe))
+    run_cli("eval", "--model", str(compared), "--out", str(out))
+    five = json.loads(out.read_text())
+    assert five != evaluated  # 5 scenes per split read otherwise than 16: the comparison below can fail
+    run_cli("eval", "--model", str(trained_run / "model"), "--size", "5", "--out", str(out))
+    assert json.loads(out.read_text()) == five
 
 
 def test_resume_of_a_finished_run_is_a_no_op(trained_run: Path) -> None:
