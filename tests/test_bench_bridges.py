@@ -89,7 +89,16 @@ def test_quick_bench_resumes_refuses_changes_and_serves_the_claims(
     assert list(claims) == only and claims["blip2_stage1"]["numbers"]["stage2_steps"] == 2.0
     machines = json.loads((quick_bench / "claims.json").read_text())["machines"]
     assert {"c_abstractor_m16", "resampler_m16", "qformer_m16", "qformer_m16_stage1"} <= set(machines)
-    assert (quick_bench / "runs" / "qformer_m16" / "eval-align.json").exists()
+    # Read again on the scale's claim_scenes test scenes per split (the runs' own evaluations ask fewer): the
+    # BLIP-2 row on every kind after align, the Honeybee row on spatial questions after the last stage.
+    assert claims["blip2_stage1"]["summary"].startswith(f"VQA (%) after align on {QUICK.claim_scenes} test scenes")
+    assert f"on {QUICK.claim_scenes} test scenes per split" in claims["honeybee_locality"]["setting"]
+    runs_dir, scenes, numbers = quick_bench / "runs", QUICK.claim_scenes, claims["honeybee_locality"]["numbers"]
+    for bridge in ("c_abstractor", "resampler"):
+        read = json.loads((runs_dir / f"{bridge}_m16" / f"eval-instruct-spatial-{scenes}.json").read_text())
+        assert numbers[f"{bridge}_spatial"] == read["vqa_accuracy_spatial"] == read["vqa_accuracy"]
+    read = json.loads((runs_dir / "qformer_m16" / f"eval-align-{scenes}.json").read_text())
+    assert claims["blip2_stage1"]["numbers"]["vqa_no_stage1"] == read["vqa_accuracy"]
     # llava_shapes as the bench reads it when it runs: a changed recipe stops the bench at the row it changes.
     original = base._RECIPES["llava_shapes"]
     monkeypatch.setitem(base._RECIPES, "llava_shapes",
@@ -127,6 +136,8 @@ def test_claim_rules_on_synthetic_numbers() -> None:
     holds = honeybee_result(c, r, 16)
     assert holds.reproduced and "62.0" in holds.summary and "55.0" in holds.summary and "+ 1.0 pt" in holds.rule
     assert not honeybee_result(r, c, 16).reproduced
+    assert "on 1000 test scenes per split" in honeybee_result(c, r, 16, 1000).setting
+    assert "on the runs' own test scenes" in holds.setting
     assert not honeybee_result({**c, "vqa_accuracy_spatial": 0.555}, r, 16).reproduced  # within the tolerance
     missing = honeybee_result({"vqa_accuracy": 0.7}, r, 16)
     assert not missing.reproduced and "n/a" in missing.summary
@@ -135,6 +146,9 @@ def test_claim_rules_on_synthetic_numbers() -> None:
     result = blip2_result(with_stage1, without, final, final, "align", 200)
     assert result.reproduced and result.numbers["stage2_steps"] == 200.0 and "after align" in result.rule
     assert not blip2_result(without, with_stage1, final, final, "align", 200).reproduced
+    assert blip2_result(with_stage1, without, final, final, "align", 200, 1000).summary.startswith(
+        "VQA (%) after align on 1000 test scenes: stage 1 + align 40.0 / align alone 30.0"
+    )
 
 
 def test_frozen_lm_stage_is_llava_shapes_align_stage() -> None:

@@ -286,16 +286,22 @@ class BridgesBench(ClaimsBench):
             "train_seconds": metrics["train_seconds"],
         }
 
-    def stage_evaluation(self, name: str, stage_name: str) -> dict[str, float]:
+    def stage_evaluation(
+        self, name: str, stage_name: str, scenes: int | None = None, kinds: tuple[str, ...] | None = None
+    ) -> dict[str, float]:
         """The recipe task's evaluation of run ``name``'s model as its stage ``stage_name`` left it (fp32), computed
-        once and kept in the run's folder."""
+        once and kept in the run's folder; on ``scenes`` scenes per split and questions of ``kinds`` where given (the
+        run's own data's otherwise)."""
         run_dir = self.run_dir(name)
-        cached = run_dir / f"eval-{stage_name}.json"
+        suffix = "".join(f"-{part}" for part in (*(kinds or ()), *((scenes,) if scenes else ())))
+        cached = run_dir / f"eval-{stage_name}{suffix}.json"
         if cached.exists():
             return json.loads(cached.read_text())
         from vlkit.hub import from_pretrained
 
         recipe = recipe_from_dict(read_json(run_dir / "recipe.json"))
+        changes = {"data.eval_size": scenes, "data.kinds": kinds}
+        recipe = recipe.with_overrides({key: value for key, value in changes.items() if value is not None})
         stage = recipe.stage(stage_name)
         weights = run_dir / "model" if stage is recipe.stages[-1] else stage_dir(run_dir, recipe, stage) / "model"
         model = from_pretrained(weights).eval()
@@ -381,19 +387,23 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def honeybee_result(c_abstractor: Mapping[str, Any], resampler: Mapping[str, Any], tokens: int) -> ClaimResult:
-    """The Honeybee row from the two runs' metrics: spatial accuracy, C-Abstractor against resampler."""
+def honeybee_result(
+    c_abstractor: Mapping[str, Any], resampler: Mapping[str, Any], tokens: int, scenes: int | None = None
+) -> ClaimResult:
+    """The Honeybee row from the two runs' metrics: spatial accuracy, C-Abstractor against resampler (read on
+    ``scenes`` test scenes per split where given; VQA over every kind from the runs' own evaluations)."""
     keys = {"spatial": "vqa_accuracy_spatial", "spatial_heldout": "vqa_accuracy_spatial_heldout", "vqa": "vqa_accuracy"}
     numbers = {f"{bridge}_{short}": float(metrics[key])
                for bridge, metrics in (("c_abstractor", c_abstractor), ("resampler", resampler))
                for short, key in keys.items() if metrics.get(key) is not None}  # fmt: skip
     c_spatial, r_spatial = numbers.get("c_abstractor_spatial"), numbers.get("resampler_spatial")
+    read = f"{scenes} test scenes per split" if scenes else "the runs' own test scenes"
     return ClaimResult(
         key="honeybee_locality",
         claim="Honeybee: a locality-preserving bridge (C-Abstractor) beats a resampler on spatial questions at equal M",
         setting=f"llava_shapes' stages with the C-Abstractor vs the resampler (Qwen-VL's), both M = {tokens}, the "
         "same tower, LM and budget (the bridges bench's runs); one spatial question (left / right / above / below) "
-        "per test scene that has one",
+        f"per test scene that has one, on {read}",
         numbers=numbers,
         summary=f"spatial accuracy (%): C-Abstractor {_pct(c_spatial)} / resampler {_pct(r_spatial)}; held-out "
         f"{_pct(numbers.get('c_abstractor_spatial_heldout'))} / {_pct(numbers.get('resampler_spatial_heldout'))}; "
@@ -410,9 +420,10 @@ def blip2_result(
     final_without: Mapping[str, Any],
     stage: str,
     steps: int,
+    scenes: int | None = None,
 ) -> ClaimResult:
     """The BLIP-2 row: VQA after the frozen-LM stage ``stage`` (``steps`` steps in both runs) with and without
-    stage 1; the final (LM-trained) numbers beside them."""
+    stage 1 (read on ``scenes`` test scenes per split where given); the final (LM-trained) numbers beside them."""
     sources = {"vqa_stage1": with_stage1, "vqa_no_stage1": without, "final_vqa_stage1": final_with,
                "final_vqa_no_stage1": final_without}  # fmt: skip
     numbers = {key: float(m["vqa_accuracy"]) for key, m in sources.items() if m.get("vqa_accuracy") is not None}
@@ -426,7 +437,8 @@ def blip2_result(
         f"without it (the bridges bench's runs); VQA read after {stage} ({steps} steps, the LM frozen: BLIP-2's "
         "stage 2 on captions, then zero-shot VQA as the paper reads it)",
         numbers=numbers,
-        summary=f"VQA (%) after {stage}: stage 1 + {stage} {_pct(after)} / {stage} alone {_pct(alone)}; after the "
+        summary=f"VQA (%) after {stage}{f' on {scenes} test scenes' if scenes else ''}: stage 1 + {stage} "
+        f"{_pct(after)} / {stage} alone {_pct(alone)}; after the "
         f"last stage (LM trained): {_pct(numbers.get('final_vqa_stage1'))} / "
         f"{_pct(numbers.get('final_vqa_no_stage1'))}",
         rule=f"VQA after {stage} with stage 1 >= without + {_pct(TOLERANCE)} pt",
@@ -459,7 +471,15 @@ def frozen_lm_stage(recipe: Recipe, parameter_names: Sequence[str]) -> Stage:
 def honeybee_locality(bench: ClaimsBench) -> ClaimResult:
     bridges = BridgesBench.of(bench)
     c_abstractor, resampler = ROWS_BY_NAME["c_abstractor_m16"], ROWS_BY_NAME["resampler_m16"]
-    return honeybee_result(bridges.run_row(c_abstractor), bridges.run_row(resampler), c_abstractor.tokens)
+    scenes = bench.scale.claim_scenes
+    rows = []
+    for row in (c_abstractor, resampler):
+        metrics = bridges.run_row(row)
+        last = recipe_from_dict(read_json(bridges.run_dir(row.name) / "recipe.json")).stages[-1].name
+        spatial = bridges.stage_evaluation(row.name, last, scenes, ("spatial",))
+        keys = ("vqa_accuracy_spatial", "vqa_accuracy_spatial_heldout")
+        rows.append({"vqa_accuracy": metrics.get("vqa_accuracy"), **{key: spatial.get(key) for key in keys}})
+    return honeybee_result(*rows, c_abstractor.tokens, scenes)
 
 
 def blip2_stage1(bench: ClaimsBench) -> ClaimResult:
@@ -473,9 +493,10 @@ def blip2_stage1(bench: ClaimsBench) -> ClaimResult:
     if other.train != stage.train:
         raise ValueError(f"{with_row.name} and {without_row.name} trained {stage.name} differently; the BLIP-2 claim "
                          "compares them at equal stage-2 steps")  # fmt: skip
-    return blip2_result(bridges.stage_evaluation(with_row.name, stage.name),
-                        bridges.stage_evaluation(without_row.name, stage.name), final_with, final_without, stage.name,
-                        stage.train.steps)  # fmt: skip
+    scenes = bench.scale.claim_scenes
+    return blip2_result(bridges.stage_evaluation(with_row.name, stage.name, scenes),
+                        bridges.stage_evaluation(without_row.name, stage.name, scenes), final_with, final_without,
+                        stage.name, stage.train.steps, scenes)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -85,10 +85,17 @@ class Scale:
     # The vision-language runs' (``vlkit bench bridges``, the VLM claims) overrides in place of ``overrides``;
     # None: ``overrides``. A quick scale shrinks a VLM differently (its bridges are sized to the tower's 8 x 8 grid).
     vlm_overrides: Mapping[str, Any] | None = None
+    # Test scenes per split the vision-language claims read their runs' models on. A run's own evaluation asks 100
+    # (``ShapesInstructions.eval_size``): ~560 questions, ~40 of them spatial, one question 2.5 pt of a spatial
+    # accuracy, where the rules ask 1 pt; 1000 scenes put a spatial accuracy's standard error near 2.5 pt and VQA's
+    # near 0.4 pt.
+    claim_scenes: int = 1000
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
             raise ValueError(f"the steps scale must be > 0, got {self.steps}")
+        if self.claim_scenes < 1:
+            raise ValueError(f"claim_scenes must be >= 1, got {self.claim_scenes}")
 
 
 # Tiny towers and a few steps: every run and every claim row end to end in seconds; the numbers mean nothing.
@@ -113,6 +120,7 @@ QUICK = Scale(
         "model.lm.num_kv_heads": 2, "model.lm.head_dim": 16, "model.lm.mlp_dim": 64, "task.tokenizer_scenes": 20,
         "task.max_new_tokens": 6, "stages.text.data.train_size": 20,
     },
+    claim_scenes=4,
 )  # fmt: skip
 
 
