@@ -30,7 +30,9 @@ grounding acc@0.5, the row's own training seconds); ``DIR/bridges.md`` the table
 Two rows of ``vlkit bench claims`` are defined here, on these runs (so both benches train each run once):
 ``honeybee_locality`` (Cha et al., 2023: the C-Abstractor beats the resampler on spatial questions at M = 16) and
 ``blip2_stage1`` (Li et al., 2023: stage 1 makes the Q-Former's stage into a frozen LM better; read after the rows'
-frozen-LM stage, align, as BLIP-2 reads zero-shot VQA after its stage 2 on captions).
+frozen-LM stage, align, as BLIP-2 reads zero-shot VQA after its stage 2 on captions). Both read the runs' models
+again on the scale's ``claim_scenes`` test scenes per split (``Scale.claim_scenes``: the runs' own evaluations ask
+100, about 40 spatial questions, too few for a 1-point rule).
 
 A row's model is a preset registered here (``bench_bridges_<row>``): a recipe names its model by preset, and a
 recipe override cannot put a bridge config of another kind into one.

@@ -86,9 +86,9 @@ class Scale:
     # None: ``overrides``. A quick scale shrinks a VLM differently (its bridges are sized to the tower's 8 x 8 grid).
     vlm_overrides: Mapping[str, Any] | None = None
     # Test scenes per split the vision-language claims read their runs' models on. A run's own evaluation asks 100
-    # (``ShapesInstructions.eval_size``): ~560 questions, ~40 of them spatial, one question 2.5 pt of a spatial
-    # accuracy, where the rules ask 1 pt; 1000 scenes put a spatial accuracy's standard error near 2.5 pt and VQA's
-    # near 0.4 pt.
+    # (``ShapesInstructions.eval_size``): ~530 VQA questions, 40 of them spatial, one question 2.5 pt of a spatial
+    # accuracy, where the rules ask 1 pt; 1000 scenes (361 spatial questions) put a spatial accuracy's standard error
+    # near 2.6 pt and VQA's near 0.7 pt.
     claim_scenes: int = 1000
 
     def __post_init__(self) -> None:
