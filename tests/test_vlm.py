@@ -579,6 +579,11 @@ def test_evaluation_on_the_validation_split_asks_about_validation_scenes_only(ti
     # The same keys, _heldout ones included (per-kind keys follow the kinds a few scenes happen to ask).
     keys = {f"{key}{end}" for key in ("vqa_accuracy", "grounding_acc50", "caption_f1") for end in ("", "_heldout")}
     assert keys <= set(val(model).metrics) and keys <= set(test(model).metrics)
+    # The number of VQA questions each accuracy is over (captions and referring expressions are scored apart).
+    metrics = test(model).metrics
+    for split, end in (("test", ""), ("test_heldout", "_heldout")):
+        asked = [q for q in test.questions if q.split == split and q.kind not in ("caption", "grounding")]
+        assert metrics[f"vqa_questions{end}"] == len(asked) > 0
     with pytest.raises(ValueError, match="eval_split must be one of"):
         dataclasses.replace(spec, eval_split="train")
 

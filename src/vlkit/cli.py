@@ -276,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"A LLaVA-style VLM (recipe {args.vlm_recipe}, {vlm_recipe.stages[-1].train.steps} instruct steps: the "
             f"demo trains {DEMO_BUDGETS['matrix units']['instruct']['steps']} on a CPU with AMX or a GPU, "
             f"{DEMO_BUDGETS['other']['instruct']['steps']} elsewhere, to fit 15 minutes) on the SigLIP's image tower: "
-            "vqa_accuracy (exact match), "
+            "vqa_accuracy (exact match over vqa_questions questions: +-0.013 at 0.90 over 530), "
             "grounding_acc50 (IoU >= 0.5 of the <box> answers), caption_f1 (colour-shape mentions); the _heldout "
             "keys are test scenes of held-out colour x shape combinations.",
             f"Full VLM report: {out / 'vlm' / 'report.html'}",
