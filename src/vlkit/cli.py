@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--suite digits has no validation split: its evaluation reads scikit-learn's test fifth")
         suite = digits_suite(transform)
     else:
-        suite = shapes_suite(shapes_config, transform, args.size or 400, which=args.split)
+        suite = shapes_suite(shapes_config, transform, 400 if args.size is None else args.size, which=args.split)
     metrics = suite(model, model.tokenizer).metrics
     _print_metrics(metrics)
     if args.out:

@@ -289,22 +289,23 @@ class BridgesBench(ClaimsBench):
         }
 
     def stage_evaluation(
-        self, name: str, stage_name: str, scenes: int | None = None, kinds: tuple[str, ...] | None = None
+        self, name: str, stage_name: str | None = None, scenes: int | None = None, kinds: tuple[str, ...] | None = None
     ) -> dict[str, float]:
-        """The recipe task's evaluation of run ``name``'s model as its stage ``stage_name`` left it (fp32), computed
-        once and kept in the run's folder; on ``scenes`` scenes per split and questions of ``kinds`` where given (the
-        run's own data's otherwise)."""
+        """The recipe task's evaluation of run ``name``'s model as its stage ``stage_name`` (default: the last) left
+        it (fp32), computed once and kept in the run's folder; on ``scenes`` scenes per split and questions of
+        ``kinds`` where given (the run's own data's otherwise)."""
         run_dir = self.run_dir(name)
+        recipe = recipe_from_dict(read_json(run_dir / "recipe.json"))
+        stage = recipe.stages[-1] if stage_name is None else recipe.stage(stage_name)
         suffix = "".join(f"-{part}" for part in (*(kinds or ()), *((scenes,) if scenes else ())))
-        cached = run_dir / f"eval-{stage_name}{suffix}.json"
+        cached = run_dir / f"eval-{stage.name}{suffix}.json"
         if cached.exists():
             return json.loads(cached.read_text())
         from vlkit.hub import from_pretrained
 
-        recipe = recipe_from_dict(read_json(run_dir / "recipe.json"))
         changes = {"data.eval_size": scenes, "data.kinds": kinds}
         recipe = recipe.with_overrides({key: value for key, value in changes.items() if value is not None})
-        stage = recipe.stage(stage_name)
+        stage = recipe.stage(stage.name)
         weights = run_dir / "model" if stage is recipe.stages[-1] else stage_dir(run_dir, recipe, stage) / "model"
         model = from_pretrained(weights).eval()
         evaluation = recipe.task.evaluation(RunContext(recipe, run_dir, progress=False), model)
@@ -473,13 +474,11 @@ def frozen_lm_stage(recipe: Recipe, parameter_names: Sequence[str]) -> Stage:
 def honeybee_locality(bench: ClaimsBench) -> ClaimResult:
     bridges = BridgesBench.of(bench)
     c_abstractor, resampler = ROWS_BY_NAME["c_abstractor_m16"], ROWS_BY_NAME["resampler_m16"]
-    scenes = bench.scale.claim_scenes
+    scenes, keys = bench.scale.claim_scenes, ("vqa_accuracy_spatial", "vqa_accuracy_spatial_heldout")
     rows = []
     for row in (c_abstractor, resampler):
         metrics = bridges.run_row(row)
-        last = recipe_from_dict(read_json(bridges.run_dir(row.name) / "recipe.json")).stages[-1].name
-        spatial = bridges.stage_evaluation(row.name, last, scenes, ("spatial",))
-        keys = ("vqa_accuracy_spatial", "vqa_accuracy_spatial_heldout")
+        spatial = bridges.stage_evaluation(row.name, scenes=scenes, kinds=("spatial",))  # after the last stage
         rows.append({"vqa_accuracy": metrics.get("vqa_accuracy"), **{key: spatial.get(key) for key in keys}})
     return honeybee_result(*rows, c_abstractor.tokens, scenes)
 
