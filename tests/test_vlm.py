@@ -546,11 +546,51 @@ def test_kind_weights_draw_the_weighted_kind_more_often(tiny_llava: Path) -> Non
     for bad, message in (
         ([["groundin", 2]], "'groundin' is not one of the drawn kinds"),
         ([["grounding", 0]], "weight of 'grounding' must be positive"),
-        ([["count", 2], ["count", 1]], "names a kind twice"),
+        ([["count", 2], ["count", 1]], "names the same kind twice"),
         ([["count"]], "holds \\(kind, weight\\) pairs"),
     ):
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(recipe.data, kind_weights=bad)
+
+
+def test_object_weights_draw_two_object_scenes_more_often(tiny_llava: Path) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    assert recipe.data.object_weights == () and recipe.data.config.max_objects == 2
+
+    def scenes(spec: ShapesInstructions) -> list[int]:
+        dataset = ShapesInstructionDataset(spec, model, seed=0)
+        return [dataset._weighted_scene(k) for k in range(300)]
+
+    def two_object_share(indices: list[int]) -> float:
+        return sum(len(shapes.generate(recipe.data.config, "train", i).objects) == 2 for i in indices) / len(indices)
+
+    plain = scenes(recipe.data)
+    assert plain == list(range(300))  # no weights: every scene is its own index, the stream as it always was
+    base = two_object_share(plain)
+    assert 0.25 < base < 0.45  # the generator's draw: about a third of the scenes hold two objects
+    favoured = dataclasses.replace(recipe.data, object_weights=((2, 3.0),))
+    # Three to one: 3 x 0.36 / (3 x 0.36 + 0.64) = 0.63 of the scenes drawn hold two objects.
+    assert 0.53 < two_object_share(scenes(favoured)) < 0.73
+    # The same odds written as a one-object weight under 1 draw the same scenes, and a redraw is seeded.
+    assert scenes(dataclasses.replace(recipe.data, object_weights=((1, 1 / 3),))) == scenes(favoured)
+    # An item is the weighted scene's conversation: the plain dataset's item for the scene the draw kept.
+    dataset = ShapesInstructionDataset(favoured, model, seed=0)
+    unweighted = ShapesInstructionDataset(recipe.data, model, seed=0)
+    moved = next(k for k in range(300) if dataset._weighted_scene(k) != k)
+    assert torch.equal(dataset[moved]["pixel_values"], unweighted[dataset._weighted_scene(moved)]["pixel_values"])
+    # --set gives lists; the recipe records pairs.
+    weighted = recipe.with_overrides({"data.object_weights": [[2, 2]]}).data
+    assert weighted.object_weights == ((2, 2.0),)
+    assert ShapesInstructions.from_dict(weighted.to_dict()) == weighted
+    for bad, message in (
+        ([[3, 2]], "the scenes hold 1-2 objects, not 3"),
+        ([[2, 0]], "the weight of 2 must be positive"),
+        ([[1, 2], [1, 1]], "names the same object count twice"),
+        ([[2]], "holds \\(object count, weight\\) pairs"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(recipe.data, object_weights=bad)
 
 
 def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carries(tiny_llava: Path) -> None:

@@ -19,7 +19,7 @@ A task says which kinds it can train on; the runner hands it the stage's spec.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -178,23 +178,46 @@ def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def _kind_weights(pairs: Sequence[Sequence[Any]], kinds: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    """``pairs`` as ``((kind, weight), ...)`` (JSON and ``--set`` give lists), each kind one of ``kinds`` and named
-    once, each weight positive."""
+def _weights(
+    pairs: Sequence[Sequence[Any]], field: str, label: str, key: Callable[[Any], Any], problem: Callable[[Any], str]
+) -> tuple[tuple[Any, float], ...]:
+    """``pairs`` as ``((key, weight), ...)`` (JSON and ``--set`` give lists): each key read by ``key``, allowed
+    (``problem`` says what is wrong with it, or ``""``) and named once, each weight positive. ``field`` and ``label``
+    name the setting and its keys in the errors."""
     out = []
     for pair in pairs:
         if len(pair) != 2:
-            raise ValueError(f"kind_weights holds (kind, weight) pairs, got {list(pair)!r}")
-        kind, weight = str(pair[0]), float(pair[1])
-        if kind not in kinds:
-            raise ValueError(f"kind_weights: {kind!r} is not one of the drawn kinds {kinds}")
+            raise ValueError(f"{field} holds ({label}, weight) pairs, got {list(pair)!r}")
+        name, weight = key(pair[0]), float(pair[1])
+        if wrong := problem(name):
+            raise ValueError(f"{field}: {wrong}")
         if not weight > 0:
-            raise ValueError(f"kind_weights: the weight of {kind!r} must be positive, got {weight}")
-        out.append((kind, weight))
-    named = [kind for kind, _ in out]
+            raise ValueError(f"{field}: the weight of {name!r} must be positive, got {weight}")
+        out.append((name, weight))
+    named = [name for name, _ in out]
     if len(set(named)) != len(named):
-        raise ValueError(f"kind_weights names a kind twice: {named}")
+        raise ValueError(f"{field} names the same {label} twice: {named}")
     return tuple(out)
+
+
+def _kind_weights(pairs: Sequence[Sequence[Any]], kinds: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """``kind_weights``: each kind one of ``kinds``."""
+    return _weights(
+        pairs,
+        "kind_weights",
+        "kind",
+        str,
+        lambda kind: "" if kind in kinds else f"{kind!r} is not one of the drawn kinds {kinds}",
+    )
+
+
+def _object_weights(pairs: Sequence[Sequence[Any]], config: shapes.ShapesConfig) -> tuple[tuple[int, float], ...]:
+    """``object_weights``: each object count one that ``config``'s scenes hold."""
+    low, high = config.min_objects, config.max_objects
+    return _weights(
+        pairs, "object_weights", "object count", int,
+        lambda objects: "" if low <= objects <= high else f"the scenes hold {low}-{high} objects, not {objects}",
+    )  # fmt: skip
 
 
 @register_config
@@ -209,7 +232,13 @@ class ShapesInstructions(ConfigBase):
     is at least 0.5. Asked first, the question is in the context of every image token.
 
     ``kind_weights``: ``(kind, weight)`` pairs weighting the draw of a training conversation's kinds (a kind not named
-    weighs 1); empty draws every kind alike, as the stream always has. Evaluation is unchanged."""
+    weighs 1); empty draws every kind alike, as the stream always has. Evaluation is unchanged.
+
+    ``object_weights``: ``(objects, weight)`` pairs weighting the draw of a training scene by how many objects it
+    holds (a count not named weighs 1): a scene is kept with probability its weight / the largest weight, else
+    another is drawn, so ``((2, 3.0),)`` trains on two-object scenes, where an answer must be bound to the right
+    object, three times as often against one-object ones as the generator makes them. Empty keeps every scene, as
+    the stream always has. Evaluation is unchanged."""
 
     kind: ClassVar[str] = "shapes_instructions"
     config: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
@@ -220,6 +249,7 @@ class ShapesInstructions(ConfigBase):
     question_first: float = 0.0
     eval_split: str = "test"
     kind_weights: tuple[tuple[str, float], ...] = ()
+    object_weights: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.config, dict):
@@ -229,6 +259,7 @@ class ShapesInstructions(ConfigBase):
         if not self.kinds:
             raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
         object.__setattr__(self, "kind_weights", _kind_weights(self.kind_weights, self.kinds))
+        object.__setattr__(self, "object_weights", _object_weights(self.object_weights, self.config))
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if not 0.0 <= self.question_first <= 1.0:

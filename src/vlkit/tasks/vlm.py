@@ -68,6 +68,8 @@ AnswerWeighting = Literal["token", "answer", "sqrt"]
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
 _EVAL_STREAM = 12  # which item of each kind a test scene is asked
+_SCENE_STREAM = 99  # which training scene a weighted draw keeps (ShapesInstructions.object_weights)
+_SCENE_TRIES = 20  # a weighted draw gives up after this many rejections
 SPLIT_IDS = {"test": 0, "test_heldout": 1, "val": 2, "val_heldout": 3}
 
 
@@ -319,6 +321,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = self._weighted_scene(index)
         sample = shapes.generate(self.spec.config, "train", index)
         items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
         rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
@@ -351,6 +354,22 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         if self.prompt_ids is not None:
             out["qformer_input_ids"] = self.prompt_ids([chosen[0].question])[0][0]
         return out
+
+    def _weighted_scene(self, index: int) -> int:
+        """``index``, or under ``object_weights`` the first of ``index`` and seeded redraws that the weight of its
+        object count keeps (rejection sampling: a scene is trained on in proportion to its weight; a count at the
+        largest weight is kept without a draw, and the scene after ``_SCENE_TRIES`` rejections whatever it holds)."""
+        if not self.spec.object_weights:
+            return index
+        weights = dict(self.spec.object_weights)
+        top = max(1.0, *weights.values())
+        rng = np.random.default_rng(mix_seed(_SCENE_STREAM, self.seed, self.epoch, index))
+        for _ in range(_SCENE_TRIES):
+            keep = weights.get(len(shapes.generate(self.spec.config, "train", index).objects), 1.0) / top
+            if keep >= 1.0 or rng.random() >= 1.0 - keep:
+                break
+            index = int(rng.integers(self.spec.train_size))
+        return index
 
 
 def _longest_that_fits(
