@@ -1,11 +1,13 @@
 """The wrong answers of a trained ShapesWorld VLM, per question kind, with the objects of each scene.
 
 Asks the questions ``vlkit eval`` asks, built as it builds them from the model directory's ``recipe.json`` (one of
-each kind per test scene; seen colour x shape combinations are listed), judges them by the VQA metric's own answer
-normalisation, and writes every wrong answer as JSON lines
-``{kind, question, answer, truth, objects: [[size, colour, shape], ...]}``, printing a count per kind and the first
-``--show`` of each. The experiment log's (docs/experiments.md) "Learning curves" reads binding errors off this list: a
-wrong colour answer that is the other object's colour.
+each kind per test scene), judges them by the VQA metric's own answer normalisation, and writes every wrong answer as
+JSON lines ``{kind, question, answer, truth, objects: [[size, colour, shape], ...], split}``, printing a count per
+kind and the first ``--show`` of each for the seen colour x shape combinations. A line per split sorts the wrong
+colour, shape and size answers: naming another object's attribute (bound to the wrong object) or one no object of the
+scene has (a prior: on held-out combinations, the shapes a colour came with in training; docs/experiments.md, the
+forty-second session). The experiment log's "Learning curves" reads binding errors off this list: a wrong colour
+answer that is the other object's colour.
 
 Referring expressions are judged as the grounding metric judges them (IoU >= 0.5): a miss is written with both boxes,
 and a line per split says where the parsed boxes err, as the median and mean distance of the box centre along x and
@@ -27,6 +29,7 @@ import json
 import math
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from vlkit.tasks.base import RunContext
 from vlkit.tasks.vlm import VLMEvaluation
 
 NOT_VQA = ("caption", "grounding")
+ATTRIBUTES = ("colour", "shape", "size")  # the kinds whose answer names one object's attribute
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,11 +72,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.model}: recipe {recipe.name} does not evaluate by asking questions")
     with torch.no_grad():
         answers = evaluation.answer(model)
+    config = recipe.data.config
+    names = {"colour": config.colours, "shape": config.shapes, "size": [name for name, _ in config.sizes]}
     wrong: dict[str, list[dict[str, object]]] = defaultdict(list)
     box_errors: dict[str, list[list[float]]] = defaultdict(list)  # split -> [|dx|, |dy|, |dw|, |dh|] per parsed box
     centres: dict[str, list[list[float]]] = defaultdict(list)  # split -> [x, y, true x, true y] per parsed box
     # split -> per referring expression: [hit the referred, hit any object, one-object scene, nearest is the referred]
     objects_hit: dict[str, list[list[bool]]] = defaultdict(list)
+    wrong_heldout: list[dict[str, object]] = []  # the held-out split's wrong VQA answers, written, not printed
+    attributes: dict[str, list[str]] = defaultdict(list)  # split -> "right" / "other" / "absent" per attribute answer
     for question, answer in zip(evaluation.questions, answers, strict=True):
         seen = not is_heldout(question.split)
         if question.kind == "grounding" and question.box is not None:
@@ -84,13 +92,17 @@ def main(argv: list[str] | None = None) -> None:
             if seen and (box is None or box_iou(box, question.box) < 0.5):
                 predicted = None if box is None else list(box)
                 wrong["grounding"].append({"kind": "grounding", "question": question.question, "answer": answer,
-                                           "truth": list(question.box), "box": predicted})  # fmt: skip
-        vqa = seen and question.kind not in NOT_VQA
-        if vqa and normalise_answer(answer) != normalise_answer(question.answer):
+                                           "truth": list(question.box), "box": predicted,
+                                           "split": question.split})  # fmt: skip
+        if question.kind not in NOT_VQA and normalise_answer(answer) != normalise_answer(question.answer):
             objects = [[o.size, o.colour, o.shape] for o in question.objects]
-            wrong[question.kind].append({"kind": question.kind, "question": question.question, "answer": answer,
-                                         "truth": question.answer, "objects": objects})  # fmt: skip
-    Path(args.out).write_text("".join(json.dumps(row) + "\n" for rows in wrong.values() for row in rows))
+            row = {"kind": question.kind, "question": question.question, "answer": answer, "truth": question.answer,
+                   "objects": objects, "split": question.split}  # fmt: skip
+            (wrong[question.kind] if seen else wrong_heldout).append(row)
+        if question.kind in ATTRIBUTES:
+            attributes[question.split].append(_attribute_answer(question, answer, names[question.kind]))
+    rows = [row for rows in wrong.values() for row in rows] + wrong_heldout
+    Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
     for kind, rows in wrong.items():
         print(f"{kind}: {len(rows)} wrong")
         for row in rows[: args.show]:
@@ -111,6 +123,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"grounding, {split} ({len(hits)} referring expressions), IoU >= 0.5 with the referred object "
               f"{hits[:, 0].mean():.1%}, with any object of the scene {hits[:, 1].mean():.1%}, on one-object scenes "
               f"{on_alone}; the object nearest the box is the referred one {hits[:, 3].mean():.1%}")  # fmt: skip
+    for split, verdicts in attributes.items():
+        asked, counts = len(verdicts), {verdict: verdicts.count(verdict) for verdict in ("other", "absent", "else")}
+        print(f"colour / shape / size answers, {split}: {asked - verdicts.count('right')} wrong of {asked}, "
+              f"{counts['other']} naming another object's (binding), {counts['absent']} one no object of the scene "
+              f"has (a prior), {counts['else']} not an attribute")  # fmt: skip
+
+
+def _attribute_answer(question: Any, answer: str, names: Sequence[str]) -> str:
+    """Whether a colour / shape / size answer is ``"right"``, names the attribute of ``"other"`` objects of the scene
+    only (bound to the wrong object), names one no object has (``"absent"``: read from elsewhere, such as which shapes
+    a colour came with in training), or is ``"else"``."""
+    said = normalise_answer(answer)
+    if said == normalise_answer(question.answer):
+        return "right"
+    values = {normalise_answer(getattr(o, question.kind)) for o in question.objects}
+    if said in values:
+        return "other"
+    return "absent" if said in {normalise_answer(name) for name in names} else "else"
 
 
 def _objects_hit(box: tuple[int, ...] | None, question: Any) -> list[bool]:

@@ -667,6 +667,26 @@ def test_token_probe_reads_what_the_tokens_hold_and_probes_every_site(tiny_llava
     assert result["settings"]["train_objects"] > 0 and result["settings"]["test_objects"] > 0
 
 
+def test_vlm_errors_sorts_attribute_answers_into_binding_and_prior(
+    tiny_llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    errors = _bench("vlm_errors")
+    square = shapes.ShapesObject(shape="square", colour="red", size="small", box=(0, 0, 16, 16))
+    star = shapes.ShapesObject(shape="star", colour="blue", size="large", box=(32, 40, 64, 64))
+    question = types.SimpleNamespace(kind="colour", answer="red", objects=[square, star])
+    verdicts = {said: errors._attribute_answer(question, said, SHAPES_DATA.colours) for said in
+                ("Red.", "blue", "green", "<box>(1,2),(3,4)</box>")}  # fmt: skip
+    assert verdicts == {"Red.": "right", "blue": "other", "green": "absent", "<box>(1,2),(3,4)</box>": "else"}
+    out = tmp_path / "errors.jsonl"
+    errors.main(["--model", str(tiny_llava / "model"), "--out", str(out), "--split", "val", "--show", "0"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = capsys.readouterr().out
+    # One line per split, its wrong count the written rows' (the held-out split's are written too).
+    for split in ("val", "val_heldout"):
+        wrong = sum(row["split"] == split and row["kind"] in errors.ATTRIBUTES for row in rows)
+        assert f"colour / shape / size answers, {split}: {wrong} wrong of " in printed
+
+
 def test_oracle_tower_hands_the_bridge_each_patch_object(tiny_llava: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     oracle = _bench("vlm_oracle")
     config = SHAPES_DATA
