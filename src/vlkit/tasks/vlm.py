@@ -68,7 +68,9 @@ AnswerWeighting = Literal["token", "answer", "sqrt"]
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>")
 _TURN_STREAM = 11  # which items a training conversation holds: a stream of its own
 _EVAL_STREAM = 12  # which item of each kind a test scene is asked
-_SCENE_STREAM = 99  # which training scene a weighted draw keeps (ShapesInstructions.object_weights)
+# Which training scene a weighted draw keeps (ShapesInstructions.object_weights); 99, the stream the forty-second
+# session's measured runs drew on (docs/experiments.md).
+_SCENE_STREAM = 99
 _SCENE_TRIES = 20  # a weighted draw gives up after this many rejections
 SPLIT_IDS = {"test": 0, "test_heldout": 1, "val": 2, "val_heldout": 3}
 
@@ -366,7 +368,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(mix_seed(_SCENE_STREAM, self.seed, self.epoch, index))
         for _ in range(_SCENE_TRIES):
             keep = weights.get(len(shapes.generate(self.spec.config, "train", index).objects), 1.0) / top
-            if keep >= 1.0 or rng.random() >= 1.0 - keep:
+            if keep >= 1.0 or rng.random() >= 1.0 - keep:  # kept with probability `keep`
                 break
             index = int(rng.integers(self.spec.train_size))
         return index
