@@ -15,7 +15,7 @@ import torch
 
 import vlkit
 from vlkit.data import shapes
-from vlkit.data.shapes_vqa import described_conversations, scene_layout
+from vlkit.data.shapes_vqa import InstructionItem, described_conversations, given_away, scene_layout
 from vlkit.data.specs import ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.lm import GenerationConfig
@@ -591,6 +591,37 @@ def test_object_weights_draw_two_object_scenes_more_often(tiny_llava: Path) -> N
     ):
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(recipe.data, object_weights=bad)
+
+
+def test_fresh_answers_leave_no_turn_that_the_text_before_it_answers(tiny_llava: Path) -> None:
+    circle = InstructionItem("colour", "what colour is the circle?", "purple")
+    assert given_away(circle, ["what shape is the purple object?", "circle"])
+    assert not given_away(circle, ["what shape is the red object?", "circle"])
+    assert not given_away(InstructionItem("existence", "is there a red star?", "yes"), ["is there a blue star?", "yes"])
+    assert not given_away(InstructionItem("count", "how many stars are there?", "1"), ["how many objects?", "1"])
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+
+    def conversations(spec: ShapesInstructions) -> list[list[InstructionItem]]:
+        dataset = ShapesInstructionDataset(spec, model, seed=0)
+        return [dataset.draw(k)[2] for k in range(200)]
+
+    def given_away_turns(drawn: list[list[InstructionItem]]) -> int:
+        earlier = lambda items: [text for item in items for text in (item.question, item.answer)]  # noqa: E731
+        return sum(given_away(item, earlier(items[:n])) for items in drawn for n, item in enumerate(items))
+
+    for data in (recipe.data, dataclasses.replace(recipe.data, kind_weights=())):  # weighted and unweighted draws
+        plain = conversations(data)
+        assert given_away_turns(plain) > 100  # most later colour and shape turns can be copied from the text
+        fresh = conversations(dataclasses.replace(data, fresh_answers=True))
+        assert given_away_turns(fresh) == 0
+        # As many turns: the next kind stands in for one that had only given-away items.
+        assert [len(items) for items in fresh] == [len(items) for items in plain]
+        if not data.kind_weights:  # the unweighted draw orders every kind as before: the same first turns
+            assert [items[0] for items in fresh] == [items[0] for items in plain]
+    spec = recipe.with_overrides({"data.fresh_answers": True}).data
+    assert spec.fresh_answers and ShapesInstructions.from_dict(spec.to_dict()) == spec
+    assert ShapesInstructionDataset(spec, model, seed=0)[0]["input_ids"].numel() > 0
 
 
 def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carries(tiny_llava: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,6 +57,7 @@ KINDS: tuple[str, ...] = ("caption", "colour", "shape", "count", "spatial", "exi
 CAPTION_PROMPT = "describe the image."
 # Qwen-VL's grounding coordinates: integers in [0, 1000) whatever the image size.
 BOX_SCALE = 1000
+_WORD = re.compile(r"[a-z]+")
 _VQA_STREAM = 5  # keeps this module's draws apart from any other stream seeded by the same scene
 # Phrases that name one object in relation and grounding questions: colour and shape, plus size when needed.
 _OBJECT_NAMES = (("colour", "shape"), ("size", "colour", "shape"))
@@ -278,6 +280,14 @@ def item_turns(items: Sequence[InstructionItem], first_question: str) -> list[Tu
     for number, item in enumerate(items):
         turns += [Turn("user", first_question if number == 0 else item.question), Turn("assistant", item.answer)]
     return turns
+
+
+def given_away(item: InstructionItem, earlier: Sequence[str]) -> bool:
+    """Whether ``earlier`` (a conversation's text before ``item``'s turn) answers ``item``: its answer, apart from
+    yes / no and numbers, is words that all stand in that text ("what shape is the purple object? circle" gives
+    away "what colour is the circle? purple")."""
+    words = set(_WORD.findall(item.answer)) - {"yes", "no"}
+    return bool(words) and words <= {word for text in earlier for word in _WORD.findall(text)}
 
 
 def llava_entry(conversation: Conversation, image: str) -> dict[str, object]:

@@ -31,6 +31,7 @@ from vlkit.data.shapes_vqa import (
     CAPTION_PROMPT,
     InstructionItem,
     described_conversations,
+    given_away,
     instruction_items,
     item_turns,
     text_samples,
@@ -323,28 +324,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = self._weighted_scene(index)
-        sample = shapes.generate(self.spec.config, "train", index)
-        items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
-        rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
-        # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
-        # would starve the kinds that have few (grounding, captions) of training turns.
-        by_kind: dict[str, list[InstructionItem]] = {}
-        for item in items:
-            by_kind.setdefault(item.kind, []).append(item)
-        kinds = list(by_kind)
-        if self.spec.kind_weights:
-            weights = dict(self.spec.kind_weights)
-            p = np.array([weights.get(kind, 1.0) for kind in kinds])
-            drawn = rng.choice(len(kinds), size=min(self.spec.turns, len(kinds)), replace=False, p=p / p.sum())
-        else:  # unweighted: the stream as it was before weights existed
-            drawn = rng.permutation(len(kinds))[: self.spec.turns]
-        chosen = []
-        for kind in drawn:
-            group = by_kind[kinds[kind]]
-            chosen.append(group[int(rng.integers(len(group)))])
-        # No draw at 0 keeps the image-first stream as it was.
-        question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
+        index, sample, chosen, question_first = self.draw(index)
         # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
         shorter = (_conversation(chosen[:count], sample.image, question_first) for count in range(len(chosen), 0, -1))
         ids, labels = _longest_that_fits(
@@ -356,6 +336,44 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         if self.prompt_ids is not None:
             out["qformer_input_ids"] = self.prompt_ids([chosen[0].question])[0][0]
         return out
+
+    def draw(self, index: int) -> tuple[int, shapes.ShapesSample, list[InstructionItem], bool]:
+        """Item ``index``'s scene (its index and sample), the instruction items its conversation asks in order, and
+        whether the first question comes before the image."""
+        index = self._weighted_scene(index)
+        sample = shapes.generate(self.spec.config, "train", index)
+        items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
+        rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
+        # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
+        # would starve the kinds that have few (grounding, captions) of training turns.
+        by_kind: dict[str, list[InstructionItem]] = {}
+        for item in items:
+            by_kind.setdefault(item.kind, []).append(item)
+        kinds = list(by_kind)
+        # Every kind in the drawn order when a given-away turn may leave its kind out, so that the next one stands in.
+        size = len(kinds) if self.spec.fresh_answers else min(self.spec.turns, len(kinds))
+        if self.spec.kind_weights:
+            weights = dict(self.spec.kind_weights)
+            p = np.array([weights.get(kind, 1.0) for kind in kinds])
+            drawn = rng.choice(len(kinds), size=size, replace=False, p=p / p.sum())
+        else:  # unweighted: the stream as it was before weights existed
+            drawn = rng.permutation(len(kinds))[:size]
+        chosen: list[InstructionItem] = []
+        for kind in drawn:
+            if len(chosen) == self.spec.turns:
+                break
+            group = by_kind[kinds[kind]]
+            item = group[int(rng.integers(len(group)))]
+            earlier = [text for turn in chosen for text in (turn.question, turn.answer)]
+            if self.spec.fresh_answers and given_away(item, earlier):  # another of its kind, or the next kind
+                fresh = [other for other in group if not given_away(other, earlier)]
+                if not fresh:
+                    continue
+                item = fresh[int(rng.integers(len(fresh)))]
+            chosen.append(item)
+        # No draw at 0 keeps the image-first stream as it was.
+        question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
+        return index, sample, chosen, question_first
 
     def _weighted_scene(self, index: int) -> int:
         """``index``, or under ``object_weights`` the first of ``index`` and seeded redraws that the weight of its
