@@ -340,8 +340,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
     def draw(self, index: int) -> tuple[int, shapes.ShapesSample, list[InstructionItem], bool]:
         """Item ``index``'s scene (its index and sample), the instruction items its conversation asks in order, and
         whether the first question comes before the image."""
-        index = self._weighted_scene(index)
-        sample = shapes.generate(self.spec.config, "train", index)
+        index, sample = self._weighted_sample(index)
         items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
         rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
         # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
@@ -364,32 +363,40 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
                 break
             group = by_kind[kinds[kind]]
             item = group[int(rng.integers(len(group)))]
-            earlier = [text for turn in chosen for text in (turn.question, turn.answer)]
-            if self.spec.fresh_answers and given_away(item, earlier):  # another of its kind, or the next kind
-                fresh = [other for other in group if not given_away(other, earlier)]
-                if not fresh:
-                    continue
-                item = fresh[int(rng.integers(len(fresh)))]
+            if self.spec.fresh_answers:  # a given-away item: another of its kind, or the next kind
+                earlier = [text for turn in chosen for text in (turn.question, turn.answer)]
+                if given_away(item, earlier):
+                    fresh = [other for other in group if not given_away(other, earlier)]
+                    if not fresh:
+                        continue
+                    item = fresh[int(rng.integers(len(fresh)))]
             chosen.append(item)
         # No draw at 0 keeps the image-first stream as it was.
         question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
         return index, sample, chosen, question_first
 
     def _weighted_scene(self, index: int) -> int:
-        """``index``, or under ``object_weights`` the first of ``index`` and seeded redraws that the weight of its
-        object count keeps (rejection sampling: a scene is trained on in proportion to its weight; a count at the
-        largest weight is kept without a draw, and the scene after ``_SCENE_TRIES`` rejections whatever it holds)."""
+        """The index of the scene that item ``index`` trains on (``_weighted_sample``)."""
+        return self._weighted_sample(index)[0]
+
+    def _weighted_sample(self, index: int) -> tuple[int, shapes.ShapesSample]:
+        """Scene ``index`` (its index and sample), or under ``object_weights`` the first of ``index`` and seeded
+        redraws that the weight of its object count keeps (rejection sampling: a scene is trained on in proportion to
+        its weight; a count at the largest weight is kept without a draw, and the scene after ``_SCENE_TRIES``
+        rejections whatever it holds). Each scene is rendered once."""
+        sample = shapes.generate(self.spec.config, "train", index)
         if not self.spec.object_weights:
-            return index
+            return index, sample
         weights = dict(self.spec.object_weights)
         top = max(1.0, *weights.values())
         rng = np.random.default_rng(mix_seed(_SCENE_STREAM, self.seed, self.epoch, index))
         for _ in range(_SCENE_TRIES):
-            keep = weights.get(len(shapes.generate(self.spec.config, "train", index).objects), 1.0) / top
+            keep = weights.get(len(sample.objects), 1.0) / top
             if keep >= 1.0 or rng.random() >= 1.0 - keep:  # kept with probability `keep`
                 break
             index = int(rng.integers(self.spec.train_size))
-        return index
+            sample = shapes.generate(self.spec.config, "train", index)
+        return index, sample
 
 
 def _longest_that_fits(
