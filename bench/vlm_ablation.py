@@ -4,16 +4,16 @@ The experiment log's (docs/experiments.md) "Why existence, spatial and grounding
 only the last stage of a ``llava_shapes`` / ``honeybee_c_shapes`` run (its ``text`` and ``align`` stages and tokenizer
 are copied from ``--from``, so every row starts from the same LM, bridge and tower; a change that alters what ``align``
 sees, ``--feature-layer``, copies only ``text`` and retrains ``align`` on the tower ``--tower`` names). A run of
-another model (the demo's ``honeybee_c_shapes`` for ``--recipe honeybee_d_shapes``) lends only its text stage's LM:
+another model (a ``honeybee_c_shapes`` run for ``--recipe honeybee_d_shapes``) lends only its text stage's LM:
 ``align`` starts the LM from it and the image tower from ``--tower``, and every later stage trains again. The runner's
 ``--resume`` skips the copied stages. Writes ``OUT/metrics.json`` as ``vlkit train`` does.
 
     python bench/vlm_ablation.py --from RUN --out OUT [--recipe honeybee_c_shapes] [--train-tower 0.1]
         [--feature-layer -2 --tower SIGLIP_RUN/model] [--set task.answer_weighting=answer ...]
         [--kinds existence --turns 1] [--steps 600]
-    python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_d_shapes --tower DEMO/contrastive/model
-    python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes (--train-lm | --drop-stage qformer)
     python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_c_shapes --tower DEMO/contrastive/model
+    python bench/vlm_ablation.py --from BLIP2_RUN --out OUT --recipe blip2_shapes (--train-lm | --drop-stage qformer)
+    python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_d_shapes --tower DEMO/contrastive/model
         --text-seed 1 [--text-products] --steps 900 --set stages.instruct.train.schedule=wsd data.eval_split=val
 
 ``--text-seed N`` trains every stage again, the text stage at seed N (the image tower from ``--tower``): how much the

@@ -243,7 +243,7 @@ def test_demo_budgets_follow_the_machine_kind(
     monkeypatch: pytest.MonkeyPatch, cuda: bool, amx: bool, tower: dict, instruct: dict
 ) -> None:
     import vlkit.cpuinfo
-    from vlkit.cli import DEMO_BUDGETS, demo_budget
+    from vlkit.cli import DEMO_BUDGETS, DEMO_VLM_RECIPE, demo_budget
     from vlkit.recipes import get_recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -251,7 +251,7 @@ def test_demo_budgets_follow_the_machine_kind(
     assert demo_budget() == {"tower": tower, "instruct": instruct}
     # The VLM's budgets are below its recipe's own, which the demo's 15 minutes cannot hold everywhere, and each is a
     # valid override of the recipe's instruct stage.
-    recipe = get_recipe("honeybee_c_shapes")
+    recipe = get_recipe(DEMO_VLM_RECIPE)
     assert max(budget["instruct"]["steps"] for budget in DEMO_BUDGETS.values()) < recipe.stages[-1].train.steps
     overridden = recipe.with_overrides({f"stages.instruct.train.{key}": value for key, value in instruct.items()})
     assert overridden.stages[-1].train.steps == instruct["steps"]

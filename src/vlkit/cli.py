@@ -214,12 +214,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # behind each number are in docs/experiments.md).
 # The VLM trains fewer instruct steps than its recipe's 1800, holding the rate until the last 20 % (warmup-stable-
 # decay, which beat the cosine schedule on the validation split at 600 and at 1500 steps): 1500 where bf16 runs on
-# matrix units (a CPU with AMX tiles, a CUDA GPU; the whole demo in 773-799 s on a 2-core AMX Xeon, VQA 0.927,
-# grounding 0.70), 900 elsewhere (a 2-core AVX-512 EPYC: 0.36 s a step, the demo 794 s; on the validation split over
-# three seeds VQA 0.845 and grounding 0.63 on average against 600 steps' 0.766 and 0.50; the thirty-fourth session).
+# matrix units (a CPU with AMX tiles, a CUDA GPU; with the C-Abstractor the whole demo in 773-799 s on a 2-core AMX
+# Xeon, VQA 0.927, grounding 0.70), 900 elsewhere (a 2-core AVX-512 EPYC: 0.36 s a C-Abstractor step, the demo 794 s;
+# on the validation split over three seeds VQA 0.845 and grounding 0.63 on average against 600 steps' 0.766 and 0.50;
+# the thirty-fourth session).
 # The tower trains its recipe's 2400 steps on matrix units and 1600 (warmup 225, as the recipe's) elsewhere, where
 # 2400 would add ~155 s (the EPYC's 1600 took 314-320 s). 1600 steps hold out less: 88.75 % on average over five
 # validation seeds on the AMX Xeon against 2400's 93.1 % (the twenty-eighth session), 79.4 % over three on the EPYC.
+# The VLM: LLaVA's stages with Honeybee's D-Abstractor (16 image tokens, which train 1.3-1.7x faster than the MLP's
+# 64), referring expressions drawn four times as often. It replaced the C-Abstractor (honeybee_c_shapes) in the
+# forty-fourth session: on the demo's own tower and text-stage LM, validation split, 1000 scenes per split, five paired
+# instruct seeds at 1500 steps, VQA 0.915 against 0.902 (every seed 0.899 or more, against 0.879), held-out VQA 0.789
+# against 0.782, grounding 0.726 against 0.735; at 900 steps, three seeds, VQA 0.891 against 0.814, held-out 0.801
+# against 0.654, grounding 0.627 against 0.442, at the same step time (docs/experiments.md).
+DEMO_VLM_RECIPE = "honeybee_d_shapes"
 DEMO_BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "matrix units": {"tower": {}, "instruct": {"steps": 1500, "schedule": "wsd"}},
     "other": {"tower": {"steps": 1600, "warmup_steps": 225}, "instruct": {"steps": 900, "schedule": "wsd"}},
@@ -385,9 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="siglip_patch_shapes", help="the contrastive recipe (the VLM's tower)")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                       help="overrides for the SigLIP recipe (win over the demo's tower budget)")  # fmt: skip
-    # LLaVA's stages with Honeybee's C-Abstractor: 16 image tokens instead of the MLP's 64 train the VLM 1.7x faster
-    # at the same accuracy (README, "Vision-language models on ShapesWorld").
-    demo.add_argument("--vlm-recipe", default="honeybee_c_shapes", help="the VLM recipe (llava_shapes: the MLP bridge)")
+    vlm_help = "the VLM recipe (honeybee_c_shapes: the C-Abstractor; llava_shapes: the MLP bridge)"
+    demo.add_argument("--vlm-recipe", default=DEMO_VLM_RECIPE, help=vlm_help)
     demo.add_argument("--vlm-set", nargs="*", metavar="KEY=VALUE", help="overrides for the VLM recipe")
     demo.add_argument("--no-vlm", action="store_true", help="the SigLIP part only")
     demo.add_argument("--quiet", action="store_true")
