@@ -560,7 +560,7 @@ def test_object_weights_draw_two_object_scenes_more_often(tiny_llava: Path) -> N
 
     def scenes(spec: ShapesInstructions) -> list[int]:
         dataset = ShapesInstructionDataset(spec, model, seed=0)
-        return [dataset._weighted_scene(k) for k in range(300)]
+        return [dataset.draw(k)[0] for k in range(300)]
 
     def two_object_share(indices: list[int]) -> float:
         return sum(len(shapes.generate(recipe.data.config, "train", i).objects) == 2 for i in indices) / len(indices)
@@ -577,8 +577,8 @@ def test_object_weights_draw_two_object_scenes_more_often(tiny_llava: Path) -> N
     # An item is the weighted scene's conversation: the plain dataset's item for the scene the draw kept.
     dataset = ShapesInstructionDataset(favoured, model, seed=0)
     unweighted = ShapesInstructionDataset(recipe.data, model, seed=0)
-    moved = next(k for k in range(300) if dataset._weighted_scene(k) != k)
-    assert torch.equal(dataset[moved]["pixel_values"], unweighted[dataset._weighted_scene(moved)]["pixel_values"])
+    moved = next(k for k in range(300) if dataset.draw(k)[0] != k)
+    assert torch.equal(dataset[moved]["pixel_values"], unweighted[dataset.draw(moved)[0]]["pixel_values"])
     # --set gives lists; the recipe records pairs.
     weighted = recipe.with_overrides({"data.object_weights": [[2, 2]]}).data
     assert weighted.object_weights == ((2, 2.0),)

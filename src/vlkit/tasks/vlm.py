@@ -375,10 +375,6 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
         return index, sample, chosen, question_first
 
-    def _weighted_scene(self, index: int) -> int:
-        """The index of the scene that item ``index`` trains on (``_weighted_sample``)."""
-        return self._weighted_sample(index)[0]
-
     def _weighted_sample(self, index: int) -> tuple[int, shapes.ShapesSample]:
         """Scene ``index`` (its index and sample), or under ``object_weights`` the first of ``index`` and seeded
         redraws that the weight of its object count keeps (rejection sampling: a scene is trained on in proportion to
