@@ -11,6 +11,8 @@ from vlkit.data.shapes import ShapesConfig, ShapesDataset, ShapesObject, ShapesS
 from vlkit.data.shapes_vqa import (
     CAPTION_PROMPT,
     KINDS,
+    LAYOUT_QUESTION,
+    InstructionItem,
     answer_format_corpus,
     described_conversations,
     instruction_items,
@@ -248,3 +250,14 @@ def test_layout_described_conversations_ask_every_item() -> None:
             questions = [first[len(layout) + 1 :]] + [t.content for t in conversation.turns[2::2]]
             asked += list(zip(questions, [t.content for t in conversation.turns[1::2]], strict=True))
         assert sorted(asked) == sorted((i.question, i.answer) for i in instruction_items(sample, CONFIG, "train"))
+
+
+def test_the_layout_item_is_asked_only_when_named() -> None:
+    for sample in SCENES[:20]:
+        items = instruction_items(sample, CONFIG, "train")
+        with_layout = instruction_items(sample, CONFIG, "train", layout=True)
+        assert "layout" not in {item.kind for item in items}
+        assert with_layout[:-1] == items
+        assert with_layout[-1] == InstructionItem("layout", LAYOUT_QUESTION, scene_layout(sample))
+    # The language model's text is unchanged: no layout answer there.
+    assert not any(LAYOUT_QUESTION in text for text in text_samples(SCENES[0], CONFIG, "train"))

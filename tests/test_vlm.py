@@ -452,6 +452,8 @@ def test_described_text_narrowed_to_kinds_and_scenes_of_several_objects(tiny_lla
     assert several[0].captions[0].replace(" ", "") in first.replace(" ", "")
     with pytest.raises(ValueError, match="unknown"):
         ShapesText(SHAPES_DATA, described=True, kinds=("colour", "weight"))
+    with pytest.raises(ValueError, match="unknown \\['layout'\\]"):  # a layout in context would answer it
+        ShapesText(SHAPES_DATA, described=True, kinds=("layout",))
     with pytest.raises(ValueError, match="need described"):
         ShapesText(SHAPES_DATA, kinds=("colour",))
     with pytest.raises(ValueError, match="min_objects"):
@@ -633,6 +635,34 @@ def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carrie
     model.generation_config = GenerationConfig(do_sample=True, temperature=50.0, repetition_penalty=3.0)
     torch.manual_seed(0)
     assert evaluation.answer(model) == greedy
+
+
+def test_the_layout_kind_trains_and_is_scored_as_every_object_with_its_box(tiny_llava: Path) -> None:
+    model = vlkit.from_pretrained(tiny_llava / "model").eval()
+    spec = get_recipe("llava_shapes").with_overrides(TINY_VLM).data
+    assert "layout" not in spec.kinds  # no default mix holds it
+    layouts = spec.replace(kinds=["caption", "layout"], turns=1, kind_weights=())
+    dataset = ShapesInstructionDataset(layouts, model, seed=0)
+    answers = [decode_answer(model.tokenizer, dataset[k]["input_ids"].tolist(), stop_ids=()) for k in range(16)]
+    drawn = [answer for answer in answers if "<box>" in answer]
+    assert 0 < len(drawn) < len(answers)  # captions and layouts
+    for k, answer in enumerate(answers):
+        if "<box>" in answer:
+            assert scene_layout(dataset.draw(k)[1]).replace(" ", "") in answer.replace(" ", "")
+    evaluation = VLMEvaluation.build(layouts, model, max_new_tokens=4, batch_size=8)
+    asked = [q for q in evaluation.questions if q.kind == "layout"]
+    scenes = [
+        shapes.generate(layouts.config, split, k)
+        for split in shapes.eval_splits(layouts.config, layouts.eval_split)
+        for k in range(layouts.eval_size)
+    ]
+    assert [q.answer for q in asked] == [scene_layout(scene) for scene in scenes]
+    # Room for every object's box, whatever the task's default.
+    assert evaluation.max_new_tokens >= 27 * layouts.config.max_objects
+    metrics = evaluation(model).metrics
+    assert {"layout_acc50", "layout_named", "layout_acc50_heldout"} <= set(metrics)
+    assert "vqa_accuracy" not in metrics  # a layout is not a VQA answer
+    assert answer_is_right(asked[0], asked[0].answer) and not answer_is_right(asked[0], "a red circle")
 
 
 def test_evaluation_on_the_validation_split_asks_about_validation_scenes_only(tiny_llava: Path) -> None:

@@ -1,4 +1,5 @@
-"""VQA exact match (normalised, per kind), grounding parsing and IoU accuracy, and caption attribute P/R/F1."""
+"""VQA exact match (normalised, per kind), grounding parsing and IoU accuracy, layouts (every object named with its
+box), and caption attribute P/R/F1."""
 
 import random
 from collections import Counter
@@ -6,9 +7,17 @@ from collections import Counter
 import pytest
 
 from vlkit.data.shapes import ShapesConfig, ShapesObject, generate
-from vlkit.data.shapes_vqa import format_grounding
+from vlkit.data.shapes_vqa import format_grounding, normalise_box, scene_layout
 from vlkit.eval.captioning import caption_mentions, caption_scores
-from vlkit.eval.grounding import Grounding, box_iou, grounding_accuracy, parse_box, parse_groundings
+from vlkit.eval.grounding import (
+    Grounding,
+    box_iou,
+    grounding_accuracy,
+    layout_accuracy,
+    parse_box,
+    parse_groundings,
+    parse_layout,
+)
 from vlkit.eval.vqa import normalise_answer, vqa_accuracy
 
 
@@ -130,6 +139,43 @@ def test_grounding_accuracy_at_iou_half() -> None:
     assert result.as_dict()["grounding_acc50"] == 0.5
     with pytest.raises(ValueError, match="not a box"):
         grounding_accuracy(["x"], [(5, 5, 5, 9)])
+
+
+def test_a_scene_layout_parses_back_into_its_objects_and_scores_one() -> None:
+    config = ShapesConfig(max_objects=4)
+    for index in range(30):
+        sample = generate(config, "train", index)
+        targets = [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, sample.image.width, sample.image.height))
+                   for o in sample.objects]  # fmt: skip
+        assert parse_layout(scene_layout(sample)) == targets
+        # The BPE's decoding puts spaces inside the tags; the order of the objects does not matter.
+        spaced = " and ".join(reversed(scene_layout(sample).replace("<box>", "<box> ").split(" and ")))
+        result = layout_accuracy([spaced], [targets])
+        assert (result.accuracy, result.named, result.count) == (1.0, 1.0, len(targets))
+
+
+def test_layout_accuracy_needs_the_right_name_and_box_and_uses_each_part_once() -> None:
+    red, blue = ("small red circle", (100, 100, 200, 200)), ("large blue square", (500, 500, 800, 800))
+    predictions = [
+        "a small red circle <box>(100,100),(200,200)</box> and a large blue square <box>(500,500),(800,800)</box>",
+        "a small red circle <box>(100,100),(150,200)</box> and a large blue square <box>(0,0),(100,100)</box>",
+        "a small red square <box>(100,100),(200,200)</box>",  # the box of the circle named as a square
+        "a small red circle <box>(100,100),(200,200)</box>",  # one part for two identical objects
+        "a small red circle <box>(100,100),(200,200",  # unclosed
+        "",
+    ]
+    targets = [[red, blue], [red, blue], [red], [red, red], [red], [red]]
+    result = layout_accuracy(predictions, targets)
+    # Hits: both objects of the first, the circle (IoU 0.5) of the second, one of the two identical circles.
+    assert result.count == 9 and result.accuracy == pytest.approx(4 / 9)
+    # Named with a valid box: the first two's four objects and one of the identical pair (the second finds the one
+    # part already used).
+    assert result.named == pytest.approx(5 / 9)
+    assert result.as_dict() == {"layout_acc50": result.accuracy, "layout_named": result.named}
+    with pytest.raises(ValueError, match="2 predictions but 1 targets"):
+        layout_accuracy(["", ""], [[red]])
+    with pytest.raises(ValueError, match="no layout targets"):
+        layout_accuracy([""], [[]])
 
 
 @pytest.mark.parametrize(

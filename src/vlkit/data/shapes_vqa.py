@@ -2,18 +2,19 @@
 answered with a box, for training and evaluating vision-language models (LLaVA, Liu et al., 2023; Qwen-VL's
 grounding format, Bai et al., 2023).
 
-    instruction_items(sample, config, split) -> [InstructionItem(kind, question, answer, box)]
+    instruction_items(sample, config, split, layout=False) -> [InstructionItem(kind, question, answer, box)]
     text_samples(sample, config, split) -> [str]    the same answers as text, to pre-train a language model on
     described_conversations(sample, config, split) -> [Conversation]   the questions with the caption in context
     scene_layout(sample) -> str                     the scene as text with each object's box
     write_llava(out_dir, config, sizes) -> {split: llava_<split>.json}   LLaVA's conversation JSON + images
 
 Kinds: caption, colour, shape, count, spatial (left / right / above / below), existence (yes and no in equal
-number), size, grounding. Answers are short: one word or a digit ("red", "3", "yes"); a caption is ShapesWorld's
-full description; a grounding answer is ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>`` with corners
-normalised to integers in [0, 1000) (``normalise_box``). A question is only asked when its phrase singles out one
-object, so two identical objects never make an ambiguous question, and a spatial relation only when the two boxes
-are separated on that axis. Every random choice is seeded by the scene itself: the same scene gives the same items.
+number), size, grounding; and, when asked for, layout (every object with its box: ``scene_layout``). Answers are
+short: one word or a digit ("red", "3", "yes"); a caption is ShapesWorld's full description; a grounding answer is
+``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>`` with corners normalised to integers in [0, 1000)
+(``normalise_box``). A question is only asked when its phrase singles out one object, so two identical objects never
+make an ambiguous question, and a spatial relation only when the two boxes are separated on that axis. Every random
+choice is seeded by the scene itself: the same scene gives the same items.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn
 Kind = Literal["caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding"]
 KINDS: tuple[str, ...] = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
 CAPTION_PROMPT = "describe the image."
+# The grounded description's question: every object with its box (``scene_layout``), in the words grounding asks in.
+LAYOUT_QUESTION = "where are the objects?"
 # Qwen-VL's grounding coordinates: integers in [0, 1000) whatever the image size.
 BOX_SCALE = 1000
 _WORD = re.compile(r"[a-z]+")
@@ -105,8 +108,12 @@ def scene_rng(sample: ShapesSample) -> np.random.Generator:
 # ---------------------------------------------------------------------------------------------- questions
 
 
-def instruction_items(sample: ShapesSample, config: ShapesConfig, split: Split) -> list[InstructionItem]:
-    """Caption, questions of every kind and grounding items for one scene, deterministic in the scene.
+def instruction_items(
+    sample: ShapesSample, config: ShapesConfig, split: Split, layout: bool = False
+) -> list[InstructionItem]:
+    """Caption, questions of every kind and grounding items for one scene, deterministic in the scene; with
+    ``layout``, the grounded description as well (kind ``layout``: every object with its box, Kosmos-2's and
+    Qwen-VL's grounded captions), which no default mix holds.
 
     ``split`` decides which absent (colour, shape) combinations an existence question may name: never a held-out
     one outside the held-out splits, so training data never mentions a held-out combination.
@@ -120,6 +127,8 @@ def instruction_items(sample: ShapesSample, config: ShapesConfig, split: Split) 
     items += _spatial_items(objects, rng)
     items += _existence_items(objects, config, split, rng)
     items += _grounding_items(sample)
+    if layout:
+        items.append(InstructionItem("layout", LAYOUT_QUESTION, scene_layout(sample)))
     return items
 
 

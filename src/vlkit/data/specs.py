@@ -33,6 +33,7 @@ from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS, digits_split
 from vlkit.data.readers import ImageTextRecord, ReadResult, WebDatasetSource, read_records
 
 __all__ = [
+    "EXTRA_KINDS",
     "INSTRUCTION_KINDS",
     "DataSpec",
     "Digits",
@@ -151,7 +152,8 @@ class ShapesText(ConfigBase):
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", shapes.ShapesConfig.from_dict(self.config))
         _check_eval_split(self.eval_split)
-        object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
+        # Described questions only: a layout in the context would answer the layout question by copying.
+        object.__setattr__(self, "kinds", _instruction_kinds(self.kinds, extra=False))
         if self.eval_size < 1:
             raise ValueError(f"eval_size must be >= 1, got {self.eval_size}")
         if self.turns < 1:
@@ -168,13 +170,18 @@ class ShapesText(ConfigBase):
 
 
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
+# Kinds a mix holds only when it names them: the grounded description ("where are the objects?", answered with every
+# object and its box; ``shapes_vqa.instruction_items(layout=True)``).
+EXTRA_KINDS = ("layout",)
 
 
-def _instruction_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple (JSON and ``--set`` give lists), every one of them an instruction kind."""
-    unknown = sorted(set(kinds) - set(INSTRUCTION_KINDS))
+def _instruction_kinds(kinds: Sequence[str], extra: bool = True) -> tuple[str, ...]:
+    """``kinds`` as a tuple (JSON and ``--set`` give lists), every one of them an instruction kind (or, with
+    ``extra``, one of ``EXTRA_KINDS``)."""
+    allowed = INSTRUCTION_KINDS + EXTRA_KINDS if extra else INSTRUCTION_KINDS
+    unknown = sorted(set(kinds) - set(allowed))
     if unknown:
-        raise ValueError(f"kinds must be a subset of {INSTRUCTION_KINDS}, got unknown {unknown}")
+        raise ValueError(f"kinds must be a subset of {allowed}, got unknown {unknown}")
     return tuple(kinds)
 
 
@@ -224,7 +231,8 @@ def _object_weights(pairs: Sequence[Sequence[Any]], config: shapes.ShapesConfig)
 @dataclass(frozen=True)
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
-    the scene's instruction items of ``kinds``; evaluation asks one question of each kind about ``eval_size`` test
+    the scene's instruction items of ``kinds`` (``INSTRUCTION_KINDS`` by default; ``EXTRA_KINDS`` when named);
+    evaluation asks one question of each kind about ``eval_size`` test
     scenes of seen and of held-out colour x shape combinations (``eval_split``: see ``shapes.EVAL_SPLITS``).
 
     ``question_first``: the probability that a training conversation puts its first question before the image
@@ -268,7 +276,7 @@ class ShapesInstructions(ConfigBase):
         _check_eval_split(self.eval_split)
         object.__setattr__(self, "kinds", _instruction_kinds(self.kinds))
         if not self.kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS}, got {self.kinds}")
+            raise ValueError(f"kinds must be a non-empty subset of {INSTRUCTION_KINDS + EXTRA_KINDS}, got {self.kinds}")
         object.__setattr__(self, "kind_weights", _kind_weights(self.kind_weights, self.kinds))
         object.__setattr__(self, "object_weights", _object_weights(self.object_weights, self.config))
         if self.turns < 1:

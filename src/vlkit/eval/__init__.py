@@ -2,7 +2,16 @@
 ShapesWorld / digits benchmarks."""
 
 from vlkit.eval.captioning import CaptionResult, caption_mentions, caption_scores
-from vlkit.eval.grounding import GroundingResult, box_iou, grounding_accuracy, parse_box, parse_groundings
+from vlkit.eval.grounding import (
+    GroundingResult,
+    LayoutResult,
+    box_iou,
+    grounding_accuracy,
+    layout_accuracy,
+    parse_box,
+    parse_groundings,
+    parse_layout,
+)
 from vlkit.eval.result import EvalResult
 from vlkit.eval.retrieval import RetrievalResult, retrieval_metrics
 from vlkit.eval.vqa import VQAResult, normalise_answer, vqa_accuracy
@@ -12,6 +21,7 @@ __all__ = [
     "CaptionResult",
     "EvalResult",
     "GroundingResult",
+    "LayoutResult",
     "RetrievalResult",
     "VQAResult",
     "ZeroShotResult",
@@ -21,9 +31,11 @@ __all__ = [
     "class_embeddings",
     "encode_images",
     "grounding_accuracy",
+    "layout_accuracy",
     "normalise_answer",
     "parse_box",
     "parse_groundings",
+    "parse_layout",
     "retrieval_metrics",
     "vqa_accuracy",
     "zero_shot_classify",

@@ -4,6 +4,8 @@ with integer corners in [0, 1000), parsed from free model output and scored by I
     parse_groundings(text) -> [Grounding(ref, box)]      every well-formed, in-range box, corners ordered
     box_iou(a, b) -> float in [0, 1]
     grounding_accuracy(predictions [str], targets [(x1, y1, x2, y2)], threshold=0.5) -> GroundingResult
+    parse_layout(text) -> [(name, box)]                  a scene layout's objects ("a large red circle <box>...")
+    layout_accuracy(predictions [str], targets [[(name, box)]], threshold=0.5) -> LayoutResult
 
 A prediction is scored by its first valid box. A missing, malformed (non-integer, unclosed, wrong number of
 corners), out-of-range or zero-area box is a miss; nothing in a model's output can make the scorer raise.
@@ -93,3 +95,59 @@ def grounding_accuracy(
         ious.append(box_iou(box, target) if box is not None else 0.0)
     hits = sum(iou >= threshold for iou in ious)
     return GroundingResult(hits / len(ious), sum(ious) / len(ious), parsed / len(ious), ious, threshold, len(ious))
+
+
+@dataclass
+class LayoutResult:
+    accuracy: float  # fraction of the scenes' objects named with a box at IoU >= threshold
+    named: float  # fraction of the objects named with a valid box, wherever it is
+    threshold: float
+    count: int  # objects scored
+
+    def as_dict(self, prefix: str = "layout_") -> dict[str, float]:
+        return {f"{prefix}acc{round(100 * self.threshold)}": self.accuracy, f"{prefix}named": self.named}
+
+
+_LAYOUT_PART = re.compile(r"^(?:\s*and)?\s*(?:an?\s+)?(.*?)\s*$", re.DOTALL)
+
+
+def parse_layout(text: object) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """``(name, box)`` for every valid box in a layout (``scene_layout``'s "a large red circle <box>...</box> and
+    ..."), the name being the words between the previous box (or the start) and this one, without "and" or an
+    article."""
+    if not isinstance(text, str):
+        return []
+    parts, start = [], 0
+    for match in _BOX.finditer(text):
+        name = _LAYOUT_PART.match(text[start : match.start()]).group(1)  # type: ignore[union-attr]
+        start = match.end()
+        boxes = parse_groundings(match.group(0))
+        if boxes:
+            parts.append((" ".join(name.split()), boxes[0].box))
+    return parts
+
+
+def layout_accuracy(
+    predictions: Sequence[str], targets: Sequence[Sequence[tuple[str, Sequence[int]]]], threshold: float = 0.5
+) -> LayoutResult:
+    """How many of each scene's objects (``targets``: ``(name, box)`` per object, the name as ``scene_layout``
+    writes it without the article) a predicted layout names with a box at IoU >= ``threshold``; each predicted part
+    is matched to one object at most (a scene's objects may share a name)."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+    total = sum(len(objects) for objects in targets)
+    if not total:
+        raise ValueError("no layout targets to score")
+    hits = named = 0
+    for prediction, objects in zip(predictions, targets, strict=True):
+        parts = parse_layout(prediction)
+        for name, box in objects:
+            same = [k for k, (part, _) in enumerate(parts) if part == name]
+            named += bool(same)
+            placed = [k for k in same if box_iou(parts[k][1], box) >= threshold]
+            if placed:
+                hits += 1
+                parts.pop(placed[0])
+            elif same:
+                parts.pop(same[0])
+    return LayoutResult(hits / total, named / total, threshold, total)

@@ -34,12 +34,13 @@ from vlkit.data.shapes_vqa import (
     given_away,
     instruction_items,
     item_turns,
+    normalise_box,
     text_samples,
 )
 from vlkit.data.specs import ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.captioning import caption_scores
-from vlkit.eval.grounding import grounding_accuracy, parse_box
+from vlkit.eval.grounding import grounding_accuracy, layout_accuracy, parse_box
 from vlkit.eval.result import EvalResult
 from vlkit.eval.vqa import vqa_accuracy
 from vlkit.models.base import build_model
@@ -341,7 +342,8 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         """Item ``index``'s scene (its index and sample), the instruction items its conversation asks in order, and
         whether the first question comes before the image."""
         index, sample = self._weighted_sample(index)
-        items = [item for item in instruction_items(sample, self.spec.config, "train") if item.kind in self.spec.kinds]
+        items = instruction_items(sample, self.spec.config, "train", layout="layout" in self.spec.kinds)
+        items = [item for item in items if item.kind in self.spec.kinds]
         rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
         # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
         # would starve the kinds that have few (grounding, captions) of training turns.
@@ -461,6 +463,11 @@ class _Question:
     pixels: torch.Tensor  # (3, H, W)
 
 
+# Generation room per object of a layout answer ("and a large red circle <box>(123,456),(789,999)</box>": ~27 tokens
+# with digits spelled one by one).
+_LAYOUT_TOKENS_PER_OBJECT = 32
+
+
 @dataclass
 class VLMEvaluation:
     """One question of each kind about each of ``eval_size`` scenes per split of the spec's ``eval_split`` (test or
@@ -483,7 +490,8 @@ class VLMEvaluation:
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 by_kind: dict[str, list[InstructionItem]] = {}
-                for item in instruction_items(sample, spec.config, split):  # type: ignore[arg-type]
+                layout = "layout" in spec.kinds
+                for item in instruction_items(sample, spec.config, split, layout):  # type: ignore[arg-type]
                     if item.kind in spec.kinds:
                         by_kind.setdefault(item.kind, []).append(item)
                 # One item of each kind, drawn (seeded by the scene): a scene's first item of a kind is not a fair
@@ -499,6 +507,8 @@ class VLMEvaluation:
                     questions.append(_Question(split, item.kind, item.question, item.answer, item.box,
                                                list(sample.objects), sample.image, prompt, pixels))  # fmt: skip
         stop_ids = end_of_answer_ids(model.config.chat_template, tokenizer)
+        if "layout" in spec.kinds:  # a layout answer spells every object's box
+            max_new_tokens = max(max_new_tokens, _LAYOUT_TOKENS_PER_OBJECT * spec.config.max_objects)
         return cls(questions, max_new_tokens, batch_size, tokenizer.pad_token_id, stop_ids)
 
     @torch.no_grad()
@@ -512,7 +522,7 @@ class VLMEvaluation:
             ]
             if not rows:
                 continue  # no held-out combinations in this config
-            vqa = [(q, a) for q, a in rows if q.kind not in ("caption", "grounding")]
+            vqa = [(q, a) for q, a in rows if q.kind not in ("caption", "grounding", "layout")]
             if vqa:
                 result = vqa_accuracy([a for _, a in vqa], [q.answer for q, _ in vqa], [q.kind for q, _ in vqa])
                 metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
@@ -522,6 +532,11 @@ class VLMEvaluation:
             if grounding:
                 boxes = [q.box for q, _ in grounding]
                 result = grounding_accuracy([a for _, a in grounding], boxes)  # type: ignore[arg-type]
+                metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
+            layouts = [(q, a) for q, a in rows if q.kind == "layout"]
+            if layouts:
+                targets = [_layout_targets(q.objects, q.image) for q, _ in layouts]
+                result = layout_accuracy([a for _, a in layouts], targets)
                 metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
             captions = [(q, a) for q, a in rows if q.kind == "caption"]
             if captions:
@@ -614,10 +629,18 @@ def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int
     return tokenizer.backend.decode(ids[:end], skip_special_tokens=False).strip()
 
 
+def _layout_targets(objects: list[shapes.ShapesObject], image: Any) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each object's name and box as ``scene_layout`` writes them ("large red circle", corners in [0, 1000))."""
+    return [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, image.width, image.height)) for o in objects]
+
+
 def answer_is_right(question: _Question, answer: str) -> bool:
-    """Scored as the metrics score it: IoU >= 0.5 for a box, an exact caption, exact match after normalisation."""
+    """Scored as the metrics score it: IoU >= 0.5 for a box (for every object's box in a layout), an exact caption,
+    exact match after normalisation."""
     if question.kind == "grounding":
         return bool(grounding_accuracy([answer], [question.box]).accuracy)  # type: ignore[list-item]
+    if question.kind == "layout":
+        return layout_accuracy([answer], [_layout_targets(question.objects, question.image)]).accuracy == 1.0
     if question.kind == "caption":
         return bool(caption_scores([answer], [question.objects]).exact)
     return vqa_accuracy([answer], [question.answer]).correct[0]
