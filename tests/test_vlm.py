@@ -663,6 +663,13 @@ def test_the_layout_kind_trains_and_is_scored_as_every_object_with_its_box(tiny_
     assert {"layout_acc50", "layout_named", "layout_acc50_heldout"} <= set(metrics)
     assert "vqa_accuracy" not in metrics  # a layout is not a VQA answer
     assert answer_is_right(asked[0], asked[0].answer) and not answer_is_right(asked[0], "a red circle")
+    # A stage that trains on layouts is scored on them too, beside the recipe's mix; the other stages are not.
+    recipe = get_recipe("llava_shapes").with_overrides({**TINY_VLM, "stages.align.data.kinds": ["caption", "layout"]})
+    run = RunContext(recipe, tiny_llava.parent)
+    for stage, scored in (("align", True), ("instruct", False)):
+        evaluation = VisionLanguage().evaluation(run, model, recipe.stage(stage))
+        kinds = {q.kind for q in evaluation.questions}  # type: ignore[attr-defined]
+        assert ("layout" in kinds) == scored and {"colour", "grounding"} <= kinds
 
 
 def test_evaluation_on_the_validation_split_asks_about_validation_scenes_only(tiny_llava: Path) -> None:

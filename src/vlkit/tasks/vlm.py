@@ -37,7 +37,7 @@ from vlkit.data.shapes_vqa import (
     normalise_box,
     text_samples,
 )
-from vlkit.data.specs import ShapesInstructions, ShapesText
+from vlkit.data.specs import EXTRA_KINDS, ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.captioning import caption_scores
 from vlkit.eval.grounding import grounding_accuracy, layout_accuracy, parse_box
@@ -161,8 +161,9 @@ class VisionLanguage(Task):
 
     def evaluation(self, run: RunContext, model: nn.Module, stage: Any = None) -> Callable[[nn.Module], EvalResult]:
         """The instruction evaluation (``VLMEvaluation``) on the recipe's data, also after a stage that trains on
-        captions alone (its zero-shot VQA); a stage on described text is scored as it trains, on its own data
-        (``DescribedTextEvaluation``: can the LM answer from the description in its context?)."""
+        captions alone (its zero-shot VQA), with any of ``EXTRA_KINDS`` the stage trains on; a stage on described
+        text is scored as it trains, on its own data (``DescribedTextEvaluation``: can the LM answer from the
+        description in its context?)."""
         assert isinstance(model, VisionLanguageModel)
         stage_data = None if stage is None else run.training_data(stage)
         if isinstance(stage_data, ShapesText):
@@ -173,6 +174,9 @@ class VisionLanguage(Task):
         data = run.recipe.data
         if not isinstance(data, ShapesInstructions):
             raise ValueError(f"recipe {run.recipe.name}: the vlm task evaluates on ShapesInstructions data")
+        if isinstance(stage_data, ShapesInstructions):  # a kind only this stage trains on is scored too
+            extra = [kind for kind in stage_data.kinds if kind in EXTRA_KINDS and kind not in data.kinds]
+            data = data.replace(kinds=(*data.kinds, *extra))
         return VLMEvaluation.build(data, model, self.max_new_tokens, self.eval_batch_size)
 
     def report(self, run: RunContext, result: EvalResult, out_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
