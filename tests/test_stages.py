@@ -94,6 +94,10 @@ def test_overrides_address_every_stage_or_one() -> None:
     assert recipe.with_overrides({"lock": "none"}).stages[0].rules == ()
     with pytest.raises(KeyError, match="no stage"):
         recipe.with_overrides({"stages.missing.train.lr": 0.1})
+    # A stage that reads the recipe's data has none of its own to change a field of: said, not a TypeError.
+    assert recipe.stages[0].data is None
+    with pytest.raises(KeyError, match=r"Stage.data is None, not a config: data.train_size cannot be set in it"):
+        recipe.with_overrides({"stages.0.data.train_size": 8})
 
 
 def test_describe_changes_names_each_changed_setting_and_a_scaled_warmup() -> None:

@@ -64,7 +64,12 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
         else:
             direct[head] = value
     for head, changes in nested.items():
-        direct[head] = apply_overrides(direct.get(head, getattr(config, head)), changes)
+        inner = direct.get(head, getattr(config, head))
+        if not dataclasses.is_dataclass(inner):  # e.g. a stage's data left None: it reads the recipe's
+            keys = ", ".join(f"{head}.{rest}" for rest in changes)
+            raise KeyError(f"{type(config).__name__}.{head} is {inner!r}, not a config: {keys} cannot be set in it; "
+                           f"give {head} whole")  # fmt: skip
+        direct[head] = apply_overrides(inner, changes)
     return dataclasses.replace(config, **direct) if direct else config
 
 
