@@ -37,6 +37,7 @@ from vlkit.tasks.vlm import (
     answer_is_right,
     answer_weights,
     decode_answer,
+    plot_answers,
     shapes_chat_tokenizer,
 )
 from vlkit.text import train_tokenizer
@@ -637,7 +638,7 @@ def test_evaluation_answers_greedily_whatever_decoding_defaults_the_model_carrie
     assert evaluation.answer(model) == greedy
 
 
-def test_the_layout_kind_trains_and_is_scored_as_every_object_with_its_box(tiny_llava: Path) -> None:
+def test_the_layout_kind_trains_and_is_scored_as_every_object_with_its_box(tiny_llava: Path, tmp_path: Path) -> None:
     model = vlkit.from_pretrained(tiny_llava / "model").eval()
     spec = get_recipe("llava_shapes").with_overrides(TINY_VLM).data
     assert "layout" not in spec.kinds  # no default mix holds it
@@ -663,6 +664,8 @@ def test_the_layout_kind_trains_and_is_scored_as_every_object_with_its_box(tiny_
     assert {"layout_acc50", "layout_named", "layout_acc50_heldout"} <= set(metrics)
     assert "vqa_accuracy" not in metrics  # a layout is not a VQA answer
     assert answer_is_right(asked[0], asked[0].answer) and not answer_is_right(asked[0], "a red circle")
+    plot_answers([(asked[0], asked[0].answer), (asked[1], "")], tmp_path / "answers.png")  # every box drawn
+    assert (tmp_path / "answers.png").stat().st_size > 0
     # A stage that trains on layouts is scored on them too, beside the recipe's mix; the other stages are not.
     recipe = get_recipe("llava_shapes").with_overrides({**TINY_VLM, "stages.align.data.kinds": ["caption", "layout"]})
     run = RunContext(recipe, tiny_llava.parent)

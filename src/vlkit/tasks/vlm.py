@@ -40,7 +40,7 @@ from vlkit.data.shapes_vqa import (
 from vlkit.data.specs import EXTRA_KINDS, ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.captioning import caption_scores
-from vlkit.eval.grounding import grounding_accuracy, layout_accuracy, parse_box
+from vlkit.eval.grounding import grounding_accuracy, layout_accuracy, parse_box, parse_layout
 from vlkit.eval.result import EvalResult
 from vlkit.eval.vqa import vqa_accuracy
 from vlkit.models.base import build_model
@@ -664,7 +664,12 @@ def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
         image = question.image
         axis.imshow(image)
         width, height = image.size
-        for box, colour in ((question.box, "#1a7f37"), (parse_box(answer), "#d1242f")):
+        if question.kind == "layout":  # every object's box, true and predicted
+            boxes = [(box, "#1a7f37") for _, box in _layout_targets(question.objects, image)]
+            boxes += [(box, "#d1242f") for _, box in parse_layout(answer)]
+        else:
+            boxes = [(question.box, "#1a7f37"), (parse_box(answer), "#d1242f")]
+        for box, colour in boxes:
             if box is not None:
                 x1, y1, x2, y2 = (box[0] * width / 1000, box[1] * height / 1000, box[2] * width / 1000,
                                   box[3] * height / 1000)  # fmt: skip
