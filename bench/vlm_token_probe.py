@@ -1,18 +1,20 @@
 """What the image tokens of a ShapesWorld VLM hold about each object: a linear probe per tower layer and on the bridge.
 
-For every two-object scene, the token at each object's centre (the tower's patch grid, or the bridge's output grid)
-is probed for the object's own colour, its own shape, and the *other* object's colour. Logistic-regression probes
-are fitted on ``--train-scenes`` training scenes and scored on ``--test-scenes`` test scenes. A token that predicts
-the other object's colour carries scene-level information beside its own object's: the experiment log's
-(docs/experiments.md) "Learning curves" reads the VLM's binding errors against this (the answer "blue" to "what colour
-is the star?" when the other object is the blue one).
+For every two-object scene, the token at each object's centre (the tower's patch grid, or the bridge's output grid
+where it has one: not a Q-Former's) is probed for the object's own colour, its own shape, and the *other* object's
+colour. Logistic-regression probes are fitted on ``--train-scenes`` training scenes and scored on ``--test-scenes``
+test scenes. A token that predicts the other object's colour carries scene-level information beside its own object's:
+the experiment log's (docs/experiments.md) "Learning curves" reads the VLM's binding errors against this (the answer
+"blue" to "what colour is the star?" when the other object is the blue one).
 
 Where a box is read: ridge-regression probes (R^2 on the test scenes) for the object's centre, x and y as fractions
 of the image side, from the same tokens; and from the language model's hidden state after each of its layers at the
 token before the first digit of a teacher-forced grounding answer (``<ref>the red star</ref><box>(x1,...``, one
 referring expression per scene), for the referred object's centre: what the LM has gathered from the image when it
-writes x1. README, "Where the column is lost", reads ``llava_shapes``' boxes against this. Writes
-``--out`` (JSON).
+writes x1. README, "Where the column is lost", reads ``llava_shapes``' boxes against this. On the one-object scenes,
+where only the object's own tokens can place it, the same centre probe reads all the bridge's output tokens at once
+(any bridge, a Q-Former's too) and the LM before x1: whether the bridge passes the position on, and whether the LM
+takes it. Writes ``--out`` (JSON).
 
     python bench/vlm_token_probe.py --model RUN/model --out token_probe.json
 """
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlkit.data import shapes
-from vlkit.data.shapes_vqa import instruction_items
+from vlkit.data.shapes_vqa import CAPTION_PROMPT, instruction_items
 from vlkit.data.transforms import ImageTransform
 from vlkit.files import read_json
 from vlkit.hub import from_pretrained
@@ -57,34 +59,59 @@ def collect(
     colours, kinds = sorted(config.colours), sorted(config.shapes)
     scenes = [shapes.generate(config, split, index) for index in tqdm(range(count), desc=f"{split} scenes")]  # type: ignore[arg-type]
     scenes = [sample for sample in scenes if len(sample.objects) == 2]
-    sites = [f"layer{k}" for k in range(len(model.encoder.blocks) + 1)] + ["bridge"]
-    features: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
+    sites = [f"layer{k}" for k in range(len(model.encoder.blocks) + 1)]
+    features: dict[str, list[torch.Tensor]] = {}
     labels, centres = [], []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         pixels = torch.stack([transform(sample.image) for sample in chunk])
-        tokens = {
-            site: model.encoder.forward_features(pixels, layer=k).patch_tokens for k, site in enumerate(sites[:-1])
-        }
-        tokens["bridge"] = model.embed_image(pixels).tokens
+        tokens = {site: model.encoder.forward_features(pixels, layer=k).patch_tokens for k, site in enumerate(sites)}
+        # A Q-Former reads a prompt (the caption's, as its caption stage) and has no output grid: no token sits at an
+        # object's centre, so only the tower is probed.
+        prompt = model.prompt_ids([CAPTION_PROMPT] * len(chunk)) if model.config.bridge_reads_prompt else ()
+        bridged = model.embed_image(pixels, *prompt)
+        if bridged.grid is not None:
+            tokens["bridge"] = bridged.tokens
         for row, sample in enumerate(chunk):
             size = (sample.image.width, sample.image.height)
             first, second = sample.objects
             for obj, other in ((first, second), (second, first)):
                 for site, grid_tokens in tokens.items():
                     grid = round(grid_tokens.shape[1] ** 0.5)
-                    features[site].append(grid_tokens[row, _cell(obj.centre, size, grid)].float())
+                    features.setdefault(site, []).append(grid_tokens[row, _cell(obj.centre, size, grid)].float())
                 labels.append((colours.index(obj.colour), kinds.index(obj.shape), colours.index(other.colour)))
                 centres.append((obj.centre[0] / size[0], obj.centre[1] / size[1]))
     return {site: torch.stack(rows) for site, rows in features.items()}, torch.tensor(labels), torch.tensor(centres)
 
 
 @torch.no_grad()
-def collect_answer_states(
+def collect_bridge_outputs(
     model: VisionLanguageModel, config: shapes.ShapesConfig, split: str, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-object scenes among the first ``count``: all the bridge's output tokens, flattened (N, M * D), and the
+    object's (N, 2) centre. Whether the bridge passes the position on at all, grid or not (a Q-Former's queries have
+    none; it reads the caption prompt, as in its caption stage)."""
+    transform = ImageTransform(image_size=model.config.vision.image_size)
+    rows, centres = [], []
+    for index in tqdm(range(count), desc=f"{split} bridge"):
+        sample = shapes.generate(config, split, index)  # type: ignore[arg-type]
+        if len(sample.objects) != 1:
+            continue
+        prompt = model.prompt_ids([CAPTION_PROMPT]) if model.config.bridge_reads_prompt else ()
+        rows.append(model.embed_image(transform(sample.image)[None], *prompt).tokens[0].float().flatten())
+        (obj,) = sample.objects
+        centres.append((obj.centre[0] / sample.image.width, obj.centre[1] / sample.image.height))
+    return torch.stack(rows), torch.tensor(centres)
+
+
+@torch.no_grad()
+def collect_answer_states(
+    model: VisionLanguageModel, config: shapes.ShapesConfig, split: str, count: int, one_object: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per LM layer: the (N, D) hidden states at the token before x1's first digit of a teacher-forced grounding
-    answer, one referring expression per scene; and the (N, 2) centre of the referred object (fractions of the side)."""
+    answer, one referring expression per scene (of the first ``count``; with ``one_object`` the one-object scenes
+    only, where nothing but the object's own tokens can place it); and the (N, 2) centre of the referred object
+    (fractions of the side)."""
     transform = ImageTransform(image_size=model.config.vision.image_size)
     tokenizer, config_vlm = model.tokenizer, model.config
     box_id = single_token_id(tokenizer, "<box>")
@@ -100,7 +127,7 @@ def collect_answer_states(
         for index in tqdm(range(count), desc=f"{split} answers"):
             sample = shapes.generate(config, split, index)  # type: ignore[arg-type]
             items = [item for item in instruction_items(sample, config, split) if item.kind == "grounding"]  # type: ignore[arg-type]
-            if not items:
+            if not items or (one_object and len(sample.objects) != 1):
                 continue
             item = items[0]
             turns = [Turn("user", _first_question(item.question, False)), Turn("assistant", item.answer)]
@@ -108,7 +135,11 @@ def collect_answer_states(
                                         config_vlm.image_token_id, model.tokens_per_image()).input_ids  # fmt: skip
             start = int((ids == box_id).nonzero()[0])
             first_digit = next(i for i in range(start, len(ids)) if int(ids[i]) in digits)
-            model(ids[None, :first_digit], pixel_values=transform(sample.image)[None])
+            prompt = {}
+            if config_vlm.bridge_reads_prompt:  # the Q-Former reads the question, as in evaluation
+                prompt_ids, prompt_mask = model.prompt_ids([item.question])
+                prompt = {"qformer_input_ids": prompt_ids, "qformer_attention_mask": prompt_mask}
+            model(ids[None, :first_digit], pixel_values=transform(sample.image)[None], **prompt)
             x1, y1, x2, y2 = item.box  # type: ignore[misc]
             labels.append(((x1 + x2) / 2000, (y1 + y2) / 2000))  # [0, 1000) coordinates -> fractions of the side
     finally:
@@ -180,6 +211,18 @@ def main(argv: list[str] | None = None) -> None:
         r2 = probe_r2(train_states[site], train_referred, test_states[site], test_referred)
         centre_r2[site] = dict(zip(CENTRE, r2, strict=True))
         print(site, "(before x1) referred object's centre R^2", centre_r2[site], flush=True)
+    # One-object scenes: all the bridge's tokens, and the LM before x1, for the one object's centre.
+    train_bridge, train_single = collect_bridge_outputs(model, config, "train", args.train_scenes)
+    test_bridge, test_single = collect_bridge_outputs(model, config, "test", args.test_scenes)
+    r2 = probe_r2(train_bridge, train_single, test_bridge, test_single)
+    centre_r2["bridge_all_tokens_one_object"] = dict(zip(CENTRE, r2, strict=True))
+    print("bridge, all tokens, one-object scenes: centre R^2", centre_r2["bridge_all_tokens_one_object"], flush=True)
+    train_states, train_one = collect_answer_states(model, config, "train", args.train_scenes, one_object=True)
+    test_states, test_one = collect_answer_states(model, config, "test", args.test_scenes, one_object=True)
+    for site in train_states:
+        r2 = probe_r2(train_states[site], train_one, test_states[site], test_one)
+        centre_r2[f"{site}_one_object"] = dict(zip(CENTRE, r2, strict=True))
+        print(site, "(before x1), one-object scenes: centre R^2", centre_r2[f"{site}_one_object"], flush=True)
     settings = {
         "model": args.model,
         "train_objects": len(train_y),
@@ -188,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "chance_shape": round(1 / len(config.shapes), 3),
     }
     settings["referring_expressions"] = {"train": len(train_referred), "test": len(test_referred)}
+    settings["one_object_scenes"] = {"train": len(train_single), "test": len(test_single)}
     output = {"settings": settings, "accuracy": results, "centre_r2": centre_r2}
     Path(args.out).write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {args.out}")

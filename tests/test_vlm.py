@@ -731,11 +731,12 @@ def test_token_probe_reads_what_the_tokens_hold_and_probes_every_site(tiny_llava
     assert set(result["accuracy"]) == {f"layer{k}" for k in range(depth + 1)} | {"bridge"}
     assert all(set(row) == set(probe.TARGETS) for row in result["accuracy"].values())
     lm_depth = vlkit.from_pretrained(tiny_llava / "model").config.lm.depth
-    lm_sites = {f"lm_layer{k + 1}" for k in range(lm_depth)}
-    assert set(result["centre_r2"]) == set(result["accuracy"]) | lm_sites
+    lm_sites = {f"lm_layer{k + 1}{end}" for k in range(lm_depth) for end in ("", "_one_object")}
+    assert set(result["centre_r2"]) == set(result["accuracy"]) | lm_sites | {"bridge_all_tokens_one_object"}
     assert all(set(row) == set(probe.CENTRE) for row in result["centre_r2"].values())
     assert result["settings"]["referring_expressions"]["test"] > 0
     assert result["settings"]["train_objects"] > 0 and result["settings"]["test_objects"] > 0
+    assert min(result["settings"]["one_object_scenes"].values()) > 0
 
 
 def test_vlm_errors_sorts_attribute_answers_into_binding_and_prior(
