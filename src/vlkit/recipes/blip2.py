@@ -36,7 +36,10 @@ Three seeds of the Q-Former stages on one tower and LM read 0.802-0.822 on valid
 the image tokens (0.804 over three seeds), 64 queries (0.809; spatial 0.71 against 0.61), cross-attention in every
 layer (0.751), a Q-Former as wide as the LM (0.548), and in the instruction stage grounding drawn four times as often,
 the tower trained at 0.1x or 1600 steps (0.793-0.796) did not raise it (the thirty-first session,
-docs/experiments.md).
+docs/experiments.md). Stage 2 on grounded descriptions as well (the ``layout`` kind, every object with its box) left
+grounding at 0.084-0.092 against 0.088 and cost VQA (0.809-0.836 against 0.873, validation): a probe reads a lone
+object's centre from the Q-Former's tokens at R^2 0.98 / 0.94, and from the frozen LM's state before it writes the box
+at 0.21 / 0.03 (the forty-fifth session, docs/experiments.md).
 
 ``honeybee_c_shapes`` and ``honeybee_d_shapes`` are ``llava_shapes`` (its stages: text, align, instruct, and its
 reading of the tower's layer 2) with Honeybee's locality-preserving bridges (Cha et al., 2023) in place of the MLP:
