@@ -53,7 +53,7 @@ from vlkit.data.shapes import (
 from vlkit.seeding import mix_seed
 from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn
 
-Kind = Literal["caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding"]
+Kind = Literal["caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding", "layout"]
 KINDS: tuple[str, ...] = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
 CAPTION_PROMPT = "describe the image."
 # The grounded description's question: every object with its box (``scene_layout``), in the words grounding asks in.

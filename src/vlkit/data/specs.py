@@ -232,8 +232,8 @@ def _object_weights(pairs: Sequence[Sequence[Any]], config: shapes.ShapesConfig)
 class ShapesInstructions(ConfigBase):
     """Conversations about ``train_size`` training scenes, ``turns`` question-answer turns each, drawn per epoch from
     the scene's instruction items of ``kinds`` (``INSTRUCTION_KINDS`` by default; ``EXTRA_KINDS`` when named);
-    evaluation asks one question of each kind about ``eval_size`` test
-    scenes of seen and of held-out colour x shape combinations (``eval_split``: see ``shapes.EVAL_SPLITS``).
+    evaluation asks one question of each kind about ``eval_size`` test scenes of seen and of held-out colour x shape
+    combinations (``eval_split``: see ``shapes.EVAL_SPLITS``).
 
     ``question_first``: the probability that a training conversation puts its first question before the image
     rather than after it (LLaVA-1.5's instruction data holds both orders); evaluation asks question-first when it
