@@ -226,13 +226,18 @@ def text_samples(sample: ShapesSample, config: ShapesConfig, split: Split) -> li
     return list(sample.captions) + [f"question: {item.question} answer: {item.answer}" for item in items]
 
 
+def layout_objects(
+    objects: Sequence[ShapesObject], width: int, height: int
+) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each object's name (``size colour shape``) and box (``normalise_box``) as ``scene_layout`` writes them."""
+    return [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, width, height)) for o in objects]
+
+
 def scene_layout(sample: ShapesSample) -> str:
     """The scene as text with every object's place: its objects in order, each as ``size colour shape`` followed by
     its box (``format_box``, the corners grounding answers use), joined by "and"."""
-    width, height = sample.image.width, sample.image.height
-    parts = [f"{_article(f'{o.size} {o.colour} {o.shape}')} {format_box(normalise_box(o.box, width, height))}"
-             for o in sample.objects]  # fmt: skip
-    return " and ".join(parts)
+    parts = layout_objects(sample.objects, sample.image.width, sample.image.height)
+    return " and ".join(f"{_article(name)} {format_box(box)}" for name, box in parts)
 
 
 def described_conversations(

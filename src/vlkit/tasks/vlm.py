@@ -34,7 +34,7 @@ from vlkit.data.shapes_vqa import (
     given_away,
     instruction_items,
     item_turns,
-    normalise_box,
+    layout_objects,
     text_samples,
 )
 from vlkit.data.specs import EXTRA_KINDS, ShapesInstructions, ShapesText
@@ -490,11 +490,11 @@ class VLMEvaluation:
         tokenizer = model.tokenizer
         transform = ImageTransform(image_size=model.config.vision.image_size)
         questions = []
+        layout = "layout" in spec.kinds
         for split in shapes.eval_splits(spec.config, spec.eval_split):
             for index in range(spec.eval_size):
                 sample = shapes.generate(spec.config, split, index)  # type: ignore[arg-type]
                 by_kind: dict[str, list[InstructionItem]] = {}
-                layout = "layout" in spec.kinds
                 for item in instruction_items(sample, spec.config, split, layout):  # type: ignore[arg-type]
                     if item.kind in spec.kinds:
                         by_kind.setdefault(item.kind, []).append(item)
@@ -635,7 +635,7 @@ def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int
 
 def _layout_targets(objects: list[shapes.ShapesObject], image: Any) -> list[tuple[str, tuple[int, int, int, int]]]:
     """Each object's name and box as ``scene_layout`` writes them ("large red circle", corners in [0, 1000))."""
-    return [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, image.width, image.height)) for o in objects]
+    return layout_objects(objects, image.width, image.height)
 
 
 def answer_is_right(question: _Question, answer: str) -> bool:
