@@ -226,17 +226,16 @@ def text_samples(sample: ShapesSample, config: ShapesConfig, split: Split) -> li
     return list(sample.captions) + [f"question: {item.question} answer: {item.answer}" for item in items]
 
 
-def layout_objects(
-    objects: Sequence[ShapesObject], width: int, height: int
-) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Each object's name (``size colour shape``) and box (``normalise_box``) as ``scene_layout`` writes them."""
-    return [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, width, height)) for o in objects]
+def layout_objects(objects: Sequence[ShapesObject], image: Image.Image) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each object's name (``size colour shape``) and box in ``image`` (``normalise_box``: corners in [0, 1000)) as
+    ``scene_layout`` writes them."""
+    return [(f"{o.size} {o.colour} {o.shape}", normalise_box(o.box, image.width, image.height)) for o in objects]
 
 
 def scene_layout(sample: ShapesSample) -> str:
     """The scene as text with every object's place: its objects in order, each as ``size colour shape`` followed by
     its box (``format_box``, the corners grounding answers use), joined by "and"."""
-    parts = layout_objects(sample.objects, sample.image.width, sample.image.height)
+    parts = layout_objects(sample.objects, sample.image)
     return " and ".join(f"{_article(name)} {format_box(box)}" for name, box in parts)
 
 

@@ -539,7 +539,7 @@ class VLMEvaluation:
                 metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
             layouts = [(q, a) for q, a in rows if q.kind == "layout"]
             if layouts:
-                targets = [_layout_targets(q.objects, q.image) for q, _ in layouts]
+                targets = [layout_objects(q.objects, q.image) for q, _ in layouts]
                 result = layout_accuracy([a for _, a in layouts], targets)
                 metrics |= {f"{key}{suffix}": value for key, value in result.as_dict().items()}
             captions = [(q, a) for q, a in rows if q.kind == "caption"]
@@ -633,18 +633,13 @@ def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int
     return tokenizer.backend.decode(ids[:end], skip_special_tokens=False).strip()
 
 
-def _layout_targets(objects: list[shapes.ShapesObject], image: Any) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Each object's name and box as ``scene_layout`` writes them ("large red circle", corners in [0, 1000))."""
-    return layout_objects(objects, image.width, image.height)
-
-
 def answer_is_right(question: _Question, answer: str) -> bool:
     """Scored as the metrics score it: IoU >= 0.5 for a box (for every object's box in a layout), an exact caption,
     exact match after normalisation."""
     if question.kind == "grounding":
         return bool(grounding_accuracy([answer], [question.box]).accuracy)  # type: ignore[list-item]
     if question.kind == "layout":
-        return layout_accuracy([answer], [_layout_targets(question.objects, question.image)]).accuracy == 1.0
+        return layout_accuracy([answer], [layout_objects(question.objects, question.image)]).accuracy == 1.0
     if question.kind == "caption":
         return bool(caption_scores([answer], [question.objects]).exact)
     return vqa_accuracy([answer], [question.answer]).correct[0]
@@ -665,7 +660,7 @@ def plot_answers(samples: list[tuple[_Question, str]], path: Path) -> None:
         axis.imshow(image)
         width, height = image.size
         if question.kind == "layout":  # every object's box, true and predicted
-            boxes = [(box, "#1a7f37") for _, box in _layout_targets(question.objects, image)]
+            boxes = [(box, "#1a7f37") for _, box in layout_objects(question.objects, image)]
             boxes += [(box, "#d1242f") for _, box in parse_layout(answer)]
         else:
             boxes = [(question.box, "#1a7f37"), (parse_box(answer), "#d1242f")]
