@@ -171,3 +171,16 @@ def test_row_counts_times_every_pass_and_rounds_to_few_shapes(tmp_path: Path) ->
     assert set(result["seconds"]) == {"one_count", "new_counts", "same_counts_again", "rounded"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert 1 <= result["distinct_rounded"] <= 4 and "cpu_model" in result  # 100-300 rounded up to 64: 128 ... 320
+
+
+def test_data_path_quick_times_both_datasets_with_the_caches_off_and_on(tmp_path: Path) -> None:
+    out = tmp_path / "data_path.json"
+    _run("data_path.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["tower"]["batch_size"] == 64 and result["instruct"]["batch_size"] == 32
+    for name in ("tower", "instruct"):
+        row = result[name]
+        for setting in ("off", "on"):
+            assert all(row[setting][f"{visit}_ms"] > 0 for visit in ("first_visit", "later_epoch"))
+        assert row["later_epoch_speedup"] == pytest.approx(row["off"]["later_epoch_ms"] / row["on"]["later_epoch_ms"])
+    assert result["batches"] == 3 and "cpu_model" in result["machine"]

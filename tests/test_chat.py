@@ -217,6 +217,21 @@ def test_bad_arguments_are_clear_errors() -> None:
     assert int((labels != IGNORE_INDEX).sum()) == len(_encode("hf", "red<|im_end|>"))
 
 
+def test_vlkit_tokenizer_remembers_what_it_encoded() -> None:
+    tokenizer = _vlkit_tokenizer()
+    text = "how many objects are there? 3 <ref>the red circle</ref>"
+    plain = tokenizer.backend.encode(text, add_special_tokens=False).ids
+    for _ in range(2):  # encoded, then remembered
+        assert tokenizer.encode_plain(text) == plain
+        assert tokenizer.encode(text) == tokenizer.backend.encode(text).ids == [1, *plain, 2]
+    tokenizer.encode_plain(text).append(7)  # the caller's own list: the memo keeps its ids
+    assert tokenizer.encode_plain(text) == plain
+    # A token added to the backend afterwards is read, not the ids from before it.
+    tokenizer.backend.add_special_tokens(["<ref>the red circle</ref>"])
+    added = tokenizer.backend.token_to_id("<ref>the red circle</ref>")
+    assert tokenizer.encode_plain(text)[-1] == added and added not in plain
+
+
 def test_transformers_tokenizer_gives_the_same_tokens() -> None:
     transformers = pytest.importorskip("transformers")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=TOKENIZERS["hf"])

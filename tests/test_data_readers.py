@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,47 @@ def test_random_caption_choice_depends_only_on_seed_epoch_and_index(tmp_path: Pa
     assert chosen(0, 0) != chosen(0, 1)
     assert chosen(0, 1) != chosen(1, 0)
     assert len(set(chosen(0, 0))) > 3
+
+
+def test_dataset_keeps_resized_pixels_within_its_budget(tmp_path: Path) -> None:
+    records = []
+    for index in range(4):
+        save_image(tmp_path / f"{index}.png", colour=(index * 60, 30, 200 - index * 40), size=(12, 10))
+        records.append(ImageTextRecord(str(tmp_path / f"{index}.png"), [f"caption {index}"], f"m:{index + 1}"))
+    transform = ImageTransform(8)
+    expected = [transform(Image.open(record.image)) for record in records]
+    kept = ImageTextDataset(records, transform, number_tokenize, max_text_len=4)  # 4 x 8 x 8 x 3 bytes: kept
+    fresh = ImageTextDataset(records, transform, number_tokenize, max_text_len=4, cache_bytes=0)
+    tight = ImageTextDataset(records, transform, number_tokenize, max_text_len=4, cache_bytes=4 * 8 * 8 * 3 - 1)
+    for index in range(4):
+        for dataset in (kept, fresh, tight):
+            item = dataset[index]["pixels"]
+            assert torch.equal(item, expected[index])
+            item.add_(1.0)  # an item is the caller's own: changing it changes no later read
+    for record in records:
+        Path(record.image).unlink()
+    # The kept pixels are read without the file; a dataset that keeps nothing (or is over its budget) reads it.
+    assert all(torch.equal(kept[index]["pixels"], expected[index]) for index in range(4))
+    for dataset in (fresh, tight):
+        with pytest.raises(BadSampleError, match="image file not found"):
+            dataset[0]
+    # A pickled copy (a spawned DataLoader worker) starts without the cache.
+    copy = pickle.loads(pickle.dumps(kept))
+    with pytest.raises(BadSampleError, match="image file not found"):
+        copy[0]
+
+
+def test_transform_halves_make_the_transform() -> None:
+    rng = np.random.default_rng(0)
+    for size, mode in ((8, "shortest_crop"), ((6, 10), "squash"), (8, "pad"), (12, "shortest_crop")):
+        transform = ImageTransform(size, resize_mode=mode)
+        image = Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8))
+        pixels = transform.resize(image)
+        assert pixels.dtype == np.uint8 and pixels.shape == (*transform.size, 3)
+        assert torch.equal(transform.normalise(pixels), transform(image))
+    # An image already at the size is taken as it is.
+    square = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert np.array_equal(ImageTransform(8).resize(square), np.asarray(square))
 
 
 # WebDataset -----------------------------------------------------------------------------------------------------

@@ -556,6 +556,30 @@ def test_kind_weights_draw_the_weighted_kind_more_often(tiny_llava: Path) -> Non
             dataclasses.replace(recipe.data, kind_weights=bad)
 
 
+def test_training_scenes_are_made_once_and_read_alike(tiny_llava: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    spec = dataclasses.replace(recipe.data, object_weights=((2, 3.0),))  # redraws make scenes beside the index's
+    generate = shapes.generate
+
+    def items(cache: int) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+        made: list[int] = []
+        monkeypatch.setattr(shapes, "generate", lambda *args: made.append(args[2]) or generate(*args))
+        dataset = ShapesInstructionDataset(spec, model, seed=0, cache_scenes=cache)
+        out = []
+        for epoch in (0, 1):  # the second epoch draws other turns of the same scenes
+            dataset.set_epoch(epoch)
+            out += [dataset[index] for index in range(40)]
+        return out, made
+
+    (kept, made_kept), (fresh, made_fresh) = items(100), items(0)
+    assert len(kept) == len(fresh) == 80
+    for a, b in zip(kept, fresh, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert any(not torch.equal(kept[k]["input_ids"], kept[40 + k]["input_ids"]) for k in range(40))
+    assert sorted(made_kept) == sorted(set(made_fresh)) and len(made_fresh) > len(made_kept)
+
+
 def test_object_weights_draw_two_object_scenes_more_often(tiny_llava: Path) -> None:
     recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
     model = vlkit.from_pretrained(tiny_llava / "model")

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
 from vlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSampleError, decode_image_bytes, load_image
+from vlkit.data.transforms import ImageTransform
 from vlkit.seeding import mix_seed
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ Tokenize = Callable[[str], list[int]]
 Transform = Callable[[Image.Image], torch.Tensor]
 
 WEBDATASET_IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+
+# ImageTextDataset keeps the resized pixels of a training set of up to this size in memory: ShapesWorld's 15000
+# training images at 64 pixels take 184 MB, and 1 GiB holds about 7000 images at 224.
+IMAGE_CACHE_BYTES = 1 << 30
 
 # Domain tags keep the random streams of different consumers independent even when they share a seed.
 _CAPTION_STREAM = 1
@@ -204,6 +210,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
     ``set_epoch`` before each epoch's DataLoader iterator is created (workers copy the dataset at that moment,
     so with ``persistent_workers=True`` the epoch does not reach them). With ``skip_bad=True`` a bad item
     returns ``None``, which ``collate_image_text`` drops and counts.
+
+    ``cache_bytes``: with an ``ImageTransform``, whose resizing is deterministic, keep every image's resized
+    pixels after its first decode when all of them fit in that many bytes (records x height x width x 3), so
+    that later epochs decode nothing (a 64-pixel PNG's decode and resize cost ~0.2 ms); 0 turns it off. The
+    items are the same either way. A forked DataLoader worker fills its own copy, which lasts as long as the
+    worker; a spawned one starts without.
     """
 
     def __init__(
@@ -218,6 +230,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         max_caption_chars: int = 1000,
         pad_id: int = 0,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        cache_bytes: int = IMAGE_CACHE_BYTES,
     ) -> None:
         _check_options(max_text_len, caption_choice, seed, max_caption_chars)
         self.records = list(records)
@@ -231,6 +244,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.pad_id = pad_id
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
+        # The cache: per record, its resized pixels once read (the arrays the transform made, not copies of them).
+        self._pixels: list[np.ndarray | None] | None = None
+        if isinstance(transform, ImageTransform):
+            height, width = transform.size
+            if len(self.records) * height * width * 3 <= cache_bytes:
+                self._pixels = [None] * len(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -259,17 +278,30 @@ class ImageTextDataset(torch.utils.data.Dataset):
         input_ids, attention_mask = _encode_caption(
             caption, record.item, self.tokenize, self.max_text_len, self.max_caption_chars, self.pad_id
         )
+        return {
+            "pixels": self._image(index, record),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "index": index,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker started by pickling (spawn) reads its images anew rather than receiving the cache.
+        return {**self.__dict__, "_pixels": None}
+
+    def _image(self, index: int, record: ImageTextRecord) -> torch.Tensor:
+        cached = None if self._pixels is None else self._pixels[index]
+        if cached is not None:
+            return self.transform.normalise(cached)
         try:
             image = load_image(record.image, max_pixels=self.max_image_pixels)
         except BadSampleError as error:
             # Name the record (manifest line) and the image file both.
             raise BadSampleError(record.item, f"image {error.item}: {error.reason}") from None
-        return {
-            "pixels": self.transform(image),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "index": index,
-        }
+        if self._pixels is None:
+            return self.transform(image)
+        pixels = self._pixels[index] = self.transform.resize(image)
+        return self.transform.normalise(pixels)
 
 
 def collate_image_text(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:

@@ -50,6 +50,9 @@ class ImageTransform:
             raise ValueError(f"mean and std need one value per RGB channel, got {self.mean} and {self.std}")
         if any(value <= 0 for value in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
+        # Made once: two small tensors per call cost as much as normalising a 64-pixel image.
+        object.__setattr__(self, "_mean", torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1))
+        object.__setattr__(self, "_std", torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -60,6 +63,10 @@ class ImageTransform:
         return (int(height), int(width))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalise(self.resize(image))
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """The first half of the transform: ``image`` in RGB at ``size``, as (H, W, 3) uint8 pixels."""
         image = to_rgb(image)
         if self.resize_mode == "shortest_crop":
             image = self._resize_and_crop(image)
@@ -68,11 +75,14 @@ class ImageTransform:
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         else:
             image = self._resize_and_pad(image)
-        array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 255.0  # (3, H, W)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (pixels - mean) / std
+        return np.array(image, dtype=np.uint8)  # a copy of PIL's read-only buffer that torch can wrap
+
+    def normalise(self, array: np.ndarray) -> torch.Tensor:
+        """The second half: (H, W, 3) uint8 pixels at ``size`` (``resize``'s) -> the normalised (3, H, W) tensor."""
+        # Torch wraps only writable arrays; the float copy leaves the array as it was.
+        pixels = torch.from_numpy(array if array.flags.writeable else array.copy())
+        pixels = pixels.permute(2, 0, 1).to(torch.float32) / 255.0
+        return (pixels - self._mean) / self._std
 
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:
         target_height, target_width = self.size
@@ -95,6 +105,8 @@ class ImageTransform:
         if (new_width, new_height) != (width, height):
             # PIL's resize widens the filter support when shrinking, i.e. it is antialiased by construction.
             image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        if (new_width, new_height) == (target_width, target_height):
+            return image
         return image.crop((left, top, left + target_width, top + target_height))
 
     def _resize_and_pad(self, image: Image.Image) -> Image.Image:

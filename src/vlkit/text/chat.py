@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer as _HFTokenizer
 
+from vlkit.text.tokenizer import Tokenizer
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
@@ -254,7 +256,9 @@ class TokenizedConversation(NamedTuple):
 def segment_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """text -> ids without any added special tokens, for vlkit's ``Tokenizer``, a ``tokenizers.Tokenizer`` or a
     transformers tokenizer (anything with ``encode(text, add_special_tokens=False)``)."""
-    backend = getattr(tokenizer, "backend", tokenizer)  # vlkit's Tokenizer wraps a tokenizers.Tokenizer
+    if isinstance(tokenizer, Tokenizer):  # remembers what it encoded
+        return tokenizer.encode_plain
+    backend = getattr(tokenizer, "backend", tokenizer)
     if isinstance(backend, _HFTokenizer):
         return lambda text: backend.encode(text, add_special_tokens=False).ids
     if callable(getattr(tokenizer, "encode", None)):
