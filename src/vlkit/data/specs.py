@@ -172,8 +172,9 @@ class ShapesText(ConfigBase):
 INSTRUCTION_KINDS = ("caption", "colour", "shape", "count", "spatial", "existence", "size", "grounding")
 # Kinds a mix holds only when it names them: the grounded description ("where are the objects?", answered with every
 # object and its box; ``shapes_vqa.instruction_items(layout=True)``). In the demo's mix it raised grounding 0.708 ->
-# 0.739 over five validation seeds with the stage 20 % slower, and not at all in the stage's old time
-# (docs/experiments.md, the forty-sixth session), so no default mix holds it.
+# 0.739 over five validation seeds with the stage 20 % slower, and not at all in the stage's old time; in
+# honeybee_d_shapes as shipped 0.694 -> 0.748 over four, with seen VQA 0.922 -> 0.911 (docs/experiments.md, the
+# forty-sixth and forty-seventh sessions). So no default mix holds it.
 EXTRA_KINDS = ("layout",)
 
 
