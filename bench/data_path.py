@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from train_step import cpu_description
-from vlkit.data.readers import ImageTextDataset
+from vlkit.data.readers import IMAGE_CACHE_BYTES, ImageTextDataset
 from vlkit.recipes import get_recipe
 from vlkit.tasks.base import RunContext, TrainingInputs
-from vlkit.tasks.vlm import ShapesInstructionDataset
+from vlkit.tasks.vlm import SCENE_CACHE, ShapesInstructionDataset
 
 
 def time_batches(dataset: Any, collate: Callable[[list[Any]], Any], batches: list[list[int]]) -> dict[str, float]:
@@ -70,7 +70,7 @@ def tower(workdir: Path, quick: bool) -> tuple[Callable[[bool], Any], TrainingIn
     def make(on: bool) -> ImageTextDataset:
         tokenize = tokenizer.encode if on else (lambda text: tokenizer.backend.encode(text).ids)
         return ImageTextDataset(base.records, base.transform, tokenize, base.max_text_len, seed=base.seed,
-                                pad_id=base.pad_id, cache_bytes=1 << 30 if on else 0)  # fmt: skip
+                                pad_id=base.pad_id, cache_bytes=IMAGE_CACHE_BYTES if on else 0)  # fmt: skip
 
     return make, inputs
 
@@ -80,7 +80,7 @@ def instruct(workdir: Path, quick: bool) -> tuple[Callable[[bool], Any], Trainin
     spec = run.training_data(stage)
 
     def make(on: bool) -> ShapesInstructionDataset:
-        dataset = ShapesInstructionDataset(spec, model, stage.train.seed, cache_scenes=1 << 14 if on else 0)
+        dataset = ShapesInstructionDataset(spec, model, stage.train.seed, cache_scenes=SCENE_CACHE if on else 0)
         if not on:
             dataset.tokenizer = model.tokenizer.backend  # the tokenizers library's, which remembers nothing
         return dataset

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -308,6 +308,13 @@ class ShapesTextDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone(), "loss_weights": answers + (1 - answers) * self.context_weight}
 
 
+class _Scene(NamedTuple):
+    """A training scene and its instruction items of the trained kinds."""
+
+    sample: shapes.ShapesSample
+    items: list[InstructionItem]
+
+
 class ShapesInstructionDataset(torch.utils.data.Dataset):
     """Scene ``index`` rendered on demand, as a conversation of ``turns`` of its items of different kinds (a seeded
     draw per epoch). The first ``cache_scenes`` scenes made are kept with their items (``SCENE_CACHE``): later
@@ -326,7 +333,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache_scenes = cache_scenes
-        self._scenes: dict[int, tuple[shapes.ShapesSample, list[InstructionItem]]] = {}
+        self._scenes: dict[int, _Scene] = {}
         # A Q-Former that reads the prompt (BLIP-2's VQA fine-tuning) gets the conversation's first question.
         self.prompt_ids = model.prompt_ids if model.config.bridge_reads_prompt else None
 
@@ -387,7 +394,7 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         question_first = self.spec.question_first > 0 and bool(rng.random() < self.spec.question_first)
         return index, sample, chosen, question_first
 
-    def _weighted_sample(self, index: int) -> tuple[int, tuple[shapes.ShapesSample, list[InstructionItem]]]:
+    def _weighted_sample(self, index: int) -> tuple[int, _Scene]:
         """Scene ``index`` (its index, sample and items), or under ``object_weights`` the first of ``index`` and
         seeded redraws that the weight of its object count keeps (rejection sampling: a scene is trained on in
         proportion to its weight; a count at the largest weight is kept without a draw, and the scene after
@@ -399,20 +406,20 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         top = max(1.0, *weights.values())
         rng = np.random.default_rng(mix_seed(_SCENE_STREAM, self.seed, self.epoch, index))
         for _ in range(_SCENE_TRIES):
-            keep = weights.get(len(scene[0].objects), 1.0) / top
+            keep = weights.get(len(scene.sample.objects), 1.0) / top
             if keep >= 1.0 or rng.random() >= 1.0 - keep:  # kept with probability `keep`
                 break
             index = int(rng.integers(self.spec.train_size))
             scene = self._scene(index)
         return index, scene
 
-    def _scene(self, index: int) -> tuple[shapes.ShapesSample, list[InstructionItem]]:
+    def _scene(self, index: int) -> _Scene:
         """Training scene ``index`` and its items of the trained kinds, made once for the first ``cache_scenes``."""
         scene = self._scenes.get(index)
         if scene is None:
             sample = shapes.generate(self.spec.config, "train", index)
             items = instruction_items(sample, self.spec.config, "train", layout="layout" in self.spec.kinds)
-            scene = (sample, [item for item in items if item.kind in self.spec.kinds])
+            scene = _Scene(sample, [item for item in items if item.kind in self.spec.kinds])
             if len(self._scenes) < self.cache_scenes:
                 self._scenes[index] = scene
         return scene
