@@ -16,6 +16,10 @@ another model (a ``honeybee_c_shapes`` run for ``--recipe honeybee_d_shapes``) l
     python bench/vlm_ablation.py --from DEMO/vlm --out OUT --recipe honeybee_d_shapes --tower DEMO/contrastive/model
         --text-seed 1 [--text-products] --steps 900 --set stages.instruct.train.schedule=wsd data.eval_split=val
 
+A stage's training settings are ``--set`` overrides as in ``vlkit train``: ``--set
+stages.instruct.train.attention_products=true`` fine-tunes with the bf16 products attention (``TrainConfig``), as the
+demo's instruct stage does on CPUs without AMX (docs/experiments.md, the forty-eighth session).
+
 ``--text-seed N`` trains every stage again, the text stage at seed N (the image tower from ``--tower``): how much the
 VLM depends on its language model's draw. ``--text-products`` trains that text stage with the language model's bf16
 products attention on (``CausalSelfAttention.bf16_products``; the later stages without): docs/experiments.md, the

@@ -234,7 +234,12 @@ def test_fine_tune_a_hugging_face_clip_with_the_image_tower_locked(tmp_path: Pat
 @pytest.mark.parametrize(
     ("cuda", "amx", "tower", "instruct"),
     [
-        (False, False, {"steps": 1600, "warmup_steps": 225}, {"steps": 900, "schedule": "wsd"}),
+        (
+            False,
+            False,
+            {"steps": 1600, "warmup_steps": 225},
+            {"steps": 1200, "schedule": "wsd", "attention_products": True},
+        ),
         (False, True, {}, {"steps": 1500, "schedule": "wsd"}),
         (True, False, {}, {"steps": 1500, "schedule": "wsd"}),
     ],
@@ -256,6 +261,7 @@ def test_demo_budgets_follow_the_machine_kind(
     overridden = recipe.with_overrides({f"stages.instruct.train.{key}": value for key, value in instruct.items()})
     assert overridden.stages[-1].train.steps == instruct["steps"]
     assert overridden.stages[-1].train.schedule == instruct.get("schedule", "cosine")
+    assert overridden.stages[-1].train.attention_products == instruct.get("attention_products", False)
     # The tower: its recipe's own budget on matrix units, fewer steps (the recipe's warmup) elsewhere.
     siglip = get_recipe("siglip_patch_shapes")
     trained = siglip.with_overrides({f"train.{key}": value for key, value in tower.items()}).stages[-1].train

@@ -201,6 +201,39 @@ def token_mean_step(weighted: bool) -> Callable[[nn.Module, dict[str, torch.Tens
     return step
 
 
+class AttentionModel(nn.Module):
+    """Tokens (B, 6, 4) -> one self-attention layer -> (B, 6, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from vlkit.layers.attention import Attention
+
+        self.embed, self.attn, self.head = nn.Linear(4, 8), Attention(8, 2), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.embed(x)))
+
+
+def test_attention_products_run_for_the_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TrainConfig.attention_products: the run's bf16 training attention takes the products path (where the CPU
+    allows it: allowed here by patching the check, so that the test means the same on every machine), the modules get
+    their class's setting back when the run ends, and without the switch the kernel runs."""
+    from vlkit.layers import attention
+
+    calls = []
+    products = attention._math_attention
+    monkeypatch.setattr(attention, "_math_on_this_cpu", lambda *args: True)
+    monkeypatch.setattr(attention, "_math_attention", lambda *args: calls.append(len(calls)) or products(*args))
+    model = AttentionModel()
+    for switch, expected in ((True, 3), (False, 0)):
+        calls.clear()
+        config = fp32_config(steps=3, precision="bf16", attention_products=switch)
+        result = Trainer(model, config, TokenDataset(), None, token_mean_step(True), tmp_path / str(switch)).fit()
+        assert len(calls) == expected
+        assert "bf16_products" not in vars(model.attn) and not model.attn.bf16_products
+        assert all(math.isfinite(record["loss"]) for record in read_log(result.log_path) if "loss" in record)
+
+
 def test_accumulated_token_means_equal_the_full_batch_mean(tmp_path: Path) -> None:
     """A loss that is a mean over a varying number of items (an LM's trained tokens) gives its count as
     StepOutput.weight: two micro-batches then train exactly as one full batch; without it they do not."""

@@ -10,6 +10,8 @@ mask and causal flag (Vaswani et al., 2017), and optional rotary tables (``vlkit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,6 +213,22 @@ def sdpa(
     with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 copies back to bf16
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
     return out.to(q.dtype)
+
+
+def allow_bf16_products(model: nn.Module) -> Callable[[], None]:
+    """Let every attention module of ``model`` that can (its class has ``bf16_products``: ``Attention``, the
+    language model's ``CausalSelfAttention``) run bf16 training as two products (``sdpa``: on CPUs without AMX that
+    have AVX-512 bf16, a no-op elsewhere), for one training run (``TrainConfig.attention_products``); returns the
+    undo, which gives each module its class's setting back."""
+    modules = [module for module in model.modules() if hasattr(type(module), "bf16_products")]
+    for module in modules:
+        module.bf16_products = True
+
+    def undo() -> None:
+        for module in modules:
+            module.__dict__.pop("bf16_products", None)
+
+    return undo
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:

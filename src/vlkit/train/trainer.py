@@ -39,6 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from vlkit.eval.result import EvalResult
+from vlkit.layers.attention import allow_bf16_products
 from vlkit.seeding import mix_seed
 from vlkit.train import distributed
 from vlkit.train.checkpoint import (
@@ -84,6 +85,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     compile: Compile = "auto"  # torch.compile of the modules that mark themselves worth it (vlkit.train.compile)
     keep_freed_memory: bool = True  # glibc keeps freed host memory for the next step (vlkit.train.host_memory)
+    # bf16 training on a CPU without AMX (AVX-512 bf16) runs attention without a mask as two bf16 products
+    # (vlkit.layers.attention.allow_bf16_products; a no-op elsewhere): 1.14x the demo VLM's instruct step on a 2-core
+    # EPYC. For stages that fine-tune a trained model: the products round the scores to bf16, and language models
+    # trained from scratch this way gave the VLM about 0.11 less VQA (docs/experiments.md, the 38th session).
+    attention_products: bool = False
     param_groups: tuple[ParamGroupRule, ...] = ()
     eval_every: int | None = None
     save_every: int | None = None
@@ -388,6 +394,7 @@ class Trainer:
         batches = self._micro_batches()
         final_eval: EvalResult | None = None
         uncompile = compile_for_training(self.module) if self.compiled else (lambda: None)
+        kernels = allow_bf16_products(self.module) if config.attention_products else (lambda: None)
         try:
             with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
@@ -412,6 +419,7 @@ class Trainer:
                 # Resumed from a finished run: report the evaluation without logging a duplicate line.
                 final_eval = self._run_evaluation()
         finally:
+            kernels()
             uncompile()
             progress.close()
             if writer is not None:
