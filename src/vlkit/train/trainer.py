@@ -394,8 +394,7 @@ class Trainer:
         progress = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and main), desc="train")
         batches = self._micro_batches()
         final_eval: EvalResult | None = None
-        uncompile = compile_for_training(self.module) if self.compiled else (lambda: None)
-        kernels = allow_bf16_products(self.module) if config.attention_products else (lambda: None)
+        undo_modes = self._training_modes()
         try:
             with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
@@ -420,8 +419,7 @@ class Trainer:
                 # Resumed from a finished run: report the evaluation without logging a duplicate line.
                 final_eval = self._run_evaluation()
         finally:
-            kernels()
-            uncompile()
+            undo_modes()
             progress.close()
             if writer is not None:
                 writer.close()
@@ -436,6 +434,21 @@ class Trainer:
             self.precision,
             self.compiled,
         )
+
+    def _training_modes(self) -> Callable[[], None]:
+        """Put the module in the run's training-only modes (its compiled blocks, the attention products of
+        ``TrainConfig.attention_products``); returns the undo, which ``fit`` calls when it ends."""
+        undos = []
+        if self.compiled:
+            undos.append(compile_for_training(self.module))
+        if self.config.attention_products:
+            undos.append(allow_bf16_products(self.module))
+
+        def undo() -> None:
+            for step in reversed(undos):
+                step()
+
+        return undo
 
     def _seed_everything(self) -> None:
         # Per-rank seeds: dropout masks must differ between ranks, and rank 0 keeps the single-process seed.
