@@ -394,7 +394,7 @@ class Trainer:
         progress = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and main), desc="train")
         batches = self._micro_batches()
         final_eval: EvalResult | None = None
-        undo_modes = self._training_modes()
+        modes = self._training_modes()
         try:
             with open(self.log_path, "a", encoding="utf-8", buffering=1) if main else _NullLog() as log:
                 while self.step < config.steps:
@@ -419,7 +419,7 @@ class Trainer:
                 # Resumed from a finished run: report the evaluation without logging a duplicate line.
                 final_eval = self._run_evaluation()
         finally:
-            undo_modes()
+            modes.close()
             progress.close()
             if writer is not None:
                 writer.close()
@@ -435,20 +435,16 @@ class Trainer:
             self.compiled,
         )
 
-    def _training_modes(self) -> Callable[[], None]:
+    def _training_modes(self) -> contextlib.ExitStack:
         """Put the module in the run's training-only modes (its compiled blocks, the attention products of
-        ``TrainConfig.attention_products``); returns the undo, which ``fit`` calls when it ends."""
-        undos = []
+        ``TrainConfig.attention_products``); closing the returned stack undoes them, last first, as ``fit`` does
+        when it ends."""
+        modes = contextlib.ExitStack()
         if self.compiled:
-            undos.append(compile_for_training(self.module))
+            modes.callback(compile_for_training(self.module))
         if self.config.attention_products:
-            undos.append(allow_bf16_products(self.module))
-
-        def undo() -> None:
-            for step in reversed(undos):
-                step()
-
-        return undo
+            modes.callback(allow_bf16_products(self.module))
+        return modes
 
     def _seed_everything(self) -> None:
         # Per-rank seeds: dropout masks must differ between ranks, and rank 0 keeps the single-process seed.
