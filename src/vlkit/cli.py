@@ -222,7 +222,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # against 0.31 (the forty-eighth session; 900 steps had read 0.845 / 0.63 with the C-Abstractor, the thirty-fourth).
 # The tower trains its recipe's 2400 steps on matrix units and 1600 (warmup 225, as the recipe's) elsewhere, where
 # 2400 would add ~155 s (the EPYC's 1600 took 314-320 s). 1600 steps hold out less: 88.75 % on average over five
-# validation seeds on the AMX Xeon against 2400's 93.1 % (the twenty-eighth session), 79.4 % over three on the EPYC.
+# validation seeds on the AMX Xeon against 2400's 93.1 % (the twenty-eighth session), 82.55 % over five on the EPYC
+# (the fiftieth). The tower keeps the fp32 attention kernel there: its steps as bf16 products were 1.20x faster, but
+# those five seeds held out 75.45 % with them.
 # The VLM: LLaVA's stages with Honeybee's D-Abstractor (16 image tokens, which train 1.3-1.7x faster than the MLP's
 # 64), referring expressions drawn four times as often. It replaced the C-Abstractor (honeybee_c_shapes) in the
 # forty-fourth session: on the demo's own tower and text-stage LM, validation split, 1000 scenes per split, five paired

@@ -88,8 +88,9 @@ class TrainConfig:
     # bf16 training on a CPU without AMX (AVX-512 bf16) runs attention without a mask as two bf16 products
     # (vlkit.layers.attention.allow_bf16_products; a no-op elsewhere): the demo VLM's instruct step 1.09-1.12x
     # faster in the trainer on a 2-core EPYC. For stages that fine-tune a trained model: the products round the
-    # scores to bf16, and language models trained from scratch this way gave the VLM about 0.11 less VQA, where
-    # fine-tuning with them cost nothing measurable (docs/experiments.md, the 38th and 48th sessions).
+    # scores to bf16, and language models trained from scratch this way gave the VLM about 0.11 less VQA, the demo's
+    # image tower 7 points less held-out zero-shot (five seeds), where fine-tuning with them cost nothing measurable
+    # (docs/experiments.md, the 38th, 48th and 50th sessions).
     attention_products: bool = False
     param_groups: tuple[ParamGroupRule, ...] = ()
     eval_every: int | None = None
