@@ -36,8 +36,14 @@ from vlkit.files import read_json
 from vlkit.hub import from_pretrained
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.recipes.base import recipe_from_dict
-from vlkit.tasks.vlm import _first_question
-from vlkit.text.chat import Conversation, Turn, segment_encoder, single_token_id, tokenize_conversation
+from vlkit.text.chat import (
+    Conversation,
+    Turn,
+    image_prompt,
+    segment_encoder,
+    single_token_id,
+    tokenize_conversation,
+)
 
 TARGETS = ("own_colour", "own_shape", "other_colour")
 CENTRE = ("centre_x", "centre_y")
@@ -130,7 +136,8 @@ def collect_answer_states(
             if not items or (one_object and len(sample.objects) != 1):
                 continue
             item = items[0]
-            turns = [Turn("user", _first_question(item.question, False)), Turn("assistant", item.answer)]
+            asked = image_prompt(config_vlm.chat_template, item.question)
+            turns = [Turn("user", asked), Turn("assistant", item.answer)]
             ids = tokenize_conversation(Conversation(turns, [sample.image]), config_vlm.chat_template, tokenizer,
                                         config_vlm.image_token_id, model.tokens_per_image()).input_ids  # fmt: skip
             start = int((ids == box_id).nonzero()[0])

@@ -320,6 +320,59 @@ def test_chat_answers_streams_and_refuses_bad_input(tiny_llava: Path, tmp_path: 
     assert "not a vision-language model" in capsys.readouterr().err
 
 
+def test_load_processor_prompts_a_trained_vlm_as_evaluation_and_chat_do(tiny_llava: Path, tmp_path: Path) -> None:
+    """``vlkit.load_processor`` on a directory ``vlkit train`` wrote: the model's own image transform and chat
+    template, so ``processor(images=..., text=question)`` is the evaluation's prompt to the token, and
+    ``model.generate(**processor(...))`` answers a batch as ``vlkit chat`` answers each question."""
+    from vlkit.data.processors import ChatProcessor
+    from vlkit.serve.chat import ChatSession, load_chat_model
+    from vlkit.text.chat import IMAGE_PLACEHOLDER
+
+    model = load_chat_model(tiny_llava / "model")
+    processor = vlkit.load_processor(tiny_llava / "model")
+    assert isinstance(processor, ChatProcessor) and processor.image_tokens == model.tokens_per_image()
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    asked = VLMEvaluation.build(recipe.data, model, max_new_tokens=4, batch_size=4).questions[:3]
+    inputs = processor(images=[q.image for q in asked], text=[q.question for q in asked])
+    assert torch.equal(inputs["pixel_values"], torch.stack([q.pixels for q in asked]))
+    for row, question in enumerate(asked):
+        mask = inputs["attention_mask"][row].bool()
+        assert torch.equal(inputs["input_ids"][row][mask], question.prompt)
+        assert mask[-len(question.prompt) :].all() and not mask[: -len(question.prompt)].any()  # padded on the left
+    out = model.generate(**inputs, max_new_tokens=4)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])
+    for number, question in enumerate(asked):
+        path = tmp_path / f"image{number}.png"
+        question.image.save(path)
+        assert answers[number] == "".join(ChatSession(model, path, max_new_tokens=4).ask(question.question)).strip()
+    # Placeholders of their own take the images in order; a text-only message has none.
+    images = [q.image for q in asked[:2]]
+    two = processor(images=images, text=f"{IMAGE_PLACEHOLDER} or {IMAGE_PLACEHOLDER}: which is red?")
+    assert int((two["input_ids"] == model.config.image_token_id).sum()) == 2 * model.tokens_per_image()
+    plain = processor(text="what is a circle?")
+    assert "pixel_values" not in plain and not (plain["input_ids"] == model.config.image_token_id).any()
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor(images=images[:1], text=f"{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER} which is red?")
+    with pytest.raises(ValueError, match=r"2 images \(or lists of images\) for 1 messages"):
+        processor(images=images, text="which is red?")
+
+
+def test_load_processor_feeds_a_trained_dual_encoder(tiny_llava: Path) -> None:
+    from PIL import Image
+
+    directory = tiny_llava / "pretrain" / "siglip_shapes" / "model"
+    model = vlkit.from_pretrained(directory).eval()
+    images = [Image.new("RGB", (48, 40), "white"), Image.new("RGB", (32, 32), "red")]
+    texts = ["a red circle", "a small blue star"]
+    inputs = vlkit.load_processor(directory)(images=images, text=texts)
+    transform = ImageTransform(image_size=model.config.vision.image_size)
+    tokens = model.tokenizer(texts)
+    with torch.no_grad():
+        expected = model.logits(torch.stack([transform(image) for image in images]), tokens.input_ids,
+                                tokens.attention_mask)  # fmt: skip
+        torch.testing.assert_close(model.logits(**inputs), expected, rtol=0, atol=0)
+
+
 def test_eval_of_a_run_directory_uses_its_recorded_task_and_data(tiny_llava: Path, tmp_path: Path) -> None:
     from vlkit import cli
 

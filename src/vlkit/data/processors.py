@@ -1,4 +1,4 @@
-"""Processors for Hugging Face model directories: images, text -> ``pixel_values``, ``input_ids``, ``attention_mask``.
+"""Processors for model directories: images, text -> ``pixel_values``, ``input_ids``, ``attention_mask``.
 
 ``load_processor(path)`` reads ``preprocessor_config.json`` (+ ``tokenizer.json``) and prepares inputs the way
 transformers' processor for that model does, so a checkpoint sees the numbers it was trained on:
@@ -25,6 +25,11 @@ transformers' processor for that model does, so a checkpoint sees the numbers it
 ``ProcessorOutput`` is a mapping of the inputs present, so ``model(**processor(...))`` and
 ``model.generate(**processor(...))`` work as with transformers.
 
+A directory vlkit wrote (``vlkit train``, ``vlkit demo``, ``save_pretrained``) gets the preprocessing its model was
+trained with: ``ImageTransform`` at the image tower's size and the directory's tokenizer. A vision-language model's
+is a ``ChatProcessor``: each text is a user's message, rendered with the model's chat template as ``vlkit chat`` and
+the evaluation render it, and ``batch_decode`` turns generated ids back into answers.
+
 The numbers follow transformers 5's PIL backend (``*ImageProcessorPil``), which ``AutoImageProcessor`` returns when
 torchvision is not installed: sizes from ``int(size * long / short)``, PIL resampling of the uint8 image, centre
 crop offsets floored (``(H - h) // 2``, zero padding when the image is smaller), rescale in float64 then float32,
@@ -47,7 +52,16 @@ from PIL import Image
 
 from vlkit.data.images import to_rgb
 from vlkit.data.packing import patchify, size_for_max_patches
-from vlkit.data.transforms import CLIP_MEAN, CLIP_STD
+from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from vlkit.text.chat import (
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    Turn,
+    decode_answer,
+    end_of_answer_ids,
+    image_prompt,
+    tokenize_prompt,
+)
 from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, read_json, read_tokenizer_directory
 
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
@@ -300,7 +314,7 @@ _OUTPUT_FIELDS = tuple(field.name for field in fields(ProcessorOutput))
 class Processor:
     """``processor(images=..., text=...)`` -> ``ProcessorOutput``; either part may be absent."""
 
-    image_processor: ImageProcessor | None = None
+    image_processor: ImageProcessor | TransformImages | None = None
     tokenizer: Tokenizer | None = None
     padding: Padding = "max_length"
 
@@ -316,7 +330,7 @@ class Processor:
             if self.image_processor is None:
                 raise ValueError("this processor has no image processor (no preprocessor_config.json)")
             batch = [images] if isinstance(images, Image.Image | np.ndarray) else list(images)
-            if self.image_processor.max_num_patches is not None:
+            if getattr(self.image_processor, "max_num_patches", None) is not None:
                 out = self.image_processor.patches(batch)
             else:
                 out.pixel_values = self.image_processor.batch(batch)
@@ -405,13 +419,8 @@ class VLMProcessor(Processor):
         if width > self.tokenizer.max_len:
             raise ValueError(f"a prompt has {width} tokens (images expanded), more than the model's "
                              f"{self.tokenizer.max_len} positions")  # fmt: skip
-        out.input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        out.attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         left = (padding_side or self.padding_side) == "left"
-        for row, ids in enumerate(encoded):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            out.input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            out.attention_mask[row, span] = 1
+        out.input_ids, out.attention_mask = _padded(encoded, self.tokenizer.pad_token_id, left)
         return out
 
 
@@ -462,17 +471,114 @@ class Blip2Processor(VLMProcessor):
         if queries + width > self.tokenizer.max_len:
             raise ValueError(f"a prompt has {queries + width} tokens (the queries included), more than the model's "
                              f"{self.tokenizer.max_len} positions")  # fmt: skip
-        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        left = (padding_side or self.padding_side) == "left"
-        for row, tokens in enumerate(encoded):
-            span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
+        ids, mask = _padded(encoded, self.tokenizer.pad_token_id, (padding_side or self.padding_side) == "left")
         prefix = torch.full((len(encoded), queries), self.image_token_id, dtype=torch.long)  # (B, M)
         out.input_ids = torch.cat([prefix, ids], dim=1)  # (B, M + T)
         out.attention_mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
         return out
+
+
+@dataclass(frozen=True)
+class TransformImages:
+    """A vlkit model's own image preprocessing (``ImageTransform``, as its training, evaluation and ``vlkit chat``
+    use it) behind the image processor's interface: one image -> (3, H, W), a list -> (B, 3, H, W)."""
+
+    transform: ImageTransform
+    max_num_patches: None = None  # never NaFlex patches
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        return self.transform(_as_pil(image))
+
+    def batch(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        return torch.stack([self(image) for image in images])
+
+
+@dataclass
+class ChatProcessor(Processor):
+    """The processor of a vision-language model vlkit trained (a ``vlkit train`` or ``vlkit demo`` directory): each
+    text is a user's message, rendered with the model's chat template and ending with the generation prompt, exactly
+    as ``vlkit chat`` and the evaluation prompt the model (``tokenize_prompt``), so that
+    ``model.generate(**processor(images=..., text=...))`` answers as they do. ``processor.batch_decode`` turns the
+    generated ids back into answers.
+
+    Images: with no ``<image>`` in any message, one image per message (or a list per message) goes in front of it,
+    as ``vlkit chat`` puts it; otherwise the ``<image>`` placeholders of the batch take the images in order. Each
+    placeholder becomes ``image_tokens`` copies of ``image_token_id``. Prompts are padded on ``padding_side`` (left by
+    default: generation appends at the right).
+    """
+
+    chat_template: str = "shapes"
+    image_token_id: int = 0
+    image_tokens: int = 1  # placeholders per image: the model's tokens_per_image()
+    stop_token_ids: tuple[int, ...] = ()  # where an answer ends: end of sequence and the template's end of turn
+    padding_side: Literal["left", "right"] = "left"
+
+    def __call__(  # type: ignore[override]
+        self,
+        images: Image.Image | np.ndarray | Sequence[Any] | None = None,
+        text: str | Sequence[str] | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> ProcessorOutput:
+        """``images``: one image, a list, or a list per message; ``text``: one message or a batch. -> ``input_ids`` /
+        ``attention_mask`` (B, T) long, ``pixel_values`` (I, 3, H, W) float32."""
+        if text is None:
+            return super().__call__(images=images)
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        messages = [text] if isinstance(text, str) else list(text)
+        per_message = self._images_per_message(images, messages)
+        out = ProcessorOutput()
+        if images is not None:
+            out = super().__call__(images=[image for group in per_message for image in group])
+        encoded = []
+        for number, (message, group) in enumerate(zip(messages, per_message, strict=True)):
+            if IMAGE_PLACEHOLDER not in message:
+                message = image_prompt(self.chat_template, message, len(group))
+            conversation = Conversation([Turn("user", message)], list(group), item=f"text[{number}]")
+            encoded.append(tokenize_prompt(conversation, self.chat_template, self.tokenizer, self.image_token_id,
+                                           self.image_tokens, max_len=self.tokenizer.max_len).tolist())  # fmt: skip
+        left = (padding_side or self.padding_side) == "left"
+        out.input_ids, out.attention_mask = _padded(encoded, self.tokenizer.pad_token_id, left)
+        return out
+
+    def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Generated ids (B, N), the prompt cut off -> each row's answer: its text before the first stop id."""
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]
+        return [decode_answer(self.tokenizer, row, self.stop_token_ids) for row in rows]
+
+    @staticmethod
+    def _images_per_message(images: Any, messages: list[str]) -> list[list[Image.Image | np.ndarray]]:
+        if images is None:
+            groups: list[list[Image.Image | np.ndarray]] = [[] for _ in messages]
+        elif any(IMAGE_PLACEHOLDER in message for message in messages):
+            flat = _flat_images(images)
+            counts = [message.count(IMAGE_PLACEHOLDER) for message in messages]
+            if sum(counts) != len(flat):
+                raise ValueError(f"the messages hold {sum(counts)} {IMAGE_PLACEHOLDER} placeholders but {len(flat)} "
+                                 "images were given; each image needs one")  # fmt: skip
+            starts = np.cumsum([0, *counts])
+            groups = [flat[start : start + count] for start, count in zip(starts, counts, strict=False)]
+        else:
+            items = [images] if isinstance(images, Image.Image | np.ndarray) else list(images)
+            if len(items) != len(messages):
+                raise ValueError(f"{len(items)} images (or lists of images) for {len(messages)} messages: give one "
+                                 f"per message, or place {IMAGE_PLACEHOLDER} in the messages")  # fmt: skip
+            groups = [_flat_images(item) for item in items]
+        return groups
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> ``input_ids`` and ``attention_mask`` (B, longest) long, padded on the left or the right."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for number, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[number, span] = torch.tensor(row, dtype=torch.long)
+        mask[number, span] = 1
+    return ids, mask
 
 
 def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
@@ -485,9 +591,13 @@ def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
 
 
 def load_processor(path: str | Path) -> Processor:
-    """The processor of a Hugging Face model directory (``preprocessor_config.json`` and/or ``tokenizer.json``); a
-    LLaVA directory's is a ``VLMProcessor``, a BLIP-2 one's a ``Blip2Processor``."""
+    """The processor of a model directory. A Hugging Face one's (``preprocessor_config.json`` and/or
+    ``tokenizer.json``) prepares inputs as transformers' processor does; a LLaVA directory's is a ``VLMProcessor``, a
+    BLIP-2 one's a ``Blip2Processor``. A vlkit directory's (``vlkit train``, ``save_pretrained``) prepares them as the
+    model was trained on: its ``ImageTransform`` and tokenizer, and for a vision-language model a ``ChatProcessor``."""
     directory = Path(path)
+    if (directory / "config.json").exists() and "vlkit_format" in read_json(directory / "config.json"):
+        return _vlkit_processor(directory)
     image_file = directory / "preprocessor_config.json"
     image_processor = (
         ImageProcessor.from_hf_dict(read_json(image_file), str(image_file)) if image_file.exists() else None
@@ -508,6 +618,29 @@ def load_processor(path: str | Path) -> Processor:
         raise FileNotFoundError(f"{directory}: neither preprocessor_config.json nor tokenizer.json")
     tokenizer, padding = loaded if loaded is not None else (None, "max_length")
     return Processor(image_processor, tokenizer, padding)
+
+
+def _vlkit_processor(directory: Path) -> Processor:
+    """A vlkit model directory's processor: ``ImageTransform`` at the image tower's size (what every vlkit task
+    trains and evaluates with) and the directory's tokenizer; a ``ChatProcessor`` for a vision-language model."""
+    from vlkit.models.base import build_model, read_vlkit_config, read_vlkit_tokenizer  # here: models import data
+
+    config = read_vlkit_config(directory)
+    tokenizer = read_vlkit_tokenizer(directory, config)
+    vision = getattr(config, "vision", None) or (config if hasattr(config, "image_size") else None)
+    images = None if vision is None else TransformImages(ImageTransform(image_size=vision.image_size))
+    if config.kind != "vlm":
+        if images is None and tokenizer is None:
+            raise FileNotFoundError(f"{directory}: a {config.kind} model without tokenizer.json has nothing to process")
+        return Processor(images, tokenizer)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json; a vision-language model's prompts need one")
+    with torch.device("meta"):  # for its image token count only: no weights are made
+        model = build_model(config)
+    stops = end_of_answer_ids(config.chat_template, tokenizer, config.lm.eos_token_ids)
+    return ChatProcessor(images, tokenizer, "longest", chat_template=config.chat_template,
+                         image_token_id=config.image_token_id, image_tokens=model.tokens_per_image(),
+                         stop_token_ids=stops)  # fmt: skip
 
 
 def _processor_settings(directory: Path) -> dict[str, Any]:

@@ -68,15 +68,37 @@ def build_model(config: Any) -> PretrainedModel:
     return MODEL_CLASSES[config.kind](config)
 
 
-def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> PretrainedModel:
+def read_vlkit_config(path: Path) -> Any:
+    """The model config of a vlkit model directory (its ``config.json``)."""
     config_file = path / "config.json"
     data = read_json(config_file)
     data.pop("vlkit_format", None)
     try:
-        config = config_from_dict(object, data)
+        return config_from_dict(object, data)
     except (ValueError, TypeError) as error:
         # A config that parses but describes no model (hand-edited, or from another vlkit version): name the file.
         raise ValueError(f"{config_file}: {error}") from None
+
+
+def read_vlkit_tokenizer(path: Path, config: Any) -> Any:
+    """The tokenizer a vlkit model directory keeps (``tokenizer.json``), or None; its length limit is the text
+    tower's, or the language model's (a VLM's ``lm``)."""
+    tokenizer_file = path / "tokenizer.json"
+    text_config = getattr(config, "text", None) or getattr(config, "lm", None) or config
+    max_len = getattr(text_config, "max_seq_len", None)
+    if not tokenizer_file.exists() or max_len is None:
+        return None
+    if (path / "tokenizer_config.json").exists():
+        from vlkit.text.tokenizer import load_tokenizer
+
+        return load_tokenizer(path, max_len=max_len)
+    from vlkit.text import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_file, max_len=max_len)
+
+
+def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> PretrainedModel:
+    config = read_vlkit_config(path)
     weights = path / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing")
@@ -111,17 +133,7 @@ def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> Pretra
             model.generation_config = GenerationConfig.from_dict(data)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{generation_file}: {error}") from None
-    tokenizer_file = path / "tokenizer.json"
-    # The tokenizer's length limit is the text tower's, or the language model's (a VLM's ``lm``).
-    text_config = getattr(config, "text", None) or getattr(config, "lm", None) or config
-    max_len = getattr(text_config, "max_seq_len", None)
-    if tokenizer_file.exists() and max_len is not None:
-        if (path / "tokenizer_config.json").exists():
-            from vlkit.text.tokenizer import load_tokenizer
-
-            model.tokenizer = load_tokenizer(path, max_len=max_len)
-        else:
-            from vlkit.text import Tokenizer
-
-            model.tokenizer = Tokenizer.from_file(tokenizer_file, max_len=max_len)
+    tokenizer = read_vlkit_tokenizer(path, config)
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
     return model

@@ -19,7 +19,7 @@ import torch
 from vlkit.data.images import load_image
 from vlkit.data.transforms import ImageTransform
 from vlkit.models.vlm import VisionLanguageModel
-from vlkit.text.chat import IMAGE_PLACEHOLDER, Conversation, Turn, end_of_answer_ids, tokenize_prompt
+from vlkit.text.chat import Conversation, Turn, end_of_answer_ids, image_prompt, tokenize_prompt
 
 # An answer's token budget for a model without decoding defaults of its own.
 CHAT_MAX_NEW_TOKENS = 64
@@ -57,7 +57,7 @@ class ChatSession:
         )
 
     def ask(self, question: str) -> Iterator[str]:
-        text = question if self.turns else f"{IMAGE_PLACEHOLDER}\n{question}"
+        text = question if self.turns else image_prompt(self.model.config.chat_template, question)
         conversation = Conversation([*self.turns, Turn("user", text)], [self.image])
         prompt = tokenize_prompt(conversation, self.model.config.chat_template, self.model.tokenizer,
                                  self.model.config.image_token_id, self.model.tokens_per_image())[None]  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -54,8 +54,10 @@ from vlkit.text.chat import (
     IMAGE_PLACEHOLDER,
     Conversation,
     Turn,
+    decode_answer,
     end_of_answer_ids,
     get_template,
+    image_prompt,
     tokenize_conversation,
     tokenize_prompt,
 )
@@ -346,7 +348,10 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index, sample, chosen, question_first = self.draw(index)
         # As many of the drawn turns as fit the LM's context; a single turn that does not fit is an error.
-        shorter = (_conversation(chosen[:count], sample.image, question_first) for count in range(len(chosen), 0, -1))
+        shorter = (
+            _conversation(chosen[:count], sample.image, question_first, self.template)
+            for count in range(len(chosen), 0, -1)
+        )
         ids, labels = _longest_that_fits(
             shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token,
                                                      self.tokens_per_image),
@@ -440,12 +445,15 @@ def _longest_that_fits(
     raise ValueError(f"{name}: {len(ids)} tokens for one turn; the LM takes {max_len}")
 
 
-def _first_question(question: str, question_first: bool) -> str:
-    return f"{question}{IMAGE_PLACEHOLDER}" if question_first else f"{IMAGE_PLACEHOLDER}{question}"
+def _first_question(question: str, question_first: bool, template: str) -> str:
+    """The first user message: the image, then the question as the template lays it out (``image_prompt``, what
+    ``vlkit chat`` asks with), or the question, then the image."""
+    return f"{question}{IMAGE_PLACEHOLDER}" if question_first else image_prompt(template, question)
 
 
-def _conversation(items: list[InstructionItem], image: Any, question_first: bool = False) -> Conversation:
-    return Conversation(turns=item_turns(items, _first_question(items[0].question, question_first)), images=[image])
+def _conversation(items: list[InstructionItem], image: Any, question_first: bool, template: str) -> Conversation:
+    first = _first_question(items[0].question, question_first, template)
+    return Conversation(turns=item_turns(items, first), images=[image])
 
 
 def _collate(
@@ -528,7 +536,7 @@ class VLMEvaluation:
                 pixels = transform(sample.image)
                 for group in by_kind.values():
                     item = group[int(rng.integers(len(group)))]
-                    question = _first_question(item.question, spec.question_first >= 0.5)
+                    question = _first_question(item.question, spec.question_first >= 0.5, model.config.chat_template)
                     asked = Conversation([Turn("user", question)], [sample.image])
                     prompt = tokenize_prompt(asked, model.config.chat_template, tokenizer, model.config.image_token_id,
                                              model.tokens_per_image())  # fmt: skip
@@ -649,12 +657,6 @@ class DescribedTextEvaluation:
                 hits.setdefault(f"text_accuracy_{kind}{suffix}", []).append(right)
                 hits.setdefault(f"text_accuracy{suffix}", []).append(right)
         return EvalResult({key: float(np.mean(values)) for key, values in sorted(hits.items())})
-
-
-def decode_answer(tokenizer: Tokenizer, ids: list[int], stop_ids: Collection[int]) -> str:
-    """The text before the first of ``stop_ids`` (an answer's end), special tokens (``<ref>``, ``<box>``) kept."""
-    end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
-    return tokenizer.backend.decode(ids[:end], skip_special_tokens=False).strip()
 
 
 def answer_is_right(question: _Question, answer: str) -> bool:

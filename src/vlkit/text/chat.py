@@ -4,6 +4,7 @@
     tokenize_conversation(conversation, template, tokenizer, image_token, tokens_per_image)
         -> TokenizedConversation(input_ids (T,), labels (T,))  labels = ids on assistant text + end-of-turn, else -100
     tokenize_prompt(...) -> input_ids (T,)                     the same segments, ending with the generation prompt
+    decode_answer(tokenizer, ids, end_of_answer_ids(...)) -> str  generated ids back to the answer's text
 
 A template is a handful of literal strings (role prefixes, end-of-turn, ...). A conversation becomes a list of
 segments, each a piece of text or one image, each marked trained-on or not; every text segment is tokenized on its
@@ -21,7 +22,7 @@ space before every segment and knows ``<bos>`` / ``<eos>``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -111,6 +112,7 @@ class ChatTemplate:
 
     ``system_format`` (with ``{system}``) wraps the system prompt, the conversation's system turn or else
     ``default_system``; None means the format has no system prompt and a system turn is an error.
+    ``image_separator`` follows an image that leads a user's message (``image_prompt``): LLaVA's ``"<image>\n"``.
     ``caption_only`` is LLaVA's ``plain`` pre-training format: one user turn and one answer, and of the user turn
     only its images are kept. ``special_tokens`` are the strings a tokenizer should hold as single tokens.
     """
@@ -126,6 +128,7 @@ class ChatTemplate:
     default_system: str = ""
     caption_only: bool = False
     special_tokens: tuple[str, ...] = ()
+    image_separator: str = "\n"
 
     def __post_init__(self) -> None:
         if not self.end_of_turn:
@@ -182,8 +185,16 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix=" assistant:",
         end_of_turn="<eos>",
         special_tokens=("<bos>", "<eos>"),
+        # The question straight after the image: this BPE spells a newline as two tokens of its own.
+        image_separator="",
     ),
 }
+
+
+def image_prompt(template: ChatTemplate | str, text: str, images: int = 1) -> str:
+    """A user's message that shows ``images`` images, then says ``text``: each ``<image>`` followed by the template's
+    ``image_separator``, as the template's models are trained (vlkit's ShapesWorld conversations, LLaVA's data)."""
+    return (IMAGE_PLACEHOLDER + get_template(template).image_separator) * images + text
 
 
 def get_template(template: ChatTemplate | str) -> ChatTemplate:
@@ -281,6 +292,13 @@ def end_of_answer_ids(template: ChatTemplate | str, tokenizer: Any, eos_ids: Seq
         single_token_id(tokenizer, get_template(template).end_of_turn),
     ]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def decode_answer(tokenizer: Tokenizer, ids: Sequence[int], stop_ids: Collection[int]) -> str:
+    """The text before the first of ``stop_ids`` (an answer's end), special tokens (``<ref>``, ``<box>``) kept."""
+    ids = list(ids)
+    end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
+    return tokenizer.backend.decode(ids[:end], skip_special_tokens=False).strip()
 
 
 def tokenize_conversation(
