@@ -314,6 +314,16 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     image = tmp_path / "scene.png"
     Image.new("RGB", (32, 32), "white").save(image)
     assert isinstance("".join(ChatSession(model, image, max_new_tokens=3).ask("what colour is the square?")), str)
+    # Saved, its processor hands the Q-Former each image's question too, so generate answers as chat does.
+    model.save_pretrained(tmp_path / "reads")
+    processor = vlkit.load_processor(tmp_path / "reads")
+    inputs = processor(images=Image.open(image), text="what colour is the square?")
+    for name, expected in zip(("qformer_input_ids", "qformer_attention_mask"),
+                              model.prompt_ids(["what colour is the square?"]), strict=True):  # fmt: skip
+        assert torch.equal(inputs[name], expected), name
+    out = model.generate(**inputs, max_new_tokens=3)
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])[0]
+    assert answer == "".join(ChatSession(model, image, max_new_tokens=3).ask("what colour is the square?")).strip()
 
 
 def test_honeybee_c_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp_path: Path) -> None:

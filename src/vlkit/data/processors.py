@@ -289,6 +289,8 @@ class ProcessorOutput(Mapping[str, torch.Tensor]):
     attention_mask: torch.Tensor | None = None  # (B, T) long, 1 = real token
     pixel_attention_mask: torch.Tensor | None = None  # (B, L) int32, NaFlex: 1 = real patch
     spatial_shapes: torch.Tensor | None = None  # (B, 2) long, NaFlex: (rows, cols) of each image's patch grid
+    qformer_input_ids: torch.Tensor | None = None  # (I, T) long: each image's prompt, for a Q-Former that reads it
+    qformer_attention_mask: torch.Tensor | None = None  # (I, T) long, 1 = real token
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The inputs that are present, by name (e.g. for a transformers model's ``**inputs``)."""
@@ -512,6 +514,8 @@ class ChatProcessor(Processor):
     image_tokens: int = 1  # placeholders per image: the model's tokens_per_image()
     stop_token_ids: tuple[int, ...] = ()  # where an answer ends: end of sequence and the template's end of turn
     padding_side: Literal["left", "right"] = "left"
+    # A Q-Former that reads each image's prompt (``VLMConfig.bridge_reads_prompt``): its text length, else None.
+    qformer_max_len: int | None = None
 
     def __call__(  # type: ignore[override]
         self,
@@ -539,6 +543,14 @@ class ChatProcessor(Processor):
                                            self.image_tokens, max_len=self.tokenizer.max_len).tolist())  # fmt: skip
         left = (padding_side or self.padding_side) == "left"
         out.input_ids, out.attention_mask = _padded(encoded, self.tokenizer.pad_token_id, left)
+        if self.qformer_max_len is not None and images is not None:
+            from vlkit.models.vlm import qformer_prompt_ids  # here: models import data
+
+            # Each image's prompt is its message's words, as the evaluation and vlkit chat hand them to the Q-Former.
+            words = [message.replace(IMAGE_PLACEHOLDER, "").strip() for message in messages]
+            prompts = [text for text, group in zip(words, per_message, strict=True) for _ in group]
+            read = qformer_prompt_ids(self.tokenizer, prompts, self.qformer_max_len)
+            out.qformer_input_ids, out.qformer_attention_mask = read
         return out
 
     def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
@@ -638,9 +650,10 @@ def _vlkit_processor(directory: Path) -> Processor:
     with torch.device("meta"):  # for its image token count only: no weights are made
         model = build_model(config)
     stops = end_of_answer_ids(config.chat_template, tokenizer, config.lm.eos_token_ids)
+    reads = config.bridge.max_seq_len if config.bridge_reads_prompt else None
     return ChatProcessor(images, tokenizer, "longest", chat_template=config.chat_template,
                          image_token_id=config.image_token_id, image_tokens=model.tokens_per_image(),
-                         stop_token_ids=stops)  # fmt: skip
+                         stop_token_ids=stops, qformer_max_len=reads)  # fmt: skip
 
 
 def _processor_settings(directory: Path) -> dict[str, Any]:

@@ -214,11 +214,7 @@ class VisionLanguageModel(PretrainedModel):
         Q-Former's ``max_seq_len``."""
         if self.tokenizer is None:
             raise ValueError("prompt_ids needs the model's tokenizer")
-        limit = self.config.bridge.max_seq_len  # type: ignore[union-attr]
-        rows = [torch.tensor(self.tokenizer.encode(text)[:limit], dtype=torch.long) for text in prompts]
-        ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-        mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
-        return ids, mask
+        return qformer_prompt_ids(self.tokenizer, prompts, self.config.bridge.max_seq_len)  # type: ignore[union-attr]
 
     def embed_image(
         self,
@@ -319,6 +315,15 @@ class VisionLanguageModel(PretrainedModel):
 
     def _vision_dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
+
+
+def qformer_prompt_ids(tokenizer: Any, prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt text per image -> ``qformer_input_ids`` and ``qformer_attention_mask`` (I, T) long: each text
+    tokenized as the Q-Former's stage-1 text, cut at ``max_len`` tokens, right-padded."""
+    rows = [torch.tensor(tokenizer.encode(text)[:max_len], dtype=torch.long) for text in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+    mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
+    return ids, mask
 
 
 def _with_newlines(out: BridgeOutput, newline: torch.Tensor) -> BridgeOutput:
