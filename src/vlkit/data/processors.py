@@ -548,7 +548,7 @@ class ChatProcessor(Processor):
 
             # Each image's prompt is its message's words, as the evaluation and vlkit chat hand them to the Q-Former.
             words = [message.replace(IMAGE_PLACEHOLDER, "").strip() for message in messages]
-            prompts = [text for text, group in zip(words, per_message, strict=True) for _ in group]
+            prompts = [said for said, group in zip(words, per_message, strict=True) for _ in group]
             read = qformer_prompt_ids(self.tokenizer, prompts, self.qformer_max_len)
             out.qformer_input_ids, out.qformer_attention_mask = read
         return out
