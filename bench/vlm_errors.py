@@ -13,7 +13,7 @@ Referring expressions are judged as the grounding metric judges them (IoU >= 0.5
 and a line per split says where the parsed boxes err, as the median and mean distance of the box centre along x and
 along y and of the width and height from the true box, in the [0, 1000) coordinates the model writes, and the
 correlation of the predicted with the true centre along each axis. The README's
-"The image tower, trained patch by patch" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
+"Where the column is lost" reads ``llava_shapes``' misplaced boxes off it (right size and row, wrong
 column). A second line per split tells a box on the wrong object from a box on none: the answers at IoU >= 0.5 with
 the referred object, with any object of the scene, and on the scenes of one object (nothing to bind), and how often
 the object whose centre is nearest the box's is the referred one. The experiment log's BLIP-2 section of the

@@ -24,32 +24,32 @@ The two LM stages report what the LM answers from a layout in its context (``Des
 ``text_accuracy_<kind>``, box copying as ``text_accuracy_grounding``); the Q-Former stage reports retrieval, the two
 after it the VLM's evaluation.
 
-Measured on the AMX Xeon (README, "BLIP-2"; one run each on one tower): with the 300-step plain text stage and stage 2
-on the instruction mix alone the frozen-LM model answered at VQA 0.363; the layout text stage took it to 0.543; stage 2
-on captions first to 0.767 (0.731 zero-shot after the captions alone), colour from 0.15 to 0.81; the read stage to
-0.776 (0.805 zero-shot, counting 0.70 -> 0.90 after the captions). On the 2400-step tower the instruction stage at
-stage 2's 1e-3 lowered VQA from 0.742 zero-shot to 0.664; at 3e-4 (chosen on the validation split) it reads 0.808.
-Grounding stays near 0 (0.04-0.11): captions carry no boxes, and the frozen LM copies none from the Q-Former.
-Neither the tower read before its last block (BLIP-2's choice) or at layer 2, nor 32 queries, nor a 4000-step read
-stage answered better on validation (0.779-0.839 against 0.809-0.821 over two instruct seeds; one or two runs each).
-Three seeds of the Q-Former stages on one tower and LM read 0.802-0.822 on validation (mean 0.815); a position table on
-the image tokens (0.804 over three seeds), 64 queries (0.809; spatial 0.71 against 0.61), cross-attention in every
-layer (0.751), a Q-Former as wide as the LM (0.548), and in the instruction stage grounding drawn four times as often,
-the tower trained at 0.1x or 1600 steps (0.793-0.796) did not raise it (the thirty-first session,
-docs/experiments.md). Stage 2 on grounded descriptions as well (the ``layout`` kind, every object with its box) left
-grounding at 0.084-0.092 against 0.088 and cost VQA (0.809-0.836 against 0.873, validation): a probe reads a lone
-object's centre from the Q-Former's tokens at R^2 0.98 / 0.94, and from the frozen LM's state before it writes the box
-at 0.21 / 0.03 (the forty-fifth session, docs/experiments.md).
+Measured on the AMX Xeon (docs/experiments.md, "The README's vision-language sections"; one run each on one tower): with
+the 300-step plain text stage and stage 2 on the instruction mix alone the frozen-LM model answered at VQA 0.363; the
+layout text stage took it to 0.543; stage 2 on captions first to 0.767 (0.731 zero-shot after the captions alone),
+colour from 0.15 to 0.81; the read stage to 0.776 (0.805 zero-shot, counting 0.70 -> 0.90 after the captions). On the
+2400-step tower the instruction stage at stage 2's 1e-3 lowered VQA from 0.742 zero-shot to 0.664; at 3e-4 (chosen on
+the validation split) it reads 0.808. Grounding stays near 0 (0.04-0.11): captions carry no boxes, and the frozen LM
+copies none from the Q-Former. Neither the tower read before its last block (BLIP-2's choice) or at layer 2, nor 32
+queries, nor a 4000-step read stage answered better on validation (0.779-0.839 against 0.809-0.821 over two instruct
+seeds; one or two runs each). Three seeds of the Q-Former stages on one tower and LM read 0.802-0.822 on validation
+(mean 0.815); a position table on the image tokens (0.804 over three seeds), 64 queries (0.809; spatial 0.71 against
+0.61), cross-attention in every layer (0.751), a Q-Former as wide as the LM (0.548), and in the instruction stage
+grounding drawn four times as often, the tower trained at 0.1x or 1600 steps (0.793-0.796) did not raise it (the
+thirty-first session, docs/experiments.md). Stage 2 on grounded descriptions as well (the ``layout`` kind, every object
+with its box) left grounding at 0.084-0.092 against 0.088 and cost VQA (0.809-0.836 against 0.873, validation): a probe
+reads a lone object's centre from the Q-Former's tokens at R^2 0.98 / 0.94, and from the frozen LM's state before it
+writes the box at 0.21 / 0.03 (the forty-fifth session, docs/experiments.md).
 
-``honeybee_c_shapes`` and ``honeybee_d_shapes`` are ``llava_shapes`` (its stages: text, align, instruct, and its
-reading of the tower's layer 2) with Honeybee's locality-preserving bridges (Cha et al., 2023) in place of the MLP:
-the C-Abstractor (``shapes_honeybee_c``) and the D-Abstractor (``shapes_honeybee_d``), each with M = 16 output tokens
-(4 x 4 from the tower's 8 x 8), and the same 1800 instruct steps: 16 bridge tokens make their step 1.3-1.7x cheaper
-than the MLP's 64. Reading the tower's last layer, 1800 steps took ``honeybee_c_shapes`` to VQA 0.89-0.93 and
-grounding acc@0.5 0.64-0.73 (three runs); reading layer 2 it stood at 0.925 / 0.73 at step 1200 and 0.927 / 0.73 at
-1800 (README, "Where the column is lost"). ``honeybee_d_shapes`` draws referring expressions four times as often as
-another kind (``GROUNDING_WEIGHTED``), which steadied its grounding over seeds, as ``llava_shapes`` now does;
-``honeybee_c_shapes`` keeps the unweighted mix.
+``honeybee_c_shapes`` and ``honeybee_d_shapes`` are ``llava_shapes`` (its stages: text, align, instruct, and its reading
+of the tower's layer 2) with Honeybee's locality-preserving bridges (Cha et al., 2023) in place of the MLP: the
+C-Abstractor (``shapes_honeybee_c``) and the D-Abstractor (``shapes_honeybee_d``), each with M = 16 output tokens (4 x 4
+from the tower's 8 x 8), and the same 1800 instruct steps: 16 bridge tokens make their step 1.3-1.7x cheaper than the
+MLP's 64. Reading the tower's last layer, 1800 steps took ``honeybee_c_shapes`` to VQA 0.89-0.93 and grounding acc@0.5
+0.64-0.73 (three runs); reading layer 2 it stood at 0.925 / 0.73 at step 1200 and 0.927 / 0.73 at 1800
+(docs/experiments.md, "The README's vision-language sections"). ``honeybee_d_shapes`` draws referring expressions four
+times as often as another kind (``GROUNDING_WEIGHTED``), which steadied its grounding over seeds, as ``llava_shapes``
+now does; ``honeybee_c_shapes`` keeps the unweighted mix.
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ small Llama-style LM):
 - ``align``: feature alignment, the bridge alone on captions (image tower and LM frozen); the image tower starts
   from a ShapesWorld contrastive run (``recipe:siglip_patch_shapes``, trained first into ``OUT/pretrain`` unless
   given);
-- ``instruct``: bridge and LM on the instruction mix (captions, questions of every kind, referring expressions
-  answered with a box), the image tower still frozen. 1800 steps: reading the tower's last layer, three 1800-step
-  runs reached VQA 0.90-0.93 in two and grounding acc@0.5 0.61 in one (0.36-0.48 in the others), where 1200 steps
-  left them at 0.89 / 0.32 (README, "The image tower, trained patch by patch"); reading its layer 2, as the recipe now
-  does, two runs stood at 0.81-0.90 / 0.38-0.45 at 1200 steps and ended at 0.914-0.915 / 0.59-0.60 (README, "Where the
-  column is lost"), and three more at 0.895-0.921 / 0.38-0.43. Referring expressions drawn four times as often as
-  another kind (``GROUNDING_WEIGHTED``, chosen on the validation split) took those three seeds to 0.919-0.925 /
-  0.61-0.73. The demo and the bridges bench train fewer to fit their time budgets.
+- ``instruct``: bridge and LM on the instruction mix (captions, questions of every kind, referring expressions answered
+  with a box), the image tower still frozen. 1800 steps: reading the tower's last layer, three 1800-step runs reached
+  VQA 0.90-0.93 in two and grounding acc@0.5 0.61 in one (0.36-0.48 in the others), where 1200 steps left them at 0.89 /
+  0.32; reading its layer 2, as the recipe now does, two runs stood at 0.81-0.90 / 0.38-0.45 at 1200 steps and ended at
+  0.914-0.915 / 0.59-0.60, and three more at 0.895-0.921 / 0.38-0.43 (docs/experiments.md, "The README's vision-language
+  sections, to the fifty-first session"). Referring expressions drawn four times as often as another kind
+  (``GROUNDING_WEIGHTED``, chosen on the validation split) took those three seeds to 0.919-0.925 / 0.61-0.73. The demo
+  and the bridges bench train fewer to fit their time budgets.
 
 The model is ``shapes_llava`` with one override, ``feature_layer=2``, which the Honeybee recipes (this recipe with
 another bridge) inherit; the bridges bench clears it, so that its rows read the presets' last layer as they were
