@@ -18,10 +18,10 @@ small Llama-style LM):
   (``GROUNDING_WEIGHTED``, chosen on the validation split) took those three seeds to 0.919-0.925 / 0.61-0.73. The demo
   and the bridges bench train fewer to fit their time budgets.
 
-On a 2-core CPU without AMX (the AVX-512 EPYC) the recipe takes 15.6-16.2 minutes given the tower; with the language
+On a 2-core CPU without AMX (the AVX-512 EPYC) the recipe takes 15.6-17.3 minutes given the tower; with the language
 model's attention as bf16 products in the instruct stage (``--set stages.instruct.train.attention_products=true``)
-14.3-14.5, with validation VQA 0.902 against 0.900 and grounding 0.780 against 0.750 over two seeds, but 0.010 less
-held-out VQA, so it is not the default (docs/experiments.md, the fifty-second session).
+14.3-15.4, with validation VQA 0.902 against 0.900 and grounding 0.780 against 0.750 over seeds 0 and 1, but 0.010
+less held-out VQA, so it is not the default (docs/experiments.md, the fifty-second session).
 
 The model is ``shapes_llava`` with one override, ``feature_layer=2``, which the Honeybee recipes (this recipe with
 another bridge) inherit; the bridges bench clears it, so that its rows read the presets' last layer as they were
