@@ -320,6 +320,12 @@ class Processor:
     tokenizer: Tokenizer | None = None
     padding: Padding = "max_length"
 
+    def text_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a clear error when the directory had none."""
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        return self.tokenizer
+
     def __call__(
         self,
         images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None,
@@ -337,9 +343,7 @@ class Processor:
             else:
                 out.pixel_values = self.image_processor.batch(batch)
         if text is not None:
-            if self.tokenizer is None:
-                raise ValueError("this processor has no tokenizer (no tokenizer.json)")
-            tokens = self.tokenizer(text)
+            tokens = self.text_tokenizer()(text)
             ids, mask = tokens.input_ids, tokens.attention_mask
             if self.padding == "longest":
                 length = int(mask.sum(dim=1).max())
@@ -403,8 +407,7 @@ class VLMProcessor(Processor):
             counts = [self.tokens_per_image(pixels) for pixels in out.pixel_values]
         if text is None:
             return out
-        if self.tokenizer is None:
-            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        tokenizer = self.text_tokenizer()
         prompts = [text] if isinstance(text, str) else list(text)
         placeholders = sum(prompt.count(self.image_token) for prompt in prompts)
         if placeholders != len(counts):
@@ -416,13 +419,13 @@ class VLMProcessor(Processor):
                     for k, part in enumerate(prompt.split(self.image_token)))
             for prompt in prompts
         ]  # fmt: skip
-        encoded = [encoding.ids for encoding in self.tokenizer.backend.encode_batch(expanded)]
+        encoded = [encoding.ids for encoding in tokenizer.backend.encode_batch(expanded)]
         width = max(len(ids) for ids in encoded)
-        if width > self.tokenizer.max_len:
+        if width > tokenizer.max_len:
             raise ValueError(f"a prompt has {width} tokens (images expanded), more than the model's "
-                             f"{self.tokenizer.max_len} positions")  # fmt: skip
+                             f"{tokenizer.max_len} positions")  # fmt: skip
         left = (padding_side or self.padding_side) == "left"
-        out.input_ids, out.attention_mask = _padded(encoded, self.tokenizer.pad_token_id, left)
+        out.input_ids, out.attention_mask = _padded(encoded, tokenizer.pad_token_id, left)
         return out
 
 
@@ -462,18 +465,17 @@ class Blip2Processor(VLMProcessor):
             out.pixel_values = self.image_processor.batch(flat)  # (B, 3, H, W)
         if text is None:
             return out
-        if self.tokenizer is None:
-            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        tokenizer = self.text_tokenizer()
         prompts = [text] if isinstance(text, str) else list(text)
         if images is not None and len(flat) != len(prompts):
             raise ValueError(f"{len(flat)} images for {len(prompts)} prompts: BLIP-2 takes one image per prompt")
-        encoded = [encoding.ids for encoding in self.tokenizer.backend.encode_batch(prompts)]
+        encoded = [encoding.ids for encoding in tokenizer.backend.encode_batch(prompts)]
         width = max(len(ids) for ids in encoded)
         queries = self.num_query_tokens if images is not None else 0
-        if queries + width > self.tokenizer.max_len:
+        if queries + width > tokenizer.max_len:
             raise ValueError(f"a prompt has {queries + width} tokens (the queries included), more than the model's "
-                             f"{self.tokenizer.max_len} positions")  # fmt: skip
-        ids, mask = _padded(encoded, self.tokenizer.pad_token_id, (padding_side or self.padding_side) == "left")
+                             f"{tokenizer.max_len} positions")  # fmt: skip
+        ids, mask = _padded(encoded, tokenizer.pad_token_id, (padding_side or self.padding_side) == "left")
         prefix = torch.full((len(encoded), queries), self.image_token_id, dtype=torch.long)  # (B, M)
         out.input_ids = torch.cat([prefix, ids], dim=1)  # (B, M + T)
         out.attention_mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
@@ -527,8 +529,7 @@ class ChatProcessor(Processor):
         ``attention_mask`` (B, T) long, ``pixel_values`` (I, 3, H, W) float32."""
         if text is None:
             return super().__call__(images=images)
-        if self.tokenizer is None:
-            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        tokenizer = self.text_tokenizer()
         messages = [text] if isinstance(text, str) else list(text)
         per_message = self._images_per_message(images, messages)
         out = ProcessorOutput()
@@ -539,26 +540,25 @@ class ChatProcessor(Processor):
             if IMAGE_PLACEHOLDER not in message:
                 message = image_prompt(self.chat_template, message, len(group))
             conversation = Conversation([Turn("user", message)], list(group), item=f"text[{number}]")
-            encoded.append(tokenize_prompt(conversation, self.chat_template, self.tokenizer, self.image_token_id,
-                                           self.image_tokens, max_len=self.tokenizer.max_len).tolist())  # fmt: skip
+            encoded.append(tokenize_prompt(conversation, self.chat_template, tokenizer, self.image_token_id,
+                                           self.image_tokens, max_len=tokenizer.max_len).tolist())  # fmt: skip
         left = (padding_side or self.padding_side) == "left"
-        out.input_ids, out.attention_mask = _padded(encoded, self.tokenizer.pad_token_id, left)
+        out.input_ids, out.attention_mask = _padded(encoded, tokenizer.pad_token_id, left)
         if self.qformer_max_len is not None and images is not None:
             from vlkit.models.vlm import qformer_prompt_ids  # here: models import data
 
             # Each image's prompt is its message's words, as the evaluation and vlkit chat hand them to the Q-Former.
             words = [message.replace(IMAGE_PLACEHOLDER, "").strip() for message in messages]
             prompts = [said for said, group in zip(words, per_message, strict=True) for _ in group]
-            read = qformer_prompt_ids(self.tokenizer, prompts, self.qformer_max_len)
+            read = qformer_prompt_ids(tokenizer, prompts, self.qformer_max_len)
             out.qformer_input_ids, out.qformer_attention_mask = read
         return out
 
     def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Generated ids (B, N), the prompt cut off -> each row's answer: its text before the first stop id."""
-        if self.tokenizer is None:
-            raise ValueError("this processor has no tokenizer (no tokenizer.json)")
+        tokenizer = self.text_tokenizer()
         rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]
-        return [decode_answer(self.tokenizer, row, self.stop_token_ids) for row in rows]
+        return [decode_answer(tokenizer, row, self.stop_token_ids) for row in rows]
 
     @staticmethod
     def _images_per_message(images: Any, messages: list[str]) -> list[list[Image.Image | np.ndarray]]:
