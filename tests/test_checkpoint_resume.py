@@ -90,6 +90,21 @@ def test_leftover_temp_dir_is_ignored_and_old_checkpoints_pruned(tmp_path: Path)
     assert load_latest(tmp_path / "nowhere") is None
 
 
+def test_pruning_keeps_the_checkpoint_just_written_after_an_older_resume(tmp_path: Path) -> None:
+    """A run resumed from step 100 because step 200 was damaged: saving step 150 keeps step 150 (and 100, within
+    keep_checkpoints) and prunes the abandoned step 200, so the newest intact checkpoint is the one just written."""
+    model, optimizer = trained_pair()
+    for step in (100, 200):
+        save_checkpoint(tmp_path, step, model, optimizer, {}, keep_checkpoints=2)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000200" / "model.safetensors").write_bytes(b"damaged")
+    save_checkpoint(tmp_path, 150, model, optimizer, {}, keep_checkpoints=2)
+    assert sorted(path.name for path in root.glob("step_*")) == ["step_00000100", "step_00000150"]
+    save_checkpoint(tmp_path, 160, model, optimizer, {}, keep_checkpoints=1)
+    assert sorted(path.name for path in root.glob("step_*")) == ["step_00000160"]
+    assert load_latest(tmp_path) == root / "step_00000160"
+
+
 class IndexedDataset(Dataset):
     """Returns each sample's index and records the epochs the trainer announces."""
 
@@ -144,6 +159,33 @@ def test_crashed_run_resumes_the_data_order(tmp_path: Path, sampler_factory: obj
     assert full_epochs == [0, 1, 2] and resumed_epochs == [1, 2]
     for epoch_start in (0, 6):
         assert sorted(index for batch in full[epoch_start : epoch_start + 6] for index in batch) == list(range(12))
+
+
+def test_resume_takes_the_configs_learning_rate_and_weight_decay(tmp_path: Path) -> None:
+    """Resuming with a lower lr (what the non-finite-loss error advises) trains at that lr, with the moments kept;
+    the unchanged config resumes at the checkpoint's values."""
+
+    def trainer(lr: float, steps: int, weight_decay: float) -> Trainer:
+        config = TrainConfig(steps=steps, batch_size=4, lr=lr, weight_decay=weight_decay, schedule="constant",
+                             warmup_steps=0, save_every=2, precision="fp32", progress=False)  # fmt: skip
+
+        def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+            return StepOutput(loss=model(batch["x"]).pow(2).mean())
+
+        torch.manual_seed(0)
+        return Trainer(nn.Linear(4, 1), config, IndexedDataset(12), None, step_fn, tmp_path)
+
+    trainer(1e-2, 2, weight_decay=0.05).fit()
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        resumed = trainer(1e-4, 4, weight_decay=0.1)
+        resumed.fit(resume=True)
+    groups = resumed.optimizer.param_groups
+    assert [group["lr"] for group in groups] == [pytest.approx(1e-4)] * 2
+    assert [group["initial_lr"] for group in groups] == resumed.scheduler.base_lrs == [pytest.approx(1e-4)] * 2
+    assert max(group["weight_decay"] for group in groups) == pytest.approx(0.1)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in logged if "lr" in record][-2:] == [3, 4]
+    assert all(record["lr"] == pytest.approx(1e-4) for record in logged if record.get("step", 0) > 2 and "lr" in record)
 
 
 RUN_SCRIPT = """

@@ -241,8 +241,14 @@ def _publish(root: Path, temporary: Path, final: Path, keep_checkpoints: int) ->
     os.replace(temporary, final)
     _fsync_path(root)
     write_text_atomic(root / LATEST_FILENAME, final.name + "\n")
-    for _, old in sorted(_step_dirs(root))[:-keep_checkpoints]:
-        shutil.rmtree(old)
+    # Keep this checkpoint and the newest older ones. Steps past this one belong to a timeline the run left (it
+    # resumed from an older checkpoint because the newer ones were damaged): pruned first, never this one.
+    current = int(final.name[len(_STEP_PREFIX) :])
+    older = sorted(entry for entry in _step_dirs(root) if entry[0] < current)
+    kept = {final, *(path for _, path in (older[-(keep_checkpoints - 1) :] if keep_checkpoints > 1 else []))}
+    for _, old in list(_step_dirs(root)):
+        if old not in kept:
+            shutil.rmtree(old)
 
 
 def _write_trainer_state(

@@ -319,6 +319,10 @@ class Trainer:
             min_lr_ratio=config.min_lr_ratio,
         )
         self.scheduler = LambdaLR(self.optimizer, self.lr_factor)
+        # Each group's hyperparameters as this run's config sets them; a resume puts them back over the checkpoint's.
+        self._configured_groups = [
+            {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
+        ]
 
         self.dataset = dataset
         self.sampler = None if self.streaming else (sampler_factory or _default_sampler)(dataset_length, config.seed)
@@ -746,6 +750,13 @@ class Trainer:
         self.train_seconds = float(state["train_seconds"])
         lr_lambdas = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lr_lambdas})
+        # The optimizer's moments carry over; its learning rates, weight decay and betas are this run's config's, as
+        # the schedule's shape is, so that resuming with a lower lr (the non-finite-loss error's advice) takes effect.
+        # With the config unchanged every value is the checkpoint's, to the bit.
+        for group, configured in zip(self.optimizer.param_groups, self._configured_groups, strict=True):
+            group.update(configured)
+            group["lr"] = group["initial_lr"] * self.lr_factor(self.step)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint, so the resumed log equals an uninterrupted one."""
