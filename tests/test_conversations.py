@@ -132,6 +132,16 @@ def test_skip_bad_counts_every_bad_entry(folder: Path) -> None:
         read_conversations(path)
 
 
+def test_an_image_path_the_system_refuses_is_a_bad_item_not_a_crash(folder: Path) -> None:
+    path = folder / "long.json"
+    entry = {"image": "x" * 300 + ".png", "conversations": [{"from": "human", "value": "<image>"},
+                                                           {"from": "gpt", "value": "a"}]}  # fmt: skip
+    path.write_text(json.dumps([entry]))
+    assert len(read_conversations(path, skip_bad=True).skipped) == 1
+    with pytest.raises(BadSampleError, match=rf"{path}\[0\]: image .*xxx.png: File name too long"):
+        read_conversations(path)
+
+
 def test_a_broken_json_list_is_one_error_even_when_skipping(folder: Path) -> None:
     path = folder / "data.json"
     path.write_text('[{"conversations": []},\n {"id": ')

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -576,6 +577,15 @@ def test_question_first_puts_the_first_question_before_the_image(tiny_llava: Pat
     assert layouts == {0.0: {False}, 0.5: {False, True}, 1.0: {True}}
     with pytest.raises(ValueError, match="question_first is a probability"):
         dataclasses.replace(recipe.data, question_first=1.5)
+
+
+def test_a_scene_with_nothing_of_the_trained_kinds_is_a_clear_error(tiny_llava: Path) -> None:
+    recipe = get_recipe("llava_shapes").with_overrides(TINY_VLM)
+    model = vlkit.from_pretrained(tiny_llava / "model")
+    config = dataclasses.replace(recipe.data.config, min_objects=1, max_objects=1)
+    spec = dataclasses.replace(recipe.data, config=config, kinds=("spatial",), kind_weights=())
+    with pytest.raises(ValueError, match=re.escape("train scene 0 (1 objects) has nothing of the kinds ['spatial']")):
+        ShapesInstructionDataset(spec, model, seed=0)[0]
 
 
 def test_kind_weights_draw_the_weighted_kind_more_often(tiny_llava: Path) -> None:

@@ -36,6 +36,8 @@ from vlkit.eval.vqa import normalise_answer, vqa_accuracy
         ("-1", "-1"),
         ("+3.", "+3"),
         ("2.5", "2.5"),
+        ("Café.", "café"),  # letters of every script are kept, not taken for punctuation
+        ("红色", "红色"),
     ],
 )
 def test_normalise_answer(text: str, normalised: str) -> None:
@@ -172,6 +174,11 @@ def test_layout_accuracy_needs_the_right_name_and_box_and_uses_each_part_once() 
     # part already used).
     assert result.named == pytest.approx(5 / 9)
     assert result.as_dict() == {"layout_acc50": result.accuracy, "layout_named": result.named}
+    # Two objects of one name: the part placed on the second counts, whichever the layout lists first.
+    other = ("small red circle", (500, 500, 600, 600))
+    swapped = "a small red circle <box>(500,500),(600,600)</box> and a small red circle <box>(0,0),(50,50)</box>"
+    assert layout_accuracy([swapped], [[red, other]]).accuracy == 0.5
+    assert layout_accuracy([swapped], [[other, red]]).accuracy == 0.5
     with pytest.raises(ValueError, match="2 predictions but 1 targets"):
         layout_accuracy(["", ""], [[red]])
     with pytest.raises(ValueError, match="no layout targets"):

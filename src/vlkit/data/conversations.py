@@ -128,7 +128,11 @@ def _conversation(entry: Any, item: str, folder: Path, check_images: bool) -> Co
     images = [_resolve_image_path(image, folder) for image in _image_list(entry.get("image"), item)]
     if check_images:
         for image in images:
-            if not Path(image).is_file():
+            try:
+                found = Path(image).is_file()
+            except OSError as error:  # a name too long, a folder that may not be read: the item's fault, named
+                raise BadSampleError(item, f"image {image}: {error.strerror or error}") from error
+            if not found:
                 raise BadSampleError(item, f"image file not found: {image}")
     turns = _turns(entry, item)
     meta = {key: value for key, value in entry.items() if key not in ("id", "image", "conversations")}

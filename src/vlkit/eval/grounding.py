@@ -14,6 +14,7 @@ corners), out-of-range or zero-area box is a miss; nothing in a model's output c
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,13 +142,28 @@ def layout_accuracy(
     hits = named = 0
     for prediction, objects in zip(predictions, targets, strict=True):
         parts = parse_layout(prediction)
-        for name, box in objects:
-            same = [k for k, (part, _) in enumerate(parts) if part == name]
-            named += bool(same)
-            placed = [k for k in same if box_iou(parts[k][1], box) >= threshold]
-            if placed:
-                hits += 1
-                parts.pop(placed[0])
-            elif same:
-                parts.pop(same[0])
+        # Parts and objects are paired one to one, as many as can be, whatever order the layout lists them in: by
+        # name for `named`, by name and box for the hits.
+        predicted, true = Counter(part for part, _ in parts), Counter(name for name, _ in objects)
+        named += sum(min(count, predicted[name]) for name, count in true.items())
+        placed = [[k for k, (part, guess) in enumerate(parts) if part == name and box_iou(guess, box) >= threshold]
+                  for name, box in objects]  # fmt: skip
+        hits += _most_pairs(placed)
     return LayoutResult(hits / total, named / total, threshold, total)
+
+
+def _most_pairs(options: list[list[int]]) -> int:
+    """The largest number of items paired each with a distinct option of its own (``options[i]``: item i's), by
+    augmenting paths (Kuhn's algorithm; a scene has a few objects)."""
+    owner: dict[int, int] = {}
+
+    def take(item: int, tried: set[int]) -> bool:
+        for option in options[item]:
+            if option not in tried:
+                tried.add(option)
+                if option not in owner or take(owner[option], tried):
+                    owner[option] = item
+                    return True
+        return False
+
+    return sum(take(item, set()) for item in range(len(options)))

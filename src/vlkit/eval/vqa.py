@@ -16,8 +16,9 @@ from dataclasses import dataclass
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
 NUMBER_WORDS: dict[str, str] = {word: str(number) for number, word in enumerate(_NUMBERS)}
 _ARTICLES = frozenset({"a", "an", "the"})
-# Punctuation, except a sign or decimal point that belongs to a number ("-1" is not "1", "2.5" is not "2 5").
-_PUNCTUATION = re.compile(r"(?![-+.]\d)[^\w\s]|(?<=\d)\.(?!\d)|_", re.ASCII)
+# Punctuation, except a sign or decimal point that belongs to a number ("-1" is not "1", "2.5" is not "2 5"). Letters
+# of every script are words ("café", "红色"), not punctuation.
+_PUNCTUATION = re.compile(r"(?![-+.]\d)[^\w\s]|(?<=\d)\.(?!\d)|_")
 
 
 @dataclass

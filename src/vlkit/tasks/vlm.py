@@ -366,6 +366,10 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         """Item ``index``'s scene (its index and sample), the instruction items its conversation asks in order, and
         whether the first question comes before the image."""
         index, (sample, items) = self._weighted_sample(index)
+        if not items:
+            raise ValueError(f"ShapesWorld train scene {index} ({len(sample.objects)} objects) has nothing of the "
+                             f"kinds {list(self.spec.kinds)} to ask (a one-object scene has no spatial question): add "
+                             "a kind every scene has, or raise data.config.min_objects")  # fmt: skip
         rng = np.random.default_rng(mix_seed(_TURN_STREAM, self.seed, self.epoch, index))
         # Balanced by kind: a scene holds ~10 count questions and 2 grounding items, and uniform draws over items
         # would starve the kinds that have few (grounding, captions) of training turns.
@@ -438,11 +442,15 @@ def _longest_that_fits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ids and labels of the first of ``conversations`` (longest first, down to one turn) within ``max_len``
     tokens; an error naming ``name`` when not even the last fits."""
+    length = None
     for conversation in conversations:
         ids, labels = tokenize(conversation)
         if len(ids) <= max_len:
             return ids, labels
-    raise ValueError(f"{name}: {len(ids)} tokens for one turn; the LM takes {max_len}")
+        length = len(ids)
+    if length is None:
+        raise ValueError(f"{name}: no turn to train on")
+    raise ValueError(f"{name}: {length} tokens for one turn; the LM takes {max_len}")
 
 
 def _first_question(question: str, question_first: bool, template: str) -> str:
