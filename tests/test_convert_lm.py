@@ -159,6 +159,21 @@ def test_stored_dtype_is_kept(tmp_path: Path) -> None:
     _check_logits(wide, fresh, inputs)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_rms_norm_rounds_as_the_reference(family: str) -> None:
+    """A bf16 checkpoint's norms give transformers' numbers bit for bit (normalised in fp32, rounded, then scaled)."""
+    from vlkit.layers.norms import RMSNorm
+
+    module = getattr(transformers.models, family)
+    reference = getattr(module, f"modeling_{family}").__dict__[f"{family.title()}RMSNorm"](64, eps=1e-5)
+    ours = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        ours.weight.copy_(reference.weight)
+    x = (3 * torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(1))).bfloat16()
+    assert torch.equal(ours.bfloat16()(x), reference.bfloat16()(x))
+
+
 def test_legacy_rope_config_keys(tmp_path: Path) -> None:
     """Configs written before transformers 5 carry ``rope_theta`` + ``rope_scaling`` with "type"."""
     reference = _reference("Llama", {**LLAMAS, "rope_scaling": {"rope_type": "linear", "factor": 3.0}})

@@ -22,10 +22,11 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # The same numbers bit for bit as the lines below, in one call instead of nine (a decoder's per-token cost).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32: under bf16 the mean of squares loses too many bits.
+        # Normalise in fp32 (under bf16 the mean of squares loses too many bits), round to x's dtype, then scale: the
+        # roundings of Llama's and Qwen2's reference implementations, so that a bf16 checkpoint decodes as theirs.
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight * normed).to(x.dtype)
 
 
 class LayerNorm2d(nn.LayerNorm):
