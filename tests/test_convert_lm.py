@@ -187,6 +187,25 @@ def test_legacy_rope_config_keys(tmp_path: Path) -> None:
     _check_logits(model, reference, _batch(96, 0, [7, 4]))
 
 
+def test_rope_keys_read_with_transformers_precedence(tmp_path: Path) -> None:
+    """A config.json with both ``rope_parameters`` and ``rope_scaling`` (a hand-edited one), and a llama3 RoPE with a
+    top-level ``original_max_position_embeddings``: vlkit reads what transformers reads."""
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32, "rope_theta": 500000.0}  # fmt: skip
+    edits = {
+        "both": {"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+        "top_level_original": {"rope_parameters": llama3, "original_max_position_embeddings": 16},
+    }
+    for name, edit in edits.items():
+        _reference("Llama", LLAMAS).save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps(config | edit))
+        reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / name).eval()
+        model = vlkit.from_pretrained(tmp_path / name)
+        _check_logits(model, reference, _batch(96, 0, [40, 9]))
+    assert (model.config.rope_scaling, model.config.rope_original_max_seq_len) == ("llama3", 16)
+
+
 def test_tokenizer_is_loaded_and_stop_strings_use_it(tmp_path: Path) -> None:
     from vlkit.text import train_tokenizer
 

@@ -241,7 +241,8 @@ def export_tensors(
 
 
 def _rope(config: dict[str, Any], where: str) -> dict[str, Any]:
-    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    # transformers' precedence: a config.json holding both reads rope_scaling.
+    parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
     theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = parameters.get("rope_type", parameters.get("type", "default"))
     partial = parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
@@ -255,8 +256,10 @@ def _rope(config: dict[str, Any], where: str) -> dict[str, Any]:
     fields |= {"rope_scaling": kind, "rope_factor": float(parameters["factor"])}
     if kind == "llama3":
         fields |= {
+            # A top-level original_max_position_embeddings wins over the one inside, as transformers reads it.
             "rope_original_max_seq_len": int(
-                parameters.get("original_max_position_embeddings", config["max_position_embeddings"])
+                config.get("original_max_position_embeddings")
+                or parameters.get("original_max_position_embeddings", config["max_position_embeddings"])
             ),
             "rope_low_freq_factor": float(parameters["low_freq_factor"]),
             "rope_high_freq_factor": float(parameters["high_freq_factor"]),
