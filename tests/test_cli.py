@@ -270,3 +270,53 @@ def test_demo_budgets_follow_the_machine_kind(
         siglip.stages[-1].train.warmup_steps,
     )
     assert trained.steps <= siglip.stages[-1].train.steps
+
+
+def test_set_values_are_read_as_python_or_json_and_checked_against_their_field() -> None:
+    from vlkit.cli import _parse_value
+    from vlkit.recipes import get_recipe
+
+    assert [_parse_value(text) for text in ("False", "true", "None", "null", ".001", "1e-3", "12", "[1, 2]")] == [
+        False, True, None, None, 0.001, 0.001, 12, [1, 2]
+    ]  # fmt: skip
+    assert [_parse_value(text) for text in ("adamw", "nan", "inf")] == ["adamw", "nan", "inf"]
+    recipe = get_recipe("siglip_shapes")
+    assert recipe.with_overrides({"train.attention_products": False}).stages[0].train.attention_products is False
+    assert recipe.with_overrides({"train.lr": 1}).stages[0].train.lr == 1
+    for key, value in [("train.attention_products", "Flase"), ("train.eval_every", "never"), ("train.lr", "fast"),
+                       ("train.precision", "fp16")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            recipe.with_overrides({key: value})
+    with pytest.raises(ValueError, match=re.escape("'vision.depth': ViTConfig.depth takes int, got 2.5")):
+        vlkit.get_config("shapes_siglip", {"vision.depth": 2.5})
+
+
+def test_a_bad_set_value_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlkit.cli import main
+
+    assert main(["train", "--recipe", "siglip_shapes", "--out", str(tmp_path), "--set", "train.eval_every=never"]) == 2
+    assert "train.eval_every" in capsys.readouterr().err and not (tmp_path / "recipe.json").exists()
+
+
+def test_set_given_twice_keeps_both_and_a_stage_setting_wins_over_every_stage() -> None:
+    from vlkit.cli import build_parser
+    from vlkit.recipes import get_recipe
+
+    args = build_parser().parse_args(["train", "--recipe", "r", "--out", "o", "--set", "a=1", "--set", "b=2", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    recipe = get_recipe("llava_shapes")
+    for overrides in ({"stages.instruct.train.lr": 1e-4, "train.lr": 5e-4},
+                      {"train.lr": 5e-4, "stages.instruct.train.lr": 1e-4}):  # fmt: skip
+        changed = recipe.with_overrides(overrides)
+        assert [stage.train.lr for stage in changed.stages] == [5e-4, 5e-4, 1e-4]
+
+
+def test_eval_of_a_directory_that_holds_no_dual_encoder_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlkit.cli import main
+
+    vlkit.create_model("test_llava").save_pretrained(tmp_path / "vlm")
+    assert main(["eval", "--model", str(tmp_path / "vlm"), "--size", "4"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "VisionLanguageModel" in error and "vlkit chat" in error

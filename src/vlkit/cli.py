@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,12 +18,27 @@ from typing import Any
 
 from vlkit.files import write_json
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
 
 def _parse_value(text: str) -> Any:
+    """JSON (``1e-3``, ``true``, ``null``, ``[1, 2]``, ``{"kind": ...}``), Python's spellings of the same (``True``,
+    ``None``, ``.001``), else the text as a string; each override is then checked against its field's type."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text
+        pass
+    word = text.strip()
+    if word.lower() in _WORDS:
+        return _WORDS[word.lower()]
+    for number in (int, float):
+        try:
+            value = number(word)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -151,6 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (Path(args.model) / "recipe.json").exists():
         return _eval_recorded(args)
     model = from_pretrained(args.model).eval()
+    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+        raise ValueError(f"{args.model} holds a {type(model).__name__} without a recipe.json: a directory without one "
+                         "evaluates as a dual encoder (zero-shot); a VLM evaluates from a vlkit run's model/ "
+                         "directory, and `vlkit chat` talks with any")  # fmt: skip
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: zero-shot evaluation needs one")
     transform = ImageTransform(image_size=model.config.vision.image_size)
@@ -279,9 +299,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tower = {"encoder": InitFrom(str(out / "contrastive" / "model"), part="image_encoder")}
         # Fewer instruct steps than the recipe's, so that both parts fit 15 minutes (DEMO_BUDGETS);
         # --vlm-set stages.instruct.train.steps=N (or .schedule=...) overrides it.
-        instruct = {f"stages.instruct.train.{key}": value for key, value in budget["instruct"].items()}
+        # A setting of the user's, for every stage or for this one, wins over the demo's (a stage's own setting wins
+        # over one for every stage, so --vlm-set train.steps=N would otherwise leave the instruct stage's).
+        given = _parse_overrides(args.vlm_set or [])
+        instruct = {f"stages.instruct.train.{key}": value for key, value in budget["instruct"].items()
+                    if f"train.{key}" not in given}  # fmt: skip
         demo = {"stages.align.init": tower, **instruct}
-        vlm_recipe = get_recipe(args.vlm_recipe).with_overrides({**demo, **_parse_overrides(args.vlm_set or [])})
+        vlm_recipe = get_recipe(args.vlm_recipe).with_overrides({**demo, **given})
         vlm = run_recipe(vlm_recipe, out / "vlm", resume=True, progress=not args.quiet)
         metrics["vlm"] = vlm.metrics
         figures.append(
@@ -343,7 +367,7 @@ def _add_train_parser(train: argparse.ArgumentParser) -> None:
                        help="ddp (replicated weights) or fsdp (FSDP2, sharded); default ddp")  # fmt: skip
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto: the local rank's GPU when CUDA is available, else the CPU")  # fmt: skip
-    train.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+    train.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                        help="recipe overrides, e.g. train.lr=1e-3 (a new train.steps scales the warmup unless "
                        "train.warmup_steps is given too); each change is printed before training")  # fmt: skip
     train.add_argument("--quiet", action="store_true")
@@ -398,11 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     # SigLIP with the per-patch objective: its tokens say which object they hold, which the VLM's bridge reads
     # (README, "The image tower, trained patch by patch"); --recipe siglip_shapes for the sigmoid loss alone.
     demo.add_argument("--recipe", default="siglip_patch_shapes", help="the contrastive recipe (the VLM's tower)")
-    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+    demo.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
                       help="overrides for the SigLIP recipe (win over the demo's tower budget)")  # fmt: skip
     vlm_help = "the VLM recipe (honeybee_c_shapes: the C-Abstractor; llava_shapes: the MLP bridge)"
     demo.add_argument("--vlm-recipe", default=DEMO_VLM_RECIPE, help=vlm_help)
-    demo.add_argument("--vlm-set", nargs="*", metavar="KEY=VALUE", help="overrides for the VLM recipe")
+    demo.add_argument("--vlm-set", nargs="*", action="extend", metavar="KEY=VALUE", help="overrides for the VLM recipe")
     demo.add_argument("--no-vlm", action="store_true", help="the SigLIP part only")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
@@ -412,8 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="runs go to OUT/runs/<name>; finished runs are reused")
     bench.add_argument("--quick", action="store_true", help="tiny models and a few steps: checks the wiring only")
     bench.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's training steps")
-    bench.add_argument("--only", nargs="*", metavar="NAME", help="run only these claims / bridge rows (default: all)")
-    bench.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="every run: e.g. train.save_every=200")
+    bench.add_argument(
+        "--only", nargs="*", action="extend", metavar="NAME", help="run only these claims / bridge rows (default: all)"
+    )
+    bench.add_argument(
+        "--set", nargs="*", action="extend", metavar="KEY=VALUE", help="every run: e.g. train.save_every=200"
+    )
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -429,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return shapes_main(args.rest)
     try:
         return int(args.func(args))
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+    # FloatingPointError: training stopped at a non-finite loss, with a message saying what to do.
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, FloatingPointError) as error:
         if os.environ.get("VLKIT_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -150,23 +150,21 @@ class Recipe:
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
         """Apply dotted overrides (see the module docstring). A new ``train.steps`` keeps each schedule's shape:
         warmup is scaled by the same factor unless it is given."""
-        recipe, per_stage = self, {stage.name: {} for stage in self.stages}
+        recipe, every_stage, per_stage = self, {}, {stage.name: {} for stage in self.stages}
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
             head, _, rest = key.partition(".")
             if head == "model":
                 recipe = dataclasses.replace(recipe, model_overrides={**recipe.model_overrides, rest: value})
-            elif head == "train":
-                for stage in per_stage.values():
-                    stage[key] = value
+            elif head in ("train", "lock"):
+                every_stage[key] = value
             elif head == "stages":
                 index, _, stage_key = rest.partition(".")
                 per_stage[self.stage(index).name][stage_key] = value
-            elif head == "lock":
-                for stage in per_stage.values():
-                    stage["lock"] = value
             else:
                 changes[key] = value
+        # A stage's own setting wins over one for every stage, in whatever order they were given.
+        per_stage = {name: {**every_stage, **own} for name, own in per_stage.items()}
         recipe = apply_overrides(recipe, changes) if changes else recipe
         stages = tuple(_override_stage(stage, per_stage[stage.name]) for stage in recipe.stages)
         return dataclasses.replace(recipe, stages=stages)

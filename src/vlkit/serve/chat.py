@@ -101,8 +101,8 @@ def _streamed(
     if max_new_tokens is None and model.generation_config is None:
         max_new_tokens = CHAT_MAX_NEW_TOKENS
     config = decoding_config(model.lm, max_new_tokens, **options)
-    embeds = model.embed_inputs(prompt, pixels, *(qformer_prompt or ()))
-    with torch.no_grad():
+    with torch.no_grad():  # the image's embeddings too: no graph through the tower is kept while the answer runs
+        embeds = model.embed_inputs(prompt, pixels, *(qformer_prompt or ()))
         blocks = model.attention_blocks(prompt)
         for tokens in stream_generate(
             model.lm, prompt, torch.ones_like(prompt), embeds, config, attention_blocks=blocks
