@@ -268,3 +268,16 @@ def test_layer_decay_composes_with_freeze_and_later_rules() -> None:
         layer_decay_rules(2, 1.5)
     with pytest.raises(ValueError, match="transformer"):
         dual_encoder_layer_decay_rules(get_config("test_convnext_clip"), image_decay=0.9)
+
+
+def test_the_d_abstractors_coordinates_and_query_positions_are_not_decayed() -> None:
+    """Decoupled decay pulls a parameter towards zero: for the reference points, coordinates in [0, 1], that is the
+    image's top-left corner."""
+    from vlkit.bridges import DAbstractor
+
+    config = get_config("shapes_honeybee_d").bridge
+    bridge = nn.ModuleDict({"bridge": DAbstractor(config, vision_dim=32, lm_dim=48)})
+    groups = build_param_groups(bridge, (), lr=1e-3, weight_decay=0.05)
+    decay = {name: group["weight_decay"] for group in groups for name in group["param_names"]}
+    assert decay["bridge.reference_points"] == decay["bridge.query_pos"] == 0.0
+    assert decay["bridge.layers.0.deform_attn.offsets.weight"] == 0.05

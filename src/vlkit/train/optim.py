@@ -31,8 +31,10 @@ __all__ = [
 ]
 
 # Decaying these pulls them towards zero, which has no regularising meaning: position embeddings and class
-# tokens are learned constants, logit_scale/logit_bias are the contrastive temperature and bias.
-_NO_DECAY_NAME_PARTS = ("pos_embed", "class_token", "logit_")
+# tokens are learned constants, logit_scale/logit_bias are the contrastive temperature and bias, and the
+# D-Abstractor's reference points are coordinates in [0, 1] (decay would pull each towards the image's top-left
+# corner) with its queries' position embeddings beside them.
+_NO_DECAY_NAME_PARTS = ("pos_embed", "class_token", "logit_", "reference_points", "query_pos")
 
 
 @dataclass(frozen=True)
