@@ -8,6 +8,7 @@ that is written to JSON and used to pick the class back when reading.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -107,3 +108,42 @@ def _from_json(hint: Any, value: Any) -> Any:
     if origin is typing.Literal and value not in get_args(hint):
         raise ValueError(f"{value!r} is not one of {get_args(hint)}")
     return value
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        return get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation naming what only type checkers import: left unchecked
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` is of the annotated type; None where the annotation is not a plain one this checks."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        answers = [_fits(value, arg) for arg in get_args(hint)]
+        return True if True in answers else None if None in answers else False
+    if origin is typing.Literal:
+        return any(value == option and type(value) is type(option) for option in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+def check_field_value(config: Any, field: str, value: Any, key: str) -> None:
+    """A value of the wrong type for ``config``'s ``field`` is an error naming ``key``, the override that gave it
+    (``--set train.attention_products=Flase`` would otherwise arrive as a string, and a non-empty string is true)."""
+    hint = _field_types(type(config)).get(field)
+    if hint is not None and _fits(value, hint) is False:
+        expected = getattr(hint, "__name__", None) if get_origin(hint) is None else None
+        expected = expected or str(hint).replace("typing.", "")
+        raise ValueError(f"override {key!r}: {type(config).__name__}.{field} takes {expected}, got {value!r}")

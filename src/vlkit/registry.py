@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
-import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from vlkit.config import ConfigBase, config_from_dict
+from vlkit.config import ConfigBase, check_field_value, config_from_dict
 
 _PRESETS: dict[str, Callable[[], Any]] = {}
 
@@ -65,7 +62,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any], _prefix: str = "") -
         elif isinstance(value, dict) and "kind" in value and isinstance(getattr(config, head), ConfigBase):
             direct[head] = config_from_dict(type(getattr(config, head)), value)
         else:
-            _check_value(config, head, value, _prefix + key)
+            check_field_value(config, head, value, _prefix + key)
             direct[head] = value
     for head, changes in nested.items():
         inner = direct.get(head, getattr(config, head))
@@ -75,45 +72,6 @@ def apply_overrides(config: Any, overrides: dict[str, Any], _prefix: str = "") -
                            f"give {head} whole")  # fmt: skip
         direct[head] = apply_overrides(inner, changes, f"{_prefix}{head}.")
     return dataclasses.replace(config, **direct) if direct else config
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation naming what only type checkers import: left unchecked
-        return {}
-
-
-def _fits(value: Any, hint: Any) -> bool | None:
-    """Whether ``value`` is of the annotated type; None where the annotation is not a plain one this checks."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        answers = [_fits(value, arg) for arg in typing.get_args(hint)]
-        return True if True in answers else None if None in answers else False
-    if origin is typing.Literal:
-        return any(value == option and type(value) is type(option) for option in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return None
-
-
-def _check_value(config: Any, field: str, value: Any, key: str) -> None:
-    """An override of the wrong type is an error naming it (``--set train.attention_products=Flase`` would otherwise
-    arrive as a string, and a non-empty string is true)."""
-    hint = _field_types(type(config)).get(field)
-    if hint is not None and _fits(value, hint) is False:
-        expected = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
-        expected = expected or str(hint).replace("typing.", "")
-        raise ValueError(f"override {key!r}: {type(config).__name__}.{field} takes {expected}, got {value!r}")
 
 
 def _load_presets() -> None:
