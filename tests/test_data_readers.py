@@ -178,6 +178,11 @@ def test_dataset_batches_pad_tokens_and_masks(tmp_path: Path) -> None:
     assert first["input_ids"].tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
     assert first["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
     assert first["index"].tolist() == [0, 1] and first["skipped"] == 0
+    # A tokenizer that pads on the left (SigLIP 2's in transformers) trains on what its processor feeds at inference.
+    left = ImageTextDataset(records, ImageTransform(8), number_tokenize, max_text_len=6, caption_choice="first",
+                            pad_id=9, pad_left=True)  # fmt: skip
+    assert left[1]["input_ids"].tolist() == [9, 9, 9, 9, 1, 1]
+    assert left[1]["attention_mask"].tolist() == [0, 0, 0, 0, 1, 1]
 
 
 def test_random_caption_choice_depends_only_on_seed_epoch_and_index(tmp_path: Path) -> None:

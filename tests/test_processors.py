@@ -203,10 +203,37 @@ def test_text_length_follows_the_model_and_the_tokenizer_json(tmp_path: Path) ->
     assert out.input_ids.shape == (2, 12)  # the stored truncation length, and the longest text fills it
     assert processor(text=["a", "red star"]).input_ids.shape == (2, 4)  # <start> red star <end>
 
+    # A tokenizer.json that pads on the left is followed, as transformers follows it (no padding_side in the config).
     document["padding"]["direction"] = "Left"
     (tmp_path / "tokenizer.json").write_text(json.dumps(document))
-    with pytest.raises(ValueError, match="pads on the left"):
-        load_processor(tmp_path)
+    texts = ["a red star", "the star", "red"]
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True, truncation=True,
+                                                                     return_tensors="pt")  # fmt: skip
+    out = load_processor(tmp_path)(text=texts)
+    assert torch.equal(out.input_ids, expected["input_ids"]) and int(out.attention_mask[2, 0]) == 0
+    assert torch.equal(out.attention_mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize("template", ["$A", "<bos> $A", "$A <eos>", "<bos> $A <eos>"])
+def test_truncation_matches_transformers(template: str, tmp_path: Path) -> None:
+    """A text too long keeps the special tokens the tokenizer adds and cuts its own: an end-of-text token is kept only
+    where the tokenizer adds one (a tokenizer that adds none, as SigLIP 2's, is simply cut)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["a", "red", "star", "the"]
+    vocab = {token: index for index, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = [(token, vocab[token]) for token in ("<bos>", "<eos>") if token in template]
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                                     pad_token="<pad>", model_max_length=6)  # fmt: skip
+    reference.save_pretrained(tmp_path)
+    texts = ["the red star", "a red star and the red star"]
+    expected = reference(texts, padding="max_length", truncation=True, max_length=6, return_tensors="pt")
+    out = load_processor(tmp_path)(text=texts)
+    assert torch.equal(out.input_ids, expected["input_ids"]), (out.input_ids, expected["input_ids"])
+    assert torch.equal(out.attention_mask, expected["attention_mask"])
 
 
 def test_images_and_text_together_feed_a_transformers_model(images: list[Image.Image], tmp_path: Path) -> None:

@@ -233,3 +233,64 @@ def test_processor_output_feeds_both_models_alike(images: list[Image.Image], sig
     assert exported is not None
     (siglip2_directory / "preprocessor_config.json").write_text(json.dumps(exported.to_hf_dict()))
     assert load_processor(siglip2_directory).image_processor == exported
+
+
+# --- the text: transformers reads every SigLIP 2 directory with Siglip2Tokenizer (lower-cased, padded on the left)
+
+
+def _siglip2_checkpoint(directory: Path, tokenizer_settings: dict[str, Any]) -> None:
+    """A SigLIP 2 checkpoint as the hub keeps it, offline: a tiny ``Siglip2Model`` whose text tower reads 64 tokens,
+    and Gemma's kind of tokenizer.json (byte-fallback BPE, spaces as "▁", no lower-casing of its own) named
+    ``GemmaTokenizer`` in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    text = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=64, projection_size=32, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    _reference({**CASES["naflex_tanh"], "text": text}, seed=3).save_pretrained(directory)
+    vocab = {token: index for index, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    merges = [("r", "e"), ("re", "d"), ("s", "t"), ("st", "a"), ("sta", "r"), ("▁", "a")]
+    for piece in [*"abcdefghijklmnopqrstuvwxyz▁", *(left + right for left, right in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.save(str(directory / "tokenizer.json"))
+    settings = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                "unk_token": "<unk>", "mask_token": "<mask>", "model_max_length": 64, **tokenizer_settings}  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    (directory / "preprocessor_config.json").write_text(json.dumps(PROCESSOR_CASES["defaults"]))
+
+
+SIGLIP2_TEXTS = ["a red star", "A RED Star", "ünï", "the star " * 20, "b"]
+
+
+@pytest.mark.parametrize("settings", [{}, {"padding_side": "right"}], ids=["class_default", "config_right"])
+def test_siglip2_text_matches_transformers(settings: dict[str, Any], tmp_path: Path) -> None:
+    _siglip2_checkpoint(tmp_path / "hf", settings)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(processor.tokenizer).__name__ == "Siglip2Tokenizer"
+    expected = processor(text=SIGLIP2_TEXTS, return_tensors="pt")
+    out = vlkit.load_processor(tmp_path / "hf")(text=SIGLIP2_TEXTS)
+    assert out.input_ids is not None and out.input_ids.shape == (len(SIGLIP2_TEXTS), 64)
+    assert torch.equal(out.input_ids, expected["input_ids"])
+    assert torch.equal(out.attention_mask, expected["attention_mask"])
+    left = not settings
+    assert int(out.attention_mask[0, -1 if left else 0]) == 1 and int(out.attention_mask[0, 0 if left else -1]) == 0
+    assert torch.equal(out.input_ids[0], out.input_ids[1])  # lower-cased, as SigLIP 2 trained
+
+    reference = transformers.Siglip2Model.from_pretrained(tmp_path / "hf").eval()
+    model = vlkit.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        features = reference.get_text_features(**expected)
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        torch.testing.assert_close(model.encode_text(**out), features, **TOLERANCE)
+
+    # Exported, transformers reads the same tokens back, and so does vlkit from its own save.
+    exported = vlkit.export_hf(model, tmp_path / "export")
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    assert torch.equal(again(SIGLIP2_TEXTS, padding="max_length", max_length=64, truncation=True,
+                             return_tensors="pt")["input_ids"], expected["input_ids"])  # fmt: skip
+    model.save_pretrained(tmp_path / "vlkit")
+    assert torch.equal(vlkit.load_processor(tmp_path / "vlkit")(text=SIGLIP2_TEXTS).input_ids, expected["input_ids"])

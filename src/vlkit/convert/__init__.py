@@ -242,6 +242,7 @@ def export_hf(
                 "eos_token": backend.id_to_token(tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(tokenizer.pad_token_id),
                 "model_max_length": tokenizer.max_len,
+                "padding_side": tokenizer.padding_side,
             },
         )
     if processor is not None and processor.image_processor is not None:

@@ -343,11 +343,13 @@ class Processor:
             else:
                 out.pixel_values = self.image_processor.batch(batch)
         if text is not None:
-            tokens = self.text_tokenizer()(text)
+            tokenizer = self.text_tokenizer()
+            tokens = tokenizer(text)
             ids, mask = tokens.input_ids, tokens.attention_mask
             if self.padding == "longest":
                 length = int(mask.sum(dim=1).max())
-                ids, mask = ids[:, :length], mask[:, :length]
+                kept = slice(-length, None) if tokenizer.padding_side == "left" else slice(0, length)
+                ids, mask = ids[:, kept], mask[:, kept]
             out.input_ids, out.attention_mask = ids, mask
         return out
 

@@ -229,6 +229,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         skip_bad: bool = False,
         max_caption_chars: int = 1000,
         pad_id: int = 0,
+        pad_left: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         cache_bytes: int = IMAGE_CACHE_BYTES,
     ) -> None:
@@ -242,6 +243,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.skip_bad = skip_bad
         self.max_caption_chars = max_caption_chars
         self.pad_id = pad_id
+        self.pad_left = pad_left
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
         # The cache: per record, its resized pixels once read (the arrays the transform made, not copies of them).
@@ -276,7 +278,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         caption = _choose_caption(record.captions, self.caption_choice, self.seed, self.epoch, index)
         # Text first: it is cheap, and a sample with unusable text should not cost an image decode.
         input_ids, attention_mask = _encode_caption(
-            caption, record.item, self.tokenize, self.max_text_len, self.max_caption_chars, self.pad_id
+            caption, record.item, self.tokenize, self.max_text_len, self.max_caption_chars, self.pad_id, self.pad_left
         )
         return {
             "pixels": self._image(index, record),
@@ -358,6 +360,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         caption_choice: CaptionChoice = "random",
         max_caption_chars: int = 1000,
         pad_id: int = 0,
+        pad_left: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
@@ -374,6 +377,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         self.caption_choice = caption_choice
         self.max_caption_chars = max_caption_chars
         self.pad_id = pad_id
+        self.pad_left = pad_left
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
         self.rank, self.world_size, _, _ = wds.utils.pytorch_worker_info()
@@ -447,7 +451,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         key_number = zlib.crc32(str(sample.get("__key__", "")).encode("utf-8"))
         caption = _choose_caption(captions, self.caption_choice, self.seed, self.epoch, key_number)
         input_ids, attention_mask = _encode_caption(
-            caption, item, self.tokenize, self.max_text_len, self.max_caption_chars, self.pad_id
+            caption, item, self.tokenize, self.max_text_len, self.max_caption_chars, self.pad_id, self.pad_left
         )
         image = decode_image_bytes(sample[image_key], item, max_pixels=self.max_image_pixels)
         return {"pixels": self.transform(image), "input_ids": input_ids, "attention_mask": attention_mask}
@@ -464,6 +468,7 @@ def make_webdataset(
     caption_choice: CaptionChoice = "random",
     max_caption_chars: int = 1000,
     pad_id: int = 0,
+    pad_left: bool = False,
 ) -> ImageTextWebDataset:
     """An ``IterableDataset`` over WebDataset shards (brace pattern or list of URLs); see ``ImageTextWebDataset``."""
     return ImageTextWebDataset(
@@ -477,6 +482,7 @@ def make_webdataset(
         caption_choice=caption_choice,
         max_caption_chars=max_caption_chars,
         pad_id=pad_id,
+        pad_left=pad_left,
     )
 
 
@@ -599,9 +605,11 @@ def _choose_caption(captions: Sequence[str], choice: CaptionChoice, seed: int, e
 
 
 def _encode_caption(
-    caption: str, item: str, tokenize: Tokenize, max_text_len: int, max_caption_chars: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and tokenize one caption -> (input_ids (T,), attention_mask (T,)), padded to ``max_text_len``."""
+    caption: str, item: str, tokenize: Tokenize, max_text_len: int, max_caption_chars: int, pad_id: int,
+    pad_left: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Validate and tokenize one caption -> (input_ids (T,), attention_mask (T,)), padded to ``max_text_len`` on the
+    right, or on the left (``pad_left``: a tokenizer that pads there, as SigLIP 2's does in transformers)."""
     if not caption.strip():
         raise BadSampleError(item, "caption is empty")
     # Checked before tokenizing: a multi-megabyte "caption" (a scraped page) would be slow to tokenize.
@@ -614,10 +622,11 @@ def _encode_caption(
         raise BadSampleError(item, "caption tokenizes to zero tokens")
     if len(token_ids) > max_text_len:
         raise BadSampleError(item, f"caption has {len(token_ids)} tokens; the text tower takes at most {max_text_len}")
+    span = slice(max_text_len - len(token_ids), max_text_len) if pad_left else slice(0, len(token_ids))
     input_ids = torch.full((max_text_len,), pad_id, dtype=torch.long)
-    input_ids[: len(token_ids)] = torch.tensor(token_ids, dtype=torch.long)
+    input_ids[span] = torch.tensor(token_ids, dtype=torch.long)
     attention_mask = torch.zeros(max_text_len, dtype=torch.long)
-    attention_mask[: len(token_ids)] = 1
+    attention_mask[span] = 1
     return input_ids, attention_mask
 
 

@@ -159,7 +159,11 @@ class Contrastive(Task):
         records = self._records(run, run.training_data(stage))
         tokenizer, seed = model.tokenizer, stage.train.seed
         loss_fn = build_contrastive_loss(model.config.loss)
-        text = {"pad_id": tokenizer.pad_token_id, "skip_bad": run.skip_bad}
+        text = {
+            "pad_id": tokenizer.pad_token_id,
+            "pad_left": tokenizer.padding_side == "left",
+            "skip_bad": run.skip_bad,
+        }
         sampler = _global_sampler
         if isinstance(records, WebDatasetSource):
             workers = max(1, stage.train.num_workers)

@@ -20,7 +20,17 @@ from vlkit.files import DamagedFileError, read_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Conventions of foreign checkpoints whose tokenizer files do not name their special tokens: (eos, pad, length).
-TEXT_DEFAULTS = {"clip": ("<|endoftext|>", "<|endoftext|>", 77), "siglip": ("</s>", "</s>", 64)}
+TEXT_DEFAULTS = {
+    "clip": ("<|endoftext|>", "<|endoftext|>", 77),
+    "siglip": ("</s>", "</s>", 64),
+    "siglip2": ("<eos>", "<pad>", 64),
+}
+# transformers 5 reads every SigLIP 2 directory with its Siglip2Tokenizer, whatever tokenizer_config.json names: Gemma's
+# tokenizer.json with a Lowercase normalizer put in front of the stored one (SigLIP 2 trained on lower-cased text), and
+# left padding unless tokenizer_config.json or tokenizer.json names a side. Other families pad on the right.
+_LOWERCASED = frozenset({"siglip2"})
+_LEFT_PADDED = frozenset({"siglip2"})
+PaddingSide = Literal["left", "right"]
 _HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
 # Texts whose ids a Tokenizer remembers (as CLIP's reference tokenizer caches its BPE per word): a training set's
 # captions, questions and chat segments repeat, and encoding one costs ~40 us where the lookup costs ~0.2 us.
@@ -35,13 +45,21 @@ class TokenBatch:
 
 
 class Tokenizer:
-    """Text -> ids with padding to ``max_len``; ``truncate`` keeps the end-of-text token when cutting."""
+    """Text -> ids padded to ``max_len`` on ``padding_side``; a text too long is cut as transformers cuts it: its own
+    tokens to what fits beside the special tokens the tokenizer adds, which are then added (an end-of-text token stays
+    last)."""
 
-    def __init__(self, backend: _HFTokenizer, pad_token_id: int, eos_token_id: int, max_len: int) -> None:
+    def __init__(
+        self, backend: _HFTokenizer, pad_token_id: int, eos_token_id: int, max_len: int,
+        padding_side: PaddingSide = "right",
+    ) -> None:  # fmt: skip
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.backend = backend
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.max_len = max_len
+        self.padding_side: PaddingSide = padding_side
         # A Hugging Face directory's tokenizer_config.json / special_tokens_map.json entries (bos and unk tokens,
         # chat template, ...): vlkit reads eos and pad of them, export_hf writes them all back.
         self.hf_settings: dict[str, Any] = {}
@@ -97,10 +115,17 @@ class Tokenizer:
             if len(tokens) > length:
                 if not truncate:
                     raise ValueError(f"text {texts[row][:60]!r} has {len(tokens)} tokens; at most {length} fit")
-                tokens = [*tokens[: length - 1], self.eos_token_id]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
+                tokens = self._truncated(texts[row], length)
+            span = slice(length - len(tokens), length) if self.padding_side == "left" else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, span] = 1
         return TokenBatch(ids, mask)
+
+    def _truncated(self, text: str, length: int) -> list[int]:
+        """``text``'s ids in ``length`` tokens: its own cut to what the added special tokens leave, then those."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        encoding.truncate(max(length - self.backend.num_special_tokens_to_add(False), 0))
+        return list(self.backend.post_process(encoding).ids)[:length]
 
 
 def train_tokenizer(
@@ -183,8 +208,16 @@ def read_tokenizer_directory(
     unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
     if unknown:
         raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
-    if padding_settings and str(padding_settings.get("direction", "right")).lower() != "right":
-        raise ValueError(f"{file}: pads on the left; vlkit's text towers expect right padding")
+    # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
+    side = str(
+        settings.get("padding_side")
+        or (padding_settings or {}).get("direction")
+        or ("left" if model_type in _LEFT_PADDED else "right")
+    ).lower()
+    if side not in ("left", "right"):
+        raise ValueError(f"{directory}: padding_side {side!r} is neither 'left' nor 'right'")
+    if model_type in _LOWERCASED and backend.normalizer is not None:
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
     lengths.append((padding_settings or {}).get("length"))
     usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
@@ -194,7 +227,7 @@ def read_tokenizer_directory(
     # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
     backend.no_padding()
     backend.no_truncation()
-    tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable))
+    tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable), "left" if side == "left" else "right")
     tokenizer.hf_settings = settings
     return tokenizer, padding
 
