@@ -57,6 +57,16 @@ IMAGE_CASES: dict[str, dict[str, Any]] = {
                                           "crop_pct": 0.875},
     "no_rescale": {"image_processor_type": "SiglipImageProcessor", "do_rescale": False, "size": {"height": 32,
                    "width": 32}},
+    # do_pad is LLaVA's pad-to-square only in LlavaImageProcessor; elsewhere it pads a batch to its largest image.
+    "clip_do_pad": {"image_processor_type": "CLIPImageProcessor", "do_pad": True, "size": {"shortest_edge": 32},
+                    "crop_size": {"height": 32, "width": 32}},
+    "siglip_do_pad": {"image_processor_type": "SiglipImageProcessor", "do_pad": True, "size": {"height": 24,
+                      "width": 40}},
+    "blip_do_pad": {"image_processor_type": "BlipImageProcessor", "do_pad": True, "size": {"height": 32,
+                    "width": 32}},
+    "vit_do_pad": {"image_processor_type": "ViTImageProcessor", "do_pad": True, "size": {"height": 32, "width": 32}},
+    "convnext_do_pad": {"image_processor_type": "ConvNextImageProcessor", "do_pad": True, "pad_size": {"height": 64,
+                        "width": 64}, "size": {"shortest_edge": 32}, "crop_pct": 0.875},
 }  # fmt: skip
 
 
@@ -79,6 +89,14 @@ def test_pixels_match_transformers(name: str, images: list[Image.Image], tmp_pat
         torch.testing.assert_close(actual, expected.float(), atol=1e-5, rtol=0)
         worst = max(worst, float((actual - expected).abs().max()))
     print(f"{name}: max |diff| {worst:.1e}")
+
+
+def test_do_pad_pads_a_batch_only_where_its_images_differ(images: list[Image.Image], tmp_path: Path) -> None:
+    reference = _reference_images(tmp_path, IMAGE_CASES["clip_do_pad"])
+    expected = reference(images, return_tensors="pt").pixel_values  # one size after the crop: nothing to pad
+    torch.testing.assert_close(load_processor(tmp_path)(images=images).pixel_values, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="LlavaImageProcessor"):
+        ImageProcessor(family="SiglipImageProcessor", do_pad=True)
 
 
 def test_batch_and_array_input(images: list[Image.Image], tmp_path: Path) -> None:
@@ -115,6 +133,8 @@ def test_export_writes_a_processor_transformers_reads(images: list[Image.Image],
     [
         ({"image_processor_type": "DonutImageProcessor"}, "not supported"),
         ({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 300}}, "longest_edge"),
+        ({"image_processor_type": "CLIPImageProcessor", "do_pad": True, "pad_size": {"height": 40, "width": 40}},
+         "pad_size"),
     ],
 )
 def test_unsupported_image_processors_are_refused(config: dict[str, Any], message: str) -> None:

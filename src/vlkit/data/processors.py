@@ -143,6 +143,8 @@ class ImageProcessor:
             raise ValueError("patch_size and max_num_patches go together (SigLIP 2 NaFlex)")
         if self.max_num_patches is not None and (self.max_num_patches < 1 or self.do_center_crop):
             raise ValueError(f"NaFlex needs max_num_patches >= 1 and no centre crop, got {self.max_num_patches}")
+        if self.do_pad and self.family != "LlavaImageProcessor":
+            raise ValueError(f"do_pad (LLaVA's pad-to-square) is LlavaImageProcessor's; {self.family} has none")
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], where: str = "preprocessor_config.json") -> ImageProcessor:
@@ -187,7 +189,7 @@ class ImageProcessor:
             do_normalize=bool(merged.get("do_normalize", True)),
             mean=_triple(merged["image_mean"]),
             std=_triple(merged["image_std"]),
-            do_pad=bool(merged.get("do_pad", False)),
+            do_pad=_pads_to_square(name, merged, where),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -728,6 +730,18 @@ def _blip2_processor(directory: Path, config: dict[str, Any], image_processor: I
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, padding="longest",
                           image_token=image_token, image_token_id=model.image_token_id, padding_side=side,
                           num_query_tokens=int(queries))  # fmt: skip
+
+
+def _pads_to_square(family: str, settings: dict[str, Any], where: str) -> bool:
+    """``do_pad`` as transformers reads it: LLaVA's pad-to-square (mean colour) for LlavaImageProcessor. Elsewhere
+    it pads a batch to its largest image after normalising, which changes nothing where every image is processed to
+    one size (vlkit batches no others), or to ``pad_size``, which vlkit does not do; ConvNeXt's ignores it."""
+    if family == "LlavaImageProcessor":
+        return bool(settings.get("do_pad", False))
+    if settings.get("do_pad") and settings.get("pad_size") and family != "ConvNextImageProcessor":
+        raise ValueError(f"{where}: do_pad with pad_size={settings['pad_size']!r} (zero padding to a fixed size) is "
+                         f"not supported for {family}")  # fmt: skip
+    return False
 
 
 def _size(value: Any, square: bool, name: str, where: str) -> int | tuple[int, int]:
