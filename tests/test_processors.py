@@ -133,8 +133,10 @@ def test_export_writes_a_processor_transformers_reads(images: list[Image.Image],
     [
         ({"image_processor_type": "DonutImageProcessor"}, "not supported"),
         ({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 300}}, "longest_edge"),
-        ({"image_processor_type": "CLIPImageProcessor", "do_pad": True, "pad_size": {"height": 40, "width": 40}},
-         "pad_size"),
+        (
+            {"image_processor_type": "CLIPImageProcessor", "do_pad": True, "pad_size": {"height": 40, "width": 40}},
+            "pad_size",
+        ),
     ],
 )
 def test_unsupported_image_processors_are_refused(config: dict[str, Any], message: str) -> None:
