@@ -142,6 +142,13 @@ def test_sharded_export_loads_both_ways(tmp_path: Path) -> None:
     again = vlkit.from_pretrained(tmp_path / "out")  # vlkit reads shards too
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    # Exported again in one file, the earlier shards go with their index; in fewer shards, the surplus ones go.
+    vlkit.export_hf(model, tmp_path / "out", max_shard_bytes=60_000)
+    fewer = set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.safetensors")) == sorted(fewer)
+    assert 1 < len(fewer) < len(shards)
+    vlkit.export_hf(model, tmp_path / "out")
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
 
 
 def test_stored_dtype_is_kept(tmp_path: Path) -> None:
@@ -157,6 +164,25 @@ def test_stored_dtype_is_kept(tmp_path: Path) -> None:
     # A fresh fp32 reference: .float() on the bf16 one would keep its RoPE frequencies rounded to bf16.
     fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     _check_logits(wide, fresh, inputs)
+    # transformers' spellings: "auto" keeps the stored dtype, a name casts; anything else is refused by name.
+    assert {p.dtype for p in vlkit.from_pretrained(tmp_path / "hf", dtype="auto").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vlkit.from_pretrained(tmp_path / "hf", dtype="float16").parameters()} == {torch.float16}
+    with pytest.raises(ValueError, match="'int8' is not a floating torch dtype"):
+        vlkit.from_pretrained(tmp_path / "hf", dtype="int8")
+
+
+def test_a_mixed_checkpoint_keeps_the_dtype_most_of_its_weights_have(tmp_path: Path) -> None:
+    """OPT keeps many small vectors (biases, norms): stored in fp32 beside bf16 matrices, they outnumber the matrices
+    but not their elements, and the model loads in bf16 (a 7B model upcast to fp32 would not fit in memory)."""
+    from safetensors.torch import load_file, save_file
+
+    reference = _reference("OPT", OPTS)
+    reference.save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    mixed = {key: value if value.dim() == 1 else value.bfloat16() for key, value in weights.items()}
+    assert sum(value.dim() == 1 for value in mixed.values()) > len(mixed) / 2
+    save_file(mixed, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert {p.dtype for p in vlkit.from_pretrained(tmp_path / "hf").parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -11,9 +11,12 @@ from vlkit.files import read_json
 from vlkit.models.base import load_vlkit_directory
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """``dtype``: cast the weights to it; None keeps what a language model's directory stores (such a model is built
-    on the meta device and filled without a second copy) and float32 for the other models."""
+def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> Any:
+    """``dtype``: cast the weights to it (a ``torch.dtype`` or its name, ``"bfloat16"``); None or ``"auto"`` keeps
+    what a language model's directory stores (such a model is built on the meta device and filled without a second
+    copy; a checkpoint that mixes dtypes takes the one most of its weights are in) and float32 for the other
+    models."""
+    dtype = _dtype(dtype)
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -26,3 +29,14 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> Any:
 
         return load_hf_directory(path, dtype)
     raise ValueError(f"{config_file}: neither a vlkit config (vlkit_format) nor a Hugging Face one (model_type)")
+
+
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return None
+    found = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"dtype {value!r} is not a floating torch dtype (e.g. torch.bfloat16, 'float16' or 'auto')")
+    return found

@@ -280,12 +280,17 @@ def _write_shards(directory: Path, weights: dict[str, torch.Tensor], max_shard_b
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
+    index = directory / INDEX_NAME
+    earlier = set(read_json(index).get("weight_map", {}).values()) if index.is_file() else set()
     for name, shard in zip(names, shards, strict=True):
         copies = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in shard.items()}
         atomic_write(directory / name, lambda tmp, copies=copies: save_file(copies, tmp, metadata={"format": "pt"}))
         del copies
-    stale = [directory / INDEX_NAME] if len(shards) == 1 else [directory / WEIGHTS_NAME]
-    for path in stale:  # a directory written before with the other layout would be ambiguous to readers
+    # A directory written before with the other layout would be ambiguous to readers, and its shards that this
+    # export did not overwrite would be left behind.
+    stale = [index] if len(shards) == 1 else [directory / WEIGHTS_NAME]
+    stale += [directory / name for name in sorted(earlier - set(names)) if Path(name).name == name]
+    for path in stale:
         path.unlink(missing_ok=True)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in weights.values())

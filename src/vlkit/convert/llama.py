@@ -166,9 +166,9 @@ def fill_model(
     parameters (no random initialisation, no second copy).
 
     Every key is checked (missing, unexpected, misshapen) before any tensor is read. ``dtype`` None keeps the stored
-    floating dtype (the most common one, should a checkpoint mix them); ``ignored`` foreign keys may be present unread
-    (a tied head). ``sizes``: for a vlkit key fused from several foreign tensors, their sizes along dim 0 (q, k, v
-    differ under GQA).
+    floating dtype (the one most elements have, should a checkpoint mix them); ``ignored`` foreign keys may be present
+    unread (a tied head). ``sizes``: for a vlkit key fused from several foreign tensors, their sizes along dim 0 (q,
+    k, v differ under GQA).
     """
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     uncovered = sorted(set(expected) - {key for r in rules for key in r.vlkit})
@@ -196,8 +196,12 @@ def fill_model(
         if bad:
             problems.append(f"{' + '.join(r.hf)} have shapes {shapes}; {' + '.join(r.vlkit)} need {targets}")
     raise_if(problems, f"{where}: checkpoint does not match its config")
-    if dtype is None:
-        stored = Counter(d for d in (source.dtype(k) for k in wanted) if d is not None and d.is_floating_point)
+    if dtype is None:  # the dtype most of the weights are stored in, by elements (many small norms may be fp32)
+        stored: Counter[torch.dtype] = Counter()
+        for key in wanted:
+            kind = source.dtype(key)
+            if kind is not None and kind.is_floating_point:
+                stored[kind] += math.prod(source.shape(key))
         dtype = stored.most_common(1)[0][0] if stored else torch.float32
     state: dict[str, torch.Tensor] = {}
     for r in rules:
