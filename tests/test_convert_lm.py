@@ -351,3 +351,62 @@ def test_export_keeps_the_tokenizers_special_tokens_and_chat_template(tmp_path: 
     assert (exported.bos_token, exported.unk_token, exported.eos_token) == ("<s>", "<unk>", "</s>")
     assert exported.chat_template == source.chat_template
     assert exported("w5 zz").input_ids == source("w5 zz").input_ids == [1, 5, 3]
+
+
+LLAMA_TEXTS = ["Hello world", " Hello world", "  two leading spaces", "Hello</s>world", "Hello</s> world",
+               "USER: a red circle ASSISTANT: yes</s>USER: and?", "line one\nline two", "émoji 🙂 3.14"]  # fmt: skip
+
+
+def _llama2_tokenizer(directory: Path) -> int:
+    """tokenizer.json as transformers 4 wrote Llama 2's, Vicuna's and TinyLlama's: a byte-fallback BPE whose normalizer
+    prepends "▁" to every piece between special tokens and turns spaces into "▁", and ``<s> $A``. Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    corpus = ["Hello world, a small corpus.", "USER: what is it? ASSISTANT: a red circle.", "line one line two"] * 4
+    backend = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                            show_progress=False))  # fmt: skip
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.save(str(directory / "tokenizer.json"))
+    return backend.get_vocab_size()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"legacy": True, "padding_side": "right"},
+        {"add_prefix_space": False},
+        {"tokenizer_class": "LlamaTokenizerFast"},
+    ],
+    ids=["defaults", "legacy", "no_prefix_space", "fast_name"],
+)
+def test_a_llama_tokenizer_reads_as_transformers_llama_tokenizer(settings: dict[str, Any], tmp_path: Path) -> None:
+    """transformers 5 reads a Llama directory naming LlamaTokenizer with that class's own pipeline (Metaspace, a "▁"
+    before the text's first word only, left padding), not the stored normalizer; vlkit encodes, pads and decodes as
+    it does, and its export reads back the same."""
+    (tmp_path / "hf").mkdir()
+    size = _llama2_tokenizer(tmp_path / "hf")
+    _reference("Llama", {**LLAMAS, "vocab_size": size, "bos_token_id": 1}).save_pretrained(tmp_path / "hf")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": "</s>", "model_max_length": 24, **settings}  # fmt: skip
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    ours = vlkit.from_pretrained(tmp_path / "hf").tokenizer
+    for text in LLAMA_TEXTS:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    expected = theirs(LLAMA_TEXTS, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    batch = ours(LLAMA_TEXTS)
+    assert ours.padding_side == theirs.padding_side == settings.get("padding_side", "left")
+    assert torch.equal(batch.input_ids, expected["input_ids"]) and torch.equal(batch.attention_mask,
+                                                                               expected["attention_mask"])  # fmt: skip
+    exported = vlkit.export_hf(vlkit.from_pretrained(tmp_path / "hf"), tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    assert [again(text)["input_ids"] for text in LLAMA_TEXTS] == [theirs(text)["input_ids"] for text in LLAMA_TEXTS]

@@ -236,8 +236,9 @@ def test_text_length_follows_the_model_and_the_tokenizer_json(tmp_path: Path) ->
     assert torch.equal(out.attention_mask, expected["attention_mask"])
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("template", ["$A", "<bos> $A", "$A <eos>", "<bos> $A <eos>"])
-def test_truncation_matches_transformers(template: str, tmp_path: Path) -> None:
+def test_truncation_matches_transformers(template: str, side: str, tmp_path: Path) -> None:
     """A text too long keeps the special tokens the tokenizer adds and cuts its own: an end-of-text token is kept only
     where the tokenizer adds one (a tokenizer that adds none, as SigLIP 2's, is simply cut)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -249,7 +250,8 @@ def test_truncation_matches_transformers(template: str, tmp_path: Path) -> None:
     specials = [(token, vocab[token]) for token in ("<bos>", "<eos>") if token in template]
     backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
     reference = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                                     pad_token="<pad>", model_max_length=6)  # fmt: skip
+                                                     pad_token="<pad>", model_max_length=6,
+                                                     truncation_side=side)  # fmt: skip
     reference.save_pretrained(tmp_path)
     texts = ["the red star", "a red star and the red star"]
     expected = reference(texts, padding="max_length", truncation=True, max_length=6, return_tensors="pt")

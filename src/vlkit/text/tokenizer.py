@@ -30,6 +30,10 @@ TEXT_DEFAULTS = {
 # left padding unless tokenizer_config.json or tokenizer.json names a side. Other families pad on the right.
 _LOWERCASED = frozenset({"siglip2"})
 _LEFT_PADDED = frozenset({"siglip2"})
+# A Llama directory whose tokenizer_config.json names LlamaTokenizer (Llama 2, Vicuna, TinyLlama) is read by
+# transformers 5 with that class unless its tokenizer.json is byte-level (Llama 3): the stored vocabulary, merges and
+# post-processor under the class's own pipeline (``_as_llama_tokenizer``), padded on the left by default.
+_LLAMA_CLASS = "LlamaTokenizer"
 PaddingSide = Literal["left", "right"]
 _HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
 # Texts whose ids a Tokenizer remembers (as CLIP's reference tokenizer caches its BPE per word): a training set's
@@ -60,6 +64,7 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.max_len = max_len
         self.padding_side: PaddingSide = padding_side
+        self.truncation_side: PaddingSide = "right"  # which end a text too long loses
         # A Hugging Face directory's tokenizer_config.json / special_tokens_map.json entries (bos and unk tokens,
         # chat template, ...): vlkit reads eos and pad of them, export_hf writes them all back.
         self.hf_settings: dict[str, Any] = {}
@@ -124,7 +129,9 @@ class Tokenizer:
     def _truncated(self, text: str, length: int) -> list[int]:
         """``text``'s ids in ``length`` tokens: its own cut to what the added special tokens leave, then those."""
         encoding = self.backend.encode(text, add_special_tokens=False)
-        encoding.truncate(max(length - self.backend.num_special_tokens_to_add(False), 0))
+        encoding.truncate(
+            max(length - self.backend.num_special_tokens_to_add(False), 0), direction=self.truncation_side
+        )
         return list(self.backend.post_process(encoding).ids)[:length]
 
 
@@ -208,16 +215,24 @@ def read_tokenizer_directory(
     unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
     if unknown:
         raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
+    llama_class = (
+        model_type == "llama"
+        and str(settings.get("tokenizer_class") or "").removesuffix("Fast") == _LLAMA_CLASS
+        and '"ByteLevel"' not in file.read_text(encoding="utf-8")
+    )
     # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
-    side = str(
-        settings.get("padding_side")
-        or (padding_settings or {}).get("direction")
-        or ("left" if model_type in _LEFT_PADDED else "right")
-    ).lower()
-    if side not in ("left", "right"):
-        raise ValueError(f"{directory}: padding_side {side!r} is neither 'left' nor 'right'")
+    sides = {}
+    for kind, stored, default in (
+        ("padding_side", padding_settings, "left" if model_type in _LEFT_PADDED or llama_class else "right"),
+        ("truncation_side", truncation, "right"),
+    ):
+        sides[kind] = str(settings.get(kind) or (stored or {}).get("direction") or default).lower()
+        if sides[kind] not in ("left", "right"):
+            raise ValueError(f"{directory}: {kind} {sides[kind]!r} is neither 'left' nor 'right'")
     if model_type in _LOWERCASED and backend.normalizer is not None:
         backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+    if llama_class:
+        _as_llama_tokenizer(backend, settings)
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
     lengths.append((padding_settings or {}).get("length"))
     usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
@@ -227,9 +242,27 @@ def read_tokenizer_directory(
     # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
     backend.no_padding()
     backend.no_truncation()
-    tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable), "left" if side == "left" else "right")
+    tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable), _side(sides["padding_side"]))
+    tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
     return tokenizer, padding
+
+
+def _side(value: str) -> PaddingSide:
+    return "left" if value == "left" else "right"
+
+
+def _as_llama_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None:
+    """transformers 5's LlamaTokenizer pipeline over a stored tokenizer.json: no normalizer, and a Metaspace
+    pre-tokenizer that puts "▁" before a text's first word only ("first"; "always" with ``legacy``, "never" without
+    ``add_prefix_space``), where the Llama 2 layout prepends one to every piece between special tokens."""
+    prefix = settings.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if settings.get("legacy") else "first") if prefix else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
 
 
 def _token_text(value: Any) -> str | None:
