@@ -410,3 +410,36 @@ def test_a_llama_tokenizer_reads_as_transformers_llama_tokenizer(settings: dict[
     exported = vlkit.export_hf(vlkit.from_pretrained(tmp_path / "hf"), tmp_path / "out")
     again = transformers.AutoTokenizer.from_pretrained(exported)
     assert [again(text)["input_ids"] for text in LLAMA_TEXTS] == [theirs(text)["input_ids"] for text in LLAMA_TEXTS]
+
+
+def test_an_opt_directory_without_tokenizer_json_reads_its_vocab_and_merges(tmp_path: Path) -> None:
+    """facebook/opt-* keep GPT-2's vocab.json and merges.txt and no tokenizer.json: vlkit builds the tokenizer
+    transformers' GPT2Tokenizer builds from them (byte-level BPE, ``</s>`` prepended by ``add_bos_token``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = ["Hello world, a small corpus.", "USER: what is it? ASSISTANT: a red circle.", "line one\nline two 42"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(corpus * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+    directory = tmp_path / "opt"
+    directory.mkdir()
+    backend.model.save(str(directory))
+    _reference("OPT", {**OPTS, "vocab_size": backend.get_vocab_size()}).save_pretrained(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>", "add_prefix_space": False,
+        "add_bos_token": True, "errors": "replace"}))  # fmt: skip
+    texts = ["Hello world", " Hello world", "a</s>b", "line one\nline two", "émoji 🙂"]
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    ours = vlkit.from_pretrained(directory).tokenizer
+    assert ours is not None and (ours.pad_token_id, ours.eos_token_id) == (theirs.pad_token_id, theirs.eos_token_id)
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids and ids[0] == theirs.bos_token_id, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    expected = theirs(texts, padding="max_length", max_length=ours.max_len, return_tensors="pt")
+    assert torch.equal(ours(texts).input_ids, expected["input_ids"])
+    exported = vlkit.export_hf(vlkit.from_pretrained(directory), tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(exported)
+    assert [again(text)["input_ids"] for text in texts] == [theirs(text)["input_ids"] for text in texts]

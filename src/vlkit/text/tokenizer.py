@@ -196,13 +196,14 @@ def read_tokenizer_directory(
     directory: Path, max_len: int | None, model_type: str | None
 ) -> tuple[Tokenizer, Padding] | None:
     file = directory / "tokenizer.json"
-    if not file.exists():
+    byte_level = not file.exists() and (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    if not file.exists() and not byte_level:
         return None
-    backend = _read_tokenizer_file(file)
     settings: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).exists():
             settings.update({k: v for k, v in read_json(directory / name).items() if v is not None})
+    backend = _gpt2_tokenizer(directory, settings) if byte_level else _read_tokenizer_file(file)
     if (directory / "chat_template.jinja").is_file():  # where transformers 5 keeps the chat template
         settings["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
@@ -218,6 +219,7 @@ def read_tokenizer_directory(
     llama_class = (
         model_type == "llama"
         and str(settings.get("tokenizer_class") or "").removesuffix("Fast") == _LLAMA_CLASS
+        and not byte_level
         and '"ByteLevel"' not in file.read_text(encoding="utf-8")
     )
     # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
@@ -246,6 +248,38 @@ def read_tokenizer_directory(
     tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
     return tokenizer, padding
+
+
+def _gpt2_tokenizer(directory: Path, settings: dict[str, Any]) -> _HFTokenizer:
+    """transformers' GPT2Tokenizer over a directory without tokenizer.json (OPT's, facebook/opt-*): the byte-level
+    BPE of vocab.json and merges.txt, the special tokens the configuration names kept whole, and the begin / end
+    tokens added where ``add_bos_token`` / ``add_eos_token`` say (OPT prepends ``</s>``)."""
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    try:
+        bpe = models.BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="")
+    except Exception as error:  # tokenizers raises a plain Exception that names no file
+        raise DamagedFileError(vocab, f"vocab.json / merges.txt not readable as a byte-level BPE ({error})") from None
+    backend = _HFTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(settings.get("add_prefix_space", False)))
+    backend.decoder = decoders.ByteLevel()
+    declared = settings.get("added_tokens_decoder") or {}
+    named = [_token_text(settings.get(key)) for key in ("unk_token", "bos_token", "eos_token", "pad_token")]
+    named += [_token_text(token) for token in settings.get("additional_special_tokens") or ()]
+    specials = list(dict.fromkeys([*(t for t in named if t), *(_token_text(t) or "" for t in declared.values())]))
+    backend.add_special_tokens([t for t in specials if t])
+    for number, token in declared.items():  # transformers 5 writes each added token with its id
+        if backend.token_to_id(_token_text(token) or "") != int(number):
+            raise ValueError(f"{directory}: added token {token!r} is id {number} in tokenizer_config.json but "
+                             f"{backend.token_to_id(_token_text(token) or '')} in vocab.json")  # fmt: skip
+    bos = _token_text(settings.get("bos_token")) if settings.get("add_bos_token") else None
+    eos = _token_text(settings.get("eos_token")) if settings.get("add_eos_token") else None
+    if bos or eos:
+        single = " ".join([*([bos] if bos else []), "$A", *([eos] if eos else [])])
+        ends = dict.fromkeys(token for token in (bos, eos) if token)
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(token, backend.token_to_id(token)) for token in ends]
+        )
+    return backend
 
 
 def _side(value: str) -> PaddingSide:
