@@ -34,6 +34,9 @@ _LEFT_PADDED = frozenset({"siglip2"})
 # transformers 5 with that class unless its tokenizer.json is byte-level (Llama 3): the stored vocabulary, merges and
 # post-processor under the class's own pipeline (``_as_llama_tokenizer``), padded on the left by default.
 _LLAMA_CLASS = "LlamaTokenizer"
+# Families whose transformers tokenizer is GPT2Tokenizer, which can be built from vocab.json and merges.txt alone
+# (CLIP's vocab.json and merges.txt are another BPE, with its own word ends and cleaning).
+_GPT2_FILES = frozenset({"opt", "blip-2"})
 PaddingSide = Literal["left", "right"]
 _HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
 # Texts whose ids a Tokenizer remembers (as CLIP's reference tokenizer caches its BPE per word): a training set's
@@ -196,7 +199,12 @@ def read_tokenizer_directory(
     directory: Path, max_len: int | None, model_type: str | None
 ) -> tuple[Tokenizer, Padding] | None:
     file = directory / "tokenizer.json"
-    byte_level = not file.exists() and (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    byte_level = (
+        model_type in _GPT2_FILES
+        and not file.exists()
+        and (directory / "vocab.json").is_file()
+        and (directory / "merges.txt").is_file()
+    )
     if not file.exists() and not byte_level:
         return None
     settings: dict[str, Any] = {}
