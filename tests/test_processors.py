@@ -288,3 +288,16 @@ def test_processor_without_files_or_parts_is_an_error(tmp_path: Path) -> None:
     _reference_images(tmp_path, IMAGE_CASES["vit"])
     with pytest.raises(ValueError, match="no tokenizer"):
         load_processor(tmp_path)(text="a red star")
+
+
+def test_clip_vocab_and_merges_alone_are_not_read_as_gpt2s(tmp_path: Path) -> None:
+    """Only OPT's family builds its tokenizer from vocab.json and merges.txt; CLIP's files are another BPE (word ends,
+    cleaning), which vlkit reads from tokenizer.json only."""
+    from tokenizers import Tokenizer
+
+    _clip_tokenizer(tmp_path)
+    Tokenizer.from_file(str(tmp_path / "tokenizer.json")).model.save(str(tmp_path))  # vocab.json, merges.txt
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {}}))
+    with pytest.raises(FileNotFoundError, match="neither preprocessor_config.json nor tokenizer.json"):
+        load_processor(tmp_path)
