@@ -299,5 +299,5 @@ def test_clip_vocab_and_merges_alone_are_not_read_as_gpt2s(tmp_path: Path) -> No
     Tokenizer.from_file(str(tmp_path / "tokenizer.json")).model.save(str(tmp_path))  # vocab.json, merges.txt
     (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {}}))
-    with pytest.raises(FileNotFoundError, match="neither preprocessor_config.json nor tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"neither preprocessor_config\.json nor tokenizer\.json"):
         load_processor(tmp_path)

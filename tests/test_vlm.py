@@ -321,6 +321,35 @@ def test_chat_answers_streams_and_refuses_bad_input(tiny_llava: Path, tmp_path: 
     assert "not a vision-language model" in capsys.readouterr().err
 
 
+def test_chat_stops_at_the_templates_end_of_turn(tiny_llava: Path, tmp_path: Path, monkeypatch) -> None:
+    """An end-of-turn id that is not the checkpoint's end-of-sequence (ChatML's ``<|im_end|>`` beside
+    ``<|endoftext|>``) stops generation, and nothing after it reaches the answer or the next prompt."""
+    from PIL import Image
+
+    from vlkit.serve.chat import ChatSession, load_chat_model
+
+    generate = importlib.import_module("vlkit.lm.generate")  # the module; vlkit.lm.generate is also its function
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "scene.png")
+    session = ChatSession(load_chat_model(tiny_llava / "model"), tmp_path / "scene.png", max_new_tokens=8)
+    tokenizer = session.model.tokenizer
+    red, blue = tokenizer.encode_plain("red"), tokenizer.encode_plain(" blue")
+    taken = {*red, *blue, *session.model.config.lm.eos_token_ids}
+    end_of_turn = next(i for i in range(tokenizer.vocab_size) if i not in taken)
+    session.eos_ids = {end_of_turn}
+    seen: list[tuple[int, ...]] = []
+
+    def scripted(lm, prompt, mask, embeds, config, attention_blocks=None):  # what a model would emit, unstopped
+        seen.append(config.stop_token_ids)
+        for token in (*red, end_of_turn, *blue, *blue):
+            yield torch.tensor([token])
+
+    monkeypatch.setattr(generate, "stream_generate", scripted)
+    answer = "".join(session.ask("what colour is the circle?"))
+    assert end_of_turn in seen[0] and set(session.model.config.lm.eos_token_ids) <= set(seen[0])
+    assert answer.strip() == "red" and session.turns[-1].content == "red"
+
+
 def test_load_processor_prompts_a_trained_vlm_as_evaluation_and_chat_do(tiny_llava: Path, tmp_path: Path) -> None:
     """``vlkit.load_processor`` on a directory ``vlkit train`` wrote: the model's own image transform and chat
     template, so ``processor(images=..., text=question)`` is the evaluation's prompt to the token, and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -63,12 +64,14 @@ class ChatSession:
                                  self.model.config.image_token_id, self.model.tokens_per_image())[None]  # fmt: skip
         produced: list[int] = []
         pieces: list[str] = []
+        ended = False
         decode = self.model.tokenizer.backend.decode
 
         def streamer(tokens: torch.Tensor) -> None:
+            nonlocal ended
             token = int(tokens[0])
-            if token in self.eos_ids or (produced and produced[-1] in self.eos_ids):
-                produced.append(token)
+            ended = ended or token in self.eos_ids  # the answer ends at its first end-of-turn token, shown or not
+            if ended:
                 return
             before = decode(produced, skip_special_tokens=False)
             produced.append(token)
@@ -78,7 +81,7 @@ class ChatSession:
         read = self.model.prompt_ids([question]) if self.model.config.bridge_reads_prompt else None
         answer = []
         for piece in _streamed(self.model, prompt, self.pixels, self.max_new_tokens, streamer, pieces, self.options,
-                               read):  # fmt: skip
+                               read, self.eos_ids):  # fmt: skip
             answer.append(piece)
             yield piece
         self.turns += [Turn("user", text), Turn("assistant", "".join(answer).strip() or "…")]
@@ -93,14 +96,19 @@ def _streamed(
     pieces: list[str],
     options: dict[str, Any],
     qformer_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
+    end_of_turn: set[int] | frozenset[int] = frozenset(),
 ) -> Iterator[str]:
-    """Yields each new piece of text as soon as its token exists (generation runs token by token in a generator)."""
+    """Yields each new piece of text as soon as its token exists (generation runs token by token in a generator).
+    Generation stops at the model's stop tokens and at the template's ``end_of_turn`` ids (a ChatML checkpoint whose
+    end-of-sequence is ``<|endoftext|>`` ends its turns with ``<|im_end|>``), rather than running on to the budget."""
     from vlkit.lm.generate import decoding_config, stream_generate
 
     # The checkpoint's decoding defaults (sampling, repetition penalty; greedy without them), the session's over them.
     if max_new_tokens is None and model.generation_config is None:
         max_new_tokens = CHAT_MAX_NEW_TOKENS
     config = decoding_config(model.lm, max_new_tokens, **options)
+    stops = model.lm.config.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+    config = replace(config, stop_token_ids=tuple(dict.fromkeys([*stops, *sorted(end_of_turn)])))
     with torch.no_grad():  # the image's embeddings too: no graph through the tower is kept while the answer runs
         embeds = model.embed_inputs(prompt, pixels, *(qformer_prompt or ()))
         blocks = model.attention_blocks(prompt)
