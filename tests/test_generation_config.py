@@ -228,8 +228,59 @@ def test_a_vlm_applies_the_defaults_in_generate_and_chat(tmp_path: Path, monkeyp
     monkeypatch.setattr(module, "stream_generate", lambda *a, **k: used.append(a[4]) or real(*a, **k))
     image = tmp_path / "scene.png"
     Image.new("RGB", (32, 32), "white").save(image)
-    list(ChatSession(model, image, max_new_tokens=4).ask("what is this?"))
-    assert used == [dataclasses.replace(model.generation_config, max_new_tokens=4)]
+    session = ChatSession(model, image, max_new_tokens=4)
+    list(session.ask("what is this?"))
+    # ... and stops at the template's end of turn as well as at the model's end-of-sequence ids.
+    stops = tuple(dict.fromkeys([*model.config.lm.eos_token_ids, *sorted(session.eos_ids)]))
+    assert used == [dataclasses.replace(model.generation_config, max_new_tokens=4, stop_token_ids=stops)]
     # A checkpoint's stop strings are matched in the chat's decoded text too.
     model.generation_config = dataclasses.replace(model.generation_config, stop_strings=("circle",))
     assert isinstance("".join(ChatSession(model, image, max_new_tokens=4).ask("what is this?")), str)
+
+
+@pytest.mark.parametrize(
+    ("logits", "top_p", "top_k", "temperature"),
+    [([0.0, 0.0, 0.0, 0.0], 0.5, None, 1.0), ([2.0, 1.0, 1.0, 1.0, 0.0], 0.6, None, 1.0),
+     ([0.5, 0.4, 0.1], 0.5, None, 1.0), ([3.0, 1.0, 1.0, 0.5, 0.5, 0.0], 0.0, None, 1.0),
+     ([1.0, 2.0, 2.0, 0.5, 3.0], 0.8, 3, 0.7), ([1.0, 1.0, 1.0], 0.9, 0, 1.3)],
+)  # fmt: skip
+def test_warping_equals_transformers_warpers_ties_included(
+    logits: list[float], top_p: float, top_k: int | None, temperature: float
+) -> None:
+    """Temperature, top-k and top-p as transformers' warpers compute them, also where tokens tie (common in bf16):
+    which of equally likely tokens the nucleus keeps follows transformers' ascending sort."""
+    from transformers.generation import logits_process as lp
+
+    from vlkit.lm.generate import warp_logits
+
+    scores = torch.tensor([logits]).log_softmax(-1) if logits == [0.5, 0.4, 0.1] else torch.tensor([logits])
+    warpers = [lp.TemperatureLogitsWarper(temperature), *([lp.TopKLogitsWarper(top_k)] if top_k else []),
+               lp.TopPLogitsWarper(top_p)]  # fmt: skip
+    expected = scores.clone()
+    for warper in warpers:
+        expected = warper(None, expected)
+    assert torch.equal(torch.isinf(warp_logits(scores, temperature, top_k, top_p)), torch.isinf(expected))
+    torch.testing.assert_close(warp_logits(scores, temperature, top_k, top_p), expected)
+
+
+def test_transformers_spellings_and_options(tmp_path: Path) -> None:
+    """min_new_tokens, a padded prompt without its mask, and transformers' option values and names."""
+    path = _checkpoint(tmp_path / "hf", None)
+    model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+    early = reference.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[2, 9, 13, 17])
+    assert (early[:, inputs["input_ids"].shape[1] :] == 0).any()  # some row stops early
+    for options in ({"min_new_tokens": 4}, {"temperature": 0.0}, {"top_k": 0}):
+        theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[2, 9, 13, 17],
+                                    **options)  # fmt: skip
+        ours = model.generate(**inputs, max_new_tokens=8, eos_token_id=[2, 9, 13, 17], **options)
+        assert torch.equal(ours, theirs), options
+    # Left-padded ids without their mask: the mask the pad id implies (pad 0 is no end-of-sequence id here).
+    theirs = reference.generate(input_ids=inputs["input_ids"], max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(input_ids=inputs["input_ids"], max_new_tokens=6), theirs)
+    assert torch.equal(theirs, reference.generate(**inputs, max_new_tokens=6, do_sample=False))
+    # Sampling without a generation_config.json: transformers' defaults (top-k 50, which a high temperature makes
+    # matter), the same draws for one seed.
+    torch.manual_seed(3)
+    theirs = reference.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0), theirs)

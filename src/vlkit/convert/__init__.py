@@ -25,13 +25,14 @@ filled tensor by tensor, keeping the stored dtype unless ``dtype`` is given. ``e
 
 Decoding defaults. A language model's, LLaVA's or BLIP-2's ``generation_config.json`` gives the loaded model a
 ``generation_config`` (``vlkit.lm.GenerationConfig``), which its ``generate`` starts from as transformers'
-``generate(**inputs)`` does: do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens, pad_token_id and
-stop_strings, with transformers' defaults for those the file leaves out (top_k 50, temperature, top_p and the penalty
-1.0); its end-of-sequence ids become the language model's. ``max_length`` (prompt + new tokens, in public checkpoints
-usually the context length) is not read: vlkit's budget is ``max_new_tokens``, the file's or else 32. Options vlkit
-does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at load and
-ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens`` always,
-so transformers generates as many tokens as vlkit); a model without defaults gets none, and decodes greedily in both.
+``generate(**inputs)`` does: do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens, min_new_tokens,
+pad_token_id and stop_strings, with transformers' defaults for those the file leaves out (top_k 50, temperature, top_p
+and the penalty 1.0); its end-of-sequence ids become the language model's. ``max_length`` (prompt + new tokens, in
+public checkpoints usually the context length) is not read: vlkit's budget is ``max_new_tokens``, the file's or else 32.
+Options vlkit does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at
+load and ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens``
+always, so transformers generates as many tokens as vlkit); a model without defaults gets none, and decodes greedily in
+both.
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ def load_hf_directory(
 # transformers' values for the decoding options a generation_config.json leaves out
 # (GenerationConfig._get_default_generation_params, transformers 5): what its generate uses in their place.
 HF_GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-                                          "repetition_penalty": 1.0}  # fmt: skip
+                                          "repetition_penalty": 1.0, "min_new_tokens": 0}  # fmt: skip
 # Options of transformers' generate that change the tokens it picks and that vlkit does not implement, with the values
 # at which they do nothing. (max_length is left out on purpose: see the module's docstring.)
 HF_UNSUPPORTED_GENERATION: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (), "diversity_penalty": (0,),
-    "min_length": (0,), "min_new_tokens": (0,), "no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
+    "min_length": (0,), "no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
     "bad_words_ids": (), "force_words_ids": (), "constraints": (), "sequence_bias": (), "suppress_tokens": (),
     "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (),
     "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "num_return_sequences": (1,), "max_time": (),
@@ -150,6 +151,7 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
         "top_k": top_k or None,  # 0: no top-k
         "top_p": top_p if top_p < 1.0 else None,  # 1: no top-p
         "repetition_penalty": float(value("repetition_penalty")),
+        "min_new_tokens": int(value("min_new_tokens")),
     }
     if generation.get("max_new_tokens") is not None:
         options["max_new_tokens"] = int(generation["max_new_tokens"])
@@ -187,6 +189,7 @@ def hf_generation_config(config: GenerationConfig, eos_token_ids: tuple[int, ...
         "top_k": config.top_k or 0,  # vlkit's None: no top-k, which transformers spells 0
         "top_p": 1.0 if config.top_p is None else config.top_p,
         "repetition_penalty": config.repetition_penalty,
+        "min_new_tokens": config.min_new_tokens,
     }
     out: dict[str, Any] = {key: value for key, value in options.items() if value != HF_GENERATION_DEFAULTS[key]}
     out.update(do_sample=config.do_sample, max_new_tokens=config.max_new_tokens)

@@ -29,28 +29,32 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class GenerationConfig:
     """``stop_token_ids`` None: the model's end-of-sequence ids; ``pad_token_id`` None: the model's pad id, else its
-    first end-of-sequence id. ``temperature``, ``top_k`` and ``top_p`` apply only with ``do_sample``; the repetition
-    penalty applies to greedy decoding too."""
+    first end-of-sequence id. ``temperature``, ``top_k`` and ``top_p`` apply only with ``do_sample`` (transformers'
+    defaults: top-k 50, no top-p; ``top_k`` None or 0 is no top-k, ``top_p`` 0 keeps the most likely token); the
+    repetition penalty applies to greedy decoding too. ``min_new_tokens``: the stop tokens cannot end an answer
+    before that many new tokens (transformers' ``MinNewTokensLengthLogitsProcessor``)."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int | None = None
+    top_k: int | None = 50
     top_p: float | None = None
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     pad_token_id: int | None = None
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature <= 0:
+        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError(f"max_new_tokens and min_new_tokens must be >= 0, got {self.max_new_tokens}, "
+                             f"{self.min_new_tokens}")  # fmt: skip
+        if self.temperature <= 0 and self.do_sample:  # greedy reads no temperature (transformers' 0.0 for greedy)
             raise ValueError(f"temperature must be positive (use do_sample=False for greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if isinstance(self.stop_strings, str):
@@ -79,6 +83,9 @@ def decoding_config(model: Any, max_new_tokens: int | None = None, **options: An
     config = getattr(model, "generation_config", None) or GenerationConfig()
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
+    if "eos_token_id" in options:  # transformers' name for the stop tokens
+        eos = options.pop("eos_token_id")
+        options["stop_token_ids"] = None if eos is None else tuple([eos] if isinstance(eos, int) else eos)
     unknown = sorted(set(options) - {field.name for field in fields(GenerationConfig)})
     if unknown:
         raise TypeError(f"unknown generation options {unknown}")
@@ -99,20 +106,28 @@ def sample_logits(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): temperature, then top-k, then top-p (nucleus), then a draw."""
+    """One token per row (B,) from logits (B, V): ``warp_logits``, then a draw."""
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def warp_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """(B, V) fp32: temperature, then top-k, then top-p (nucleus), the dropped tokens at -inf, each as transformers'
+    warpers compute it (ties included: which of equally likely tokens top-p keeps follows its sort)."""
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        # Keep the smallest prefix whose probability reaches top_p: drop a token once the mass before it does.
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        drop[:, 0] = False
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # From the least likely up: drop tokens while their cumulative probability stays within 1 - top_p, and keep
+        # the most likely one whatever top_p is.
+        ordered, order = torch.sort(logits, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
 
 
 def _check_prompt(
@@ -150,7 +165,6 @@ def stream_generate(
     the model's tokenizer (special tokens kept).
     """
     config = decoding_config(model) if config is None else config
-    _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.stop_strings and decode is None:
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("stop_strings need a decode function (a tokenizer's decode)")
@@ -160,6 +174,9 @@ def stream_generate(
     pad = config.pad_token_id
     if pad is None:
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop_ids or (0,))[0]
+    if attention_mask is None and input_ids is not None and pad not in stop_ids and bool((input_ids == pad).any()):
+        attention_mask = (input_ids != pad).long()  # padded ids without a mask: the mask they imply, as transformers
+    _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.max_new_tokens == 0:
         return iter(())
     steps = _steps(model, input_ids, attention_mask, inputs_embeds, attention_blocks, config, stop_ids, pad,
@@ -219,6 +236,8 @@ def _steps(
     for step in range(config.max_new_tokens):
         if seen is not None:
             logits = penalize_repetition(logits, seen, config.repetition_penalty)
+        if step < config.min_new_tokens and stop_tensor is not None:
+            logits = logits.index_fill(-1, stop_tensor, float("-inf"))
         if config.do_sample:
             tokens = sample_logits(logits, config.temperature, config.top_k, config.top_p, generator)
         else:
