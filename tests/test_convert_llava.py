@@ -320,6 +320,14 @@ def test_processor_matches_llava_processor_and_feeds_generation(case: str, tmp_p
     assert type(again).__name__ == "LlavaProcessor"
     redone = again(images=images, text=prompts, padding=True, return_tensors="pt")
     assert all(torch.equal(redone[key], theirs[key]) for key in ("input_ids", "attention_mask", "pixel_values"))
+    # Exported without it, from a tokenizer that named no padding side (right, transformers' default for LLaVA's),
+    # its prompts still pad on the left to generate.
+    model.tokenizer.padding_side = "right"
+    model.tokenizer.hf_settings.pop("padding_side", None)
+    vlkit.export_hf(model, tmp_path / "bare")
+    (tmp_path / "bare" / "preprocessor_config.json").write_text(json.dumps(ours.image_processor.to_hf_dict()))
+    bare = vlkit.load_processor(tmp_path / "bare")(images=images, text=prompts)
+    assert torch.equal(bare["input_ids"], out["input_ids"]) and bare["attention_mask"][:, 0].tolist() == [0, 0, 1]
 
 
 def test_processor_output_is_a_mapping(tmp_path: Path) -> None:

@@ -426,14 +426,20 @@ def test_an_opt_directory_without_tokenizer_json_reads_its_vocab_and_merges(tmp_
     directory = tmp_path / "opt"
     directory.mkdir()
     backend.model.save(str(directory))
-    _reference("OPT", {**OPTS, "vocab_size": backend.get_vocab_size()}).save_pretrained(directory)
+    _reference("OPT", {**OPTS, "vocab_size": backend.get_vocab_size() + 2}).save_pretrained(directory)
+    size = backend.get_vocab_size()
+    # transformers 5's record of the added tokens, here not in id order, with a pad token vocab.json lacks
+    added = {str(size + 1): {"content": "<newpad>", "special": True}, "2": {"content": "</s>", "special": True},
+             str(size): {"content": "<extra>", "special": True}}  # fmt: skip
     (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>", "add_prefix_space": False,
-        "add_bos_token": True, "errors": "replace"}))  # fmt: skip
-    texts = ["Hello world", " Hello world", "a</s>b", "line one\nline two", "émoji 🙂"]
+        "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<newpad>",
+        "add_prefix_space": False, "add_bos_token": True, "errors": "replace",
+        "added_tokens_decoder": added}))  # fmt: skip
+    texts = ["Hello world", " Hello world", "a</s>b", "line one\nline two", "émoji 🙂", "a<extra>b"]
     theirs = transformers.AutoTokenizer.from_pretrained(directory)
     ours = vlkit.from_pretrained(directory).tokenizer
     assert ours is not None and (ours.pad_token_id, ours.eos_token_id) == (theirs.pad_token_id, theirs.eos_token_id)
+    assert ours.backend.token_to_id("<extra>") == theirs.convert_tokens_to_ids("<extra>") == size
     for text in texts:
         ids = theirs(text)["input_ids"]
         assert ours.encode(text) == ids and ids[0] == theirs.bos_token_id, text

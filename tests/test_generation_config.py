@@ -159,7 +159,7 @@ def test_missing_keys_take_transformers_defaults_and_unsupported_options_warn() 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         greedy = read_generation_config({"do_sample": False, "temperature": 0.0, "top_p": 0.0, "min_p": 0.1})
-    assert greedy == GenerationConfig(top_k=1)
+    assert greedy == GenerationConfig(top_p=0.0)  # top-p 0 keeps one token, as transformers' warper does
     with pytest.warns(UserWarning, match=r"min_p=0\.1"):
         read_generation_config({"do_sample": True, "min_p": 0.1})
     with pytest.raises(ConversionError, match=r"temperature=0\.0"):
@@ -269,15 +269,28 @@ def test_transformers_spellings_and_options(tmp_path: Path) -> None:
     model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
     early = reference.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[2, 9, 13, 17])
     assert (early[:, inputs["input_ids"].shape[1] :] == 0).any()  # some row stops early
-    for options in ({"min_new_tokens": 4}, {"temperature": 0.0}, {"top_k": 0}):
+    for options in ({"min_new_tokens": 8}, {"temperature": 0.0}, {"top_k": 0}):
         theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[2, 9, 13, 17],
                                     **options)  # fmt: skip
         ours = model.generate(**inputs, max_new_tokens=8, eos_token_id=[2, 9, 13, 17], **options)
         assert torch.equal(ours, theirs), options
+        assert torch.equal(ours, early) != ("min_new_tokens" in options), options  # it held the stop tokens back
+    # A stop id past the vocabulary (a tokenizer's added token) holds nothing back and breaks nothing.
+    held = model.generate(**inputs, max_new_tokens=8, eos_token_id=[2, 9, 13, 17], min_new_tokens=8)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=8, eos_token_id=[2, 9, 13, 17, 500], min_new_tokens=8),
+                       held)  # fmt: skip
     # Left-padded ids without their mask: the mask the pad id implies (pad 0 is no end-of-sequence id here).
     theirs = reference.generate(input_ids=inputs["input_ids"], max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(input_ids=inputs["input_ids"], max_new_tokens=6), theirs)
     assert torch.equal(theirs, reference.generate(**inputs, max_new_tokens=6, do_sample=False))
+    # No pad id of the model's own (vlkit's fallback pad is the first stop id): every token is real, as transformers.
+    model.config = dataclasses.replace(model.config, pad_token_id=None)
+    reference.generation_config.pad_token_id = None
+    ones = {"max_new_tokens": 6, "stop_token_ids": ()}
+    assert torch.equal(
+        model.generate(input_ids=inputs["input_ids"], **ones),
+        model.generate(**{**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}, **ones),
+    )
     # Sampling without a generation_config.json: transformers' defaults (top-k 50, which a high temperature makes
     # matter), the same draws for one seed.
     torch.manual_seed(3)

@@ -91,7 +91,9 @@ def test_pixels_match_transformers(name: str, images: list[Image.Image], tmp_pat
     print(f"{name}: max |diff| {worst:.1e}")
 
 
-def test_do_pad_pads_a_batch_only_where_its_images_differ(images: list[Image.Image], tmp_path: Path) -> None:
+def test_do_pad_changes_nothing_where_every_image_is_processed_to_one_size(
+    images: list[Image.Image], tmp_path: Path
+) -> None:
     reference = _reference_images(tmp_path, IMAGE_CASES["clip_do_pad"])
     expected = reference(images, return_tensors="pt").pixel_values  # one size after the crop: nothing to pad
     torch.testing.assert_close(load_processor(tmp_path)(images=images).pixel_values, expected, atol=1e-5, rtol=0)
@@ -225,9 +227,13 @@ def test_text_length_follows_the_model_and_the_tokenizer_json(tmp_path: Path) ->
     assert out.input_ids.shape == (2, 12)  # the stored truncation length, and the longest text fills it
     assert processor(text=["a", "red star"]).input_ids.shape == (2, 4)  # <start> red star <end>
 
-    # A tokenizer.json that pads on the left is followed, as transformers follows it (no padding_side in the config).
+    # CLIP's causal text tower, pooled at its end-of-text token (also its pad), reads right-padded text only.
     document["padding"]["direction"] = "Left"
     (tmp_path / "tokenizer.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="pads on the left"):
+        load_processor(tmp_path)
+    # Without a causal tower to feed, a tokenizer.json that pads on the left is followed, as transformers follows it.
+    (tmp_path / "config.json").unlink()
     texts = ["a red star", "the star", "red"]
     expected = transformers.AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True, truncation=True,
                                                                      return_tensors="pt")  # fmt: skip

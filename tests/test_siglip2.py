@@ -266,9 +266,17 @@ def _siglip2_checkpoint(directory: Path, tokenizer_settings: dict[str, Any]) -> 
 SIGLIP2_TEXTS = ["a red star", "A RED Star", "ünï", "the star " * 20, "b"]
 
 
-@pytest.mark.parametrize("settings", [{}, {"padding_side": "right"}], ids=["class_default", "config_right"])
-def test_siglip2_text_matches_transformers(settings: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("settings", "stored_normalizer"),
+    [({}, True), ({"padding_side": "right"}, True), ({}, False)],
+    ids=["class_default", "config_right", "no_stored_normalizer"],
+)
+def test_siglip2_text_matches_transformers(settings: dict[str, Any], stored_normalizer: bool, tmp_path: Path) -> None:
+    """Siglip2Tokenizer's own pipeline over the stored vocabulary, whatever normalizer the file holds."""
     _siglip2_checkpoint(tmp_path / "hf", settings)
+    if not stored_normalizer:
+        document = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+        (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({**document, "normalizer": None}))
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
     assert type(processor.tokenizer).__name__ == "Siglip2Tokenizer"
     expected = processor(text=SIGLIP2_TEXTS, return_tensors="pt")

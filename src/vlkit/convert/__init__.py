@@ -143,8 +143,6 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
         if do_sample:
             raise ConversionError(f"{source}: do_sample with temperature={temperature!r}; transformers refuses it too")
         temperature = 1.0
-    if top_p <= 0:  # transformers' top-p keeps at least the most likely token: top_p 0 is top_k 1
-        top_k, top_p = 1, 1.0
     options: dict[str, Any] = {
         "do_sample": do_sample,
         "temperature": temperature,
@@ -245,7 +243,10 @@ def export_hf(
                 "eos_token": backend.id_to_token(tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(tokenizer.pad_token_id),
                 "model_max_length": tokenizer.max_len,
-                "padding_side": tokenizer.padding_side,
+                "truncation_side": tokenizer.truncation_side,
+                # A vision-language model's prompts pad on the left to generate: its processor's side, written below
+                # (vlkit's load_processor pads a LLaVA directory without one on the left).
+                **({} if isinstance(model, VisionLanguageModel) else {"padding_side": tokenizer.padding_side}),
             },
         )
     if processor is not None and processor.image_processor is not None:

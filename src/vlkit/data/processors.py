@@ -350,7 +350,7 @@ class Processor:
             ids, mask = tokens.input_ids, tokens.attention_mask
             if self.padding == "longest":
                 length = int(mask.sum(dim=1).max())
-                kept = slice(-length, None) if tokenizer.padding_side == "left" else slice(0, length)
+                kept = slice(ids.shape[1] - length, None) if tokenizer.padding_side == "left" else slice(0, length)
                 ids, mask = ids[:, kept], mask[:, kept]
             out.input_ids, out.attention_mask = ids, mask
         return out

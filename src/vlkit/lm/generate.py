@@ -85,7 +85,7 @@ def decoding_config(model: Any, max_new_tokens: int | None = None, **options: An
         options["max_new_tokens"] = max_new_tokens
     if "eos_token_id" in options:  # transformers' name for the stop tokens
         eos = options.pop("eos_token_id")
-        options["stop_token_ids"] = None if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+        options["stop_token_ids"] = None if eos is None else tuple(torch.as_tensor(eos).flatten().tolist())
     unknown = sorted(set(options) - {field.name for field in fields(GenerationConfig)})
     if unknown:
         raise TypeError(f"unknown generation options {unknown}")
@@ -128,6 +128,20 @@ def warp_logits(
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def _implied_mask(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad: int | None, stop_ids: Sequence[int]
+) -> torch.Tensor | None:
+    """Left-padded ids given without their mask: the mask the pad id implies, as transformers infers it (a pad id of
+    its own that is no end-of-sequence id, and present in the ids); None where nothing is implied, or where the
+    implied mask would not be a left padding (a prompt that ends with the pad id's token keeps every token)."""
+    if attention_mask is not None or input_ids is None or pad is None or pad in stop_ids:
+        return attention_mask
+    implied = input_ids != pad
+    if bool(implied.all()) or (input_ids.shape[1] and not bool(implied[:, -1].all())):
+        return None
+    return implied.long()
 
 
 def _check_prompt(
@@ -174,8 +188,8 @@ def stream_generate(
     pad = config.pad_token_id
     if pad is None:
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop_ids or (0,))[0]
-    if attention_mask is None and input_ids is not None and pad not in stop_ids and bool((input_ids == pad).any()):
-        attention_mask = (input_ids != pad).long()  # padded ids without a mask: the mask they imply, as transformers
+    own_pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
+    attention_mask = _implied_mask(input_ids, attention_mask, own_pad, stop_ids)
     _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.max_new_tokens == 0:
         return iter(())
@@ -236,8 +250,9 @@ def _steps(
     for step in range(config.max_new_tokens):
         if seen is not None:
             logits = penalize_repetition(logits, seen, config.repetition_penalty)
-        if step < config.min_new_tokens and stop_tensor is not None:
-            logits = logits.index_fill(-1, stop_tensor, float("-inf"))
+        if step < config.min_new_tokens and stop_tensor is not None:  # ids past the vocabulary: nothing to hold back
+            logits = logits.masked_fill(torch.isin(torch.arange(logits.shape[-1], device=device), stop_tensor),
+                                        float("-inf"))  # fmt: skip
         if config.do_sample:
             tokens = sample_logits(logits, config.temperature, config.top_k, config.top_p, generator)
         else:

@@ -532,7 +532,9 @@ class DecoderLM(PretrainedModel):
 
         Decoding starts from ``self.generation_config`` (a checkpoint's ``generation_config.json``; greedy and 32 new
         tokens without one); ``max_new_tokens`` and ``options``, ``GenerationConfig`` fields (do_sample, temperature,
-        top_k, top_p, repetition_penalty, stop_token_ids, stop_strings, pad_token_id), replace its fields one by one.
+        top_k, top_p, repetition_penalty, stop_token_ids, stop_strings, pad_token_id, min_new_tokens; transformers'
+        ``eos_token_id`` for ``stop_token_ids``), replace its fields one by one. Left-padded ``input_ids`` without an
+        ``attention_mask`` get the mask their pad id implies, as in transformers.
         Stop strings are matched in text decoded by ``decode``, by default this model's tokenizer (special tokens
         kept). ``attention_blocks`` (B, T) marks the prompt's bidirectional blocks (see ``forward_features``).
         """

@@ -52,6 +52,7 @@ class PretrainedModel(nn.Module):
                 "eos_token": backend.id_to_token(self.tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
                 "padding_side": self.tokenizer.padding_side,
+                "truncation_side": self.tokenizer.truncation_side,
             }
             atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
         generation = path / GENERATION_CONFIG_NAME

@@ -611,7 +611,8 @@ class VLMEvaluation:
                                   "qformer_attention_mask": qformer_mask.to(device)}  # fmt: skip
             out = model.generate(ids.to(device), mask.to(device), pixels, max_new_tokens=self.max_new_tokens,
                                  stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, do_sample=False,
-                                 repetition_penalty=1.0, stop_strings=(), **prompt_options)  # fmt: skip
+                                 repetition_penalty=1.0, stop_strings=(), min_new_tokens=0,
+                                 **prompt_options)  # fmt: skip
             for row, index in enumerate(chunk):
                 answers[index] = decode_answer(model.tokenizer, out[row, length:].tolist(), self.stop_ids)
         return answers

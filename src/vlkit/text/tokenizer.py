@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlkit.files import DamagedFileError, read_json
 
@@ -30,6 +30,9 @@ TEXT_DEFAULTS = {
 # left padding unless tokenizer_config.json or tokenizer.json names a side. Other families pad on the right.
 _LOWERCASED = frozenset({"siglip2"})
 _LEFT_PADDED = frozenset({"siglip2"})
+# Dual-encoder families whose text tower is causal and pooled at the end-of-text token, which is also their pad: they
+# read right-padded text only (left padding would have real tokens attend to pads and the pooling read a pad).
+_CAUSAL_TEXT = frozenset({"clip"})
 # A Llama directory whose tokenizer_config.json names LlamaTokenizer (Llama 2, Vicuna, TinyLlama) is read by
 # transformers 5 with that class unless its tokenizer.json is byte-level (Llama 3): the stored vocabulary, merges and
 # post-processor under the class's own pipeline (``_as_llama_tokenizer``), padded on the left by default.
@@ -223,7 +226,7 @@ def read_tokenizer_directory(
     ids = {role: backend.token_to_id(token) for role, token in (("eos", eos), ("pad", pad))}
     unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
     if unknown:
-        raise ValueError(f"{file}: vocabulary has no {' or '.join(unknown)}")
+        raise ValueError(f"{file if file.exists() else directory}: vocabulary has no {' or '.join(unknown)}")
     llama_class = (
         model_type == "llama"
         and str(settings.get("tokenizer_class") or "").removesuffix("Fast") == _LLAMA_CLASS
@@ -239,8 +242,13 @@ def read_tokenizer_directory(
         sides[kind] = str(settings.get(kind) or (stored or {}).get("direction") or default).lower()
         if sides[kind] not in ("left", "right"):
             raise ValueError(f"{directory}: {kind} {sides[kind]!r} is neither 'left' nor 'right'")
-    if model_type in _LOWERCASED and backend.normalizer is not None:
-        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+    if model_type in _LOWERCASED:  # Siglip2Tokenizer's pipeline, whatever the stored one
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    if sides["padding_side"] == "left" and model_type in _CAUSAL_TEXT:
+        raise ValueError(f"{directory}: pads on the left; {model_type}'s causal text tower reads right-padded text "
+                         "(its end-of-text pooling would read a pad)")  # fmt: skip
     if llama_class:
         _as_llama_tokenizer(backend, settings)
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
@@ -270,15 +278,23 @@ def _gpt2_tokenizer(directory: Path, settings: dict[str, Any]) -> _HFTokenizer:
     backend = _HFTokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(settings.get("add_prefix_space", False)))
     backend.decoder = decoders.ByteLevel()
-    declared = settings.get("added_tokens_decoder") or {}
+    # transformers 5 writes each added token with its id and flags: added first, in the order of their ids.
+    declared = sorted((int(number), token) for number, token in (settings.get("added_tokens_decoder") or {}).items())
+    for number, token in declared:
+        content = _token_text(token) or ""
+        flags = token if isinstance(token, dict) else {}
+        options = {key: bool(flags.get(key, False)) for key in ("single_word", "lstrip", "rstrip", "normalized")}
+        added = AddedToken(content, special=bool(flags.get("special", True)), **options)
+        if added.special:
+            backend.add_special_tokens([added])
+        else:
+            backend.add_tokens([added])
+        if backend.token_to_id(content) != number:
+            raise ValueError(f"{directory}: added token {content!r} is id {number} in tokenizer_config.json but "
+                             f"{backend.token_to_id(content)} here")  # fmt: skip
     named = [_token_text(settings.get(key)) for key in ("unk_token", "bos_token", "eos_token", "pad_token")]
     named += [_token_text(token) for token in settings.get("additional_special_tokens") or ()]
-    specials = list(dict.fromkeys([*(t for t in named if t), *(_token_text(t) or "" for t in declared.values())]))
-    backend.add_special_tokens([t for t in specials if t])
-    for number, token in declared.items():  # transformers 5 writes each added token with its id
-        if backend.token_to_id(_token_text(token) or "") != int(number):
-            raise ValueError(f"{directory}: added token {token!r} is id {number} in tokenizer_config.json but "
-                             f"{backend.token_to_id(_token_text(token) or '')} in vocab.json")  # fmt: skip
+    backend.add_special_tokens([token for token in dict.fromkeys(named) if token])
     bos = _token_text(settings.get("bos_token")) if settings.get("add_bos_token") else None
     eos = _token_text(settings.get("eos_token")) if settings.get("add_eos_token") else None
     if bos or eos:
