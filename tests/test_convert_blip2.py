@@ -220,6 +220,18 @@ def test_processor_matches_blip2_processor_and_feeds_generation(case: str, tmp_p
     assert model.tokenizer is not None
     generated = model.generate(**ours(images=_images(), text=prompts), max_new_tokens=5)
     assert torch.equal(generated, reference.generate(**theirs, max_new_tokens=5, do_sample=False))
+    # Captioning, BLIP-2's main use: images alone, the prompt (queries, then <bos>) built by generate as transformers'.
+    captions = model.generate(**ours(images=_images()), max_new_tokens=5)
+    expected = reference.generate(**processor(images=_images(), return_tensors="pt"), max_new_tokens=5,
+                                  do_sample=False)  # fmt: skip
+    assert torch.equal(captions, expected) and captions.shape == (2, count + 1 + 5)
+    # transformers' BLIP-2 decodes with its language model's defaults (text_config): a generation_config.json beside
+    # it changes nothing there, and nothing in vlkit.
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": int(expected[0, count + 2]),
+                                                                 "repetition_penalty": 1.5}))  # fmt: skip
+    again = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert torch.equal(again.generate(**processor(images=_images(), return_tensors="pt"), max_new_tokens=5), expected)
+    assert torch.equal(vlkit.from_pretrained(tmp_path).generate(**ours(images=_images()), max_new_tokens=5), expected)
 
     # Exported with its processor, the directory gives transformers the same processor back.
     vlkit.export_hf(model, tmp_path / "out", processor=ours)

@@ -23,7 +23,7 @@ Language models, LLaVA and BLIP-2 load through their module's ``load_directory``
 filled tensor by tensor, keeping the stored dtype unless ``dtype`` is given. ``export_hf`` writes shards
 (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) when the weights exceed ``max_shard_bytes``.
 
-Decoding defaults. A language model's, LLaVA's or BLIP-2's ``generation_config.json`` gives the loaded model a
+Decoding defaults. A language model's or LLaVA's ``generation_config.json`` gives the loaded model a
 ``generation_config`` (``vlkit.lm.GenerationConfig``), which its ``generate`` starts from as transformers'
 ``generate(**inputs)`` does: do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens, min_new_tokens,
 pad_token_id and stop_strings, with transformers' defaults for those the file leaves out (top_k 50, temperature, top_p
@@ -32,7 +32,7 @@ public checkpoints usually the context length) is not read: vlkit's budget is ``
 Options vlkit does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at
 load and ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens``
 always, so transformers generates as many tokens as vlkit); a model without defaults gets none, and decodes greedily in
-both.
+both. BLIP-2's is not read, as transformers' BLIP-2 decodes with its language model's defaults from ``text_config``.
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ def load_hf_directory(
             f"supported: {list(module.ARCHITECTURES)}"
         )
     generation = None
-    if module in (llama, opt, llava, blip2) and (directory / GENERATION_CONFIG_NAME).is_file():
+    # BLIP-2's is not read: transformers' Blip2ForConditionalGeneration.generate hands decoding to its language model,
+    # whose defaults come from text_config, so a generation_config.json there changes nothing.
+    if module in (llama, opt, llava) and (directory / GENERATION_CONFIG_NAME).is_file():
         generation = read_json(directory / GENERATION_CONFIG_NAME)
-        config = _with_generation_eos(config, generation, nested=module in (llava, blip2))
+        config = _with_generation_eos(config, generation, nested=module is llava)
     if hasattr(module, "load_directory"):
         model = module.load_directory(directory, config, dtype)
     else:

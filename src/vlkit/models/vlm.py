@@ -296,7 +296,7 @@ class VisionLanguageModel(PretrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
@@ -308,7 +308,16 @@ class VisionLanguageModel(PretrainedModel):
     ) -> torch.Tensor:
         """Prompt + new ids (B, T + steps) for left-padded prompts; decoding starts from ``generation_config`` (greedy,
         32 new tokens without one) and ``max_new_tokens`` / ``options`` replace its fields (``DecoderLM.generate``).
-        ``qformer_input_ids`` / ``qformer_attention_mask`` (I, T): each image's prompt, for ``bridge_reads_prompt``."""
+        ``qformer_input_ids`` / ``qformer_attention_mask`` (I, T): each image's prompt, for ``bridge_reads_prompt``.
+        Without ``input_ids`` each image is captioned: its tokens, then the language model's begin-of-text token (the
+        prompt transformers' BLIP-2 builds for a processor given no text)."""
+        if input_ids is None:
+            if pixel_values is None:
+                raise ValueError("generate needs input_ids, pixel_values or both")
+            bos = [] if self.config.lm.bos_token_id is None else [self.config.lm.bos_token_id]
+            start = [self.config.image_token_id] * self.tokens_per_image() + bos
+            input_ids = torch.tensor([start], device=pixel_values.device).expand(pixel_values.shape[0], -1)
+            attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
                                 attention_blocks=self.attention_blocks(input_ids), **options)  # fmt: skip
