@@ -316,7 +316,7 @@ class VisionLanguageModel(PretrainedModel):
                 raise ValueError("generate needs input_ids, pixel_values or both")
             bos = [] if self.config.lm.bos_token_id is None else [self.config.lm.bos_token_id]
             start = [self.config.image_token_id] * self.tokens_per_image() + bos
-            input_ids = torch.tensor([start], device=pixel_values.device).expand(pixel_values.shape[0], -1)
+            input_ids = torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,

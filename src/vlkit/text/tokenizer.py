@@ -25,9 +25,10 @@ TEXT_DEFAULTS = {
     "siglip": ("</s>", "</s>", 64),
     "siglip2": ("<eos>", "<pad>", 64),
 }
-# transformers 5 reads every SigLIP 2 directory with its Siglip2Tokenizer, whatever tokenizer_config.json names: Gemma's
-# tokenizer.json with a Lowercase normalizer put in front of the stored one (SigLIP 2 trained on lower-cased text), and
-# left padding unless tokenizer_config.json or tokenizer.json names a side. Other families pad on the right.
+# transformers 5 reads every SigLIP 2 directory with its Siglip2Tokenizer, whatever tokenizer_config.json names: the
+# stored vocabulary and merges under the class's own pipeline, which lower-cases (SigLIP 2 trained on lower-cased text;
+# Gemma's tokenizer.json does not), and left padding unless tokenizer_config.json or tokenizer.json names a side. Other
+# families pad on the right.
 _LOWERCASED = frozenset({"siglip2"})
 _LEFT_PADDED = frozenset({"siglip2"})
 # Dual-encoder families whose text tower is causal and pooled at the end-of-text token, which is also their pad: they
@@ -56,8 +57,8 @@ class TokenBatch:
 
 class Tokenizer:
     """Text -> ids padded to ``max_len`` on ``padding_side``; a text too long is cut as transformers cuts it: its own
-    tokens to what fits beside the special tokens the tokenizer adds, which are then added (an end-of-text token stays
-    last)."""
+    tokens, from the ``truncation_side`` end, to what fits beside the special tokens the tokenizer adds, which are then
+    added (an end-of-text token the tokenizer adds stays last)."""
 
     def __init__(
         self, backend: _HFTokenizer, pad_token_id: int, eos_token_id: int, max_len: int,
@@ -234,7 +235,7 @@ def read_tokenizer_directory(
         and '"ByteLevel"' not in file.read_text(encoding="utf-8")
     )
     # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
-    sides = {}
+    sides: dict[str, str] = {}
     for kind, stored, default in (
         ("padding_side", padding_settings, "left" if model_type in _LEFT_PADDED or llama_class else "right"),
         ("truncation_side", truncation, "right"),
@@ -257,7 +258,7 @@ def read_tokenizer_directory(
     if not usable:
         raise ValueError(f"{directory}: cannot tell the maximum text length (no model_max_length or max_len)")
     padding: Padding = "longest" if padding_settings and padding_settings.get("length") is None else "max_length"
-    # vlkit's Tokenizer pads and truncates itself (keeping the end-of-text token); the backend must not do it too.
+    # vlkit's Tokenizer pads and truncates itself (``Tokenizer._truncated``); the backend must not do it too.
     backend.no_padding()
     backend.no_truncation()
     tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable), _side(sides["padding_side"]))
