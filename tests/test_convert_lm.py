@@ -449,3 +449,29 @@ def test_an_opt_directory_without_tokenizer_json_reads_its_vocab_and_merges(tmp_
     exported = vlkit.export_hf(vlkit.from_pretrained(directory), tmp_path / "out")
     again = transformers.AutoTokenizer.from_pretrained(exported)
     assert [again(text)["input_ids"] for text in texts] == [theirs(text)["input_ids"] for text in texts]
+
+
+def test_a_qwen2_directory_naming_no_pad_token_pads_with_qwen2_tokenizers_default(tmp_path: Path) -> None:
+    """transformers 5 reads every qwen2 directory with Qwen2Tokenizer, whose pad token is ``<|endoftext|>`` when the
+    configuration names none (vlkit used the end-of-sequence token, ``<|im_end|>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["a red circle and a blue square"] * 8, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+    (tmp_path / "hf").mkdir()
+    backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    _reference(
+        "Qwen2", {**LLAMAS, "num_key_value_heads": 2, "vocab_size": backend.get_vocab_size(), "eos_token_id": 2}
+    ).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                       "model_max_length": 32}))  # fmt: skip
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = vlkit.from_pretrained(tmp_path / "hf").tokenizer
+    assert type(theirs).__name__ == "Qwen2Tokenizer" and theirs.pad_token == "<|endoftext|>"
+    assert (ours.pad_token_id, ours.eos_token_id) == (theirs.pad_token_id, theirs.eos_token_id) == (0, 2)
+    texts = ["a red circle", "a blue square and a red circle"]
+    expected = theirs(texts, padding="max_length", max_length=32, return_tensors="pt")
+    assert torch.equal(ours(texts).input_ids, expected["input_ids"])

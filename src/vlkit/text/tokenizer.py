@@ -24,6 +24,7 @@ TEXT_DEFAULTS = {
     "clip": ("<|endoftext|>", "<|endoftext|>", 77),
     "siglip": ("</s>", "</s>", 64),
     "siglip2": ("<eos>", "<pad>", 64),
+    "qwen2": ("<|endoftext|>", "<|endoftext|>", None),  # Qwen2Tokenizer's defaults, which transformers 5 always uses
 }
 # transformers 5 reads every SigLIP 2 directory with its Siglip2Tokenizer, whatever tokenizer_config.json names: the
 # stored vocabulary and merges under the class's own pipeline, which lower-cases (SigLIP 2 trained on lower-cased text;
@@ -221,7 +222,8 @@ def read_tokenizer_directory(
     default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
     padding_settings, truncation = backend.padding, backend.truncation
     eos = _token_text(settings.get("eos_token")) or default_eos
-    pad = _token_text(settings.get("pad_token")) or (padding_settings or {}).get("pad_token") or default_pad or eos
+    known_pad = default_pad if default_pad is not None and backend.token_to_id(default_pad) is not None else None
+    pad = _token_text(settings.get("pad_token")) or (padding_settings or {}).get("pad_token") or known_pad or eos
     if eos is None:
         raise ValueError(f"{directory}: no eos_token in tokenizer_config.json and no convention for {model_type!r}")
     ids = {role: backend.token_to_id(token) for role, token in (("eos", eos), ("pad", pad))}
