@@ -156,7 +156,8 @@ def _check_prompt(
         if tuple(attention_mask.shape) != shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {shape}")
         if shape[1] and not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate needs left-padded prompts: every row's last position must be a real token")
+            raise ValueError("generate needs left-padded prompts: every row's last position must be a real token "
+                             "(a processor pads so with padding_side='left')")  # fmt: skip
     return shape  # type: ignore[return-value]
 
 
