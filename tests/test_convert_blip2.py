@@ -225,6 +225,12 @@ def test_processor_matches_blip2_processor_and_feeds_generation(case: str, tmp_p
     expected = reference.generate(**processor(images=_images(), return_tensors="pt"), max_new_tokens=5,
                                   do_sample=False)  # fmt: skip
     assert torch.equal(captions, expected) and captions.shape == (2, count + 1 + 5)
+    # Padded ids without their mask: transformers' BLIP-2 reads every token as real (it infers no mask); vlkit too.
+    unmasked = {"input_ids": theirs["input_ids"], "pixel_values": theirs["pixel_values"]}
+    assert torch.equal(model.generate(**unmasked, max_new_tokens=5),
+                       reference.generate(**unmasked, max_new_tokens=5, do_sample=False))  # fmt: skip
+    with pytest.raises(ValueError, match="generate needs input_ids"):  # a LLaVA's prompt comes from its template
+        vlkit.create_model("test_llava").generate(pixel_values=torch.zeros(1, 3, 32, 32))
     # transformers' BLIP-2 decodes with its language model's defaults (text_config): a generation_config.json beside
     # it changes nothing there, and nothing in vlkit.
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": int(expected[0, count + 2]),

@@ -283,9 +283,10 @@ def test_transformers_spellings_and_options(tmp_path: Path) -> None:
     theirs = reference.generate(input_ids=inputs["input_ids"], max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(input_ids=inputs["input_ids"], max_new_tokens=6), theirs)
     assert torch.equal(theirs, reference.generate(**inputs, max_new_tokens=6, do_sample=False))
+    with pytest.raises(ValueError, match="left-padded"):  # right-padded ids imply a mask vlkit cannot generate from
+        model.generate(input_ids=torch.tensor([[7, 9, 7, 0, 0], [11, 13, 17, 11, 13]]), max_new_tokens=2)
     # No pad id of the model's own (vlkit's fallback pad is the first stop id): every token is real, as transformers.
     model.config = dataclasses.replace(model.config, pad_token_id=None)
-    reference.generation_config.pad_token_id = None
     ones = {"max_new_tokens": 6, "stop_token_ids": ()}
     assert torch.equal(
         model.generate(input_ids=inputs["input_ids"], **ones),

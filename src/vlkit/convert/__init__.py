@@ -32,7 +32,8 @@ public checkpoints usually the context length) is not read: vlkit's budget is ``
 Options vlkit does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at
 load and ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens``
 always, so transformers generates as many tokens as vlkit); a model without defaults gets none, and decodes greedily in
-both. BLIP-2's is not read, as transformers' BLIP-2 decodes with its language model's defaults from ``text_config``.
+both. BLIP-2's is neither read nor written (with a warning), as transformers' BLIP-2 decodes with its language model's
+defaults from ``text_config``.
 """
 
 from __future__ import annotations
@@ -253,7 +254,12 @@ def export_hf(
         )
     if processor is not None and processor.image_processor is not None:
         write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
+    # BLIP-2's decoding defaults are text_config's in transformers, which reads no generation_config.json for it.
     generation = getattr(model, "generation_config", None)
+    if generation is not None and module is blip2:
+        warnings.warn("export_hf: a BLIP-2 model's decoding defaults are not exported (transformers' BLIP-2 decodes "
+                      "with its language model's, from text_config)", UserWarning, stacklevel=2)  # fmt: skip
+        generation = None
     if generation is not None:
         lm = model.config.lm if isinstance(model, VisionLanguageModel) else model.config
         write_json(directory / GENERATION_CONFIG_NAME,

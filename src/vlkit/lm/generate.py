@@ -133,15 +133,13 @@ def warp_logits(
 def _implied_mask(
     input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad: int | None, stop_ids: Sequence[int]
 ) -> torch.Tensor | None:
-    """Left-padded ids given without their mask: the mask the pad id implies, as transformers infers it (a pad id of
-    its own that is no end-of-sequence id, and present in the ids); None where nothing is implied, or where the
-    implied mask would not be a left padding (a prompt that ends with the pad id's token keeps every token)."""
+    """Padded ids given without their mask: the mask the pad id implies, as transformers infers it (a pad id of its
+    own that is no end-of-sequence id, and present in the ids); None where nothing is implied. A mask that is no left
+    padding (a right-padded batch, or a prompt ending with the pad id's token) is refused by ``_check_prompt``."""
     if attention_mask is not None or input_ids is None or pad is None or pad in stop_ids:
         return attention_mask
     implied = input_ids != pad
-    if bool(implied.all()) or (input_ids.shape[1] and not bool(implied[:, -1].all())):
-        return None
-    return implied.long()
+    return None if bool(implied.all()) else implied.long()
 
 
 def _check_prompt(
@@ -157,7 +155,8 @@ def _check_prompt(
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {shape}")
         if shape[1] and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: every row's last position must be a real token "
-                             "(a processor pads so with padding_side='left')")  # fmt: skip
+                             "(a processor pads so with padding_side='left'; ids given without attention_mask are "
+                             "masked where they hold the pad id, as in transformers)")  # fmt: skip
     return shape  # type: ignore[return-value]
 
 

@@ -309,14 +309,19 @@ class VisionLanguageModel(PretrainedModel):
         """Prompt + new ids (B, T + steps) for left-padded prompts; decoding starts from ``generation_config`` (greedy,
         32 new tokens without one) and ``max_new_tokens`` / ``options`` replace its fields (``DecoderLM.generate``).
         ``qformer_input_ids`` / ``qformer_attention_mask`` (I, T): each image's prompt, for ``bridge_reads_prompt``.
-        Without ``input_ids`` each image is captioned: its tokens, then the language model's begin-of-text token (the
-        prompt transformers' BLIP-2 builds for a processor given no text)."""
+        A Q-Former model (BLIP-2) given no ``input_ids`` captions each image: its queries' tokens, then the language
+        model's begin-of-text token; and without an ``attention_mask`` every token is real (transformers' BLIP-2 builds
+        both so). Other models, as in transformers, need ``input_ids`` (their prompts come from a chat template)."""
+        blip2 = isinstance(self.config.bridge, QFormerConfig)
         if input_ids is None:
-            if pixel_values is None:
-                raise ValueError("generate needs input_ids, pixel_values or both")
+            if not blip2 or pixel_values is None or attention_mask is not None:
+                raise ValueError("generate needs input_ids (images alone are captioned by Q-Former models only, "
+                                 "without an attention_mask)")  # fmt: skip
             bos = [] if self.config.lm.bos_token_id is None else [self.config.lm.bos_token_id]
             start = [self.config.image_token_id] * self.tokens_per_image() + bos
-            input_ids = torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)
+            device = self.lm.token_embed.weight.device
+            input_ids = torch.tensor([start], device=device).repeat(pixel_values.shape[0], 1)
+        if blip2 and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, pixel_values, qformer_input_ids, qformer_attention_mask)
         return self.lm.generate(input_ids, attention_mask, embeds, max_new_tokens, streamer=streamer, decode=decode,
