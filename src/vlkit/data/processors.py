@@ -62,7 +62,7 @@ from vlkit.text.chat import (
     image_prompt,
     tokenize_prompt,
 )
-from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, read_json, read_tokenizer_directory
+from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, pad_rows, read_json, read_tokenizer_directory
 
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 
@@ -429,7 +429,7 @@ class VLMProcessor(Processor):
             raise ValueError(f"a prompt has {width} tokens (images expanded), more than the model's "
                              f"{tokenizer.max_len} positions")  # fmt: skip
         left = (padding_side or self.padding_side) == "left"
-        out.input_ids, out.attention_mask = _padded(encoded, tokenizer.pad_token_id, left)
+        out.input_ids, out.attention_mask = pad_rows(encoded, tokenizer.pad_token_id, left)
         return out
 
 
@@ -479,7 +479,7 @@ class Blip2Processor(VLMProcessor):
         if queries + width > tokenizer.max_len:
             raise ValueError(f"a prompt has {queries + width} tokens (the queries included), more than the model's "
                              f"{tokenizer.max_len} positions")  # fmt: skip
-        ids, mask = _padded(encoded, tokenizer.pad_token_id, (padding_side or self.padding_side) == "left")
+        ids, mask = pad_rows(encoded, tokenizer.pad_token_id, (padding_side or self.padding_side) == "left")
         prefix = torch.full((len(encoded), queries), self.image_token_id, dtype=torch.long)  # (B, M)
         out.input_ids = torch.cat([prefix, ids], dim=1)  # (B, M + T)
         out.attention_mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
@@ -547,7 +547,7 @@ class ChatProcessor(Processor):
             encoded.append(tokenize_prompt(conversation, self.chat_template, tokenizer, self.image_token_id,
                                            self.image_tokens, max_len=tokenizer.max_len).tolist())  # fmt: skip
         left = (padding_side or self.padding_side) == "left"
-        out.input_ids, out.attention_mask = _padded(encoded, tokenizer.pad_token_id, left)
+        out.input_ids, out.attention_mask = pad_rows(encoded, tokenizer.pad_token_id, left)
         if self.qformer_max_len is not None and images is not None:
             from vlkit.models.vlm import qformer_prompt_ids  # here: models import data
 
@@ -583,18 +583,6 @@ class ChatProcessor(Processor):
                                  f"per message, or place {IMAGE_PLACEHOLDER} in the messages")  # fmt: skip
             groups = [_flat_images(item) for item in items]
         return groups
-
-
-def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows -> ``input_ids`` and ``attention_mask`` (B, longest) long, padded on the left or the right."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for number, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[number, span] = torch.tensor(row, dtype=torch.long)
-        mask[number, span] = 1
-    return ids, mask
 
 
 def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:

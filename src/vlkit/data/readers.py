@@ -42,6 +42,7 @@ from PIL import Image
 from vlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSampleError, decode_image_bytes, load_image
 from vlkit.data.transforms import ImageTransform
 from vlkit.seeding import mix_seed
+from vlkit.text.tokenizer import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -622,12 +623,8 @@ def _encode_caption(
         raise BadSampleError(item, "caption tokenizes to zero tokens")
     if len(token_ids) > max_text_len:
         raise BadSampleError(item, f"caption has {len(token_ids)} tokens; the text tower takes at most {max_text_len}")
-    span = slice(max_text_len - len(token_ids), max_text_len) if pad_left else slice(0, len(token_ids))
-    input_ids = torch.full((max_text_len,), pad_id, dtype=torch.long)
-    input_ids[span] = torch.tensor(token_ids, dtype=torch.long)
-    attention_mask = torch.zeros(max_text_len, dtype=torch.long)
-    attention_mask[span] = 1
-    return input_ids, attention_mask
+    input_ids, attention_mask = pad_rows([token_ids], pad_id, pad_left, max_text_len)
+    return input_ids[0], attention_mask[0]
 
 
 def _parse_manifest_line(raw_line: bytes, item: str, folder: Path, first_line: bool) -> ImageTextRecord | None:

@@ -7,7 +7,7 @@ user's own captions) and names its special tokens ``<pad>`` (id 0), ``<bos>`` (1
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,19 +26,9 @@ TEXT_DEFAULTS = {
     "siglip2": ("<eos>", "<pad>", 64),
     "qwen2": ("<|endoftext|>", "<|endoftext|>", None),  # Qwen2Tokenizer's defaults, which transformers 5 always uses
 }
-# transformers 5 reads every SigLIP 2 directory with its Siglip2Tokenizer, whatever tokenizer_config.json names: the
-# stored vocabulary and merges under the class's own pipeline, which lower-cases (SigLIP 2 trained on lower-cased text;
-# Gemma's tokenizer.json does not), and left padding unless tokenizer_config.json or tokenizer.json names a side. Other
-# families pad on the right.
-_LOWERCASED = frozenset({"siglip2"})
-_LEFT_PADDED = frozenset({"siglip2"})
 # Dual-encoder families whose text tower is causal and pooled at the end-of-text token, which is also their pad: they
 # read right-padded text only (left padding would have real tokens attend to pads and the pooling read a pad).
 _CAUSAL_TEXT = frozenset({"clip"})
-# A Llama directory whose tokenizer_config.json names LlamaTokenizer (Llama 2, Vicuna, TinyLlama) is read by
-# transformers 5 with that class unless its tokenizer.json is byte-level (Llama 3): the stored vocabulary, merges and
-# post-processor under the class's own pipeline (``_as_llama_tokenizer``), padded on the left by default.
-_LLAMA_CLASS = "LlamaTokenizer"
 # Families whose transformers tokenizer is GPT2Tokenizer, which can be built from vocab.json and merges.txt alone
 # (CLIP's vocab.json and merges.txt are another BPE, with its own word ends and cleaning).
 _GPT2_FILES = frozenset({"opt", "blip-2"})
@@ -121,18 +111,15 @@ class Tokenizer:
     def __call__(self, texts: str | Sequence[str], max_len: int | None = None, truncate: bool = True) -> TokenBatch:
         texts = [texts] if isinstance(texts, str) else list(texts)
         length = max_len or self.max_len
-        ids = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), length), dtype=torch.long)
-        for row, encoding in enumerate(self.backend.encode_batch(texts)):
+        rows = []
+        for text, encoding in zip(texts, self.backend.encode_batch(texts), strict=True):
             tokens = encoding.ids
             if len(tokens) > length:
                 if not truncate:
-                    raise ValueError(f"text {texts[row][:60]!r} has {len(tokens)} tokens; at most {length} fit")
-                tokens = self._truncated(texts[row], length)
-            span = slice(length - len(tokens), length) if self.padding_side == "left" else slice(0, len(tokens))
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
-        return TokenBatch(ids, mask)
+                    raise ValueError(f"text {text[:60]!r} has {len(tokens)} tokens; at most {length} fit")
+                tokens = self._truncated(text, length)
+            rows.append(tokens)
+        return TokenBatch(*pad_rows(rows, self.pad_token_id, self.padding_side == "left", length))
 
     def _truncated(self, text: str, length: int) -> list[int]:
         """``text``'s ids in ``length`` tokens: its own cut to what the added special tokens leave, then those."""
@@ -141,6 +128,21 @@ class Tokenizer:
             max(length - self.backend.num_special_tokens_to_add(False), 0), direction=self.truncation_side
         )
         return list(self.backend.post_process(encoding).ids)[:length]
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, left: bool, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> ``input_ids`` and ``attention_mask`` (B, ``length``, else the longest row's) long, padded on
+    the left or on the right."""
+    width = max((len(row) for row in rows), default=0) if length is None else length
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for number, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[number, span] = torch.tensor(row, dtype=torch.long)
+        mask[number, span] = 1
+    return ids, mask
 
 
 def train_tokenizer(
@@ -230,30 +232,21 @@ def read_tokenizer_directory(
     unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
     if unknown:
         raise ValueError(f"{file if file.exists() else directory}: vocabulary has no {' or '.join(unknown)}")
-    llama_class = (
-        model_type == "llama"
-        and str(settings.get("tokenizer_class") or "").removesuffix("Fast") == _LLAMA_CLASS
-        and not byte_level
-        and '"ByteLevel"' not in file.read_text(encoding="utf-8")
-    )
+    own = None if byte_level else _own_pipeline(model_type, settings, file)
     # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
     sides: dict[str, str] = {}
     for kind, stored, default in (
-        ("padding_side", padding_settings, "left" if model_type in _LEFT_PADDED or llama_class else "right"),
+        ("padding_side", padding_settings, "left" if own is not None else "right"),
         ("truncation_side", truncation, "right"),
     ):
         sides[kind] = str(settings.get(kind) or (stored or {}).get("direction") or default).lower()
         if sides[kind] not in ("left", "right"):
             raise ValueError(f"{directory}: {kind} {sides[kind]!r} is neither 'left' nor 'right'")
-    if model_type in _LOWERCASED:  # Siglip2Tokenizer's pipeline, whatever the stored one
-        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
-        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     if sides["padding_side"] == "left" and model_type in _CAUSAL_TEXT:
         raise ValueError(f"{directory}: pads on the left; {model_type}'s causal text tower reads right-padded text "
                          "(its end-of-text pooling would read a pad)")  # fmt: skip
-    if llama_class:
-        _as_llama_tokenizer(backend, settings)
+    if own is not None:
+        own(backend, settings)
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
     lengths.append((padding_settings or {}).get("length"))
     usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
@@ -311,6 +304,33 @@ def _gpt2_tokenizer(directory: Path, settings: dict[str, Any]) -> _HFTokenizer:
 
 def _side(value: str) -> PaddingSide:
     return "left" if value == "left" else "right"
+
+
+def _own_pipeline(
+    model_type: str | None, settings: dict[str, Any], file: Path
+) -> Callable[[_HFTokenizer, dict[str, Any]], None] | None:
+    """The pipeline of the tokenizer class transformers 5 reads this directory with, where that class replaces the
+    stored normalizer, pre-tokenizer and decoder (keeping the vocabulary, merges and post-processor) and pads on the
+    left by default; None where transformers uses the stored ``tokenizer.json`` as it is.
+
+    - ``Siglip2Tokenizer``, for every siglip2 directory whatever tokenizer_config.json names: it lower-cases (SigLIP 2
+      trained on lower-cased text; Gemma's tokenizer.json does not).
+    - ``LlamaTokenizer``, for a Llama directory whose tokenizer_config.json names it (Llama 2, Vicuna, TinyLlama),
+      unless its tokenizer.json is byte-level (Llama 3, read as stored).
+    """
+    if model_type == "siglip2":
+        return _as_siglip2_tokenizer
+    named = str(settings.get("tokenizer_class") or "").removesuffix("Fast")
+    if model_type == "llama" and named == "LlamaTokenizer" and '"ByteLevel"' not in file.read_text(encoding="utf-8"):
+        return _as_llama_tokenizer
+    return None
+
+
+def _as_siglip2_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None:
+    """transformers 5's Siglip2Tokenizer pipeline: lower-case, spaces as "▁", byte fallback when decoding."""
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
 
 
 def _as_llama_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None:
