@@ -330,6 +330,116 @@ def test_processor_matches_llava_processor_and_feeds_generation(case: str, tmp_p
     assert torch.equal(bare["input_ids"], out["input_ids"]) and bare["attention_mask"][:, 0].tolist() == [0, 0, 1]
 
 
+# LLaVA-1.5's template as llava-hf ships it: the images first, then the text, "ASSISTANT:" as the generation prompt.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_chat_template_prompts_as_transformers_and_chat_uses_it(tmp_path: Path, capsys) -> None:
+    """A LLaVA directory's Jinja chat template: ``apply_chat_template`` renders and prepares inputs as
+    ``LlavaProcessor`` does (images from the content blocks), generation from them is transformers' token for token,
+    ``vlkit chat`` prompts with it (and with the checkpoint's image processor), and the export keeps it."""
+    from vlkit import cli
+    from vlkit.serve.chat import ChatSession
+    from vlkit.text.chat import Conversation, Turn, render
+
+    model_case, vision, image_processor, settings = PROCESSOR_CASES["clip_default"]
+    tokenizer = _tokenizer()
+    text = {
+        **CASES[model_case]["text_config"],
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_position_embeddings": 256,
+    }  # Vicuna's system prompt fits
+    options = {**CASES[model_case], "vision_config": vision, "text_config": text,
+               "image_token_index": tokenizer.convert_tokens_to_ids("<image>")}  # fmt: skip
+    reference = _reference(options)
+    processor = transformers.LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer,
+                                            patch_size=vision["patch_size"], chat_template=LLAVA_TEMPLATE,
+                                            **settings)  # fmt: skip
+    reference.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    ours = vlkit.load_processor(tmp_path)
+    assert isinstance(ours, VLMProcessor) and ours.chat_template == LLAVA_TEMPLATE
+
+    images = _images()
+    photo = tmp_path / "photo.png"
+    images[2].save(photo)
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": images[0]},
+                                      {"type": "text", "text": "what colour is the circle"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+         {"role": "user", "content": [{"type": "text", "text": "and the square"}]}],
+        [{"role": "user", "content": [{"type": "image", "path": str(photo)},
+                                      {"type": "text", "text": "a red square"}]}],
+    ]  # fmt: skip
+    for chat in conversations:
+        assert ours.apply_chat_template(chat, add_generation_prompt=True) == processor.apply_chat_template(
+            chat, add_generation_prompt=True
+        )
+    begun = "{{ bos_token }}" + LLAVA_TEMPLATE  # a template that writes <bos> itself: none is added
+    for template in (None, begun):
+        out = ours.apply_chat_template(conversations, chat_template=template, add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)  # fmt: skip
+        theirs = processor.apply_chat_template(conversations, chat_template=template, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True, return_tensors="pt",
+                                               processor_kwargs={"padding": True})  # fmt: skip
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(out[key], theirs[key]), key
+        torch.testing.assert_close(out["pixel_values"], theirs["pixel_values"])
+        assert int((out["input_ids"] == tokenizer.bos_token_id).sum()) == 2
+    model = vlkit.from_pretrained(tmp_path)
+    generated = model.generate(**out, max_new_tokens=5)
+    assert torch.equal(generated, reference.generate(**theirs, max_new_tokens=5, do_sample=False))
+
+    # vlkit chat: the template, the checkpoint's image processor, and transformers' answer.
+    question = [{"role": "user", "content": [{"type": "image", "path": str(photo)},
+                                             {"type": "text", "text": "what is it"}]}]  # fmt: skip
+    theirs = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    session = ChatSession(model, photo, max_new_tokens=4, processor=ours)
+    inputs = session.inputs("what is it")
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        torch.testing.assert_close(inputs[key], theirs[key], rtol=0, atol=0)
+    answer = reference.generate(**theirs, max_new_tokens=4, do_sample=False)[0, theirs["input_ids"].shape[1] :]
+    stop = next((n for n, token in enumerate(answer.tolist()) if token in session.eos_ids), len(answer))
+    expected = tokenizer.decode(answer[:stop]).strip()
+    assert cli.main(["chat", "--model", str(tmp_path), "--image", str(photo), "--prompt", "what is it",
+                     "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == expected == "".join(session.ask("what is it")).strip()
+    # The answer is kept for the next turn, without any image token the model wrote.
+    assert [turn.content for turn in session.turns] == ["what is it", expected.replace("<image>", "").strip() or "…"]
+
+    # Exported with its processor, the template goes with it; transformers 4's chat_template.json is read too.
+    vlkit.export_hf(model, tmp_path / "out", processor=ours)
+    assert transformers.AutoProcessor.from_pretrained(tmp_path / "out").chat_template == LLAVA_TEMPLATE
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": begun}))
+    assert vlkit.load_processor(tmp_path).chat_template == begun
+
+    # A checkpoint that ships none is prompted with vlkit's template for its language model, as one text.
+    (tmp_path / "chat_template.json").unlink()
+    bare = vlkit.load_processor(tmp_path)
+    assert isinstance(bare, VLMProcessor) and bare.chat_template is None
+    with pytest.raises(ValueError, match="no chat template"):
+        bare.apply_chat_template(question)
+    prompt = render(Conversation([Turn("user", "<image>\nwhat is it")], [images[2]]), "vicuna_v1")
+    assert prompt.startswith("A chat between") and prompt.endswith("USER: <image>\nwhat is it ASSISTANT: ")
+    expected = processor(images=[images[2]], text=prompt, return_tensors="pt")
+    inputs = ChatSession(model, photo, processor=bare).inputs("what is it")
+    assert all(torch.equal(inputs[key], expected[key]) for key in ("input_ids", "attention_mask"))
+    with pytest.raises(ValueError, match="downloads nothing"):
+        ours.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "https://x.org/a.png"}]}],
+                                 tokenize=True)  # fmt: skip
+
+
 def test_processor_output_is_a_mapping(tmp_path: Path) -> None:
     tokenizer = _tokenizer()
     options = {**CASES["clip_llama_layer-2_default"], "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),

@@ -387,6 +387,46 @@ def test_load_processor_prompts_a_trained_vlm_as_evaluation_and_chat_do(tiny_lla
         processor(images=images, text="which is red?")
 
 
+def test_a_trained_vlms_processor_takes_chat_messages(tiny_llava: Path, tmp_path: Path) -> None:
+    """``apply_chat_template`` on a directory ``vlkit train`` wrote: the call a checkpoint's processor takes, with the
+    model's own template, its ids segmented as training segments them; ``vlkit chat`` prompts through it."""
+    from PIL import Image
+
+    from vlkit.serve.chat import ChatSession, load_chat_model
+    from vlkit.text.chat import Conversation, Turn, image_prompt, render, tokenize_conversation, tokenize_prompt
+
+    model = load_chat_model(tiny_llava / "model")
+    processor = vlkit.load_processor(tiny_llava / "model")
+    template, tokenizer = model.config.chat_template, model.tokenizer
+    image = Image.new("RGB", (40, 40), "red")
+    question = "what colour is the circle?"
+    asked = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    out = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True)
+    direct = processor(images=image, text=question)
+    assert sorted(out) == sorted(direct) and all(torch.equal(out[key], direct[key]) for key in direct)
+
+    turns = [*asked, {"role": "assistant", "content": "red"}, {"role": "user", "content": "and the square?"}]
+    said = [Turn("user", image_prompt(template, question)), Turn("assistant", "red"), Turn("user", "and the square?")]
+    conversation = Conversation(said, [image])
+    ids = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    expected = tokenize_prompt(conversation, template, tokenizer, model.config.image_token_id, model.tokens_per_image())
+    assert torch.equal(ids[0], expected)
+    assert processor.apply_chat_template(turns, add_generation_prompt=True) == render(conversation, template)
+    trained = tokenize_conversation(Conversation(said[:2], [image]), template, tokenizer, model.config.image_token_id,
+                                    model.tokens_per_image()).input_ids  # fmt: skip
+    assert torch.equal(processor.apply_chat_template(turns[:2], tokenize=True)[0], trained)  # ends with the answer
+
+    image.save(tmp_path / "red.png")
+    session = ChatSession(model, tmp_path / "red.png")
+    session.turns = said[:2]
+    session.turns[0] = Turn("user", question)  # the session keeps the question as asked
+    assert torch.equal(session.inputs("and the square?")["input_ids"][0], expected)
+    with pytest.raises(ValueError, match="no continue_final_message, tools"):
+        processor.apply_chat_template(asked, tools=[{"name": "f"}])
+    with pytest.raises(ValueError, match="'audio' block"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}])
+
+
 def test_load_processor_feeds_a_trained_dual_encoder(tiny_llava: Path) -> None:
     from PIL import Image
 

@@ -61,6 +61,7 @@ from vlkit.lm import DecoderLM, GenerationConfig
 from vlkit.models import DualEncoder, ImageClassifier
 from vlkit.models.base import GENERATION_CONFIG_NAME
 from vlkit.models.vlm import VisionLanguageModel
+from vlkit.text.jinja import write_chat_templates
 from vlkit.text.tokenizer import load_tokenizer
 
 FORMATS: dict[str, ModuleType] = {
@@ -254,6 +255,9 @@ def export_hf(
         )
     if processor is not None and processor.image_processor is not None:
         write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
+    if tokenizer is not None or isinstance(processor, VLMProcessor):  # the processor's template, as transformers'
+        stored = getattr(processor, "chat_template", None) if isinstance(processor, VLMProcessor) else None
+        write_chat_templates(directory, stored if stored is not None else getattr(tokenizer, "chat_template", None))
     # BLIP-2's decoding defaults are text_config's in transformers, which reads no generation_config.json for it.
     generation = getattr(model, "generation_config", None)
     if generation is not None and module is blip2:

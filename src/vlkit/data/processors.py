@@ -36,16 +36,22 @@ import torch
 from PIL import Image
 
 from vlkit.data.image_processors import ImageProcessor, as_pil
+from vlkit.data.images import load_image
 from vlkit.data.transforms import ImageTransform
 from vlkit.text.chat import (
     IMAGE_PLACEHOLDER,
+    ChatTemplate,
     Conversation,
     Turn,
     decode_answer,
     end_of_answer_ids,
+    get_template,
     image_prompt,
+    render,
+    tokenize_conversation,
     tokenize_prompt,
 )
+from vlkit.text.jinja import ChatTemplates, conversations_of, read_chat_templates, render_chats
 from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, pad_rows, read_json, read_tokenizer_directory
 
 
@@ -140,6 +146,8 @@ class VLMProcessor(Processor):
     extra_image_tokens: int = 0
     feature_select_strategy: Literal["default", "full"] = "default"
     padding_side: Literal["left", "right"] = "left"
+    # The directory's Jinja chat template(s) (``vlkit.text.jinja``), for ``apply_chat_template``; None without one.
+    chat_template: ChatTemplates | None = None
 
     def tokens_per_image(self, pixel_values: torch.Tensor) -> int:
         """Image features of one processed image (3, H, W)."""
@@ -163,6 +171,7 @@ class VLMProcessor(Processor):
         images: Image.Image | np.ndarray | Sequence[Any] | None = None,
         text: str | Sequence[str] | None = None,
         padding_side: Literal["left", "right"] | None = None,
+        add_special_tokens: bool = True,
     ) -> ProcessorOutput:
         """``images``: one image, a list, or a list per prompt (flattened in order); ``text``: one prompt or a batch.
         -> ``input_ids`` / ``attention_mask`` (B, T) long, ``pixel_values`` (I, 3, H, W) float32."""
@@ -190,7 +199,8 @@ class VLMProcessor(Processor):
                     for k, part in enumerate(prompt.split(self.image_token)))
             for prompt in prompts
         ]  # fmt: skip
-        encoded = [encoding.ids for encoding in tokenizer.backend.encode_batch(expanded)]
+        encodings = tokenizer.backend.encode_batch(expanded, add_special_tokens=add_special_tokens)
+        encoded = [encoding.ids for encoding in encodings]
         width = max(len(ids) for ids in encoded)
         if width > tokenizer.max_len:
             raise ValueError(f"a prompt has {width} tokens (images expanded), more than the model's "
@@ -198,6 +208,38 @@ class VLMProcessor(Processor):
         left = (padding_side or self.padding_side) == "left"
         out.input_ids, out.attention_mask = pad_rows(encoded, tokenizer.pad_token_id, left)
         return out
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        **variables: Any,
+    ) -> Any:
+        """transformers' processor ``apply_chat_template``: ``conversation`` (``{"role", "content"}`` messages whose
+        content is a text or a list of ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": ...}``
+        blocks; or a batch of such lists) rendered with the directory's template (``chat_template``: a stored one's
+        name, or another template) and the tokenizer's special tokens (``variables`` over them) -> the text(s).
+        With ``tokenize``, the processor's inputs for them: the images of the image blocks in order (a PIL image, an
+        array, or a file's ``path``), the text tokenized whole, without a second begin-of-sequence token where the
+        text starts with one, as transformers does; ``return_dict`` gives every input, else ``input_ids`` alone."""
+        tokenizer = self.text_tokenizer()
+        conversation = _with_image_blocks(conversation)
+        texts, batch, batched = render_chats(
+            self.chat_template, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
+            documents, **{**tokenizer.special_tokens_map(), **variables},
+        )  # fmt: skip
+        if not tokenize:
+            return texts if batched else texts[0]
+        images = [_block_image(block) for chat in batch for block in _image_blocks(chat)]
+        bos = tokenizer.special_tokens_map().get("bos_token")
+        out = self(images=images or None, text=texts, add_special_tokens=not (bos and texts[0].startswith(bos)))
+        return out if return_dict else out["input_ids"]
 
 
 @dataclass
@@ -222,6 +264,7 @@ class Blip2Processor(VLMProcessor):
         images: Image.Image | np.ndarray | Sequence[Any] | None = None,
         text: str | Sequence[str] | None = None,
         padding_side: Literal["left", "right"] | None = None,
+        add_special_tokens: bool = True,
     ) -> ProcessorOutput:
         """``images``: one image or one per prompt; ``text``: one prompt or a batch. -> ``input_ids`` /
         ``attention_mask`` (B, M + T) long, ``pixel_values`` (B, 3, H, W) float32."""
@@ -240,7 +283,8 @@ class Blip2Processor(VLMProcessor):
         prompts = [text] if isinstance(text, str) else list(text)
         if images is not None and len(flat) != len(prompts):
             raise ValueError(f"{len(flat)} images for {len(prompts)} prompts: BLIP-2 takes one image per prompt")
-        encoded = [encoding.ids for encoding in tokenizer.backend.encode_batch(prompts)]
+        encodings = tokenizer.backend.encode_batch(prompts, add_special_tokens=add_special_tokens)
+        encoded = [encoding.ids for encoding in encodings]
         width = max(len(ids) for ids in encoded)
         queries = self.num_query_tokens if images is not None else 0
         if queries + width > tokenizer.max_len:
@@ -290,6 +334,21 @@ class ChatProcessor(Processor):
     # A Q-Former that reads each image's prompt (``VLMConfig.bridge_reads_prompt``): its text length, else None.
     qformer_max_len: int | None = None
 
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Tokenizer | None = None) -> ChatProcessor:
+        """The processor of a vision-language model vlkit trained (``tokenizer``: else the model's own): its image
+        tower's ``ImageTransform``, its chat template and its image token count."""
+        config = model.config
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if tokenizer is None:
+            raise ValueError("a vision-language model's prompts need a tokenizer; this model has none")
+        stops = end_of_answer_ids(config.chat_template, tokenizer, config.lm.eos_token_ids)
+        reads = config.bridge.max_seq_len if config.bridge_reads_prompt else None
+        images = TransformImages(ImageTransform(image_size=config.vision.image_size))
+        return cls(images, tokenizer, "longest", chat_template=config.chat_template,
+                   image_token_id=config.image_token_id, image_tokens=model.tokens_per_image(), stop_token_ids=stops,
+                   qformer_max_len=reads)  # fmt: skip
+
     def __call__(  # type: ignore[override]
         self,
         images: Image.Image | np.ndarray | Sequence[Any] | None = None,
@@ -300,29 +359,75 @@ class ChatProcessor(Processor):
         ``attention_mask`` (B, T) long, ``pixel_values`` (I, 3, H, W) float32."""
         if text is None:
             return super().__call__(images=images)
-        tokenizer = self.text_tokenizer()
         messages = [text] if isinstance(text, str) else list(text)
-        per_message = self._images_per_message(images, messages)
-        out = ProcessorOutput()
-        if images is not None:
-            out = super().__call__(images=[image for group in per_message for image in group])
-        encoded = []
-        for number, (message, group) in enumerate(zip(messages, per_message, strict=True)):
+        conversations = []
+        for number, (message, group) in enumerate(zip(messages, self._images_per_message(images, messages),
+                                                      strict=True)):  # fmt: skip
             if IMAGE_PLACEHOLDER not in message:
                 message = image_prompt(self.chat_template, message, len(group))
-            conversation = Conversation([Turn("user", message)], list(group), item=f"text[{number}]")
-            encoded.append(tokenize_prompt(conversation, self.chat_template, tokenizer, self.image_token_id,
-                                           self.image_tokens, max_len=tokenizer.max_len).tolist())  # fmt: skip
+            conversations.append(Conversation([Turn("user", message)], list(group), item=f"text[{number}]"))
+        return self._encode(conversations, get_template(self.chat_template), True, padding_side)
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        **variables: Any,
+    ) -> Any:
+        """The call a checkpoint's processor takes (``VLMProcessor.apply_chat_template``), with the model's own
+        template (``vlkit.text.chat``; ``chat_template``: another of its names). A message's image blocks become
+        ``<image>`` placeholders, each followed by the template's separator, as training writes them. -> the text
+        (``vlkit.text.chat.render``: a prompt with ``add_generation_prompt``, else a conversation that ends with an
+        answer). With ``tokenize``, the ids are the training's, tokenized segment by segment (not the text's own
+        tokenization), so that the model sees the tokens it was trained on."""
+        if continue_final_message or tools is not None or documents is not None or variables:
+            raise ValueError("vlkit's chat templates take no continue_final_message, tools, documents or variables")
+        template = get_template(chat_template or self.chat_template)
+        batch, batched = conversations_of(_with_image_blocks(conversation))
+        conversations = [_conversation(chat, template, f"conversation[{n}]") for n, chat in enumerate(batch)]
+        if not tokenize:
+            texts = [render(chat, template, add_generation_prompt) for chat in conversations]
+            return texts if batched else texts[0]
+        out = self._encode(conversations, template, add_generation_prompt)
+        return out if return_dict else out["input_ids"]
+
+    def _encode(
+        self, conversations: list[Conversation], template: ChatTemplate, prompt: bool,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> ProcessorOutput:  # fmt: skip
+        """Conversations -> their ids as training segments them (ending with the generation prompt where ``prompt``),
+        padded on ``padding_side``, with their images and, for a Q-Former that reads the prompt, each image's text:
+        its conversation's last user message without the placeholders, as the evaluation and ``vlkit chat`` give it."""
+        tokenizer = self.text_tokenizer()
+        images = [image for chat in conversations for image in chat.images]
+        out = super().__call__(images=images) if images else ProcessorOutput()
+        encoded = []
+        for chat in conversations:
+            if prompt:
+                ids = tokenize_prompt(chat, template, tokenizer, self.image_token_id, self.image_tokens,
+                                      max_len=tokenizer.max_len)  # fmt: skip
+            else:
+                ids = tokenize_conversation(chat, template, tokenizer, self.image_token_id, self.image_tokens,
+                                            max_len=tokenizer.max_len).input_ids  # fmt: skip
+            encoded.append(ids.tolist())
         left = (padding_side or self.padding_side) == "left"
         out.input_ids, out.attention_mask = pad_rows(encoded, tokenizer.pad_token_id, left)
-        if self.qformer_max_len is not None and images is not None:
+        if self.qformer_max_len is not None and images:
             from vlkit.models.vlm import qformer_prompt_ids  # here: models import data
 
-            # Each image's prompt is its message's words, as the evaluation and vlkit chat hand them to the Q-Former.
-            words = [message.replace(IMAGE_PLACEHOLDER, "").strip() for message in messages]
-            prompts = [said for said, group in zip(words, per_message, strict=True) for _ in group]
-            read = qformer_prompt_ids(tokenizer, prompts, self.qformer_max_len)
-            out.qformer_input_ids, out.qformer_attention_mask = read
+            asked = [
+                next(turn.content for turn in reversed(chat.turns) if turn.role == "user") for chat in conversations
+            ]
+            words = [said.replace(IMAGE_PLACEHOLDER, "").strip() for said in asked]
+            prompts = [said for said, chat in zip(words, conversations, strict=True) for _ in chat.images]
+            out.qformer_input_ids, out.qformer_attention_mask = qformer_prompt_ids(tokenizer, prompts,
+                                                                                   self.qformer_max_len)  # fmt: skip
         return out
 
     def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
@@ -359,6 +464,75 @@ def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
     for item in images:
         flat += _flat_images(item)
     return flat
+
+
+def _with_image_blocks(conversation: Sequence[Any]) -> Any:
+    """OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` blocks as ``{"type": "image", "url": ...}``, as
+    transformers reads them; the conversation (or batch) is otherwise the same."""
+
+    def block(item: Any) -> Any:
+        if isinstance(item, Mapping) and item.get("type") == "image_url" and "image_url" in item:
+            where = item["image_url"]
+            return {"type": "image", "url": where.get("url", "") if isinstance(where, Mapping) else where}
+        return item
+
+    def message(item: Any) -> Any:
+        content = item.get("content") if isinstance(item, Mapping) else None
+        return {**item, "content": [block(b) for b in content]} if isinstance(content, list) else item
+
+    batch, batched = conversations_of(conversation)
+    converted = [[message(item) for item in chat] for chat in batch]
+    return converted if batched else converted[0]
+
+
+def _image_blocks(chat: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [block for message in chat if isinstance(message.get("content"), list) for block in message["content"]
+            if isinstance(block, Mapping) and block.get("type") == "image"]  # fmt: skip
+
+
+def _block_image(block: Mapping[str, Any]) -> Image.Image | np.ndarray:
+    """An image block's image: the object itself (``image``), a file (``path``, or a ``url`` that is one), or
+    base64 data. vlkit downloads nothing: a web address is an error that says so."""
+    key = next((key for key in ("image", "url", "path", "base64") if key in block), None)
+    if key is None:
+        raise ValueError(f"an image block without its image (image, path, url or base64): {dict(block)!r}")
+    value = block[key]
+    if isinstance(value, Image.Image | np.ndarray):
+        return value
+    text = str(value)
+    if text.startswith(("http://", "https://")):
+        raise ValueError(f"image {text!r}: vlkit downloads nothing; save the image and pass its path, or the image")
+    if key == "base64" or text.startswith("data:image"):
+        import base64
+        import io
+
+        return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[-1]))).convert("RGB")
+    return load_image(text)
+
+
+def _conversation(chat: Sequence[Mapping[str, Any]], template: ChatTemplate, item: str) -> Conversation:
+    """transformers-style messages -> a vlkit ``Conversation``: each image block an ``<image>`` placeholder and the
+    template's separator, text blocks joined by spaces."""
+    turns, images = [], []
+    for message in chat:
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            text = content or ""
+        else:
+            parts: list[str] = []
+            for block in content:
+                kind = block.get("type") if isinstance(block, Mapping) else None
+                if kind == "image":
+                    images.append(_block_image(block))
+                    parts.append(IMAGE_PLACEHOLDER + template.image_separator)
+                elif kind == "text":
+                    follows_text = bool(parts) and not parts[-1].startswith(IMAGE_PLACEHOLDER)
+                    parts.append(" " * follows_text + str(block.get("text", "")))
+                else:
+                    raise ValueError(f"{item}: a {kind!r} block; vlkit's chat templates take text and image blocks")
+            text = "".join(parts)
+        turns.append(Turn(message.get("role"), text))  # type: ignore[arg-type]
+    return Conversation(turns, images, item=item)
 
 
 def load_processor(path: str | Path) -> Processor:
@@ -408,11 +582,7 @@ def _vlkit_processor(directory: Path) -> Processor:
         raise FileNotFoundError(f"{directory}: no tokenizer.json; a vision-language model's prompts need one")
     with torch.device("meta"):  # for its image token count only: no weights are made
         model = build_model(config)
-    stops = end_of_answer_ids(config.chat_template, tokenizer, config.lm.eos_token_ids)
-    reads = config.bridge.max_seq_len if config.bridge_reads_prompt else None
-    return ChatProcessor(images, tokenizer, "longest", chat_template=config.chat_template,
-                         image_token_id=config.image_token_id, image_tokens=model.tokens_per_image(),
-                         stop_token_ids=stops, qformer_max_len=reads)  # fmt: skip
+    return ChatProcessor.for_model(model, tokenizer)
 
 
 def _processor_settings(directory: Path) -> dict[str, Any]:
@@ -468,6 +638,7 @@ def _llava_processor(directory: Path, config: dict[str, Any], image_processor: I
         extra_image_tokens=int(extra if extra is not None else model.vision.class_token),
         feature_select_strategy=settings.get("vision_feature_select_strategy") or strategy(model),
         padding_side=side,
+        chat_template=read_chat_templates(directory, processor=True),
     )
 
 
@@ -484,4 +655,5 @@ def _blip2_processor(directory: Path, config: dict[str, Any], image_processor: I
     queries = settings.get("num_query_tokens") or getattr(model.bridge, "num_queries")  # noqa: B009
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, padding="longest",
                           image_token=image_token, image_token_id=model.image_token_id, padding_side=side,
-                          num_query_tokens=int(queries))  # fmt: skip
+                          num_query_tokens=int(queries),
+                          chat_template=read_chat_templates(directory, processor=True))  # fmt: skip

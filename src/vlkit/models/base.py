@@ -15,6 +15,7 @@ from torch import nn
 
 from vlkit.config import config_from_dict
 from vlkit.files import atomic_write, load_safetensors, read_json
+from vlkit.text.jinja import write_chat_templates
 
 MODEL_CLASSES: dict[str, type[PretrainedModel]] = {}
 FORMAT_VERSION = 1
@@ -55,6 +56,7 @@ class PretrainedModel(nn.Module):
                 "truncation_side": self.tokenizer.truncation_side,
             }
             atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
+            write_chat_templates(path, self.tokenizer.chat_template)  # a converted model's Jinja template(s)
         generation = path / GENERATION_CONFIG_NAME
         if self.generation_config is not None:
             text = json.dumps({"vlkit_format": FORMAT_VERSION, **self.generation_config.to_dict()}, indent=2) + "\n"

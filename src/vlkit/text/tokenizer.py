@@ -17,6 +17,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from vlkit.files import DamagedFileError, read_json
+from vlkit.text.jinja import ChatTemplates, read_chat_templates, render_chats
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Conventions of foreign checkpoints whose tokenizer files do not name their special tokens: (eos, pad, length).
@@ -34,6 +35,8 @@ _CAUSAL_TEXT = frozenset({"clip"})
 _GPT2_FILES = frozenset({"opt", "blip-2"})
 PaddingSide = Literal["left", "right"]
 _HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
+# The special tokens transformers names (``special_tokens_map``): a chat template may write any of them.
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Texts whose ids a Tokenizer remembers (as CLIP's reference tokenizer caches its BPE per word): a training set's
 # captions, questions and chat segments repeat, and encoding one costs ~40 us where the lookup costs ~0.2 us.
 _MEMO_SIZE = 1 << 16
@@ -66,6 +69,8 @@ class Tokenizer:
         # A Hugging Face directory's tokenizer_config.json / special_tokens_map.json entries (bos and unk tokens,
         # chat template, ...): vlkit reads eos and pad of them, export_hf writes them all back.
         self.hf_settings: dict[str, Any] = {}
+        # A checkpoint's Jinja chat template(s) (``vlkit.text.jinja``), for ``apply_chat_template``; None without one.
+        self.chat_template: ChatTemplates | None = None
         # text -> ids, with and without the special tokens the backend adds (``encode``, ``encode_plain``), for the
         # vocabulary size it was made at (tokens added to the backend start it anew).
         self._memo: dict[tuple[str, bool], tuple[int, ...]] = {}
@@ -120,6 +125,50 @@ class Tokenizer:
                 tokens = self._truncated(text, length)
             rows.append(tokens)
         return TokenBatch(*pad_rows(rows, self.pad_token_id, self.padding_side == "left", length))
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens (``bos_token``, ``eos_token``, ``pad_token``, ...), as transformers hands them to
+        a chat template."""
+        named = {name: _token_text(self.hf_settings.get(name)) for name in _NAMED_SPECIAL_TOKENS}
+        named["eos_token"] = self.backend.id_to_token(self.eos_token_id)
+        named["pad_token"] = self.backend.id_to_token(self.pad_token_id)
+        return {name: token for name, token in named.items() if token}
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        return_dict: bool = True,
+        return_tensors: Literal["pt"] | None = None,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        **variables: Any,
+    ) -> Any:
+        """transformers' ``apply_chat_template``: ``conversation`` (``{"role", "content"}`` messages, or a batch of
+        such lists) rendered with the stored template (``chat_template``: a stored one's name, or another template)
+        and the special tokens (``variables`` over them). -> the text(s) (``tokenize=False``); else the ids of each
+        text whole, without added special tokens (the template writes them): a dict of ``input_ids`` and
+        ``attention_mask`` lists (``return_dict``), as (B, T) tensors padded on ``padding_side`` with
+        ``return_tensors="pt"``, or the ids alone (``return_dict=False``)."""
+        texts, _, batched = render_chats(
+            self.chat_template, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
+            documents, **{**self.special_tokens_map(), **variables},
+        )  # fmt: skip
+        if not tokenize:
+            return texts if batched else texts[0]
+        rows = [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+        if return_tensors == "pt":
+            ids, mask = pad_rows(rows, self.pad_token_id, self.padding_side == "left")
+            return {"input_ids": ids, "attention_mask": mask} if return_dict else ids
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if not return_dict:
+            return rows if batched else rows[0]
+        masks = [[1] * len(row) for row in rows]
+        return {"input_ids": rows if batched else rows[0], "attention_mask": masks if batched else masks[0]}
 
     def _truncated(self, text: str, length: int) -> list[int]:
         """``text``'s ids in ``length`` tokens: its own cut to what the added special tokens leave, then those."""
@@ -219,8 +268,7 @@ def read_tokenizer_directory(
         if (directory / name).exists():
             settings.update({k: v for k, v in read_json(directory / name).items() if v is not None})
     backend = _gpt2_tokenizer(directory, settings) if byte_level else _read_tokenizer_file(file)
-    if (directory / "chat_template.jinja").is_file():  # where transformers 5 keeps the chat template
-        settings["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    settings.pop("chat_template", None)  # kept apart (``Tokenizer.chat_template``) and written as its own file
     default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
     padding_settings, truncation = backend.padding, backend.truncation
     eos = _token_text(settings.get("eos_token")) or default_eos
@@ -259,6 +307,7 @@ def read_tokenizer_directory(
     tokenizer = Tokenizer(backend, int(ids["pad"]), int(ids["eos"]), min(usable), _side(sides["padding_side"]))
     tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
+    tokenizer.chat_template = read_chat_templates(directory)
     return tokenizer, padding
 
 
