@@ -239,6 +239,18 @@ def test_processor_matches_blip2_processor_and_feeds_generation(case: str, tmp_p
     assert torch.equal(again.generate(**processor(images=_images(), return_tensors="pt"), max_new_tokens=5), expected)
     assert torch.equal(vlkit.from_pretrained(tmp_path).generate(**ours(images=_images()), max_new_tokens=5), expected)
 
+    # vlkit chat on the checkpoint, which has no chat format: each turn captions the image as transformers' BLIP-2
+    # does from images alone (its processor's pixels, the queries, then <bos>).
+    from vlkit.serve.chat import ChatSession
+
+    _images()[0].save(tmp_path / "photo.png")
+    session = ChatSession(model, tmp_path / "photo.png", max_new_tokens=5, processor=ours)
+    for question in ("what is it?", "and the colour?"):
+        inputs = session.inputs(question)
+        assert inputs["input_ids"].tolist() == [[image_token] * count + [tokenizer.bos_token_id]]
+        torch.testing.assert_close(inputs["pixel_values"], theirs["pixel_values"][:1], rtol=0, atol=0)
+        list(session.ask(question))
+
     # Exported with its processor, the directory gives transformers the same processor back.
     vlkit.export_hf(model, tmp_path / "out", processor=ours)
     again = transformers.AutoProcessor.from_pretrained(tmp_path / "out")
