@@ -131,6 +131,10 @@ def test_the_sandbox_and_the_data_a_template_sees() -> None:
         render_chat("{% set ns = namespace(_hidden=1) %}", blocks)
     with pytest.raises(jinja2.exceptions.TemplateError, match="roles must alternate"):
         render_chat("{{ raise_exception('roles must alternate') }}", blocks)
+    with pytest.raises(TypeError, match="message 0 is a str"):
+        render_chat("{{ messages }}", ["hello"])
+    with pytest.raises(TypeError, match="JSON schemas"):
+        render_chat("{{ tools }}", blocks, tools=[print])
     with pytest.raises(ValueError, match="does not parse"):
         render_chat("{% for m in messages %}", blocks)
     with pytest.raises(ValueError, match="no chat template"):

@@ -121,10 +121,12 @@ def render_chat(
     ``continue_final_message``: the text ends inside the last message, for the model to go on with it."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt exclude each other")
-    chat = _plain([{key: value for key, value in dict(message).items() if value is not None} for message in messages])
-    for number, message in enumerate(chat):
-        if not isinstance(message, dict) or "role" not in message:
-            raise ValueError(f"message {number} is not a dict with a 'role': {message!r}")
+    for number, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"message {number} is a {type(message).__name__}, not a dict: {message!r}")
+    if any(not isinstance(tool, Mapping) for tool in tools or ()):
+        raise TypeError("tools must be JSON schemas (dicts); vlkit does not turn functions into schemas")
+    chat = _plain([{key: value for key, value in message.items() if value is not None} for message in messages])
     final = ""
     if continue_final_message:
         if not chat or chat[-1].get("content") is None:
