@@ -118,6 +118,12 @@ def test_continue_final_message_and_named_templates(tmp_path: Path) -> None:
     write_chat_templates(tmp_path, "{{ 'only' }}")
     assert read_chat_templates(tmp_path) == "{{ 'only' }}" and not (tmp_path / "additional_chat_templates").exists()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).chat_template == "{{ 'only' }}"
+    # An additional "default.jinja" beside chat_template.jinja: transformers' tokenizer takes it, its processor not.
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "default.jinja").write_text("{{ 'other' }}")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).chat_template == "{{ 'other' }}"
+    assert read_chat_templates(tmp_path) == "{{ 'other' }}"
+    assert read_chat_templates(tmp_path, processor=True) == "{{ 'only' }}"
 
 
 def test_the_sandbox_and_the_data_a_template_sees() -> None:
@@ -145,3 +151,79 @@ def load_tokenizer_without_template() -> Any:
     from vlkit.text import train_tokenizer
 
     return train_tokenizer(["a red circle"] * 4, vocab_size=40)
+
+
+REASONING = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m.reasoning_content %} <think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{% if m.content is string and m.content.startswith(image_token) %} (an image){% endif %}\n{% endfor %}"
+)
+
+
+def test_message_objects_reasoning_named_tokens_and_lengths(tmp_path: Path) -> None:
+    """What callers hand transformers besides plain dicts (str enums, dataclasses, pydantic-style objects, reasoning
+    under any of its names, a field to continue), the model-specific named tokens a template reads, and the
+    truncation and padding options: as transformers renders and tokenizes them."""
+    import dataclasses
+    import enum
+
+    class Role(str, enum.Enum):  # noqa: UP042 (str() of such an enum is its name: the case to cover)
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+
+    class SDKMessage:  # the OpenAI SDK's messages are pydantic models: model_dump() gives the dict
+        def model_dump(self) -> dict[str, Any]:
+            return {"role": "assistant", "content": "red", "reasoning": "the circle is red", "tool_calls": None}
+
+    theirs = _tokenizer(REASONING)
+    theirs.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings["extra_special_tokens"] = {"image_token": "<image>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path, max_len=128)
+    assert ours is not None and ours.special_tokens_map() == theirs.special_tokens_map
+    chat = [{"role": Role.USER, "content": "<image> what colour"}, SDKMessage(), Message("user", "and this?")]
+    for options in ({}, {"continue_final_message": "reasoning_content"}):
+        cut = chat[:2] if options else chat
+        text = ours.apply_chat_template(cut, tokenize=False, **options)
+        assert text == theirs.apply_chat_template(cut, tokenize=False, **options), options
+    assert "user: <image> what colour (an image)" in text and text.endswith("<think>the circle is red")
+    for options in ({"truncation": True, "max_length": 9}, {"padding": "max_length", "max_length": 60},
+                    {"padding": True}):  # fmt: skip
+        batch = [chat, chat[:1]]
+        assert ours.apply_chat_template(batch, **options) == dict(theirs.apply_chat_template(batch, **options))
+    ours.truncation_side = theirs.truncation_side = "left"
+    left = {"truncation": True, "max_length": 9}
+    assert ours.apply_chat_template(chat, **left) == dict(theirs.apply_chat_template(chat, **left))
+    with pytest.raises(ValueError, match="does not implement return_assistant_tokens_mask"):
+        ours.apply_chat_template(chat, return_assistant_tokens_mask=True)
+
+
+def test_a_llama_directory_names_its_classs_tokens(tmp_path: Path) -> None:
+    """A Llama directory whose configuration names only its end token: transformers' LlamaTokenizer supplies <s> and
+    <unk>, which Llama 2's template writes; a token set to null there is none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 40)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    template = "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]{{ unk_token }}"
+    settings = {"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>", "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path, max_len=64, model_type="llama")
+    assert ours is not None and ours.special_tokens_map() == theirs.special_tokens_map
+    chat = [{"role": "user", "content": "w5 w6"}]
+    assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "unk_token": None}))
+    unset = load_tokenizer(tmp_path, max_len=64, model_type="llama")
+    assert unset is not None and "unk_token" not in unset.special_tokens_map()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).special_tokens_map == unset.special_tokens_map()

@@ -243,6 +243,13 @@ def export_hf(
             directory / "tokenizer_config.json",
             {
                 **getattr(tokenizer, "hf_settings", {}),  # a converted model's bos / unk tokens, chat template, ...
+                # the named tokens a chat template sees, its tokenizer class's defaults among them, spelled out for
+                # the class written below (where they are in the vocabulary)
+                **{
+                    name: token
+                    for name, token in tokenizer.special_tokens_map().items()
+                    if backend.token_to_id(token) is not None
+                },
                 "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json alone
                 "eos_token": backend.id_to_token(tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(tokenizer.pad_token_id),

@@ -51,8 +51,22 @@ from vlkit.text.chat import (
     tokenize_conversation,
     tokenize_prompt,
 )
-from vlkit.text.jinja import ChatTemplates, conversations_of, read_chat_templates, render_chats
-from vlkit.text.tokenizer import TEXT_DEFAULTS, Padding, Tokenizer, pad_rows, read_json, read_tokenizer_directory
+from vlkit.text.jinja import (
+    ChatTemplates,
+    conversations_of,
+    pick_template,
+    read_chat_templates,
+    refuse_unimplemented,
+    render_chats,
+)
+from vlkit.text.tokenizer import (
+    TEXT_DEFAULTS,
+    Padding,
+    Tokenizer,
+    pad_rows,
+    read_json,
+    read_tokenizer_directory,
+)
 
 
 @dataclass
@@ -214,9 +228,11 @@ class VLMProcessor(Processor):
         conversation: Sequence[Any],
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
+        continue_final_message: bool | str = False,
         tokenize: bool = False,
         return_dict: bool = False,
+        return_tensors: str | None = "auto",
+        processor_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Any] | None = None,
         documents: Sequence[Any] | None = None,
         **variables: Any,
@@ -227,18 +243,29 @@ class VLMProcessor(Processor):
         name, or another template) and the tokenizer's special tokens (``variables`` over them) -> the text(s).
         With ``tokenize``, the processor's inputs for them: the images of the image blocks in order (a PIL image, an
         array, or a file's ``path``), the text tokenized whole, without a second begin-of-sequence token where the
-        text starts with one, as transformers does; ``return_dict`` gives every input, else ``input_ids`` alone."""
+        text starts with one, as transformers does; ``return_dict`` gives every input, else ``input_ids`` alone.
+        Always tensors, padded to the longest (``processor_kwargs``: ``padding_side``), where transformers gives
+        lists unless ``return_tensors="pt"``."""
+        refuse_unimplemented(variables, ("return_assistant_tokens_mask", "sanitize_control_tokens"))
+        if return_tensors not in ("auto", "pt", None):
+            raise ValueError(f"vlkit's processors return torch tensors: return_tensors {return_tensors!r}")
+        settings = dict(processor_kwargs or {})
+        side = settings.pop("padding_side", None)
+        if settings.pop("padding", True) not in (True, "longest") or settings:
+            raise ValueError(f"processor_kwargs: vlkit takes padding_side (padding is to the longest), got "
+                             f"{dict(processor_kwargs or {})}")  # fmt: skip
         tokenizer = self.text_tokenizer()
-        conversation = _with_image_blocks(conversation)
+        template = pick_template(self.chat_template, chat_template)  # a processor takes its default, tools or not
         texts, batch, batched = render_chats(
-            self.chat_template, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
+            template, _with_image_blocks(conversation), None, add_generation_prompt, continue_final_message, tools,
             documents, **{**tokenizer.special_tokens_map(), **variables},
         )  # fmt: skip
         if not tokenize:
             return texts if batched else texts[0]
         images = [_block_image(block) for chat in batch for block in _image_blocks(chat)]
         bos = tokenizer.special_tokens_map().get("bos_token")
-        out = self(images=images or None, text=texts, add_special_tokens=not (bos and texts[0].startswith(bos)))
+        out = self(images=images or None, text=texts, padding_side=side,
+                   add_special_tokens=not (bos and texts[0].startswith(bos)))  # fmt: skip
         return out if return_dict else out["input_ids"]
 
 

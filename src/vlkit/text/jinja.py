@@ -24,6 +24,7 @@ The rules are transformers' (5.x), which the templates on the Hub are written ag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -43,22 +44,28 @@ ChatTemplates = str | dict[str, str]
 
 # transformers marks the end of a message to continue with this text, then cuts the rendered chat there.
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# The names a message's reasoning is given under; templates read the first (Qwen3) or the second (gpt-oss).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def read_chat_templates(directory: Path, processor: bool = False) -> ChatTemplates | None:
     """The chat template(s) a directory stores for its tokenizer (``processor=False``) or its processor: one text, a
     dict of named texts (the unnamed one as ``"default"``), or None."""
-    files: dict[str, str] = {}
     extra = directory / "additional_chat_templates"
-    if extra.is_dir():
-        files = {file.stem: file.read_text(encoding="utf-8") for file in sorted(extra.glob("*.jinja"))}
+    files = {file.stem: file.read_text(encoding="utf-8") for file in sorted(extra.glob("*.jinja"))}
     if (directory / "chat_template.jinja").is_file():
-        files["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        # transformers' tokenizer lets an additional "default.jinja" replace it, its processor does not
+        files = {"default": (directory / "chat_template.jinja").read_text(encoding="utf-8"), **files}
+        if processor:
+            files["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     stored: Any = None
     if processor:
         for name in ("processor_config.json", "chat_template.json"):
             if stored is None and (directory / name).is_file():
                 stored = read_json(directory / name).get("chat_template")
+                if name == "chat_template.json" and files.keys() - {"default"}:
+                    raise ValueError(f"{directory}: a legacy chat_template.json beside additional_chat_templates/; "
+                                     "transformers refuses the pair too: keep one")  # fmt: skip
     elif not files and (directory / "tokenizer_config.json").is_file():
         stored = read_json(directory / "tokenizer_config.json").get("chat_template")
     if stored is None:
@@ -109,29 +116,29 @@ def pick_template(templates: ChatTemplates | None, name: str | None = None, tool
 
 def render_chat(
     template: str,
-    messages: Sequence[Mapping[str, Any]],
+    messages: Sequence[Any],
     add_generation_prompt: bool = False,
-    continue_final_message: bool = False,
+    continue_final_message: bool | str = False,
     tools: Sequence[Any] | None = None,
     documents: Sequence[Any] | None = None,
     **variables: Any,
 ) -> str:
-    """``messages`` (``{"role", "content"}`` dicts; content a text or a list of blocks) as ``template`` renders them.
-    ``variables`` (the tokenizer's special tokens, ``enable_thinking``, ...) are visible to the template.
-    ``continue_final_message``: the text ends inside the last message, for the model to go on with it."""
+    """``messages`` (``{"role", "content"}`` dicts, dataclasses or pydantic-style objects; content a text or a list of
+    blocks) as ``template`` renders them. ``variables`` (the tokenizer's special tokens, ``enable_thinking``, ...)
+    are visible to the template. A message's reasoning, under any of ``reasoning_content``, ``thinking`` and
+    ``reasoning``, is given under the first two. ``continue_final_message``: the text ends inside the last message's
+    content (or the field it names, e.g. ``"reasoning_content"``), for the model to go on with it."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt exclude each other")
-    for number, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TypeError(f"message {number} is a {type(message).__name__}, not a dict: {message!r}")
+    chat = [_plain(_as_dict(message, number)) for number, message in enumerate(messages)]
+    chat = [_with_reasoning({key: value for key, value in message.items() if value is not None}) for message in chat]
     if any(not isinstance(tool, Mapping) for tool in tools or ()):
         raise TypeError("tools must be JSON schemas (dicts); vlkit does not turn functions into schemas")
-    chat = _plain([{key: value for key, value in message.items() if value is not None} for message in messages])
     final = ""
     if continue_final_message:
-        if not chat or chat[-1].get("content") is None:
-            raise ValueError("continue_final_message: the last message has no content to continue")
-        final = _tag_final_message(chat[-1])
+        final = _tag_final_message(
+            chat, template, "content" if continue_final_message is True else continue_final_message
+        )
     rendered = _compiled(template).render(
         messages=chat,
         tools=_plain(None if tools is None else list(tools)),
@@ -153,7 +160,7 @@ def render_chats(
     conversation: Sequence[Any],
     chat_template: str | None = None,
     add_generation_prompt: bool = False,
-    continue_final_message: bool = False,
+    continue_final_message: bool | str = False,
     tools: Sequence[Any] | None = None,
     documents: Sequence[Any] | None = None,
     **variables: Any,
@@ -169,6 +176,14 @@ def render_chats(
     return texts, batch, batched
 
 
+def refuse_unimplemented(options: Mapping[str, Any], names: Sequence[str]) -> None:
+    """transformers' ``apply_chat_template`` options vlkit does not implement, given a value, are errors rather than
+    template variables."""
+    given = [name for name in names if options.get(name)]
+    if given:
+        raise ValueError(f"vlkit's apply_chat_template does not implement {', '.join(given)}")
+
+
 def conversations_of(conversation: Sequence[Any]) -> tuple[list[list[Mapping[str, Any]]], bool]:
     """One conversation (a list of messages) or a batch of them -> (the batch, whether it was one)."""
     if not conversation:
@@ -178,29 +193,63 @@ def conversations_of(conversation: Sequence[Any]) -> tuple[list[list[Mapping[str
     return batch, batched
 
 
-def _tag_final_message(message: dict[str, Any]) -> str:
-    """Marks where the last message's text ends (its last text block's); returns that text."""
-    content = message["content"]
-    if isinstance(content, str):
-        message["content"] = content + _CONTINUE_TAG
-        return content
-    for block in reversed(content):
-        if isinstance(block, dict) and isinstance(block.get("text"), str):
-            text = block["text"]
-            block["text"] = text + _CONTINUE_TAG
-            return text
-    raise ValueError("continue_final_message: the last message has no text block to continue")
+def _tag_final_message(chat: list[dict[str, Any]], template: str, field: str) -> str:
+    """Marks where the last message's ``field`` ends (its text, or its last text block's; reasoning in each name it
+    is given under); returns that text."""
+    if not chat or chat[-1].get(field) is None:
+        raise ValueError(f"continue_final_message: the last message has no {field!r} to continue")
+    message = chat[-1]
+    final = message[field]
+    fields = [name for name in _REASONING_FIELDS if message.get(name) == final] if field in _REASONING_FIELDS else []
+    fields = fields or [field]
+    if not any(name in template for name in fields):
+        raise ValueError(f"continue_final_message: the chat template reads no {field!r}")
+    if isinstance(final, list | tuple):
+        for block in reversed(final):
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                text = block["text"]
+                block["text"] = text + _CONTINUE_TAG
+                return text
+        raise ValueError("continue_final_message: the last message has no text block to continue")
+    for name in fields:
+        message[name] = str(message[name]) + _CONTINUE_TAG
+    return str(final)
+
+
+def _as_dict(message: Any, number: int) -> Mapping[str, Any]:
+    """A message as a mapping: a dict as it is, a dataclass or pydantic-style object (the OpenAI SDK's) by its
+    fields."""
+    if isinstance(message, Mapping):
+        return message
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        return {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
+    if callable(getattr(message, "model_dump", None)):
+        return message.model_dump()
+    raise TypeError(f"message {number} is a {type(message).__name__}, not a dict: {message!r}")
+
+
+def _with_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """A message's reasoning, given under any of its names, under ``thinking`` and ``reasoning_content`` too."""
+    reasoning = next((message[name] for name in _REASONING_FIELDS if message.get(name) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def _plain(value: Any) -> Any:
     """``value`` rebuilt of plain JSON types; anything else (images, arrays) as ``"<TypeName>"``."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for kind in (bool, str, int, float):  # subclasses (enums, numpy scalars) back to the base type
-        if isinstance(value, kind):
-            return kind(value)
+    if isinstance(value, str):  # subclasses (a str enum) back to the base type's value, not the enum's name
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
     if isinstance(value, np.generic):
         return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
     if isinstance(value, Mapping):
         return {_plain(key): _plain(item) for key, item in value.items()}
     if isinstance(value, tuple):

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from vlkit.files import DamagedFileError, read_json
-from vlkit.text.jinja import ChatTemplates, read_chat_templates, render_chats
+from vlkit.text.jinja import ChatTemplates, read_chat_templates, refuse_unimplemented, render_chats
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Conventions of foreign checkpoints whose tokenizer files do not name their special tokens: (eos, pad, length).
@@ -71,6 +71,8 @@ class Tokenizer:
         self.hf_settings: dict[str, Any] = {}
         # A checkpoint's Jinja chat template(s) (``vlkit.text.jinja``), for ``apply_chat_template``; None without one.
         self.chat_template: ChatTemplates | None = None
+        # A directory's named special tokens for a chat template (``special_tokens_map``); None: vlkit's own.
+        self.named_tokens: dict[str, str] | None = None
         # text -> ids, with and without the special tokens the backend adds (``encode``, ``encode_plain``), for the
         # vocabulary size it was made at (tokens added to the backend start it anew).
         self._memo: dict[tuple[str, bool], tuple[int, ...]] = {}
@@ -127,22 +129,25 @@ class Tokenizer:
         return TokenBatch(*pad_rows(rows, self.pad_token_id, self.padding_side == "left", length))
 
     def special_tokens_map(self) -> dict[str, str]:
-        """The named special tokens (``bos_token``, ``eos_token``, ``pad_token``, ...), as transformers hands them to
-        a chat template."""
-        named = {name: _token_text(self.hf_settings.get(name)) for name in _NAMED_SPECIAL_TOKENS}
-        named["eos_token"] = self.backend.id_to_token(self.eos_token_id)
-        named["pad_token"] = self.backend.id_to_token(self.pad_token_id)
-        return {name: token for name, token in named.items() if token}
+        """The named special tokens (``bos_token``, ``eos_token``, a model's ``image_token``, ...), as transformers
+        hands them to a chat template: a directory's (``named_tokens``), else this tokenizer's end and pad tokens."""
+        if self.named_tokens is not None:
+            return dict(self.named_tokens)
+        return {"eos_token": self.backend.id_to_token(self.eos_token_id),
+                "pad_token": self.backend.id_to_token(self.pad_token_id)}  # fmt: skip
 
     def apply_chat_template(
         self,
         conversation: Sequence[Any],
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
+        continue_final_message: bool | str = False,
         tokenize: bool = True,
-        return_dict: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
         return_tensors: Literal["pt"] | None = None,
+        return_dict: bool = True,
         tools: Sequence[Any] | None = None,
         documents: Sequence[Any] | None = None,
         **variables: Any,
@@ -150,25 +155,40 @@ class Tokenizer:
         """transformers' ``apply_chat_template``: ``conversation`` (``{"role", "content"}`` messages, or a batch of
         such lists) rendered with the stored template (``chat_template``: a stored one's name, or another template)
         and the special tokens (``variables`` over them). -> the text(s) (``tokenize=False``); else the ids of each
-        text whole, without added special tokens (the template writes them): a dict of ``input_ids`` and
-        ``attention_mask`` lists (``return_dict``), as (B, T) tensors padded on ``padding_side`` with
-        ``return_tensors="pt"``, or the ids alone (``return_dict=False``)."""
+        text whole, without added special tokens (the template writes them), cut to ``max_length`` (else the
+        model's) from ``truncation_side`` with ``truncation``, and padded on ``padding_side`` with ``padding``
+        (``True`` / ``"longest"``, or ``"max_length"``): a dict of ``input_ids`` and ``attention_mask`` lists
+        (``return_dict``), or the ids alone; ``return_tensors="pt"`` gives (B, T) tensors, padded to the longest at
+        least (where transformers refuses rows of unequal length)."""
+        refuse_unimplemented(variables, ("return_assistant_tokens_mask", "sanitize_control_tokens", "tokenizer_kwargs"))
         texts, _, batched = render_chats(
             self.chat_template, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
             documents, **{**self.special_tokens_map(), **variables},
         )  # fmt: skip
         if not tokenize:
             return texts if batched else texts[0]
-        rows = [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
-        if return_tensors == "pt":
-            ids, mask = pad_rows(rows, self.pad_token_id, self.padding_side == "left")
-            return {"input_ids": ids, "attention_mask": mask} if return_dict else ids
-        if return_tensors is not None:
+        if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-        if not return_dict:
-            return rows if batched else rows[0]
-        masks = [[1] * len(row) for row in rows]
-        return {"input_ids": rows if batched else rows[0], "attention_mask": masks if batched else masks[0]}
+        if padding not in (False, True, "do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        rows = [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+        if truncation:
+            keep = max_length or self.max_len
+            rows = [row[:keep] if self.truncation_side == "right" else row[max(len(row) - keep, 0) :] for row in rows]
+        left, longest = self.padding_side == "left", max(len(row) for row in rows)
+        target = longest if padding in (True, "longest") else 0
+        if padding == "max_length":
+            target = max_length or self.max_len
+        ids: Any = rows
+        mask: Any = [[1] * len(row) for row in rows]
+        if return_tensors == "pt":
+            ids, mask = pad_rows(rows, self.pad_token_id, left, max(longest, target))
+        elif target:  # each row to the target, as transformers pads lists (a longer row stays as it is)
+            padded = [pad_rows([row], self.pad_token_id, left, max(len(row), target)) for row in rows]
+            ids, mask = [row[0].tolist() for row, _ in padded], [row[0].tolist() for _, row in padded]
+        if not batched and return_tensors is None:
+            ids, mask = ids[0], mask[0]
+        return {"input_ids": ids, "attention_mask": mask} if return_dict else ids
 
     def _truncated(self, text: str, length: int) -> list[int]:
         """``text``'s ids in ``length`` tokens: its own cut to what the added special tokens leave, then those."""
@@ -264,9 +284,12 @@ def read_tokenizer_directory(
     if not file.exists() and not byte_level:
         return None
     settings: dict[str, Any] = {}
+    unset: set[str] = set()  # tokens the configuration sets to null: none, whatever the tokenizer class's default
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (directory / name).exists():
-            settings.update({k: v for k, v in read_json(directory / name).items() if v is not None})
+            stored = read_json(directory / name)
+            settings.update({k: v for k, v in stored.items() if v is not None})
+            unset = (unset - stored.keys()) | {k for k, v in stored.items() if v is None}
     backend = _gpt2_tokenizer(directory, settings) if byte_level else _read_tokenizer_file(file)
     settings.pop("chat_template", None)  # kept apart (``Tokenizer.chat_template``) and written as its own file
     default_eos, default_pad, _ = TEXT_DEFAULTS.get(str(model_type), (None, None, None))
@@ -308,6 +331,8 @@ def read_tokenizer_directory(
     tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
     tokenizer.chat_template = read_chat_templates(directory)
+    defaults = {key: token for key, token in _class_tokens(model_type, own).items() if key not in unset}
+    tokenizer.named_tokens = _named_tokens(settings, defaults, eos)
     return tokenizer, padding
 
 
@@ -393,6 +418,29 @@ def _as_llama_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+
+
+def _class_tokens(model_type: str | None, own: Callable[..., None] | None) -> dict[str, str]:
+    """The special tokens of the tokenizer class transformers reads a directory with, where it names them itself."""
+    if own is _as_llama_tokenizer:
+        return {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    if own is _as_siglip2_tokenizer:
+        return {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                "mask_token": "<mask>"}  # fmt: skip
+    if model_type == "qwen2":
+        return {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    return {}
+
+
+def _named_tokens(settings: dict[str, Any], defaults: dict[str, str], eos: str) -> dict[str, str]:
+    """transformers' ``special_tokens_map``: the class's defaults, then every ``*_token`` the configuration names
+    (a model's ``image_token`` too) and the named ``extra_special_tokens``; the end-of-sequence token always."""
+    named = dict(defaults)
+    extra = settings.get("extra_special_tokens")
+    for key, value in [*settings.items(), *(extra.items() if isinstance(extra, dict) else ())]:
+        if key.endswith("_token") and isinstance(value, str | dict) and _token_text(value):
+            named[key] = str(_token_text(value))
+    return {**named, "eos_token": eos}
 
 
 def _token_text(value: Any) -> str | None:
