@@ -130,6 +130,33 @@ def test_export_writes_a_processor_transformers_reads(images: list[Image.Image],
     )  # fmt: skip
 
 
+def test_a_vlkit_models_own_preprocessing_exports(images: list[Image.Image], tmp_path: Path) -> None:
+    """A model vlkit trained prepares images with its ``ImageTransform``: exported with its processor, transformers
+    reads a CLIPImageProcessor that gives the same pixels (crop margins of 3 mod 4 aside: the docstring's one-pixel
+    shift); a transform transformers has no processor for is refused before anything is written."""
+    from vlkit.convert import ConversionError
+    from vlkit.data.processors import TransformImages
+    from vlkit.data.transforms import ImageTransform
+
+    model = vlkit.create_model("test_siglip")
+    model.save_pretrained(tmp_path / "run")
+    ours = load_processor(tmp_path / "run")
+    assert isinstance(ours.image_processor, TransformImages)
+    vlkit.export_hf(model, tmp_path / "out", processor=ours)
+    reference = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
+    size = model.config.vision.image_size
+    for image in (*images[2:], images[0].resize((size + 8, size)), images[0].resize((size, size + 2))):
+        pixels = reference(image, return_tensors="pt").pixel_values
+        torch.testing.assert_close(ours(images=image).pixel_values, pixels, rtol=0, atol=0)
+    for photo in images[:2]:  # 640 x 427, resized to 47 x 32: a margin of 15, the crop one pixel apart
+        pixels, own = reference(photo, return_tensors="pt").pixel_values, ours(images=photo).pixel_values
+        assert torch.equal(own[..., :-1], pixels[..., 1:]) and not torch.equal(own, pixels)
+    padded = Processor(TransformImages(ImageTransform(image_size=size, resize_mode="pad")))
+    with pytest.raises(ConversionError, match="'pad' image transform"):
+        vlkit.export_hf(model, tmp_path / "padded", processor=padded)
+    assert not (tmp_path / "padded").exists()
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -286,6 +313,32 @@ def test_images_and_text_together_feed_a_transformers_model(images: list[Image.I
         features = model(**inputs).image_features
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert features.shape[0] == 2
+
+
+def test_a_processor_transformers_5_saved_keeps_its_image_settings(images: list[Image.Image], tmp_path: Path) -> None:
+    """transformers 5 saves a CLIPProcessor's image settings inside processor_config.json (no
+    preprocessor_config.json): read from there, and exported where transformers finds them again."""
+    tokenizer = _clip_tokenizer(tmp_path / "tokenizer")
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2), projection_dim=8,
+    )  # fmt: skip
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "hf")
+    processor.save_pretrained(tmp_path / "hf")
+    assert "image_processor" in json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    expected = processor(images=images[:2], text=["a red star", "the star"], padding="max_length", return_tensors="pt")
+    ours = load_processor(tmp_path / "hf")
+    out = ours(images=images[:2], text=["a red star", "the star"])
+    for key in ("pixel_values", "input_ids", "attention_mask"):
+        torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
+    vlkit.export_hf(vlkit.from_pretrained(tmp_path / "hf"), tmp_path / "out", processor=ours)
+    again = transformers.AutoProcessor.from_pretrained(tmp_path / "out")
+    redone = again(images=images[:2], text=["a red star", "the star"], padding="max_length", return_tensors="pt")
+    assert all(torch.equal(redone[key], expected[key]) for key in ("pixel_values", "input_ids", "attention_mask"))
 
 
 def test_processor_without_files_or_parts_is_an_error(tmp_path: Path) -> None:

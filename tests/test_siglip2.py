@@ -294,6 +294,16 @@ def test_siglip2_text_matches_transformers(settings: dict[str, Any], stored_norm
         features = reference.get_text_features(**expected)
         features = features if isinstance(features, torch.Tensor) else features.pooler_output
         torch.testing.assert_close(model.encode_text(**out), features, **TOLERANCE)
+        # The whole call, as with transformers: model(**processor(images=..., text=...)), NaFlex inputs and all, with
+        # transformers' output names. (transformers' Siglip2Processor prepares 16-pixel patches whatever the
+        # directory says, which this tiny model cannot read: both models take vlkit's, at the model's patch size.)
+        images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (20, 50), "blue")]
+        tiny = {**PROCESSOR_CASES["tiny_budget"], "patch_size": 4, "max_num_patches": 20}
+        (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(tiny))
+        inputs = vlkit.load_processor(tmp_path / "hf")(images=images, text=SIGLIP2_TEXTS[:2])
+        theirs, ours = reference(**inputs), model(**inputs)
+        for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), **TOLERANCE)
 
     # Exported, transformers reads the same tokens back, and so does vlkit from its own save.
     exported = vlkit.export_hf(model, tmp_path / "export")

@@ -227,6 +227,12 @@ def export_hf(
     for a LLaVA or BLIP-2 processor). Raises ``ConversionError`` naming every option the format cannot express."""
     module = _format_of(model)
     checkpoint = module.export(model)
+    # Asked before anything is written: a processor whose images transformers cannot prepare alike is an error.
+    image_processor = getattr(processor, "image_processor", None)
+    try:
+        image_settings = None if image_processor is None else image_processor.to_hf_dict()
+    except ValueError as error:
+        raise ConversionError(f"export_hf: {error}") from None
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtypes = {tensor.dtype for tensor in checkpoint.weights.values()}
@@ -260,8 +266,8 @@ def export_hf(
                 **({} if isinstance(model, VisionLanguageModel) else {"padding_side": tokenizer.padding_side}),
             },
         )
-    if processor is not None and processor.image_processor is not None:
-        write_json(directory / "preprocessor_config.json", processor.image_processor.to_hf_dict())
+    if image_settings is not None:
+        write_json(directory / "preprocessor_config.json", image_settings)
     if tokenizer is not None or isinstance(processor, VLMProcessor):  # the processor's template, as transformers'
         stored = getattr(processor, "chat_template", None) if isinstance(processor, VLMProcessor) else None
         write_chat_templates(directory, stored if stored is not None else getattr(tokenizer, "chat_template", None))

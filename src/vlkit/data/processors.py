@@ -338,6 +338,28 @@ class TransformImages:
     def batch(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers image processor nearest to this transform, for an export (``CLIPImageProcessor``):
+        ``"shortest_crop"`` as a shortest-edge resize and a centre crop, ``"squash"`` as a resize to (H, W), both
+        bicubic, then the same rescale, mean and std. Their pixels are this transform's, except where the resized
+        image is 3, 7, 11, ... pixels longer than the crop: there transformers' crop starts one pixel earlier (it
+        floors half the margin, where vlkit rounds it to even, as OpenAI's CLIP preprocessing does). ``"pad"`` and a
+        non-square crop have no such processor: an error."""
+        transform = self.transform
+        height, width = transform.size
+        out: dict[str, Any] = {
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(transform.mean),
+            "image_std": list(transform.std), "do_convert_rgb": True,
+        }  # fmt: skip
+        if transform.resize_mode == "squash":
+            return {**out, "size": {"height": height, "width": width}, "do_center_crop": False}
+        if transform.resize_mode == "shortest_crop" and height == width:
+            return {**out, "size": {"shortest_edge": height}, "do_center_crop": True,
+                    "crop_size": {"height": height, "width": width}}  # fmt: skip
+        raise ValueError(f"a {transform.resize_mode!r} image transform at {height}x{width} has no transformers image "
+                         "processor that prepares the same pixels")  # fmt: skip
+
 
 @dataclass
 class ChatProcessor(Processor):
@@ -574,6 +596,9 @@ def load_processor(path: str | Path) -> Processor:
     image_processor = (
         ImageProcessor.from_hf_dict(read_json(image_file), str(image_file)) if image_file.exists() else None
     )
+    stored = _processor_settings(directory).get("image_processor")
+    if image_processor is None and isinstance(stored, dict):  # transformers 5 keeps it in processor_config.json
+        image_processor = ImageProcessor.from_hf_dict(stored, str(directory / "processor_config.json"))
     model_type, max_len = None, None
     config: dict[str, Any] = {}
     if (directory / "config.json").exists():
@@ -624,9 +649,6 @@ def _vlm_parts(
     """What every VLM processor reads: the image processor (``preprocessor_config.json``, or transformers 5's
     ``processor_config.json``), the tokenizer, whose ``image_token`` must be the model's image token id, and the
     tokenizer's padding side (None when it names none)."""
-    if image_processor is None and isinstance(settings.get("image_processor"), dict):
-        where = str(directory / "processor_config.json")
-        image_processor = ImageProcessor.from_hf_dict(settings["image_processor"], where)
     if image_processor is None:
         raise FileNotFoundError(f"{directory}: no image processor (preprocessor_config.json or processor_config.json)")
     loaded = read_tokenizer_directory(directory, model.lm.max_seq_len, model_type)

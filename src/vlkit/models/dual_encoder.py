@@ -72,6 +72,35 @@ class DualEncoderOutput:
     # a ViT's token norm, before any projection), for a per-patch objective beside the contrastive one.
     patch_tokens: torch.Tensor | None = None
 
+    @property
+    def logits_per_image(self) -> torch.Tensor:
+        """(B_img, B_txt) scale * similarity + bias, as transformers' ``logits_per_image`` (for FILIP, the
+        image -> text token-wise similarity)."""
+        return self._logits(0)
+
+    @property
+    def logits_per_text(self) -> torch.Tensor:
+        """(B_txt, B_img), as transformers' ``logits_per_text`` (for FILIP, from the text -> image similarity)."""
+        return self._logits(1).T
+
+    @property
+    def image_embeds(self) -> torch.Tensor:
+        """transformers' name for the L2-normalised image features."""
+        return self.image_features
+
+    @property
+    def text_embeds(self) -> torch.Tensor:
+        """transformers' name for the L2-normalised text features."""
+        return self.text_features
+
+    def _logits(self, direction: int) -> torch.Tensor:
+        if self.image_tokens is not None and self.text_tokens is not None:
+            similarity = filip_similarity(self.image_tokens, self.text_tokens, self.text_mask)[direction]
+        else:
+            similarity = self.image_features @ self.text_features.T  # (B_img, B_txt) cosines
+        logits = self.logit_scale * similarity
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
 
 def _projection(kind: str, dim: int, embed_dim: int, bias: bool) -> nn.Module:
     if kind == "none":
@@ -192,14 +221,21 @@ class DualEncoder(PretrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_patch_tokens: bool = False,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
     ) -> DualEncoderOutput:
-        """The processor's names, so that ``model(**processor(images=..., text=...))`` works as with transformers."""
+        """The processor's names, so that ``model(**processor(images=..., text=...))`` works as with transformers
+        (SigLIP 2's NaFlex patches with their ``pixel_attention_mask`` and ``spatial_shapes`` too)."""
         pixels = pixel_values
+        naflex = pixel_attention_mask is not None or spatial_shapes is not None
+        if naflex and (self.config.interaction == "token" or output_patch_tokens):
+            raise ValueError("NaFlex inputs (pixel_attention_mask, spatial_shapes) give pooled features only: not "
+                             "with interaction='token' or output_patch_tokens")  # fmt: skip
         if self.config.interaction == "token":
             return self._forward_tokens(pixels, input_ids, attention_mask, output_patch_tokens)
         scale, bias = self.scale_and_bias()
         if not output_patch_tokens:
-            image = self.encode_image(pixels, normalize=True)
+            image = self.encode_image(pixels, True, pixel_attention_mask, spatial_shapes)
             return DualEncoderOutput(image, self.encode_text(input_ids, attention_mask, normalize=True), scale, bias)
         # One pass of the image tower feeds the pooled features and the patch tokens.
         features = self.image_encoder.forward_features(pixels)
@@ -229,14 +265,11 @@ class DualEncoder(PretrainedModel):
         return cosine, cosine
 
     def logits(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Image-text logits (B_img, B_txt) as the model's image -> text loss rows see them: scale * similarity +
-        bias (for FILIP, the image -> text token-wise similarity)."""
-        out = self(pixel_values, input_ids, attention_mask)
-        if out.image_tokens is not None:
-            similarity, _ = self.similarity(out.image_tokens, out.text_tokens, out.text_mask)
-        else:
-            similarity, _ = self.similarity(out.image_features, out.text_features)
-        logits = out.logit_scale * similarity
-        return logits + out.logit_bias if out.logit_bias is not None else logits
+        bias (for FILIP, the image -> text token-wise similarity); the forward's ``logits_per_image``."""
+        out = self(pixel_values, input_ids, attention_mask, pixel_attention_mask=pixel_attention_mask,
+                   spatial_shapes=spatial_shapes)  # fmt: skip
+        return out.logits_per_image
