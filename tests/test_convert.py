@@ -344,6 +344,23 @@ def test_convnext_preset_exports(tmp_path: Path) -> None:
         _close("test_convnext preset", back(pixel_values=pixels).logits, model(pixels))
 
 
+def test_auto_dtype_keeps_a_dual_encoders_stored_dtype(tmp_path: Path) -> None:
+    """A bf16 SigLIP directory: float32 by default, its stored bf16 with ``dtype="auto"`` (transformers' meaning), and
+    exported from there as bf16, which transformers reads back as it was stored."""
+    case = SIGLIP_CASES["siglip_tanh"]
+    reference = _dual_reference("siglip", case, seed=3).to(torch.bfloat16)
+    _save(reference, tmp_path / "hf")
+    assert next(vlkit.from_pretrained(tmp_path / "hf").parameters()).dtype == torch.float32
+    model = vlkit.from_pretrained(tmp_path / "hf", dtype="auto").eval()
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    exported = vlkit.export_hf(model, tmp_path / "export")
+    assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
+    back = transformers.SiglipModel.from_pretrained(exported, dtype="auto").eval()
+    assert next(back.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), reference.state_dict().values(),
+                                                 strict=True))  # fmt: skip
+
+
 # --- files: sharding, tokenizer, errors
 
 

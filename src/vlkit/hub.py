@@ -12,10 +12,11 @@ from vlkit.models.base import load_vlkit_directory
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> Any:
-    """``dtype``: cast the weights to it (a ``torch.dtype`` or its name, ``"bfloat16"``); None or ``"auto"`` keeps
-    what a language model's directory stores (such a model is built on the meta device and filled without a second
-    copy; a checkpoint that mixes dtypes takes the one most of its weights are in) and float32 for the other
-    models."""
+    """``dtype``: cast the weights to it (a ``torch.dtype`` or its name, ``"bfloat16"``). None keeps what a language
+    model's directory stores (such a model is built on the meta device and filled without a second copy; a checkpoint
+    that mixes dtypes takes the one most of its weights are in) and gives the other models float32; ``"auto"`` keeps
+    the stored dtype for every Hugging Face directory, as transformers' ``dtype="auto"`` does."""
+    auto = dtype == "auto"
     dtype = _dtype(dtype)
     path = Path(path)
     config_file = path / "config.json"
@@ -27,7 +28,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     if "model_type" in data:
         from vlkit.convert import load_hf_directory
 
-        return load_hf_directory(path, dtype)
+        return load_hf_directory(path, "auto" if auto else dtype)
     raise ValueError(f"{config_file}: neither a vlkit config (vlkit_format) nor a Hugging Face one (model_type)")
 
 

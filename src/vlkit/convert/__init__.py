@@ -39,9 +39,10 @@ defaults from ``text_config``.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -73,8 +74,10 @@ MAX_SHARD_BYTES = 5 * 2**30
 
 
 def load_hf_directory(
-    path: str | Path, dtype: torch.dtype | None = None
+    path: str | Path, dtype: torch.dtype | Literal["auto"] | None = None
 ) -> DualEncoder | ImageClassifier | DecoderLM | VisionLanguageModel:
+    """A transformers directory as a vlkit model. ``dtype``: a cast; None keeps a language model's stored dtype and
+    gives the others float32; ``"auto"`` keeps the stored dtype (by elements, where the weights mix several)."""
     directory = Path(path)
     config = read_json(directory / "config.json")
     model_type = config.get("model_type")
@@ -95,9 +98,16 @@ def load_hf_directory(
         generation = read_json(directory / GENERATION_CONFIG_NAME)
         config = _with_generation_eos(config, generation, nested=module is llava)
     if hasattr(module, "load_directory"):
-        model = module.load_directory(directory, config, dtype)
+        model = module.load_directory(directory, config, None if dtype == "auto" else dtype)
     else:
-        model = module.load(HFCheckpoint(config, read_weights(directory)), str(directory))
+        weights = read_weights(directory)
+        if dtype == "auto":
+            stored: Counter[torch.dtype] = Counter()
+            for tensor in weights.values():
+                if tensor.is_floating_point():
+                    stored[tensor.dtype] += tensor.numel()
+            dtype = stored.most_common(1)[0][0] if stored else None
+        model = module.load(HFCheckpoint(config, weights), str(directory))
         if dtype is not None:
             model = model.to(dtype)
     if isinstance(model, DualEncoder):
