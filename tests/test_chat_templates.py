@@ -204,6 +204,16 @@ def test_message_objects_reasoning_named_tokens_and_lengths(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="does not implement return_assistant_tokens_mask"):
         ours.apply_chat_template(chat, return_assistant_tokens_mask=True)
 
+    # A model saved with this tokenizer keeps its template and the named tokens the template reads.
+    import vlkit
+
+    model = vlkit.create_model("test_llama_lm")
+    model.tokenizer = ours
+    model.save_pretrained(tmp_path / "saved")
+    again = vlkit.from_pretrained(tmp_path / "saved").tokenizer
+    assert again.chat_template == REASONING and again.special_tokens_map() == ours.special_tokens_map()
+    assert again.apply_chat_template(chat, tokenize=False) == ours.apply_chat_template(chat, tokenize=False)
+
 
 def test_a_llama_directory_names_its_classs_tokens(tmp_path: Path) -> None:
     """A Llama directory whose configuration names only its end token: transformers' LlamaTokenizer supplies <s> and

@@ -359,6 +359,10 @@ def test_auto_dtype_keeps_a_dual_encoders_stored_dtype(tmp_path: Path) -> None:
     assert next(back.parameters()).dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), reference.state_dict().values(),
                                                  strict=True))  # fmt: skip
+    # ... and a vlkit directory holding bf16 weights the same way.
+    model.save_pretrained(tmp_path / "own")
+    assert next(vlkit.from_pretrained(tmp_path / "own").parameters()).dtype == torch.float32
+    assert next(vlkit.from_pretrained(tmp_path / "own", dtype="auto").parameters()).dtype == torch.bfloat16
 
 
 # --- files: sharding, tokenizer, errors

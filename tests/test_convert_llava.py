@@ -398,6 +398,17 @@ def test_chat_template_prompts_as_transformers_and_chat_uses_it(tmp_path: Path, 
     model = vlkit.from_pretrained(tmp_path)
     generated = model.generate(**out, max_new_tokens=5)
     assert torch.equal(generated, reference.generate(**theirs, max_new_tokens=5, do_sample=False))
+    # Messages as dataclasses (or pydantic-style objects) prepare the same inputs.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: Any
+
+    objects = [[Message(**turn) for turn in chat] for chat in conversations]
+    again = ours.apply_chat_template(objects, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert all(torch.equal(again[key], out[key]) for key in out)
 
     # vlkit chat: the template, the checkpoint's image processor, and transformers' answer.
     question = [{"role": "user", "content": [{"type": "image", "path": str(photo)},

@@ -421,6 +421,22 @@ def test_a_trained_vlms_processor_takes_chat_messages(tiny_llava: Path, tmp_path
     session.turns = said[:2]
     session.turns[0] = Turn("user", question)  # the session keeps the question as asked
     assert torch.equal(session.inputs("and the square?")["input_ids"][0], expected)
+    # Message objects as transformers takes them (dataclasses, pydantic-style), the same ids.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: Any
+
+    objects = [Message(turn["role"], turn["content"]) for turn in turns]
+    assert torch.equal(processor.apply_chat_template(objects, add_generation_prompt=True, tokenize=True)[0], expected)
+    # A session longer than the model's length goes on, as vlkit chat always did (rotary positions allow it); the
+    # processor's own call still refuses a message that does not fit.
+    session.turns = [turn for _ in range(40) for turn in (Turn("user", question), Turn("assistant", "red"))]
+    assert session.inputs("and the square?")["input_ids"].shape[1] > tokenizer.max_len
+    with pytest.raises(ValueError, match="at most"):
+        processor(images=image, text=" ".join([question] * 40))
     with pytest.raises(ValueError, match="no continue_final_message, tools"):
         processor.apply_chat_template(asked, tools=[{"name": "f"}])
     with pytest.raises(ValueError, match="'audio' block"):

@@ -15,7 +15,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     """``dtype``: cast the weights to it (a ``torch.dtype`` or its name, ``"bfloat16"``). None keeps what a language
     model's directory stores (such a model is built on the meta device and filled without a second copy; a checkpoint
     that mixes dtypes takes the one most of its weights are in) and gives the other models float32; ``"auto"`` keeps
-    the stored dtype for every Hugging Face directory, as transformers' ``dtype="auto"`` does."""
+    the stored dtype for every model (the one most of its weights' elements have)."""
     auto = dtype == "auto"
     dtype = _dtype(dtype)
     path = Path(path)
@@ -24,7 +24,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
         raise FileNotFoundError(f"{path} is not a model directory: no config.json")
     data = read_json(config_file)
     if "vlkit_format" in data:
-        return load_vlkit_directory(path, dtype)
+        return load_vlkit_directory(path, "auto" if auto else dtype)
     if "model_type" in data:
         from vlkit.convert import load_hf_directory
 

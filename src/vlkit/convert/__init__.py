@@ -39,7 +39,6 @@ defaults from ``text_config``.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -60,7 +59,7 @@ from vlkit.data.processors import Processor, VLMProcessor
 from vlkit.files import atomic_write, read_json, write_json
 from vlkit.lm import DecoderLM, GenerationConfig
 from vlkit.models import DualEncoder, ImageClassifier
-from vlkit.models.base import GENERATION_CONFIG_NAME
+from vlkit.models.base import GENERATION_CONFIG_NAME, stored_dtype
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.text.jinja import write_chat_templates
 from vlkit.text.tokenizer import load_tokenizer
@@ -102,11 +101,7 @@ def load_hf_directory(
     else:
         weights = read_weights(directory)
         if dtype == "auto":
-            stored: Counter[torch.dtype] = Counter()
-            for tensor in weights.values():
-                if tensor.is_floating_point():
-                    stored[tensor.dtype] += tensor.numel()
-            dtype = stored.most_common(1)[0][0] if stored else None
+            dtype = stored_dtype(weights.values())
         model = module.load(HFCheckpoint(config, weights), str(directory))
         if dtype is not None:
             model = model.to(dtype)
@@ -258,7 +253,7 @@ def export_hf(
         write_json(
             directory / "tokenizer_config.json",
             {
-                **getattr(tokenizer, "hf_settings", {}),  # a converted model's bos / unk tokens, chat template, ...
+                **getattr(tokenizer, "hf_settings", {}),  # a converted model's bos / unk tokens, sides, ...
                 # the named tokens a chat template sees, its tokenizer class's defaults among them, spelled out for
                 # the class written below (where they are in the vocabulary)
                 **{

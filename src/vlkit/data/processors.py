@@ -54,6 +54,7 @@ from vlkit.text.chat import (
 from vlkit.text.jinja import (
     ChatTemplates,
     conversations_of,
+    message_dict,
     pick_template,
     read_chat_templates,
     refuse_unimplemented,
@@ -343,8 +344,10 @@ class TransformImages:
         ``"shortest_crop"`` as a shortest-edge resize and a centre crop, ``"squash"`` as a resize to (H, W), both
         bicubic, then the same rescale, mean and std. Their pixels are this transform's, except where the resized
         image is 3, 7, 11, ... pixels longer than the crop: there transformers' crop starts one pixel earlier (it
-        floors half the margin, where vlkit rounds it to even, as OpenAI's CLIP preprocessing does). ``"pad"`` and a
-        non-square crop have no such processor: an error."""
+        floors half the margin, where vlkit rounds it to even, as OpenAI's CLIP preprocessing does), and for strips
+        of extreme aspect ratio, which ``ImageTransform`` resamples from the cropped region only. (Compared with
+        transformers' PIL backend, its default without torchvision.) ``"pad"`` and a non-square crop have no such
+        processor: an error."""
         transform = self.transform
         height, width = transform.size
         out: dict[str, Any] = {
@@ -415,7 +418,9 @@ class ChatProcessor(Processor):
             if IMAGE_PLACEHOLDER not in message:
                 message = image_prompt(self.chat_template, message, len(group))
             conversations.append(Conversation([Turn("user", message)], list(group), item=f"text[{number}]"))
-        return self._encode(conversations, get_template(self.chat_template), True, padding_side)
+        return self._encode(
+            conversations, get_template(self.chat_template), True, padding_side, self.text_tokenizer().max_len
+        )
 
     def apply_chat_template(
         self,
@@ -434,7 +439,8 @@ class ChatProcessor(Processor):
         ``<image>`` placeholders, each followed by the template's separator, as training writes them. -> the text
         (``vlkit.text.chat.render``: a prompt with ``add_generation_prompt``, else a conversation that ends with an
         answer). With ``tokenize``, the ids are the training's, tokenized segment by segment (not the text's own
-        tokenization), so that the model sees the tokens it was trained on."""
+        tokenization), so that the model sees the tokens it was trained on; as in transformers, without a length
+        limit (``vlkit chat`` goes on past the model's length, which rotary positions allow)."""
         if continue_final_message or tools is not None or documents is not None or variables:
             raise ValueError("vlkit's chat templates take no continue_final_message, tools, documents or variables")
         template = get_template(chat_template or self.chat_template)
@@ -443,27 +449,27 @@ class ChatProcessor(Processor):
         if not tokenize:
             texts = [render(chat, template, add_generation_prompt) for chat in conversations]
             return texts if batched else texts[0]
-        out = self._encode(conversations, template, add_generation_prompt)
+        out = self._encode(conversations, template, add_generation_prompt, max_len=None)
         return out if return_dict else out["input_ids"]
 
     def _encode(
         self, conversations: list[Conversation], template: ChatTemplate, prompt: bool,
-        padding_side: Literal["left", "right"] | None = None,
+        padding_side: Literal["left", "right"] | None = None, max_len: int | None = None,
     ) -> ProcessorOutput:  # fmt: skip
-        """Conversations -> their ids as training segments them (ending with the generation prompt where ``prompt``),
-        padded on ``padding_side``, with their images and, for a Q-Former that reads the prompt, each image's text:
-        its conversation's last user message without the placeholders, as the evaluation and ``vlkit chat`` give it."""
+        """Conversations -> their ids as training segments them (ending with the generation prompt where ``prompt``;
+        longer than ``max_len``, an error), padded on ``padding_side``, with their images and, for a Q-Former that
+        reads the prompt, each image's text: its conversation's last user message without the placeholders, as the
+        evaluation and ``vlkit chat`` give it."""
         tokenizer = self.text_tokenizer()
         images = [image for chat in conversations for image in chat.images]
         out = super().__call__(images=images) if images else ProcessorOutput()
         encoded = []
         for chat in conversations:
             if prompt:
-                ids = tokenize_prompt(chat, template, tokenizer, self.image_token_id, self.image_tokens,
-                                      max_len=tokenizer.max_len)  # fmt: skip
+                ids = tokenize_prompt(chat, template, tokenizer, self.image_token_id, self.image_tokens, max_len)
             else:
                 ids = tokenize_conversation(chat, template, tokenizer, self.image_token_id, self.image_tokens,
-                                            max_len=tokenizer.max_len).input_ids  # fmt: skip
+                                            max_len).input_ids  # fmt: skip
             encoded.append(ids.tolist())
         left = (padding_side or self.padding_side) == "left"
         out.input_ids, out.attention_mask = pad_rows(encoded, tokenizer.pad_token_id, left)
@@ -516,8 +522,9 @@ def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
 
 
 def _with_image_blocks(conversation: Sequence[Any]) -> Any:
-    """OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` blocks as ``{"type": "image", "url": ...}``, as
-    transformers reads them; the conversation (or batch) is otherwise the same."""
+    """The conversation (or batch) with its messages as dicts (``vlkit.text.jinja.message_dict``: dataclasses and
+    pydantic-style objects too) and OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` blocks as
+    ``{"type": "image", "url": ...}``, as transformers reads them."""
 
     def block(item: Any) -> Any:
         if isinstance(item, Mapping) and item.get("type") == "image_url" and "image_url" in item:
@@ -525,12 +532,12 @@ def _with_image_blocks(conversation: Sequence[Any]) -> Any:
             return {"type": "image", "url": where.get("url", "") if isinstance(where, Mapping) else where}
         return item
 
-    def message(item: Any) -> Any:
-        content = item.get("content") if isinstance(item, Mapping) else None
+    def message(item: Mapping[str, Any]) -> Any:
+        content = item.get("content")
         return {**item, "content": [block(b) for b in content]} if isinstance(content, list) else item
 
     batch, batched = conversations_of(conversation)
-    converted = [[message(item) for item in chat] for chat in batch]
+    converted = [[message(message_dict(item, number)) for number, item in enumerate(chat)] for chat in batch]
     return converted if batched else converted[0]
 
 

@@ -6,8 +6,10 @@ fields). Each model class names its config class; the config's ``kind`` picks th
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -50,6 +52,7 @@ class PretrainedModel(nn.Module):
             # The special tokens by name, so a tokenizer imported with other names than vlkit's <pad>/<eos> reloads.
             backend = self.tokenizer.backend
             special = {
+                **self.tokenizer.special_tokens_map(),  # what a saved chat template reads (bos_token, ...)
                 "eos_token": backend.id_to_token(self.tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
                 "padding_side": self.tokenizer.padding_side,
@@ -101,7 +104,19 @@ def read_vlkit_tokenizer(path: Path, config: Any) -> Any:
     return Tokenizer.from_file(tokenizer_file, max_len=max_len)
 
 
-def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> PretrainedModel:
+def stored_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype most of ``tensors``' elements are stored in (None without floating tensors): a checkpoint's
+    dtype where many small norms or biases are kept in float32 beside bf16 matrices."""
+    counts: Counter[torch.dtype] = Counter()
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def load_vlkit_directory(path: Path, dtype: torch.dtype | Literal["auto"] | None = None) -> PretrainedModel:
+    """A vlkit model directory's model. ``dtype``: a cast; None keeps what a model built on the meta device stores
+    and gives the others float32; ``"auto"`` keeps the stored dtype for every model."""
     config = read_vlkit_config(path)
     weights = path / "model.safetensors"
     if not weights.exists():
@@ -117,14 +132,16 @@ def load_vlkit_directory(path: Path, dtype: torch.dtype | None = None) -> Pretra
             model = None
     if model is not None:
         state = load_safetensors(weights)
-        if dtype is not None:
+        if dtype is not None and dtype != "auto":
             state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     else:
         model = build_model(config)
-        missing, unexpected = model.load_state_dict(load_safetensors(weights), strict=False)
-        if dtype is not None:
-            model = model.to(dtype)
+        state = load_safetensors(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        cast = stored_dtype(state.values()) if dtype == "auto" else dtype
+        if cast is not None:
+            model = model.to(cast)
     if missing or unexpected:
         raise ValueError(f"{weights}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
     generation_file = path / GENERATION_CONFIG_NAME

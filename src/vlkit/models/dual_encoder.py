@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
@@ -93,13 +94,29 @@ class DualEncoderOutput:
         """transformers' name for the L2-normalised text features."""
         return self.text_features
 
-    def _logits(self, direction: int) -> torch.Tensor:
+    @cached_property
+    def similarities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image -> text, text -> image) similarities, each (B_img, B_txt): ``score_pairs`` of the outputs."""
         if self.image_tokens is not None and self.text_tokens is not None:
-            similarity = filip_similarity(self.image_tokens, self.text_tokens, self.text_mask)[direction]
-        else:
-            similarity = self.image_features @ self.text_features.T  # (B_img, B_txt) cosines
-        logits = self.logit_scale * similarity
+            return score_pairs(self.image_tokens, self.text_tokens, self.text_mask)
+        return score_pairs(self.image_features, self.text_features)
+
+    def _logits(self, direction: int) -> torch.Tensor:
+        logits = self.logit_scale * self.similarities[direction]
         return logits + self.logit_bias if self.logit_bias is not None else logits
+
+
+def score_pairs(
+    image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, chunk_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image -> text, text -> image) similarities, each (N, M) indexed [image, text]: the cosines of pooled,
+    L2-normalised features (N, E) and (M, E) (one matrix, twice), or FILIP's token-wise similarities of per-token
+    features (N, n, E) and (M, T, E) with the text's real-token mask (``filip_similarity``, ``chunk_size`` text rows
+    at a time)."""
+    if image.ndim == 3:
+        return filip_similarity(image, text, text_mask, chunk_size=chunk_size)
+    cosine = image @ text.T  # (N, M)
+    return cosine, cosine
 
 
 def _projection(kind: str, dim: int, embed_dim: int, bias: bool) -> nn.Module:
@@ -252,17 +269,15 @@ class DualEncoder(PretrainedModel):
         ``interaction="global"``: L2-normalised pooled features, image (N, E) and text (M, E) -> their cosines, the
         same matrix twice. ``interaction="token"`` (FILIP): per-token features, image (N, n, E) and text (M, T, E)
         with its real-token mask (M, T) -> the two token-wise similarities, chunked over ``chunk_size`` text rows
-        (``filip_similarity``). Evaluation, the claims bench and ``logits`` all score through here.
+        (``filip_similarity``). Evaluation, the claims bench and ``logits`` (the forward output's ``similarities``) all
+        score through ``score_pairs``.
         """
-        if self.config.interaction == "token":
-            return filip_similarity(image, text, text_mask, chunk_size=chunk_size)
-        if image.ndim != 2 or text.ndim != 2 or text_mask is not None:
+        if self.config.interaction == "global" and (image.ndim != 2 or text.ndim != 2 or text_mask is not None):
             raise ValueError(
                 f"interaction='global' scores pooled features, image (N, E) and text (M, E) without a mask; got "
                 f"{tuple(image.shape)} and {tuple(text.shape)}" + (" and a text mask" if text_mask is not None else "")
             )
-        cosine = image @ text.T  # (N, M)
-        return cosine, cosine
+        return score_pairs(image, text, text_mask, chunk_size)
 
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

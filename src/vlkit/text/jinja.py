@@ -130,7 +130,7 @@ def render_chat(
     content (or the field it names, e.g. ``"reasoning_content"``), for the model to go on with it."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt exclude each other")
-    chat = [_plain(_as_dict(message, number)) for number, message in enumerate(messages)]
+    chat = [_plain(message_dict(message, number)) for number, message in enumerate(messages)]
     chat = [_with_reasoning({key: value for key, value in message.items() if value is not None}) for message in chat]
     if any(not isinstance(tool, Mapping) for tool in tools or ()):
         raise TypeError("tools must be JSON schemas (dicts); vlkit does not turn functions into schemas")
@@ -216,7 +216,7 @@ def _tag_final_message(chat: list[dict[str, Any]], template: str, field: str) ->
     return str(final)
 
 
-def _as_dict(message: Any, number: int) -> Mapping[str, Any]:
+def message_dict(message: Any, number: int = 0) -> Mapping[str, Any]:
     """A message as a mapping: a dict as it is, a dataclass or pydantic-style object (the OpenAI SDK's) by its
     fields."""
     if isinstance(message, Mapping):

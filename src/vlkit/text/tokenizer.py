@@ -67,7 +67,8 @@ class Tokenizer:
         self.padding_side: PaddingSide = padding_side
         self.truncation_side: PaddingSide = "right"  # which end a text too long loses
         # A Hugging Face directory's tokenizer_config.json / special_tokens_map.json entries (bos and unk tokens,
-        # chat template, ...): vlkit reads eos and pad of them, export_hf writes them all back.
+        # sides, ...; the chat template is kept apart, below): vlkit reads eos and pad of them, export_hf writes them
+        # all back.
         self.hf_settings: dict[str, Any] = {}
         # A checkpoint's Jinja chat template(s) (``vlkit.text.jinja``), for ``apply_chat_template``; None without one.
         self.chat_template: ChatTemplates | None = None
