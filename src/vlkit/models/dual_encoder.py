@@ -272,7 +272,9 @@ class DualEncoder(PretrainedModel):
         (``filip_similarity``). Evaluation, the claims bench and ``logits`` (the forward output's ``similarities``) all
         score through ``score_pairs``.
         """
-        if self.config.interaction == "global" and (image.ndim != 2 or text.ndim != 2 or text_mask is not None):
+        if self.config.interaction == "token":  # filip_similarity checks the token shapes itself
+            return filip_similarity(image, text, text_mask, chunk_size=chunk_size)
+        if image.ndim != 2 or text.ndim != 2 or text_mask is not None:
             raise ValueError(
                 f"interaction='global' scores pooled features, image (N, E) and text (M, E) without a mask; got "
                 f"{tuple(image.shape)} and {tuple(text.shape)}" + (" and a text mask" if text_mask is not None else "")
