@@ -293,15 +293,20 @@ def test_truncation_matches_transformers(template: str, side: str, tmp_path: Pat
     assert torch.equal(out.attention_mask, expected["attention_mask"])
 
 
-def test_images_and_text_together_feed_a_transformers_model(images: list[Image.Image], tmp_path: Path) -> None:
-    tokenizer = _clip_tokenizer(tmp_path)
+def _tiny_clip(tokenizer: Any) -> Any:
+    """A random one-layer CLIPModel for 32-pixel images and ``tokenizer``'s vocabulary."""
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, eos_token_id=tokenizer.eos_token_id),
         vision_config=dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2), projection_dim=8,
     )  # fmt: skip
-    reference = transformers.CLIPModel(config).eval()
+    return transformers.CLIPModel(config).eval()
+
+
+def test_images_and_text_together_feed_a_transformers_model(images: list[Image.Image], tmp_path: Path) -> None:
+    tokenizer = _clip_tokenizer(tmp_path)
+    reference = _tiny_clip(tokenizer)
     reference.save_pretrained(tmp_path)
     _reference_images(tmp_path, {**IMAGE_CASES["clip"], "size": {"shortest_edge": 32},
                                  "crop_size": {"height": 32, "width": 32}})  # fmt: skip
@@ -321,13 +326,7 @@ def test_a_processor_transformers_5_saved_keeps_its_image_settings(images: list[
     tokenizer = _clip_tokenizer(tmp_path / "tokenizer")
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2), projection_dim=8,
-    )  # fmt: skip
-    transformers.CLIPModel(config).save_pretrained(tmp_path / "hf")
+    _tiny_clip(tokenizer).save_pretrained(tmp_path / "hf")
     processor.save_pretrained(tmp_path / "hf")
     assert "image_processor" in json.loads((tmp_path / "hf" / "processor_config.json").read_text())
     expected = processor(images=images[:2], text=["a red star", "the star"], padding="max_length", return_tensors="pt")
