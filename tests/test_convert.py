@@ -425,6 +425,21 @@ def test_clip_directory_with_tokenizer_round_trips(tmp_path: Path) -> None:
     assert reloaded.tokenizer.max_len == 20 and reloaded.tokenizer.pad_token_id == tokenizer.pad_token_id
     native = vlkit.from_pretrained(model.save_pretrained(tmp_path / "vlkit"))  # vlkit's own format keeps it too
     assert torch.equal(native.tokenizer(texts).input_ids, batch.input_ids)
+    # Decoded as transformers' CLIPTokenizer decodes: its "</w>" word ends as spaces, here and on the export.
+    ids = expected["input_ids"][0].tolist()
+    assert model.tokenizer.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat"
+    assert loaded.decode(ids, skip_special_tokens=True) == "a photo of a cat"
+    assert native.tokenizer.decode(ids) == "a photo of a cat"
+
+    # transformers 5 reads a CLIP directory with CLIPTokenizer's own cleaning, whatever normalizer the file holds.
+    document = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({**document, "normalizer": {"type": "NFC"}}))
+    shouting = ["A PHOTO  of\ta CAT"]
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(
+        shouting, padding="max_length", max_length=20, return_tensors="pt"
+    )
+    assert torch.equal(vlkit.from_pretrained(tmp_path / "hf").tokenizer(shouting).input_ids, expected["input_ids"])
+    assert torch.equal(expected["input_ids"], batch.input_ids[:1])
 
 
 @pytest.fixture(scope="module")

@@ -261,7 +261,8 @@ def export_hf(
                     for name, token in tokenizer.special_tokens_map().items()
                     if backend.token_to_id(token) is not None
                 },
-                "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json alone
+                # reads tokenizer.json alone; CLIP's class again where vlkit read one (its decode strips word ends)
+                "tokenizer_class": "CLIPTokenizer" if tokenizer.word_end == "</w>" else "PreTrainedTokenizerFast",
                 "eos_token": backend.id_to_token(tokenizer.eos_token_id),
                 "pad_token": backend.id_to_token(tokenizer.pad_token_id),
                 "model_max_length": tokenizer.max_len,

@@ -57,6 +57,8 @@ class PretrainedModel(nn.Module):
                 "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
                 "padding_side": self.tokenizer.padding_side,
                 "truncation_side": self.tokenizer.truncation_side,
+                # the tokenizer class whose pipeline and decoding vlkit read it with, where it is not the stored one
+                **({"tokenizer_class": "CLIPTokenizer"} if self.tokenizer.word_end == "</w>" else {}),
             }
             atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
             write_chat_templates(path, self.tokenizer.chat_template)  # a converted model's Jinja template(s)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from vlkit.files import DamagedFileError, read_json
@@ -74,6 +74,8 @@ class Tokenizer:
         self.chat_template: ChatTemplates | None = None
         # A directory's named special tokens for a chat template (``special_tokens_map``); None: vlkit's own.
         self.named_tokens: dict[str, str] | None = None
+        # The end-of-word suffix ``decode`` turns into spaces, as transformers' CLIPTokenizer does ("</w>"); else None.
+        self.word_end: str | None = None
         # text -> ids, with and without the special tokens the backend adds (``encode``, ``encode_plain``), for the
         # vocabulary size it was made at (tokens added to the backend start it anew).
         self._memo: dict[tuple[str, bool], tuple[int, ...]] = {}
@@ -114,7 +116,8 @@ class Tokenizer:
         return list(ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text.replace(self.word_end, " ").strip() if self.word_end else text
 
     def __call__(self, texts: str | Sequence[str], max_len: int | None = None, truncate: bool = True) -> TokenBatch:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -304,11 +307,11 @@ def read_tokenizer_directory(
     unknown = [f"{role} token {token!r}" for (role, token) in (("eos", eos), ("pad", pad)) if ids[role] is None]
     if unknown:
         raise ValueError(f"{file if file.exists() else directory}: vocabulary has no {' or '.join(unknown)}")
-    own = None if byte_level else _own_pipeline(model_type, settings, file)
+    kind_of = None if byte_level else _tokenizer_class(model_type, settings, file, backend)
     # transformers' order: tokenizer_config.json's side, then tokenizer.json's, then its tokenizer class's default.
     sides: dict[str, str] = {}
     for kind, stored, default in (
-        ("padding_side", padding_settings, "left" if own is not None else "right"),
+        ("padding_side", padding_settings, kind_of.padding_side if kind_of is not None else "right"),
         ("truncation_side", truncation, "right"),
     ):
         sides[kind] = str(settings.get(kind) or (stored or {}).get("direction") or default).lower()
@@ -317,8 +320,8 @@ def read_tokenizer_directory(
     if sides["padding_side"] == "left" and model_type in _CAUSAL_TEXT:
         raise ValueError(f"{directory}: pads on the left; {model_type}'s causal text tower reads right-padded text "
                          "(its end-of-text pooling would read a pad)")  # fmt: skip
-    if own is not None:
-        own(backend, settings)
+    if kind_of is not None and kind_of.rebuild is not None:
+        kind_of.rebuild(backend, settings)
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
     lengths.append((padding_settings or {}).get("length"))
     usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
@@ -332,8 +335,9 @@ def read_tokenizer_directory(
     tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
     tokenizer.chat_template = read_chat_templates(directory)
-    defaults = {key: token for key, token in _class_tokens(model_type, own).items() if key not in unset}
+    defaults = {key: token for key, token in (kind_of.tokens if kind_of else ()) if key not in unset}
     tokenizer.named_tokens = _named_tokens(settings, defaults, eos)
+    tokenizer.word_end = kind_of.word_end if kind_of is not None else None
     return tokenizer, padding
 
 
@@ -381,24 +385,43 @@ def _side(value: str) -> PaddingSide:
     return "left" if value == "left" else "right"
 
 
-def _own_pipeline(
-    model_type: str | None, settings: dict[str, Any], file: Path
-) -> Callable[[_HFTokenizer, dict[str, Any]], None] | None:
-    """The pipeline of the tokenizer class transformers 5 reads this directory with, where that class replaces the
-    stored normalizer, pre-tokenizer and decoder (keeping the vocabulary, merges and post-processor) and pads on the
-    left by default; None where transformers uses the stored ``tokenizer.json`` as it is.
+@dataclass(frozen=True)
+class _TokenizerClass:
+    """What the transformers 5 tokenizer class that reads a directory brings to its stored tokenizer.json: its own
+    pipeline (``rebuild``: normalizer, pre-tokenizer and decoder replaced, the vocabulary, merges and post-processor
+    kept; None: the stored one), its default padding side, the special tokens it names itself, and the end-of-word
+    suffix its ``decode`` turns into spaces."""
+
+    name: str
+    rebuild: Callable[[_HFTokenizer, dict[str, Any]], None] | None = None
+    padding_side: PaddingSide = "right"
+    tokens: tuple[tuple[str, str], ...] = ()
+    word_end: str | None = None
+
+
+def _tokenizer_class(
+    model_type: str | None, settings: dict[str, Any], file: Path, backend: _HFTokenizer
+) -> _TokenizerClass | None:
+    """The tokenizer class transformers 5 reads this directory with, where it is not the stored tokenizer.json as it
+    is (None):
 
     - ``Siglip2Tokenizer``, for every siglip2 directory whatever tokenizer_config.json names: it lower-cases (SigLIP 2
-      trained on lower-cased text; Gemma's tokenizer.json does not).
+      trained on lower-cased text; Gemma's tokenizer.json does not) and pads on the left.
     - ``LlamaTokenizer``, for a Llama directory whose tokenizer_config.json names it (Llama 2, Vicuna, TinyLlama),
-      unless its tokenizer.json is byte-level (Llama 3, read as stored).
+      unless its tokenizer.json is byte-level (Llama 3, read as stored); it pads on the left.
+    - ``CLIPTokenizer``, for a directory that names it (or a CLIP one that names no class) over CLIP's end-of-word
+      BPE: CLIP's cleaning and split, and decoding with its "</w>" word ends as spaces.
+    - ``Qwen2Tokenizer``, for every qwen2 directory: the stored pipeline, its own special tokens.
     """
-    if model_type == "siglip2":
-        return _as_siglip2_tokenizer
     named = str(settings.get("tokenizer_class") or "").removesuffix("Fast")
+    if model_type == "siglip2":
+        return _SIGLIP2
     if model_type == "llama" and named == "LlamaTokenizer" and '"ByteLevel"' not in file.read_text(encoding="utf-8"):
-        return _as_llama_tokenizer
-    return None
+        return _LLAMA
+    word_end = getattr(backend.model, "end_of_word_suffix", None)
+    if (named == "CLIPTokenizer" or (model_type == "clip" and not named)) and word_end == "</w>":
+        return _CLIP
+    return _QWEN2 if model_type == "qwen2" else None
 
 
 def _as_siglip2_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None:
@@ -421,16 +444,32 @@ def _as_llama_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None
     backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
 
 
-def _class_tokens(model_type: str | None, own: Callable[..., None] | None) -> dict[str, str]:
-    """The special tokens of the tokenizer class transformers reads a directory with, where it names them itself."""
-    if own is _as_llama_tokenizer:
-        return {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-    if own is _as_siglip2_tokenizer:
-        return {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-                "mask_token": "<mask>"}  # fmt: skip
-    if model_type == "qwen2":
-        return {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    return {}
+# OpenAI CLIP's split: its special tokens, English contractions, letter runs, single digits, other symbol runs.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _as_clip_tokenizer(backend: _HFTokenizer, settings: dict[str, Any]) -> None:
+    """transformers 5's CLIPTokenizer pipeline: NFC, whitespace runs as one space, lower-case; CLIP's split, then
+    byte-level pieces (no prefix space); byte-level decoding (the "</w>" word ends become spaces in ``decode``)."""
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+
+
+_LLAMA = _TokenizerClass("LlamaTokenizer", _as_llama_tokenizer, "left",
+                         (("unk_token", "<unk>"), ("bos_token", "<s>"), ("eos_token", "</s>")))  # fmt: skip
+_SIGLIP2 = _TokenizerClass("Siglip2Tokenizer", _as_siglip2_tokenizer, "left",
+                           (("unk_token", "<unk>"), ("bos_token", "<bos>"), ("eos_token", "<eos>"),
+                            ("pad_token", "<pad>"), ("mask_token", "<mask>")))  # fmt: skip
+_CLIP = _TokenizerClass("CLIPTokenizer", _as_clip_tokenizer, "right",
+                        (("unk_token", "<|endoftext|>"), ("bos_token", "<|startoftext|>"),
+                         ("eos_token", "<|endoftext|>"), ("pad_token", "<|endoftext|>")), word_end="</w>")  # fmt: skip
+_QWEN2 = _TokenizerClass("Qwen2Tokenizer", None, "right",
+                         (("unk_token", "<|endoftext|>"), ("eos_token", "<|endoftext|>"),
+                          ("pad_token", "<|endoftext|>")))  # fmt: skip
 
 
 def _named_tokens(settings: dict[str, Any], defaults: dict[str, str], eos: str) -> dict[str, str]:
