@@ -441,6 +441,17 @@ def test_clip_directory_with_tokenizer_round_trips(tmp_path: Path) -> None:
     assert torch.equal(vlkit.from_pretrained(tmp_path / "hf").tokenizer(shouting).input_ids, expected["input_ids"])
     assert torch.equal(expected["input_ids"], batch.input_ids[:1])
 
+    # open_clip's layout names "!" its pad token: transformers makes a named token special (split out of any text,
+    # skipped in decoding), and so does vlkit.
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "!"}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), vlkit.load_processor(tmp_path / "hf")
+    exclaimed = ["a photo of a cat!", "wow!! a cat"]
+    expected = theirs(exclaimed, padding="max_length", max_length=20, return_tensors="pt")
+    assert torch.equal(ours(text=exclaimed).input_ids, expected["input_ids"])
+    row = expected["input_ids"][0].tolist()
+    assert ours.text_tokenizer().decode(row) == theirs.decode(row, skip_special_tokens=True) == "a photo of a cat"
+
 
 @pytest.fixture(scope="module")
 def clip_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -322,6 +322,15 @@ def read_tokenizer_directory(
                          "(its end-of-text pooling would read a pad)")  # fmt: skip
     if kind_of is not None and kind_of.rebuild is not None:
         kind_of.rebuild(backend, settings)
+    defaults = {key: token for key, token in (kind_of.tokens if kind_of else ()) if key not in unset}
+    named = _named_tokens(settings, defaults, eos)
+    # transformers makes every named token the stored tokenizer does not hold whole a special one (open_clip's pad
+    # "!"): split out of any text, skipped in decoding. (One missing from the vocabulary it would add; vlkit does not.)
+    held = {token.content for token in backend.get_added_tokens_decoder().values()}
+    missing = [
+        token for token in dict.fromkeys(named.values()) if token not in held and backend.token_to_id(token) is not None
+    ]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
     lengths = [max_len, settings.get("model_max_length"), (truncation or {}).get("max_length")]
     lengths.append((padding_settings or {}).get("length"))
     usable = [int(n) for n in lengths if isinstance(n, int | float) and 0 < n < _HUGE]
@@ -335,8 +344,7 @@ def read_tokenizer_directory(
     tokenizer.truncation_side = _side(sides["truncation_side"])
     tokenizer.hf_settings = settings
     tokenizer.chat_template = read_chat_templates(directory)
-    defaults = {key: token for key, token in (kind_of.tokens if kind_of else ()) if key not in unset}
-    tokenizer.named_tokens = _named_tokens(settings, defaults, eos)
+    tokenizer.named_tokens = named
     tokenizer.word_end = kind_of.word_end if kind_of is not None else None
     return tokenizer, padding
 
