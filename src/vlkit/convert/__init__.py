@@ -249,27 +249,18 @@ def export_hf(
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         atomic_write(directory / "tokenizer.json", tokenizer.save)
-        backend = tokenizer.backend
+        entries = tokenizer.hf_entries(vocabulary_only=True)
+        if isinstance(model, VisionLanguageModel):
+            # A vision-language model's prompts pad on the left to generate: its processor's side, written below
+            # (vlkit's load_processor pads a LLaVA directory without one on the left).
+            entries.pop("padding_side")
         write_json(
             directory / "tokenizer_config.json",
             {
                 **getattr(tokenizer, "hf_settings", {}),  # a converted model's bos / unk tokens, sides, ...
-                # the named tokens a chat template sees, its tokenizer class's defaults among them, spelled out for
-                # the class written below (where they are in the vocabulary)
-                **{
-                    name: token
-                    for name, token in tokenizer.special_tokens_map().items()
-                    if backend.token_to_id(token) is not None
-                },
-                # reads tokenizer.json alone; CLIP's class again where vlkit read one (its decode strips word ends)
-                "tokenizer_class": "CLIPTokenizer" if tokenizer.word_end == "</w>" else "PreTrainedTokenizerFast",
-                "eos_token": backend.id_to_token(tokenizer.eos_token_id),
-                "pad_token": backend.id_to_token(tokenizer.pad_token_id),
+                "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json alone (CLIP's: its own class)
+                **entries,
                 "model_max_length": tokenizer.max_len,
-                "truncation_side": tokenizer.truncation_side,
-                # A vision-language model's prompts pad on the left to generate: its processor's side, written below
-                # (vlkit's load_processor pads a LLaVA directory without one on the left).
-                **({} if isinstance(model, VisionLanguageModel) else {"padding_side": tokenizer.padding_side}),
             },
         )
     if image_settings is not None:

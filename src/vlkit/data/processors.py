@@ -58,7 +58,7 @@ from vlkit.text.jinja import (
     pick_template,
     read_chat_templates,
     refuse_unimplemented,
-    render_chats,
+    render_chat,
 )
 from vlkit.text.tokenizer import (
     TEXT_DEFAULTS,
@@ -257,14 +257,14 @@ class VLMProcessor(Processor):
                              f"{dict(processor_kwargs or {})}")  # fmt: skip
         tokenizer = self.text_tokenizer()
         template = pick_template(self.chat_template, chat_template)  # a processor takes its default, tools or not
-        texts, batch, batched = render_chats(
-            template, _with_image_blocks(conversation), None, add_generation_prompt, continue_final_message, tools,
-            documents, **{**tokenizer.special_tokens_map(), **variables},
-        )  # fmt: skip
+        named = tokenizer.special_tokens_map()
+        batch, batched = _with_image_blocks(conversation)
+        texts = [render_chat(template, chat, add_generation_prompt, continue_final_message, tools, documents,
+                             **{**named, **variables}) for chat in batch]  # fmt: skip
         if not tokenize:
             return texts if batched else texts[0]
         images = [_block_image(block) for chat in batch for block in _image_blocks(chat)]
-        bos = tokenizer.special_tokens_map().get("bos_token")
+        bos = named.get("bos_token")
         out = self(images=images or None, text=texts, padding_side=side,
                    add_special_tokens=not (bos and texts[0].startswith(bos)))  # fmt: skip
         return out if return_dict else out["input_ids"]
@@ -444,7 +444,7 @@ class ChatProcessor(Processor):
         if continue_final_message or tools is not None or documents is not None or variables:
             raise ValueError("vlkit's chat templates take no continue_final_message, tools, documents or variables")
         template = get_template(chat_template or self.chat_template)
-        batch, batched = conversations_of(_with_image_blocks(conversation))
+        batch, batched = _with_image_blocks(conversation)
         conversations = [_conversation(chat, template, f"conversation[{n}]") for n, chat in enumerate(batch)]
         if not tokenize:
             texts = [render(chat, template, add_generation_prompt) for chat in conversations]
@@ -521,10 +521,11 @@ def _flat_images(images: Any) -> list[Image.Image | np.ndarray]:
     return flat
 
 
-def _with_image_blocks(conversation: Sequence[Any]) -> Any:
-    """The conversation (or batch) with its messages as dicts (``vlkit.text.jinja.message_dict``: dataclasses and
-    pydantic-style objects too) and OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` blocks as
-    ``{"type": "image", "url": ...}``, as transformers reads them."""
+def _with_image_blocks(conversation: Sequence[Any]) -> tuple[list[list[dict[str, Any]]], bool]:
+    """A conversation or a batch -> (the batch, whether one was given; ``conversations_of``), its messages as dicts
+    (``vlkit.text.jinja.message_dict``: dataclasses and pydantic-style objects too) and OpenAI's ``{"type":
+    "image_url", "image_url": {"url": ...}}`` blocks as ``{"type": "image", "url": ...}``, as transformers reads
+    them."""
 
     def block(item: Any) -> Any:
         if isinstance(item, Mapping) and item.get("type") == "image_url" and "image_url" in item:
@@ -537,8 +538,7 @@ def _with_image_blocks(conversation: Sequence[Any]) -> Any:
         return {**item, "content": [block(b) for b in content]} if isinstance(content, list) else item
 
     batch, batched = conversations_of(conversation)
-    converted = [[message(message_dict(item, number)) for number, item in enumerate(chat)] for chat in batch]
-    return converted if batched else converted[0]
+    return [[message(message_dict(item, number)) for number, item in enumerate(chat)] for chat in batch], batched
 
 
 def _image_blocks(chat: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -49,17 +49,9 @@ class PretrainedModel(nn.Module):
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         if self.tokenizer is not None:
             atomic_write(path / "tokenizer.json", self.tokenizer.save)
-            # The special tokens by name, so a tokenizer imported with other names than vlkit's <pad>/<eos> reloads.
-            backend = self.tokenizer.backend
-            special = {
-                **self.tokenizer.special_tokens_map(),  # what a saved chat template reads (bos_token, ...)
-                "eos_token": backend.id_to_token(self.tokenizer.eos_token_id),
-                "pad_token": backend.id_to_token(self.tokenizer.pad_token_id),
-                "padding_side": self.tokenizer.padding_side,
-                "truncation_side": self.tokenizer.truncation_side,
-                # the tokenizer class whose pipeline and decoding vlkit read it with, where it is not the stored one
-                **({"tokenizer_class": "CLIPTokenizer"} if self.tokenizer.word_end == "</w>" else {}),
-            }
+            # The special tokens by name (so a tokenizer imported with other names than vlkit's <pad>/<eos> reloads, and
+            # a saved chat template finds those it reads), the sides, and the class where vlkit read it with one.
+            special = self.tokenizer.hf_entries()
             atomic_write(path / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(special) + "\n"))
             write_chat_templates(path, self.tokenizer.chat_template)  # a converted model's Jinja template(s)
         generation = path / GENERATION_CONFIG_NAME

@@ -4,7 +4,7 @@
     write_chat_templates(directory, templates)                                      and back, as transformers 5
     pick_template(templates, name=None) -> str                                      the one to render
     render_chat(template, messages, add_generation_prompt=False, **variables) -> str
-    render_chats(templates, conversation_or_batch, ...) -> (texts, conversations, batched)
+    render_chats(templates, conversation_or_batch, ...) -> (texts, batched)
 
 vlkit's own models are prompted with ``vlkit.text.chat``'s templates, segment by segment, as they were trained. A
 checkpoint converted from transformers is prompted with the template it ships, rendered to one text that is then
@@ -55,9 +55,8 @@ def read_chat_templates(directory: Path, processor: bool = False) -> ChatTemplat
     files = {file.stem: file.read_text(encoding="utf-8") for file in sorted(extra.glob("*.jinja"))}
     if (directory / "chat_template.jinja").is_file():
         # transformers' tokenizer lets an additional "default.jinja" replace it, its processor does not
-        files = {"default": (directory / "chat_template.jinja").read_text(encoding="utf-8"), **files}
-        if processor:
-            files["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        main = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        files = {**files, "default": main} if processor else {"default": main, **files}
     stored: Any = None
     if processor:
         for name in ("processor_config.json", "chat_template.json"):
@@ -164,16 +163,16 @@ def render_chats(
     tools: Sequence[Any] | None = None,
     documents: Sequence[Any] | None = None,
     **variables: Any,
-) -> tuple[list[str], list[list[Mapping[str, Any]]], bool]:
+) -> tuple[list[str], bool]:
     """``conversation`` (a list of messages, or a batch of such lists) rendered with the template ``pick_template``
-    chooses -> (one text per conversation, the conversations, whether a batch was given)."""
+    chooses -> (one text per conversation, whether a batch was given)."""
     template = pick_template(templates, chat_template, tools)
     batch, batched = conversations_of(conversation)
     texts = [
         render_chat(template, chat, add_generation_prompt, continue_final_message, tools, documents, **variables)
         for chat in batch
     ]
-    return texts, batch, batched
+    return texts, batched
 
 
 def refuse_unimplemented(options: Mapping[str, Any], names: Sequence[str]) -> None:

@@ -35,8 +35,6 @@ _CAUSAL_TEXT = frozenset({"clip"})
 _GPT2_FILES = frozenset({"opt", "blip-2"})
 PaddingSide = Literal["left", "right"]
 _HUGE = 10**9  # transformers writes model_max_length=1e30 for "no limit"
-# The special tokens transformers names (``special_tokens_map``): a chat template may write any of them.
-_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Texts whose ids a Tokenizer remembers (as CLIP's reference tokenizer caches its BPE per word): a training set's
 # captions, questions and chat segments repeat, and encoding one costs ~40 us where the lookup costs ~0.2 us.
 _MEMO_SIZE = 1 << 16
@@ -140,6 +138,23 @@ class Tokenizer:
         return {"eos_token": self.backend.id_to_token(self.eos_token_id),
                 "pad_token": self.backend.id_to_token(self.pad_token_id)}  # fmt: skip
 
+    def hf_entries(self, vocabulary_only: bool = False) -> dict[str, Any]:
+        """The ``tokenizer_config.json`` entries that read this tokenizer back as it is (``save_pretrained``,
+        ``export_hf``): the named tokens a chat template sees (``vocabulary_only``: those the vocabulary holds, where
+        the reading class would add the others as new tokens), the end and pad tokens, both sides, and the tokenizer
+        class where the stored pipeline is not the whole story (CLIP's, whose decode turns word ends into spaces)."""
+        backend = self.backend
+        named = {name: token for name, token in self.special_tokens_map().items()
+                 if not vocabulary_only or backend.token_to_id(token) is not None}  # fmt: skip
+        return {
+            **named,
+            "eos_token": backend.id_to_token(self.eos_token_id),
+            "pad_token": backend.id_to_token(self.pad_token_id),
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            **({"tokenizer_class": "CLIPTokenizer"} if self.word_end == "</w>" else {}),
+        }
+
     def apply_chat_template(
         self,
         conversation: Sequence[Any],
@@ -165,7 +180,7 @@ class Tokenizer:
         (``return_dict``), or the ids alone; ``return_tensors="pt"`` gives (B, T) tensors, padded to the longest at
         least (where transformers refuses rows of unequal length)."""
         refuse_unimplemented(variables, ("return_assistant_tokens_mask", "sanitize_control_tokens", "tokenizer_kwargs"))
-        texts, _, batched = render_chats(
+        texts, batched = render_chats(
             self.chat_template, conversation, chat_template, add_generation_prompt, continue_final_message, tools,
             documents, **{**self.special_tokens_map(), **variables},
         )  # fmt: skip
