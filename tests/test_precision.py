@@ -31,6 +31,7 @@ def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
 
 def test_measurement_leaves_no_trace_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "bf16_emulated", lambda: False)  # measured, whatever this CPU is
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 1))
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -48,6 +49,35 @@ def test_measurement_leaves_no_trace_and_is_cached(tmp_path: Path, monkeypatch: 
     assert measure_precision(model, step, batch, torch.device("cpu")) == (choice, {})
     other = {"x": torch.randn(2, 8), "y": torch.randn(2, 1)}
     assert measure_precision(model, step, other, torch.device("cpu"))[1]
+
+
+def test_a_cpu_without_bf16_hardware_trains_in_fp32_without_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x86 with AVX2 at most: oneDNN emulates bf16 there (each bf16 pass 1.6-13x fp32's), so ``auto`` is fp32 at
+    once; AVX-512 or AMX, or a CPU that lists no x86 flags (ARM: "Features"), is measured."""
+    entry = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 fma avx avx2 {}\n"
+    for flags, emulated in (("", True), ("avx512f avx512bw", False), ("avx512f avx512_bf16", False),
+                            ("amx_bf16 amx_tile", False)):  # fmt: skip
+        monkeypatch.setattr(vlkit.cpuinfo, "cpuinfo_text", lambda flags=flags: entry.format(flags))
+        assert vlkit.cpuinfo.bf16_emulated() is emulated, flags
+    monkeypatch.setattr(vlkit.cpuinfo, "cpuinfo_text", lambda: "processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert vlkit.cpuinfo.bf16_emulated() is False
+    monkeypatch.setattr(vlkit.cpuinfo, "cpuinfo_text", lambda: "")  # no /proc/cpuinfo: measured
+    assert vlkit.cpuinfo.bf16_emulated() is False
+
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "bf16_emulated", lambda: True)
+    calls = []
+
+    def counted(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        calls.append(1)
+        return step(model, batch)
+
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 1)}
+    model = nn.Linear(8, 1)
+    assert measure_precision(model, counted, batch, torch.device("cpu")) == ("fp32", {})
+    assert not calls and not (tmp_path / "cache" / "precision.json").exists()
 
 
 def test_the_cache_tells_machines_apart_by_the_instruction_sets_that_decide_bf16() -> None:

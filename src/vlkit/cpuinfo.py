@@ -1,7 +1,8 @@
 """The text of ``/proc/cpuinfo``, read once per process ("" where there is none): what the CPU kernel choices
 (``layers/linear.py``) and the precision cache key (``train/precision.py``) look at; and whether PyTorch sees AMX
-tiles (``layers/attention.py``, the demo's VLM budget) and bf16 dot-product instructions (``layers/attention.py``);
-and the machine a run trained on (``describe_machine``: every run's metrics, the benches' tables)."""
+tiles (``layers/attention.py``, the demo's VLM budget) and bf16 dot-product instructions (``layers/attention.py``),
+or no bf16 hardware at all (``train/precision.py``); and the machine a run trained on (``describe_machine``: every
+run's metrics, the benches' tables)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,12 @@ def avx512_bf16() -> bool:
     """Whether PyTorch sees AVX-512 bf16 dot products on this CPU (bf16 products in vector units, not emulated)."""
     is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return is_bf16 is not None and bool(is_bf16())
+
+
+def bf16_emulated() -> bool:
+    """Whether this is an x86 CPU with no bf16 hardware at all (neither AVX-512 nor AMX; AVX2 at most), where oneDNN
+    computes a bf16 product by converting it to fp32: every bf16 training step measured on such a CPU was slower than
+    fp32's, 1.6-9.9x over the test suite's 58 models and 2.6-13x over the demo's stages (docs/experiments.md, the
+    fifty-sixth session). False off x86 (ARM CPUs list "Features", not "flags"), where bf16 may have hardware."""
+    flags = set(cpuinfo_field("flags").split())
+    return bool(flags) and not flags & {"avx512f", "amx_bf16"}

@@ -4,9 +4,11 @@ bf16 autocast is not faster everywhere: on CPUs with AMX a bf16 matrix product r
 without AMX (avx512_bf16 alone, or avx2) the autocast casts can cost more than they save, and small models gain
 little even with AMX. So the choice is measured: one training micro-batch's forward and backward, timed in fp32 and
 under bf16 autocast (after a warm-up each, best of ``repeats``), bf16 kept only when it is at least ``margin``
-faster. The measurement leaves no trace: the random state is restored and the gradients cleared, so a run with
-"auto" follows the trajectory of a run given the resolved precision. Results are cached per machine, torch version,
-model and micro-batch shape in ``$VLKIT_CACHE`` (default ``~/.cache/vlkit``) ``/precision.json``.
+faster. On an x86 CPU with no bf16 hardware (``vlkit.cpuinfo.bf16_emulated``: AVX2 at most) nothing is measured:
+it trains in fp32, as every measurement there chose, and a bf16 pass there can take 13x fp32's. The measurement
+leaves no trace: the random state is restored and the gradients cleared, so a run with "auto" follows the trajectory
+of a run given the resolved precision. Results are cached per machine, torch version, model and micro-batch shape
+in ``$VLKIT_CACHE`` (default ``~/.cache/vlkit``) ``/precision.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.cpuinfo import BF16_FLAGS, cpuinfo_text
+from vlkit.cpuinfo import BF16_FLAGS, bf16_emulated, cpuinfo_text
 from vlkit.files import write_json
 
 __all__ = ["cache_path", "measure_precision"]
@@ -80,8 +82,10 @@ def measure_precision(
     margin: float = 1.1,
 ) -> tuple[Precision, dict[str, float]]:
     """The faster precision for ``step(model, batch)``'s forward + backward on ``device``, and the seconds measured
-    (empty when the answer came from the cache)."""
+    (empty when nothing was measured: the answer came from the cache, or the device has no bf16 hardware)."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32", {}
+    if device.type == "cpu" and bf16_emulated():
         return "fp32", {}
     path, key = cache_path(), _key(device, model, batch)
     cached = _read(path)
