@@ -69,7 +69,14 @@ def test_the_checkpoint_defaults_decode_as_transformers_generate(tmp_path: Path)
     model = vlkit.from_pretrained(path)
     assert isinstance(model, DecoderLM)
     assert model.generation_config == GenerationConfig(
-        max_new_tokens=NEW, do_sample=True, temperature=1.0, top_k=1, top_p=None, repetition_penalty=1.3, pad_token_id=0
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=1.0,
+        top_k=1,
+        top_p=None,
+        repetition_penalty=1.3,
+        stop_token_ids=(2, 5),
+        pad_token_id=0,
     )
     assert model.config.eos_token_ids == (2, 5)
     reference, inputs = _hf(path), _inputs()
@@ -149,24 +156,30 @@ def test_missing_keys_take_transformers_defaults_and_unsupported_options_warn() 
         warnings.simplefilter("error")  # nothing to warn about
         sampled = read_generation_config({"do_sample": True, "max_length": 4096, "transformers_version": "4.45"})
         assert read_generation_config({"num_beams": 1, "suppress_tokens": [], "top_k": 0}).top_k is None
-    assert sampled == GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=None, repetition_penalty=1.0)
+    # No end-of-sequence id in the file: no stop id (transformers stops at none, whatever config.json says).
+    assert sampled == GenerationConfig(do_sample=True, temperature=1.0, top_k=50, top_p=None, repetition_penalty=1.0,
+                                       stop_token_ids=())  # fmt: skip
     with pytest.warns(UserWarning, match=r"num_beams=4, no_repeat_ngram_size=3") as caught:
         config = read_generation_config({"num_beams": 4, "no_repeat_ngram_size": 3, "temperature": 0.6,
                                          "max_length": 4096, "top_p": 0.9})  # fmt: skip
     assert len(caught) == 1 and "max_length" not in str(caught[0].message)
-    assert config == GenerationConfig(temperature=0.6, top_k=50, top_p=0.9)
+    assert config == GenerationConfig(temperature=0.6, top_k=50, top_p=0.9, stop_token_ids=())
     # Sampling-only options are checked and warned about only when sampling: greedy, transformers ignores them.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         greedy = read_generation_config({"do_sample": False, "temperature": 0.0, "top_p": 0.0, "min_p": 0.1})
-    assert greedy == GenerationConfig(top_p=0.0)  # top-p 0 keeps one token, as transformers' warper does
+    # top-p 0 keeps one token, as transformers' warper does; temperature 0.0 is kept (do_sample=True then raises)
+    assert greedy == GenerationConfig(temperature=0.0, top_p=0.0, stop_token_ids=())
     with pytest.warns(UserWarning, match=r"min_p=0\.1"):
         read_generation_config({"do_sample": True, "min_p": 0.1})
     with pytest.raises(ConversionError, match=r"temperature=0\.0"):
         read_generation_config({"do_sample": True, "temperature": 0.0})
-    # Without a pad id of its own, the file pads finished rows with its first end-of-sequence id, as transformers.
-    assert read_generation_config({"eos_token_id": [7, 3]}).pad_token_id == 7
-    assert read_generation_config({"eos_token_id": 7, "pad_token_id": 0}).pad_token_id == 0
+    # The file's end-of-sequence ids are the stop ids; without a pad id of its own, finished rows continue with the
+    # first stop id (pad_token_id None), as transformers.
+    assert read_generation_config({"eos_token_id": [7, 3]}) == GenerationConfig(stop_token_ids=(7, 3))
+    assert read_generation_config({"eos_token_id": 7, "pad_token_id": 0}) == GenerationConfig(
+        stop_token_ids=(7,), pad_token_id=0
+    )
 
 
 def test_finished_rows_pad_with_the_files_end_of_sequence_id(tmp_path: Path) -> None:
@@ -298,3 +311,90 @@ def test_transformers_spellings_and_options(tmp_path: Path) -> None:
     theirs = reference.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0)
     torch.manual_seed(3)
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0), theirs)
+
+
+def _first_greedy_token(tmp_path: Path) -> int:
+    """Row 0's first greedy token (under no stop id), which is not among row 1's: as a stop id, it ends row 0 at once
+    and leaves row 1 running."""
+    model, inputs = vlkit.from_pretrained(_checkpoint(tmp_path / "probe", None)), _inputs()
+    greedy = model.generate(**inputs, max_new_tokens=6, stop_token_ids=())
+    first = int(greedy[0, 8])
+    assert first not in greedy[1, 8:].tolist() and first not in (0, 2, 5)
+    return first
+
+
+def test_the_callers_stop_ids_pad_finished_rows_and_imply_no_mask(tmp_path: Path) -> None:
+    # generation_config.json has end-of-sequence ids and no pad id. A caller's stop ids replace them, and the pad is
+    # then the first of the caller's (transformers: the generation config's pad id, else the call's first eos id), in
+    # the rows that finished and in the mask that ids without one imply: none, the pad being a stop id.
+    first = _first_greedy_token(tmp_path)
+    for name, generation in (("eos", {"eos_token_id": [2, 5], "max_new_tokens": 6}), ("none", {"max_new_tokens": 6})):
+        path = _checkpoint(tmp_path / name, generation)
+        model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+        theirs = reference.generate(**inputs, eos_token_id=[first])
+        assert theirs[0, 8:].eq(first).all() and not theirs[1, 8:].eq(first).any()
+        assert torch.equal(model.generate(**inputs, eos_token_id=[first]), theirs), name
+        # Ids without their mask, holding the file's first end-of-sequence id (an earlier turn's end) mid-prompt.
+        ids = torch.tensor([[7, 9, 2, 9, 7, 9, 2, 9], [11, 13, 2, 11, 13, 17, 11, 13]])
+        theirs = reference.generate(input_ids=ids, eos_token_id=[60])
+        assert torch.equal(theirs, reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                      eos_token_id=[60]))  # fmt: skip
+        assert torch.equal(model.generate(input_ids=ids, eos_token_id=[60]), theirs), name
+    # Without a generation_config.json a caller's stop ids leave config.json's pad id in place, in both libraries.
+    path = _checkpoint(tmp_path / "nofile", None)
+    model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+    theirs = reference.generate(**inputs, max_new_tokens=6, eos_token_id=[first])
+    assert theirs[0, 9:].eq(0).all()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, eos_token_id=[first]), theirs)
+    # ... and so do vlkit's own defaults, which take the model's stop ids, as exported and read by transformers.
+    model.generation_config = GenerationConfig(max_new_tokens=6)
+    assert torch.equal(model.generate(**inputs, eos_token_id=[first]), theirs)
+    vlkit.export_hf(model, tmp_path / "own")
+    assert torch.equal(_hf(tmp_path / "own").generate(**inputs, eos_token_id=[first]), theirs)
+
+
+def test_a_generation_config_without_eos_ids_stops_at_none(tmp_path: Path) -> None:
+    # config.json ends sequences at row 0's first greedy token; generation_config.json names no end-of-sequence id, and
+    # transformers decodes with that file alone: no row stops. The model's own ids stay config.json's.
+    first = _first_greedy_token(tmp_path)
+    for name, generation in (("plain", {"max_new_tokens": 6}), ("pad", {"max_new_tokens": 6, "pad_token_id": 0})):
+        path = _checkpoint(tmp_path / name, generation)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "eos_token_id": first}))
+        model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+        theirs = reference.generate(**inputs)
+        assert theirs.shape[1] == 8 + 6 and theirs[0, 8] == first and not theirs[0, 9:].eq(first).all()
+        assert torch.equal(model.generate(**inputs), theirs), name
+        assert torch.equal(model.generate(**inputs, min_new_tokens=3), reference.generate(**inputs, min_new_tokens=3))
+        assert model.config.eos_token_ids == (first,)
+        # Written back without end-of-sequence ids, so that transformers stops at none either.
+        vlkit.export_hf(model, tmp_path / f"{name}_out")
+        assert "eos_token_id" not in json.loads((tmp_path / f"{name}_out" / "generation_config.json").read_text())
+        assert torch.equal(_hf(tmp_path / f"{name}_out").generate(**inputs), theirs)
+        assert torch.equal(vlkit.from_pretrained(tmp_path / f"{name}_out").generate(**inputs), theirs)
+
+
+def test_a_greedy_files_zero_temperature_refuses_sampling(tmp_path: Path) -> None:
+    # Greedy with temperature 0.0 (as some checkpoints ship): a caller's do_sample=True is refused, as transformers
+    # refuses it, rather than sampling at temperature 1.
+    path = _checkpoint(tmp_path / "hf", {"do_sample": False, "temperature": 0.0, "max_new_tokens": 4})
+    model, reference, inputs = vlkit.from_pretrained(path), _hf(path), _inputs()
+    assert torch.equal(model.generate(**inputs), reference.generate(**inputs))
+    with pytest.raises(ValueError, match="temperature"):
+        reference.generate(**inputs, do_sample=True)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(**inputs, do_sample=True)
+    assert model.generation_config.temperature == 0.0
+    torch.manual_seed(0)
+    theirs = reference.generate(**inputs, do_sample=True, temperature=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(**inputs, do_sample=True, temperature=0.5), theirs)
+    # Written back as the file had it, which transformers reads back.
+    vlkit.export_hf(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["temperature"] == 0.0
+    exported = _hf(tmp_path / "out")
+    assert exported.generation_config.temperature == 0.0
+    assert torch.equal(exported.generate(**inputs), reference.generate(**inputs))
+    with pytest.raises(ValueError, match="temperature"):
+        exported.generate(**inputs, do_sample=True)
+    assert vlkit.from_pretrained(tmp_path / "out").generation_config == model.generation_config

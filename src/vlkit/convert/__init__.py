@@ -27,7 +27,10 @@ Decoding defaults. A language model's or LLaVA's ``generation_config.json`` give
 ``generation_config`` (``vlkit.lm.GenerationConfig``), which its ``generate`` starts from as transformers'
 ``generate(**inputs)`` does: do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens, min_new_tokens,
 pad_token_id and stop_strings, with transformers' defaults for those the file leaves out (top_k 50, temperature, top_p
-and the penalty 1.0); its end-of-sequence ids become the language model's. ``max_length`` (prompt + new tokens, in
+and the penalty 1.0). As in transformers, the file alone decides the stop ids and the pad id: its end-of-sequence ids
+(none when it names none, whatever ``config.json`` says) are the defaults' ``stop_token_ids`` and, where it names
+some, the language model's too; without a pad id of its own, finished rows continue with the first stop id (the
+caller's, where ``generate`` is given some), not ``config.json``'s pad id. ``max_length`` (prompt + new tokens, in
 public checkpoints usually the context length) is not read: vlkit's budget is ``max_new_tokens``, the file's or else 32.
 Options vlkit does not implement (beam search, ``no_repeat_ngram_size``, ``min_p``, ...) are named in one warning at
 load and ignored. ``export_hf`` writes the model's defaults back as a ``generation_config.json`` (``max_new_tokens``
@@ -138,7 +141,8 @@ HF_UNSUPPORTED_SAMPLING: dict[str, tuple[Any, ...]] = {
 
 def read_generation_config(generation: dict[str, Any], source: str | Path = GENERATION_CONFIG_NAME) -> GenerationConfig:
     """A transformers ``generation_config.json`` as vlkit's decoding defaults (see the module's docstring). Options
-    vlkit cannot apply are named in one ``UserWarning`` and left out; the end-of-sequence ids are the LM config's."""
+    vlkit cannot apply are named in one ``UserWarning`` and left out; the file's end-of-sequence ids (``()`` without
+    any) are the stop ids, its pad id (None without one: the first stop id) the pad id."""
     given = {key: value for key, value in generation.items() if value is not None and value != []}
     value = {**HF_GENERATION_DEFAULTS, **given}.get
     do_sample = bool(value("do_sample"))
@@ -147,11 +151,10 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
                if key in given and given[key] not in inert]  # fmt: skip
     # The sampling options are kept when decoding greedily too (a caller's do_sample=True then samples with them, as in
     # transformers), but only checked when sampling: greedy, transformers ignores whatever they hold.
+    # A greedy file's temperature 0.0 is kept: a caller's do_sample=True is then refused, as transformers refuses it.
     temperature, top_k, top_p = float(value("temperature")), int(value("top_k")), float(value("top_p"))
-    if temperature <= 0:
-        if do_sample:
-            raise ConversionError(f"{source}: do_sample with temperature={temperature!r}; transformers refuses it too")
-        temperature = 1.0
+    if temperature <= 0 and do_sample:
+        raise ConversionError(f"{source}: do_sample with temperature={temperature!r}; transformers refuses it too")
     options: dict[str, Any] = {
         "do_sample": do_sample,
         "temperature": temperature,
@@ -162,11 +165,11 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
     }
     if generation.get("max_new_tokens") is not None:
         options["max_new_tokens"] = int(generation["max_new_tokens"])
-    # transformers decodes with this file alone: without a pad id of its own, finished rows continue with its first
-    # end-of-sequence id (not config.json's pad id)
-    pad, eos = generation.get("pad_token_id"), generation.get("eos_token_id")
-    if pad is None and eos not in (None, []):
-        pad = eos[0] if isinstance(eos, list) else eos
+    # transformers decodes with this file alone: it stops at the file's end-of-sequence ids only (at none without
+    # them, not at config.json's), and without a pad id of its own pads with the first of the stop ids in effect (a
+    # caller's too), which GenerationConfig's pad_token_id None means for a config that names its stop ids
+    eos, pad = generation.get("eos_token_id"), generation.get("pad_token_id")
+    options["stop_token_ids"] = tuple(int(i) for i in ([] if eos is None else eos if isinstance(eos, list) else [eos]))
     if pad is not None:
         options["pad_token_id"] = int(pad)
     stop = generation.get("stop_strings")
@@ -188,9 +191,13 @@ def read_generation_config(generation: dict[str, Any], source: str | Path = GENE
 def hf_generation_config(config: GenerationConfig, eos_token_ids: tuple[int, ...], pad_token_id: int | None,
                          bos_token_id: int | None = None) -> dict[str, Any]:  # fmt: skip
     """``config`` as a transformers ``generation_config.json``: the options whose values differ from transformers'
-    defaults, ``do_sample`` and ``max_new_tokens`` always; ``stop_token_ids`` (when set) as the end-of-sequence ids."""
+    defaults, ``do_sample`` and ``max_new_tokens`` always; ``stop_token_ids`` (when set; none written for ``()``) as
+    the end-of-sequence ids, and the pad id it decodes with (none written where that is the first stop id, which
+    transformers then takes in the same way, a caller's included)."""
     eos = list(eos_token_ids if config.stop_token_ids is None else config.stop_token_ids)
-    pad = config.pad_token_id if config.pad_token_id is not None else pad_token_id
+    # A config that names its stop ids pads with its own pad id, else the first of them: transformers' rule for a
+    # file's; one that takes the model's stop ids takes its pad id too.
+    pad = config.pad_token_id if config.pad_token_id is not None or config.stop_token_ids is not None else pad_token_id
     options = {
         "temperature": config.temperature,
         "top_k": config.top_k or 0,  # vlkit's None: no top-k, which transformers spells 0
@@ -214,9 +221,10 @@ def hf_generation_config(config: GenerationConfig, eos_token_ids: tuple[int, ...
 def _with_generation_eos(config: dict[str, Any], generation: dict[str, Any], nested: bool) -> dict[str, Any]:
     """``config`` with the end-of-sequence ids of ``generation_config.json``, which transformers' ``generate`` stops
     at in place of ``config.json``'s (instruct models list their end-of-turn token there). ``nested``: a VLM, whose
-    language model's ids sit in ``text_config``."""
+    language model's ids sit in ``text_config``. A file without any leaves ``config``'s (its decoding defaults then stop
+    at none: ``read_generation_config``)."""
     eos = generation.get("eos_token_id")
-    if eos is None:
+    if eos is None or eos == []:
         return config
     if nested:
         return {**config, "text_config": {**(config.get("text_config") or {}), "eos_token_id": eos}}

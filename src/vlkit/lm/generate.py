@@ -28,11 +28,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """``stop_token_ids`` None: the model's end-of-sequence ids; ``pad_token_id`` None: the model's pad id, else its
-    first end-of-sequence id. ``temperature``, ``top_k`` and ``top_p`` apply only with ``do_sample`` (transformers'
-    defaults: top-k 50, no top-p; ``top_k`` None or 0 is no top-k, ``top_p`` 0 keeps the most likely token); the
-    repetition penalty applies to greedy decoding too. ``min_new_tokens``: the stop tokens cannot end an answer
-    before that many new tokens (transformers' ``MinNewTokensLengthLogitsProcessor``)."""
+    """``stop_token_ids`` None: the model's end-of-sequence ids; ``()``: none (only ``stop_strings`` and
+    ``max_new_tokens`` end an answer). ``pad_token_id`` None: a config that names its stop ids pads with the first of
+    them (none when it names none), as transformers does with a generation config without a pad id; one that takes the
+    model's stop ids takes its pad id too, else the first of its end-of-sequence ids. A pad id that is a stop id implies
+    no attention mask (see ``_implied_mask``). ``temperature``, ``top_k`` and ``top_p`` apply only with ``do_sample``
+    (transformers' defaults: top-k 50, no top-p; ``top_k`` None or 0 is no top-k, ``top_p`` 0 keeps the most likely
+    token; ``temperature`` <= 0 is accepted when greedy); the repetition penalty applies to greedy decoding too.
+    ``min_new_tokens``: the stop tokens cannot end an answer before that many new tokens (transformers'
+    ``MinNewTokensLengthLogitsProcessor``)."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -79,7 +83,10 @@ class GenerationConfig:
 
 def decoding_config(model: Any, max_new_tokens: int | None = None, **options: Any) -> GenerationConfig:
     """``model``'s decoding defaults (its ``generation_config``, else greedy ``GenerationConfig()``) with the given
-    fields over them; ``max_new_tokens`` None keeps the defaults' (the checkpoint's, else 32)."""
+    fields over them; ``max_new_tokens`` None keeps the defaults' (the checkpoint's, else 32). As in transformers, the
+    caller's stop ids leave the defaults' pad id as it was: defaults that take the model's stop ids (no checkpoint
+    file, or vlkit's own) keep the model's pad id; those of a ``generation_config.json`` without a pad id pad with the
+    first of the caller's."""
     config = getattr(model, "generation_config", None) or GenerationConfig()
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
@@ -89,7 +96,22 @@ def decoding_config(model: Any, max_new_tokens: int | None = None, **options: An
     unknown = sorted(set(options) - {field.name for field in fields(GenerationConfig)})
     if unknown:
         raise TypeError(f"unknown generation options {unknown}")
+    named = options.get("stop_token_ids") is not None and options.get("pad_token_id") is None
+    if named and config.stop_token_ids is None and config.pad_token_id is None:
+        options["pad_token_id"] = getattr(getattr(model, "config", None), "pad_token_id", None)
     return replace(config, **options) if options else config
+
+
+def _special_ids(config: GenerationConfig, model_config: Any) -> tuple[tuple[int, ...], int | None]:
+    """The stop ids and the pad id that ``config`` decodes with on a model of ``model_config`` (its
+    ``eos_token_ids`` and ``pad_token_id``), by ``GenerationConfig``'s rule; the pad id is None where there is none."""
+    if config.stop_token_ids is not None:
+        stop_ids, fallback = tuple(config.stop_token_ids), None
+    else:
+        stop_ids, fallback = tuple(model_config.eos_token_ids), model_config.pad_token_id
+    if config.pad_token_id is not None:
+        return stop_ids, config.pad_token_id
+    return stop_ids, fallback if fallback is not None else (stop_ids[0] if stop_ids else None)
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -133,8 +155,8 @@ def warp_logits(
 def _implied_mask(
     input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad: int | None, stop_ids: Sequence[int]
 ) -> torch.Tensor | None:
-    """Padded ids given without their mask: the mask the pad id implies, as transformers infers it (a pad id of its
-    own that is no end-of-sequence id, and present in the ids); None where nothing is implied. A mask that is no left
+    """Padded ids given without their mask: the mask the pad id implies, as transformers infers it (a pad id that is
+    no stop id, and present in the ids); None where nothing is implied. A mask that is no left
     padding (a right-padded batch, or a prompt ending with the pad id's token) is refused by ``_check_prompt``."""
     if attention_mask is not None or input_ids is None or pad is None or pad in stop_ids:
         return attention_mask
@@ -184,17 +206,14 @@ def stream_generate(
             raise ValueError("stop_strings need a decode function (a tokenizer's decode)")
         # The model's tokenizer, special tokens kept: "<|im_end|>" is a stop string as any other.
         decode = functools.partial(model.tokenizer.decode, skip_special_tokens=False)
-    stop_ids = model.config.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
-    pad = config.pad_token_id
-    if pad is None:
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop_ids or (0,))[0]
-    own_pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
-    attention_mask = _implied_mask(input_ids, attention_mask, own_pad, stop_ids)
+    stop_ids, pad = _special_ids(config, model.config)
+    attention_mask = _implied_mask(input_ids, attention_mask, pad, stop_ids)
     _check_prompt(input_ids, attention_mask, inputs_embeds)
     if config.max_new_tokens == 0:
         return iter(())
-    steps = _steps(model, input_ids, attention_mask, inputs_embeds, attention_blocks, config, stop_ids, pad,
-                   generator, decode)  # fmt: skip
+    # Without a pad id only stop strings can finish a row; it then continues with 0.
+    steps = _steps(model, input_ids, attention_mask, inputs_embeds, attention_blocks, config, stop_ids,
+                   0 if pad is None else pad, generator, decode)  # fmt: skip
     # The steps run in inference mode; cloned outside it, the tokens a caller receives are ordinary tensors (an
     # inference tensor cannot be saved for backward, e.g. by an embedding lookup of the generated ids).
     return (tokens.clone() for tokens in steps)
