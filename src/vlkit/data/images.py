@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from typing import BinaryIO
 
@@ -37,22 +38,41 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 class BadSampleError(ValueError):
     """One training sample (an image, a manifest line, a caption) that cannot be used.
 
-    ``str(error)`` is a single line ``"<item>: <reason>"`` so it can be logged or counted as is.
+    ``str(error)`` is a single line ``"<item>: <reason>"`` so it can be logged or counted as is. Built from one
+    message (as torch's DataLoader rebuilds an error raised in a worker), it recovers the item and reason from it.
     """
 
-    def __init__(self, item: str, reason: str) -> None:
-        super().__init__(f"{item}: {reason}")
+    def __init__(self, item: str, reason: str | None = None) -> None:
+        if reason is None:
+            # One argument: a message that torch's DataLoader rebuilt from an error raised in a worker process
+            # ("Caught BadSampleError in DataLoader worker process 0.\nOriginal Traceback ...\n
+            # vlkit.data.images.BadSampleError: <item>: <reason>"). Recover the original one-line error from it.
+            item, reason = _split_message(item, type(self).__name__)
+        super().__init__(f"{item}: {reason}" if item else reason)
         self.item = item
         self.reason = reason
 
     def __str__(self) -> str:
         # Built from the fields, not from ``args``: some libraries (webdataset) append context to ``args``.
-        return f"{self.item}: {self.reason}"
+        return f"{self.item}: {self.reason}" if self.item else self.reason
 
     def __reduce__(self) -> tuple[type[BadSampleError], tuple[str, str]]:
-        # The default reduce passes only the formatted message back to __init__, which needs two arguments;
-        # errors raised inside DataLoader workers or multiprocessing pools must survive pickling.
+        # The default reduce passes only the formatted message back to __init__; the two fields keep ``item`` and
+        # ``reason`` exact for errors pickled out of multiprocessing pools.
         return (type(self), (self.item, self.reason))
+
+
+def _split_message(message: str, class_name: str) -> tuple[str, str]:
+    """(item, reason) from a one-argument ``BadSampleError`` message; ``("", message)`` if it names no item.
+
+    A worker's traceback ends with the line ``<module>.<class_name>: <item>: <reason>``, so the error's own text
+    is what follows the last such line's class name. The item is what comes before that text's first ": ", so
+    ``str()`` of the rebuilt error is the original's even when the item or the reason holds colons.
+    """
+    lines = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(class_name)}: ", message, flags=re.MULTILINE))
+    text = (message[lines[-1].end() :] if lines else message).strip()
+    item, separator, reason = text.partition(": ")
+    return (item, reason) if separator else ("", text)
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

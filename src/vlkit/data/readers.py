@@ -23,6 +23,7 @@ so an interrupted run continues with exactly the samples it had not yet seen. Th
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -32,7 +33,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -92,12 +93,17 @@ def read_records(path: str | os.PathLike[str], skip_bad: bool = False) -> ReadRe
     """Read ``path`` by its kind: ``.jsonl`` manifest, ``.csv``/``.tsv`` table, or WebDataset shards.
 
     A directory, a ``.tar`` file or a brace pattern gives a ``WebDatasetSource`` (shards are streamed, not
-    listed here); the other kinds are read in full.
+    listed here); the other kinds are read in full. A path with braces is a brace pattern only when no file or
+    directory of that name exists (``runs/exp{1}/train.jsonl`` is a manifest).
     """
     text = str(path)
-    if "{" in text and "}" in text:
-        return WebDatasetSource(urls=expand_shard_urls(text))
     folder = Path(path)
+    if "{" in text and "}" in text and not os.path.lexists(text):
+        if folder.suffix.lower() in (".jsonl", ".csv", ".tsv"):
+            raise FileNotFoundError(
+                f"{text}: no such file; a brace pattern stands for WebDataset .tar shards, not {folder.suffix} files"
+            )
+        return WebDatasetSource(urls=expand_shard_urls(text))
     if folder.is_dir():
         shards = sorted(str(shard) for shard in folder.glob("*.tar"))
         if not shards:
@@ -138,7 +144,7 @@ def read_manifest(path: str | os.PathLike[str], skip_bad: bool = False) -> ReadR
     records: list[ImageTextRecord] = []
     skipped: list[BadSampleError] = []
     # Binary lines, decoded one at a time, so a stray non-UTF-8 byte is one bad line rather than a dead file.
-    with open(path, "rb") as stream:
+    with _open_data_file(path, "rb") as stream:
         for line_number, raw_line in enumerate(stream, start=1):
             item = f"{path}:{line_number}"
             try:
@@ -168,7 +174,7 @@ def read_csv(
     folder = Path(path).absolute().parent
     header_item = f"{path}:1"
     # surrogateescape keeps undecodable bytes as markers, so a bad row is found and named, not the whole file.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
+    with _open_data_file(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as stream:
         reader = csv.reader(stream, delimiter=sep, strict=True)  # strict: an unclosed quote is an error, not a
         # caption swallowing the rest of the file
         try:
@@ -190,6 +196,16 @@ def read_csv(
             except StopIteration:
                 break
             except csv.Error as error:
+                if str(error).startswith("unexpected end of data") and reader.line_num > last_line + 1:
+                    # A quote opened in this row and never closed: every line after it was read into this row,
+                    # so skipping it would silently drop the rest of the file.
+                    first, last = last_line + 2, reader.line_num
+                    rest = f"line {last}" if first == last else f"lines {first}-{last}"
+                    raise BadSampleError(
+                        item,
+                        f"malformed CSV row (a quote opened in it is never closed, so the rest of the file, {rest}, "
+                        'was read into this row; close the quote, or double it ("") inside a quoted field)',
+                    ) from None
                 last_line = reader.line_num
                 _raise_or_collect(BadSampleError(item, f"malformed CSV row ({error})"), skip_bad, skipped)
                 continue
@@ -345,8 +361,9 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
     (seed, epoch, rank, worker). Give at least as many shards as ranks x workers, or some workers idle.
     The rank and world size are read in the main process (at construction and ``set_epoch``), because a worker
     started with "spawn" or "forkserver" has no process group to ask.
-    Shard-level failures (a truncated tar) are logged and the rest of that shard is skipped when
-    ``skip_bad``; only sample-level failures yield ``None``.
+    Errors inside a shard name it (and the sample's key where known). With ``skip_bad`` a bad sample yields
+    ``None``; so does a sample with a broken member (one held twice), and a shard that fails part-way (a truncated
+    tar) has the rest of it skipped, logged and counted as one ``None``.
     """
 
     def __init__(
@@ -394,12 +411,13 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         _, _, worker, _ = wds.utils.pytorch_worker_info()
         rank = self.rank
         shuffling = self.shuffle_buffer > 0
+        reading = _ShardReading(self.skip_bad)  # per iterator: two iterators over one dataset read different shards
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             self._shuffle_shards if shuffling else None,
             self._split_by_rank,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=self._handle_shard_error),
+            reading.samples,
             wds.shuffle(
                 self.shuffle_buffer,
                 initial=self.shuffle_buffer,
@@ -407,7 +425,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
             )
             if shuffling
             else None,
-            self._decode_samples,
+            functools.partial(self._decode_samples, reading=reading),
         )
         return iter(pipeline)
 
@@ -420,21 +438,15 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         for position in torch.randperm(len(shard_list), generator=generator).tolist():
             yield shard_list[position]
 
-    def _handle_shard_error(self, error: Exception) -> bool:
-        if isinstance(error, BadSampleError):
-            raise error
-        # tar_file_expander appends (stream, url) to the arguments of the errors it passes on.
-        shard = next((arg for arg in reversed(error.args[1:]) if isinstance(arg, str)), "webdataset shard")
-        detail = error.args[0] if error.args else error
-        bad = BadSampleError(shard, f"unreadable shard data ({type(error).__name__}: {detail})")
-        if not self.skip_bad:
-            raise bad from error
-        logger.warning("skipping the rest of a shard: %s", bad)
-        return True
-
-    def _decode_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any] | None]:
+    def _decode_samples(
+        self, samples: Iterator[dict[str, Any]], reading: _ShardReading
+    ) -> Iterator[dict[str, Any] | None]:
         for sample in samples:
+            yield from reading.take_skips()
             item = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+            if item in reading.bad_samples:
+                yield None  # a sample with a broken member (already logged, and counted by this None)
+                continue
             try:
                 yield self._decode(sample, item)
             except BadSampleError as error:
@@ -442,6 +454,7 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
                     raise
                 logger.warning("skipping bad sample: %s", error)
                 yield None
+        yield from reading.take_skips()
 
     def _decode(self, sample: dict[str, Any], item: str) -> dict[str, Any]:
         members = sorted(key for key in sample if not key.startswith("__"))
@@ -456,6 +469,68 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
         )
         image = decode_image_bytes(sample[image_key], item, max_pixels=self.max_image_pixels)
         return {"pixels": self.transform(image), "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class _ShardReading:
+    """webdataset's ``tarfile_to_samples`` for one iterator, remembering which shard (and member) it is reading, so
+    that an error webdataset reports there (a truncated tar, a sample holding a member twice) names them.
+
+    The stages are generators pulled one item at a time, so the URL last taken from the shard list is the shard
+    being read, and the member last passed to the grouping step is the one it fails on. With ``skip_bad`` the error
+    is logged and counted: a sample with a broken member is dropped (``bad_samples``), and an error that ends a
+    shard early (its lost samples unknown) counts one skip per shard.
+    """
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.url: str | None = None
+        self.member: str | None = None
+        self.bad_samples: set[str] = set()
+        self._reported: set[str] = set()
+        self._pending_skips = 0
+
+    def samples(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        tar = wds.tariterators
+        streams = tar.url_opener(self._track_shards(shards), handler=self.handle)
+        files = tar.tar_file_expander(streams, handler=self.handle)
+        return tar.group_by_keys(self._track_members(files), handler=self.handle)
+
+    def take_skips(self) -> Iterator[None]:
+        """A ``None`` (a counted skip) for each shard-level error since the last call."""
+        while self._pending_skips:
+            self._pending_skips -= 1
+            yield None
+
+    def _track_shards(self, shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            self.url, self.member = shard["url"], None
+            yield shard
+
+    def _track_members(self, files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for file in files:
+            self.member = file.get("fname")
+            yield file
+            self.member = None  # reading the next member: an error now is the tar's, not this member's
+
+    def handle(self, error: Exception) -> bool:
+        if isinstance(error, BadSampleError):
+            raise error
+        # Where no shard was tracked, tar_file_expander's error arguments end with the URL.
+        shard = self.url or next((arg for arg in reversed(error.args[1:]) if isinstance(arg, str)), "webdataset shard")
+        key = wds.tariterators.base_plus_ext(self.member)[0] if self.member else None
+        item = f"{shard}:{key}" if key else shard
+        detail = error.args[0] if error.args else error
+        bad = BadSampleError(item, f"unreadable shard data ({type(error).__name__}: {detail})")
+        if not self.skip_bad:
+            raise bad from error
+        if key:
+            logger.warning("skipping a sample with a broken member: %s", bad)
+            self.bad_samples.add(item)
+        elif shard not in self._reported:
+            logger.warning("skipping the rest of a shard: %s", bad)
+            self._reported.add(shard)
+            self._pending_skips += 1
+        return True
 
 
 def make_webdataset(
@@ -752,6 +827,15 @@ def _json_type(value: Any) -> str:
         return "boolean"
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def _open_data_file(path: str | os.PathLike[str], mode: str, **options: Any) -> IO[Any]:
+    """``open`` for a manifest or table, where a file the OS refuses (missing, a directory, no permission, a symlink
+    loop) is a ``BadSampleError`` naming it."""
+    try:
+        return open(path, mode, **options)
+    except OSError as error:
+        raise BadSampleError(str(path), f"cannot open the file ({error.strerror or error})") from None
 
 
 def _raise_or_collect(error: BadSampleError, skip_bad: bool, skipped: list[BadSampleError]) -> None:
