@@ -143,12 +143,18 @@ def test_bad_training_image_is_a_one_line_error_naming_it(tmp_path: Path) -> Non
 
 
 def test_skip_bad_counts_the_skip_in_log_and_report(tmp_path: Path) -> None:
+    """A bad image is counted when a step draws it; the manifest's malformed lines, skipped as it is read, are counted
+    from the first step on."""
     manifest = _manifest_with_a_bad_image(tmp_path / "data")
+    with manifest.open("a") as stream:
+        stream.write('{"image": "0.png", "caption": \n{"image": 3}\n')
     out = tmp_path / "run"
     run_cli("train", "--recipe", "clip_shapes", "--out", str(out), "--steps", "3", "--train-data", str(manifest),
             "--skip-bad", "--quiet", *TINY)  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["skipped"] >= 1
+    log = [json.loads(line) for line in (out / "stages" / "0-train" / "log.jsonl").read_text().splitlines()]
+    first_step = next(record for record in log if "skipped" in record)
+    assert first_step["skipped"] >= 2 and metrics["skipped"] >= 2
     assert "skipped" in (out / "report.html").read_text()
 
 

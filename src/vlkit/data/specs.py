@@ -30,6 +30,7 @@ from tqdm import tqdm
 from vlkit.config import ConfigBase, register_config
 from vlkit.data import shapes
 from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS, digits_split
+from vlkit.data.images import BadSampleError
 from vlkit.data.readers import ImageTextRecord, ReadResult, WebDatasetSource, read_records
 
 __all__ = [
@@ -291,14 +292,19 @@ class ShapesInstructions(ConfigBase):
 DataSpec = ShapesScenes | ShapesObjects | Digits | Manifest | ShapesText | ShapesInstructions
 
 
-def image_text_records(spec: DataSpec, data_dir: Path, progress: bool) -> list[ImageTextRecord] | WebDatasetSource:
-    """The image-text training records of ``spec`` (rendered into ``data_dir`` where it needs rendering)."""
+def image_text_records(
+    spec: DataSpec, data_dir: Path, progress: bool, skipped: list[BadSampleError] | None = None
+) -> list[ImageTextRecord] | WebDatasetSource:
+    """The image-text training records of ``spec`` (rendered into ``data_dir`` where it needs rendering); a manifest's
+    lines skipped as bad (``skip_bad``) are added to ``skipped``, so that the run counts them."""
     if isinstance(spec, Manifest):
         result = read_records(spec.path, skip_bad=spec.skip_bad)
         if isinstance(result, WebDatasetSource):
             return result
         if not result.records:
             raise ValueError(f"{spec.path}: no usable records")
+        if skipped is not None:
+            skipped += result.skipped
         return result.records
     if isinstance(spec, Digits):
         return _digits_records(data_dir)

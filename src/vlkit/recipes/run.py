@@ -121,7 +121,8 @@ def _train_stage(
     config = dataclasses.replace(stage.train, param_groups=rules, batch_size=inputs.batch_size, progress=progress)
     trained = inputs.module if inputs.module is not None else model
     trainer = Trainer(trained, config, inputs.dataset, inputs.collate_fn, inputs.step_fn, folder, evaluate=evaluate,
-                      device=run.device, sampler_factory=inputs.sampler_factory, strategy=run.strategy)  # fmt: skip
+                      device=run.device, sampler_factory=inputs.sampler_factory, strategy=run.strategy,
+                      skipped=inputs.skipped)  # fmt: skip
     result = trainer.fit(resume=resume)
     metrics: dict[str, Any] = {**result.final_eval, "train_seconds": result.train_seconds, "steps": result.steps,
                                "skipped": result.skipped, "stage": stage.name,

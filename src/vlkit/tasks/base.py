@@ -89,6 +89,9 @@ class TrainingInputs:
     # What the trainer trains when the stage adds training-only parts (an auxiliary head) to the model: a
     # ``WithHeads`` around it. The model itself is what the run saves.
     module: nn.Module | None = None
+    # Items the data's reader skipped before training (``--skip-bad``: malformed manifest lines, conversations that
+    # cannot be used); the run's skipped count starts from them.
+    skipped: int = 0
 
 
 class WithHeads(nn.Module):

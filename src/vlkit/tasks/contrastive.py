@@ -25,6 +25,7 @@ from torch import nn
 
 from vlkit.data import shapes
 from vlkit.data.digits import DIGIT_TEMPLATES, DIGIT_WORDS
+from vlkit.data.images import BadSampleError
 from vlkit.data.readers import (
     ImageTextDataset,
     ImageTextRecord,
@@ -134,7 +135,9 @@ class Contrastive(Task):
         """Rendered / read once per run and data spec (rank 0 renders first; see the runner)."""
         key = ("records", spec)
         if key not in run.state:
-            run.state[key] = image_text_records(spec, run.data_dir(), run.progress)
+            skipped: list[BadSampleError] = []
+            run.state[key] = image_text_records(spec, run.data_dir(), run.progress, skipped)
+            run.state[("skipped", spec)] = len(skipped)
         return run.state[key]
 
     def _tokenizer(self, run: RunContext, records: Any, max_len: int) -> Tokenizer:
@@ -155,6 +158,11 @@ class Contrastive(Task):
     # ---------------------------------------------------------------------------------------------- training
 
     def training_inputs(self, run: RunContext, stage: Any, model: nn.Module) -> TrainingInputs:
+        inputs = self._training_inputs(run, stage, model)
+        # The manifest lines its reader skipped (skip_bad) start the run's count of skipped items.
+        return dataclasses.replace(inputs, skipped=run.state.get(("skipped", run.training_data(stage)), 0))
+
+    def _training_inputs(self, run: RunContext, stage: Any, model: nn.Module) -> TrainingInputs:
         assert isinstance(model, DualEncoder) and model.tokenizer is not None
         records = self._records(run, run.training_data(stage))
         tokenizer, seed = model.tokenizer, stage.train.seed

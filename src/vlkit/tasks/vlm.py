@@ -23,10 +23,13 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from vlkit.data import shapes
+from vlkit.data.conversations import read_conversations
+from vlkit.data.images import BadSampleError, load_image
 from vlkit.data.shapes_vqa import (
     CAPTION_PROMPT,
     InstructionItem,
@@ -37,7 +40,7 @@ from vlkit.data.shapes_vqa import (
     layout_objects,
     text_samples,
 )
-from vlkit.data.specs import EXTRA_KINDS, ShapesInstructions, ShapesText
+from vlkit.data.specs import EXTRA_KINDS, Manifest, ShapesInstructions, ShapesText
 from vlkit.data.transforms import ImageTransform
 from vlkit.eval.captioning import caption_scores
 from vlkit.eval.grounding import grounding_accuracy, layout_accuracy, parse_box, parse_layout
@@ -154,9 +157,16 @@ class VisionLanguage(Task):
             dataset: torch.utils.data.Dataset = ShapesTextDataset(data, model)
         elif isinstance(data, ShapesInstructions):
             dataset = ShapesInstructionDataset(data, model, seed)
+        elif isinstance(data, Manifest):  # --train-data: the user's LLaVA conversation JSON / JSONL
+            read = read_conversations(data.path, skip_bad=data.skip_bad)
+            if not read.conversations:
+                raise ValueError(f"{data.path}: no usable conversations")
+            dataset = ConversationDataset(read.conversations, model, skip_bad=data.skip_bad)
+            collate = _collate(model.tokenizer.pad_token_id, self.answer_weighting)
+            return TrainingInputs(dataset, collate, _step, stage.train.batch_size, skipped=len(read.skipped))
         else:
-            raise ValueError(f"recipe {run.recipe.name}: the vlm task trains on ShapesInstructions or ShapesText, "
-                             f"not {data.kind!r}")  # fmt: skip
+            raise ValueError(f"recipe {run.recipe.name}: the vlm task trains on ShapesInstructions, ShapesText or "
+                             f"LLaVA conversations (--train-data), not {data.kind!r}")  # fmt: skip
         # Text samples train on every token: one answer each, which only the plain mean weighs as text.
         weighting = "token" if isinstance(data, ShapesText) else self.answer_weighting
         collate = _collate(model.tokenizer.pad_token_id, weighting)
@@ -197,6 +207,9 @@ class VisionLanguage(Task):
 
 def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
     labels = batch["labels"]
+    if not len(labels):  # every sample of the micro-batch was skipped (skip_bad): nothing to learn, a zero gradient
+        zero = sum((parameter.sum() for parameter in model.parameters() if parameter.requires_grad), torch.zeros(()))
+        return StepOutput(loss=zero * 0.0, metrics={"tokens": 0.0}, weight=0.0)
     trained = labels != IGNORE_INDEX
     weights = batch.get("loss_weights")
     metrics = {"tokens": float(trained.sum())}
@@ -434,6 +447,59 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
         return scene
 
 
+class ConversationDataset(torch.utils.data.Dataset):
+    """Users' own conversations (``data.conversations.read_conversations``: LLaVA's JSON) as training samples: each
+    conversation's images loaded and transformed as the model's own data is (``ImageTransform`` at the tower's size),
+    its turns tokenized with the model's chat template (labels on the answers only), as many leading turns as fit the
+    LM's context (a first turn that does not fit is an error naming the item). A sample holds its images' pixels
+    (k, 3, H, W), k = 0 for a text-only one. An image that cannot be loaded is a ``BadSampleError`` naming the file;
+    with ``skip_bad`` the sample is None, which the collate function drops and counts."""
+
+    def __init__(self, conversations: list[Conversation], model: VisionLanguageModel, skip_bad: bool = False) -> None:
+        self.conversations = conversations
+        self.tokenizer = model.tokenizer
+        self.template = model.config.chat_template
+        self.tokens_per_image = model.tokens_per_image()
+        self.image_token = model.config.image_token_id
+        self.max_len = model.config.lm.max_seq_len
+        self.image_size = model.config.vision.image_size
+        self.transform = ImageTransform(image_size=self.image_size)
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        conversation = self.conversations[index]
+        try:
+            images = [image if isinstance(image, Image.Image) else load_image(image) for image in conversation.images]
+        except BadSampleError as error:
+            if not self.skip_bad:
+                raise
+            logger.warning("skipped %s (%s)", conversation.name, error)
+            return None
+        # The conversation cut after each answer, longest first; a cut keeps the images its turns show.
+        cuts = [count for count in range(len(conversation.turns), 0, -1)
+                if conversation.turns[count - 1].role == "assistant"]  # fmt: skip
+        shorter = (self._first_turns(conversation, count, images) for count in cuts)
+        ids, labels = _longest_that_fits(
+            shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token,
+                                                     self.tokens_per_image),
+            self.max_len, conversation.name,
+        )  # fmt: skip
+        shown = int((ids == self.image_token).sum()) // self.tokens_per_image
+        pixels = [self.transform(image) for image in images[:shown]]
+        size = (3, self.image_size, self.image_size) if isinstance(self.image_size, int) else (3, *self.image_size)
+        stacked = torch.stack(pixels) if pixels else torch.empty(0, *size)
+        return {"input_ids": ids, "labels": labels, "pixel_values": stacked}
+
+    @staticmethod
+    def _first_turns(conversation: Conversation, count: int, images: list[Any]) -> Conversation:
+        turns = conversation.turns[:count]
+        shown = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in turns)
+        return dataclasses.replace(conversation, turns=turns, images=images[:shown])
+
+
 def _longest_that_fits(
     conversations: Iterable[Conversation],
     tokenize: Callable[[Conversation], tuple[torch.Tensor, torch.Tensor]],
@@ -467,15 +533,26 @@ def _conversation(items: list[InstructionItem], image: Any, question_first: bool
 def _collate(
     pad_id: int, weighting: AnswerWeighting = "token"
 ) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
-    def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def collate(batch_samples: list[dict[str, torch.Tensor] | None]) -> dict[str, Any]:
+        samples = [sample for sample in batch_samples if sample is not None]  # None: skipped (skip_bad)
+        skipped = len(batch_samples) - len(samples)
+        if not samples:
+            empty = torch.empty(0, 0, dtype=torch.long)
+            return {"input_ids": empty, "labels": empty, "attention_mask": empty, "skipped": skipped}
         ids = [sample["input_ids"] for sample in samples]
-        batch = {
+        batch: dict[str, Any] = {
             "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),  # (B, T) right-padded
             "labels": pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX),
             "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
         }
+        if skipped:
+            batch["skipped"] = skipped
         if "pixel_values" in samples[0]:
-            batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])  # (B, 3, H, W)
+            pixels = [sample["pixel_values"] for sample in samples]
+            if pixels[0].dim() == 3:  # one image per sample: (B, 3, H, W)
+                batch["pixel_values"] = torch.stack(pixels)
+            elif sum(len(p) for p in pixels):  # each sample's own images (k, 3, H, W), in order: (sum k, 3, H, W)
+                batch["pixel_values"] = torch.cat(pixels)
         if "qformer_input_ids" in samples[0]:  # each image's prompt, for a Q-Former that reads it
             prompts = [sample["qformer_input_ids"] for sample in samples]
             batch["qformer_input_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_id)

@@ -255,7 +255,8 @@ class Trainer:
     """Train ``model`` with ``step_fn`` on ``dataset`` following ``config``; write logs and checkpoints to ``out_dir``.
 
     ``collate_fn`` turns a list of samples into a dict of tensors; it may add ``"skipped": int`` for bad samples
-    it dropped, which the trainer counts and logs. ``sampler_factory(dataset_len, seed)`` builds the global data
+    it dropped, which the trainer counts and logs; ``skipped`` is where the count starts (the items a reader skipped
+    before training). ``sampler_factory(dataset_len, seed)`` builds the global data
     order (a ``ResumableSamplerProtocol`` over the whole dataset, the same on every rank; the trainer slices it per
     rank); by default a private seeded permutation sampler is used. ``strategy`` ("ddp" or "fsdp") only matters
     under an initialised process group with more than one rank; "fsdp" also selects sharded checkpoints.
@@ -273,6 +274,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         sampler_factory: Callable[[int, int], Sampler[int]] | None = None,
         strategy: Strategy = "ddp",
+        skipped: int = 0,
     ) -> None:
         if strategy not in distributed.STRATEGIES:
             raise ValueError(f"strategy must be one of {distributed.STRATEGIES}, got {strategy!r}")
@@ -338,7 +340,7 @@ class Trainer:
         self.position = 0
         self.precision = config.precision if config.precision != "auto" else "fp32"
         self.compiled = False
-        self.skipped = 0
+        self.skipped = skipped  # bad items the data's reader already skipped (the same on every rank); a resume reloads
         self.train_seconds = 0.0
 
     def _build_loader(self, collate_fn: Callable[[list[Any]], dict[str, Any]] | None) -> DataLoader:
