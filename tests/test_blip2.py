@@ -21,7 +21,8 @@ from vlkit.recipes import get_recipe
 from vlkit.recipes.run import run_recipe
 from vlkit.serve.chat import ChatSession
 from vlkit.tasks.qformer import generation_loss, hard_negatives, qformer_losses
-from vlkit.tasks.vlm import ShapesInstructionDataset, VLMEvaluation, _collate, _step
+from vlkit.tasks.vlm import ConversationDataset, ShapesInstructionDataset, VLMEvaluation, _collate, _step
+from vlkit.text.chat import Conversation, Turn
 
 VOCAB, PAD = 40, 0
 
@@ -309,6 +310,22 @@ def test_blip2_shapes_trains_its_stages_and_writes_the_contract(tower: Path, tmp
     batch = _collate(model.tokenizer.pad_token_id)([ShapesInstructionDataset(spec, model, seed=0)[i] for i in range(3)])
     assert batch["qformer_input_ids"].shape == batch["qformer_attention_mask"].shape
     assert batch["qformer_input_ids"].shape[0] == 3 and math.isfinite(float(_step(model, batch).loss))
+    # The user's own conversations: each image's prompt is the user turn that shows it; a text-only one has none.
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    own = [
+        Conversation([Turn("user", "<image>what colour is it?"), Turn("assistant", "red")], images=[red]),
+        Conversation([Turn("user", "what colour is a red square?"), Turn("assistant", "red")]),
+        Conversation([Turn("user", "<image><image>which is blue?"), Turn("assistant", "the second"),
+                      Turn("user", "<image>and this?"), Turn("assistant", "red")], images=[red, blue, red]),
+    ]  # fmt: skip
+    dataset = ConversationDataset(own, model)
+    batch = _collate(model.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].shape[0] == batch["qformer_input_ids"].shape[0] == 4
+    rows = zip(batch["qformer_input_ids"], batch["qformer_attention_mask"], strict=True)
+    prompts = [model.tokenizer.decode(row[mask.bool()].tolist()).strip() for row, mask in rows]
+    assert prompts == ["what colour is it?", "which is blue?", "which is blue?", "and this?"]
+    assert math.isfinite(float(_step(model, batch).loss.detach()))
+    assert "qformer_input_ids" not in _collate(model.tokenizer.pad_token_id)([dataset[1]])
     evaluation = VLMEvaluation.build(spec, model, max_new_tokens=3, batch_size=4)
     assert "vqa_accuracy" in evaluation(model).metrics
     image = tmp_path / "scene.png"

@@ -208,8 +208,8 @@ class VisionLanguage(Task):
 def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
     labels = batch["labels"]
     if not len(labels):  # every sample of the micro-batch was skipped (skip_bad): nothing to learn, a zero gradient
-        zero = sum((parameter.sum() for parameter in model.parameters() if parameter.requires_grad), torch.zeros(()))
-        return StepOutput(loss=zero * 0.0, metrics={"tokens": 0.0}, weight=0.0)
+        zero = sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0  # its device
+        return StepOutput(loss=zero, metrics={"tokens": 0.0}, weight=0.0)
     trained = labels != IGNORE_INDEX
     weights = batch.get("loss_weights")
     metrics = {"tokens": float(trained.sum())}
@@ -465,6 +465,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_size = model.config.vision.image_size
         self.transform = ImageTransform(image_size=self.image_size)
         self.skip_bad = skip_bad
+        # A Q-Former that reads the prompt (BLIP-2's VQA fine-tuning) gets, for each image, the user turn showing it.
+        self.prompt_ids = model.prompt_ids if model.config.bridge_reads_prompt else None
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -491,7 +493,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         pixels = [self.transform(image) for image in images[:shown]]
         size = (3, self.image_size, self.image_size) if isinstance(self.image_size, int) else (3, *self.image_size)
         stacked = torch.stack(pixels) if pixels else torch.empty(0, *size)
-        return {"input_ids": ids, "labels": labels, "pixel_values": stacked}
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": stacked}
+        if self.prompt_ids is not None:  # one prompt per image shown, unpadded (the collate pads them)
+            texts = [turn.content.replace(IMAGE_PLACEHOLDER, " ").strip() for turn in conversation.turns
+                     for _ in range(turn.content.count(IMAGE_PLACEHOLDER))][:shown]  # fmt: skip
+            rows = zip(*self.prompt_ids(texts), strict=True) if texts else ()
+            out["qformer_input_ids"] = [row[mask.bool()] for row, mask in rows]
+        return out
 
     @staticmethod
     def _first_turns(conversation: Conversation, count: int, images: list[Any]) -> Conversation:
@@ -555,9 +563,12 @@ def _collate(
                 batch["pixel_values"] = torch.cat(pixels)
         if "qformer_input_ids" in samples[0]:  # each image's prompt, for a Q-Former that reads it
             prompts = [sample["qformer_input_ids"] for sample in samples]
-            batch["qformer_input_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_id)
-            ones = [torch.ones_like(prompt) for prompt in prompts]
-            batch["qformer_attention_mask"] = pad_sequence(ones, batch_first=True, padding_value=0)
+            if isinstance(prompts[0], list):  # each sample's images' own prompts, in order
+                prompts = [prompt for own in prompts for prompt in own]
+            if prompts:  # none where the batch shows no image
+                batch["qformer_input_ids"] = pad_sequence(prompts, batch_first=True, padding_value=pad_id)
+                ones = [torch.ones_like(prompt) for prompt in prompts]
+                batch["qformer_attention_mask"] = pad_sequence(ones, batch_first=True, padding_value=0)
         if "loss_weights" in samples[0]:  # the samples' own (ShapesText.context_weight)
             batch["loss_weights"] = pad_sequence([s["loss_weights"] for s in samples], batch_first=True,
                                                  padding_value=0.0)  # fmt: skip
