@@ -175,6 +175,19 @@ def test_mode_p_with_transparency_composites_on_white(tmp_path: Path) -> None:
     assert rgb_at(loaded, 1, 0) == (0, 0, 255)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_transparent_colour_key_composites_on_white(tmp_path: Path, mode: str) -> None:
+    """A greyscale or RGB PNG whose tRNS chunk marks one colour transparent (black here) is white there, as a
+    transparent palette index is; other pixels keep their colour."""
+    path = tmp_path / f"{mode}.png"
+    black, grey = (0, (0, 0, 0)), (128, (128, 128, 128))
+    image = Image.new(mode, (2, 1), black[0] if mode == "L" else black[1])
+    image.putpixel((1, 0), grey[0] if mode == "L" else grey[1])
+    image.save(path, transparency=black[0] if mode == "L" else black[1])
+    loaded = load_image(path)
+    assert rgb_at(loaded, 0, 0) == (255, 255, 255) and rgb_at(loaded, 1, 0) == (128, 128, 128)
+
+
 def test_mode_p_without_transparency_uses_palette(tmp_path: Path) -> None:
     path = tmp_path / "palette.gif"
     image = Image.new("P", (1, 1), 0)

@@ -9,7 +9,7 @@ padded with grey is worse training data than a skipped one.
 Mode handling (what ``to_rgb`` does):
   RGB                   unchanged
   1, L, CMYK, YCbCr     PIL's own conversion
-  RGBA, LA, PA, RGBa, La, P with transparency
+  RGBA, LA, PA, RGBa, La, and P, L or RGB with a transparent colour (a PNG's tRNS chunk)
                         alpha-composited on white (transparent logos and line art are drawn for a white page;
                         on black they turn into dark blobs)
   I;16*, I              16-bit range 0..65535 scaled to 0..255 (PIL's convert clips instead, making most of a
@@ -111,12 +111,12 @@ def decode_image_bytes(data: bytes, item: str, max_pixels: int | None = DEFAULT_
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert a decoded image of any PIL mode to RGB with the rules in the module docstring."""
     mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P" and "transparency" in image.info:
-        # Converting a palette image with a transparent index straight to RGB drops the transparency.
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A transparent palette index or colour key (PNG's tRNS): converting straight to RGB would drop it.
         image = image.convert("RGBA")
         mode = "RGBA"
+    if mode == "RGB":
+        return image
     if mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
