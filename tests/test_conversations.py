@@ -190,3 +190,12 @@ def test_default_format_still_writes_manifests(tmp_path: Path) -> None:
     assert (tmp_path / "train.jsonl").exists() and not (tmp_path / "llava_train.json").exists()
     with pytest.raises(SystemExit):
         shapes_main(["--out", str(tmp_path), "--format", "coco", *args])
+
+
+def test_a_conversation_file_the_os_refuses_is_one_line_naming_it(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    for path in (loop, tmp_path / "missing.json", tmp_path):
+        with pytest.raises(BadSampleError, match="cannot open the file") as caught:
+            read_conversations(path)
+        assert caught.value.item == str(path) and "\n" not in str(caught.value)

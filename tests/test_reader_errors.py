@@ -195,3 +195,32 @@ def test_a_truncated_shard_is_named(tmp_path: Path) -> None:
         list(make_webdataset(pattern, **WDS_OPTIONS))
     assert caught.value.item.startswith(str(middle))
     assert "\n" not in str(caught.value)
+
+
+def test_a_shard_that_fails_part_way_keeps_its_partial_sample_apart_from_the_next_shards(tmp_path: Path) -> None:
+    """The partial sample a truncated shard ends with is its own (a bad sample, skipped and counted), never joined to
+    the next shard's sample of the same key: every decoded caption is from its own shard."""
+    png = png_bytes()
+    for number in range(3):
+        members = [
+            ("a.png", png),
+            ("a.txt", f"s{number} a".encode()),
+            ("b.png", png),
+            ("b.txt", f"s{number} b".encode()),
+        ]
+        write_tar(tmp_path / f"shard-{number:03d}.tar", members)
+    middle = tmp_path / "shard-001.tar"
+    middle.write_bytes(middle.read_bytes()[:700])  # inside its a.png
+    dataset = make_webdataset(str(tmp_path / "shard-{000..002}.tar"), skip_bad=True, **WDS_OPTIONS)
+    captions = []
+    decode = dataset._decode
+
+    def spy(sample: dict, item: str) -> dict:
+        captions.append((item.rsplit("/", 1)[-1], sample.get("txt")))
+        return decode(sample, item)
+
+    dataset._decode = spy  # type: ignore[method-assign]
+    out = list(dataset)
+    decoded = [(item, caption) for item, caption in captions if caption is not None]
+    assert all(caption.decode().split()[0] == "s" + item.split("-")[1][2] for item, caption in decoded), decoded
+    assert ("shard-002.tar:a", b"s2 a") in decoded and sum(sample is not None for sample in out) == 4

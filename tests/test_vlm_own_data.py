@@ -98,9 +98,13 @@ def test_samples_hold_the_images_they_show_and_train_on_the_answers_only(trained
         sample = dataset[index]
         assert sample is not None and sample["pixel_values"].shape == (images, 3, 32, 32)
         assert int((sample["input_ids"] == image_token).sum()) == images * m
-        conversation = read.conversations[index]
+        conversation = dataset.conversations[index]
         ids, labels = tokenize_conversation(conversation, template, model.tokenizer, image_token, m)
         assert torch.equal(sample["input_ids"], ids) and torch.equal(sample["labels"], labels)
+    # LLaVA's "<image>\n" is the image and the template's separator (none for the shapes BPE), as evaluation and
+    # chat prompt the model.
+    assert read.conversations[0].turns[0].content.startswith("<image>\nwhat")
+    assert dataset.conversations[0].turns[0].content.startswith("<image>what")
     # Labels on the answers (and their end of turn) only.
     first = dataset[0]
     trained_ids = first["input_ids"][first["labels"] != IGNORE_INDEX].tolist()
@@ -139,8 +143,14 @@ def test_a_conversation_longer_than_the_context_keeps_the_turns_that_fit(trained
     assert sample["labels"][sample["labels"] != IGNORE_INDEX][-1] == model.tokenizer.eos_token_id
     first_turn_too_long = Conversation(turns=[Turn("user", "<image>" + "what colour " * 200), Turn("assistant", "red")],
                                        images=[image], item="long.json[1]")  # fmt: skip
-    with pytest.raises(ValueError, match=r"long.json\[1\]"):
+    with pytest.raises(BadSampleError, match=r"long.json\[1\]: \d+ tokens for its first exchange"):
         ConversationDataset([first_turn_too_long], model)[0]
+    # What the template cannot lay out (the shapes template has no system prompt) names the entry too, and with
+    # skip_bad is a counted skip, not the end of the run.
+    system = Conversation(turns=[Turn("system", "be brief"), *turns[:2]], images=[image], item="sys.json[0]")
+    with pytest.raises(BadSampleError, match=r"sys.json\[0\]: .*system"):
+        ConversationDataset([system], model)[0]
+    assert ConversationDataset([first_turn_too_long, system], model, skip_bad=True)[1] is None
 
 
 def test_without_skip_bad_the_first_bad_entry_stops_the_run_naming_it(tmp_path: Path) -> None:
@@ -148,3 +158,27 @@ def test_without_skip_bad_the_first_bad_entry_stops_the_run_naming_it(tmp_path: 
     with pytest.raises(BadSampleError, match=r"data.json\[3\] \(id 'missing'\)"):
         run_recipe(get_recipe("llava_shapes").with_overrides(TINY), tmp_path / "run", train_data=str(data),
                    progress=False, report=False)  # fmt: skip
+
+
+def test_a_micro_batch_without_images_still_gives_a_trained_bridge_a_gradient(trained: tuple[Path, Path]) -> None:
+    """A stage that trains the bridge alone (BLIP-2's instruct stage) on a text-only micro-batch: the loss reaches the
+    bridge through one blank image at weight 0, so backward runs and every bridge parameter gets a (zero) gradient,
+    as DDP needs from each process every step; the loss itself is the text's."""
+    run, _ = trained
+    model = vlkit.from_pretrained(run / "model").train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("bridge."))
+    text_only = Conversation([Turn("user", "what colour is a red circle?"), Turn("assistant", "red")])
+    batch = _collate(model.tokenizer.pad_token_id)([ConversationDataset([text_only], model)[0]])
+    assert "pixel_values" not in batch
+    output = _step(model, batch)
+    plain = model(batch["input_ids"], batch["attention_mask"], None, batch["labels"], return_logits=False).loss
+    assert torch.equal(output.loss.detach(), plain.detach())
+    output.loss.backward()
+    grads = [parameter.grad for parameter in model.bridge.parameters()]
+    assert grads and all(grad is not None and not grad.any() for grad in grads)
+    # A stage whose bridge is frozen (the text stage) runs no image at all.
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.lm.token_embed.weight.requires_grad_(True)
+    assert torch.equal(_step(model, batch).loss.detach(), plain.detach())

@@ -62,7 +62,10 @@ def read_conversations(
     corrupt image is reported when a dataset loads it).
     """
     folder = Path(image_folder) if image_folder is not None else Path(path).absolute().parent
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:  # missing, a directory, no permission, a symlink loop: one line naming the file
+        raise BadSampleError(str(path), f"cannot open the file ({error.strerror or error})") from None
     conversations: list[Conversation] = []
     skipped: list[BadSampleError] = []
     for item, parse in _entries(path, data):

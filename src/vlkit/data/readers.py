@@ -363,7 +363,8 @@ class ImageTextWebDataset(torch.utils.data.IterableDataset):
     started with "spawn" or "forkserver" has no process group to ask.
     Errors inside a shard name it (and the sample's key where known). With ``skip_bad`` a bad sample yields
     ``None``; so does a sample with a broken member (one held twice), and a shard that fails part-way (a truncated
-    tar) has the rest of it skipped, logged and counted as one ``None``.
+    tar) has the rest of it skipped, logged and counted as one ``None`` (the partial sample it stopped in, cut off
+    from the next shard's, is a bad sample of its own).
     """
 
     def __init__(
@@ -507,7 +508,14 @@ class _ShardReading:
             yield shard
 
     def _track_members(self, files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        url = None
         for file in files:
+            if file and url is not None and file.get("__url__") != url:
+                # A new shard: webdataset's end-of-shard marker ({}) does not come after a shard that failed
+                # part-way, and without it the grouping step would join that shard's last sample to the next
+                # shard's sample of the same key.
+                yield {}
+            url = file.get("__url__") if file else None
             self.member = file.get("fname")
             yield file
             self.member = None  # reading the next member: an error now is the tar's, not this member's

@@ -221,7 +221,23 @@ def _step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
     # processes weigh it by their sum.
     targets = trained[:, 1:]
     weight = float(targets.sum()) if weights is None else float(weights[:, 1:][targets].sum())
-    return StepOutput(loss=out.loss, metrics=metrics, weight=weight)
+    loss = out.loss if batch.get("pixel_values") is not None else _with_the_bridge(model, out.loss)
+    return StepOutput(loss=loss, metrics=metrics, weight=weight)
+
+
+def _with_the_bridge(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` + 0 x the bridge's tokens for one blank image, where the bridge trains: a micro-batch without images
+    (users' text-only conversations) still gives the bridge a gradient, of zeros. Without it a stage that trains the
+    bridge alone has nothing to differentiate, and DDP, which waits for every trained parameter's gradient, falls out
+    of step between processes."""
+    inner: Any = getattr(model, "module", model)  # DDP's wrapper holds the model as .module
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in inner.bridge.parameters()):
+        return loss
+    size = inner.config.vision.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    blank = torch.zeros(1, 3, height, width, device=loss.device)
+    prompt = [t.to(loss.device) for t in inner.prompt_ids(["?"])] if inner.config.bridge_reads_prompt else []
+    return loss + 0.0 * inner.embed_image(blank, *prompt).tokens.float().sum()
 
 
 def answer_weights(labels: torch.Tensor, weighting: AnswerWeighting) -> torch.Tensor:
@@ -449,16 +465,20 @@ class ShapesInstructionDataset(torch.utils.data.Dataset):
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Users' own conversations (``data.conversations.read_conversations``: LLaVA's JSON) as training samples: each
-    conversation's images loaded and transformed as the model's own data is (``ImageTransform`` at the tower's size),
-    its turns tokenized with the model's chat template (labels on the answers only), as many leading turns as fit the
-    LM's context (a first turn that does not fit is an error naming the item). A sample holds its images' pixels
-    (k, 3, H, W), k = 0 for a text-only one. An image that cannot be loaded is a ``BadSampleError`` naming the file;
+    conversation's turns tokenized with the model's chat template (labels on the answers only), as many leading turns
+    as fit the LM's context (cut after an answer), and the images those turns show loaded and transformed as the
+    model's own data is (``ImageTransform`` at the tower's size). LLaVA's ``"<image>\n"`` becomes the image and the
+    template's own ``image_separator``, as the model is prompted (``image_prompt``). A sample holds its images' pixels
+    (k, 3, H, W), k = 0 for a text-only one. A conversation that cannot be used (an image that cannot be loaded, a
+    turn the template cannot lay out, a first exchange longer than the context) is a ``BadSampleError`` naming it;
     with ``skip_bad`` the sample is None, which the collate function drops and counts."""
 
     def __init__(self, conversations: list[Conversation], model: VisionLanguageModel, skip_bad: bool = False) -> None:
-        self.conversations = conversations
         self.tokenizer = model.tokenizer
         self.template = model.config.chat_template
+        separator = get_template(self.template).image_separator
+        self.conversations = conversations if separator == "\n" else [_image_separated(c, separator)
+                                                                       for c in conversations]  # fmt: skip
         self.tokens_per_image = model.tokens_per_image()
         self.image_token = model.config.image_token_id
         self.max_len = model.config.lm.max_seq_len
@@ -471,41 +491,55 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         conversation = self.conversations[index]
         try:
-            images = [image if isinstance(image, Image.Image) else load_image(image) for image in conversation.images]
+            ids, labels, cut = self._longest_cut(conversation)
+            images = [image if isinstance(image, Image.Image) else load_image(image) for image in cut.images]
         except BadSampleError as error:
             if not self.skip_bad:
                 raise
-            logger.warning("skipped %s (%s)", conversation.name, error)
+            logger.warning("skipped %s", error)
             return None
-        # The conversation cut after each answer, longest first; a cut keeps the images its turns show.
-        cuts = [count for count in range(len(conversation.turns), 0, -1)
-                if conversation.turns[count - 1].role == "assistant"]  # fmt: skip
-        shorter = (self._first_turns(conversation, count, images) for count in cuts)
-        ids, labels = _longest_that_fits(
-            shorter, lambda c: tokenize_conversation(c, self.template, self.tokenizer, self.image_token,
-                                                     self.tokens_per_image),
-            self.max_len, conversation.name,
-        )  # fmt: skip
-        shown = int((ids == self.image_token).sum()) // self.tokens_per_image
-        pixels = [self.transform(image) for image in images[:shown]]
         size = (3, self.image_size, self.image_size) if isinstance(self.image_size, int) else (3, *self.image_size)
-        stacked = torch.stack(pixels) if pixels else torch.empty(0, *size)
-        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": stacked}
+        pixels = torch.stack([self.transform(image) for image in images]) if images else torch.empty(0, *size)
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": pixels}
         if self.prompt_ids is not None:  # one prompt per image shown, unpadded (the collate pads them)
-            texts = [turn.content.replace(IMAGE_PLACEHOLDER, " ").strip() for turn in conversation.turns
-                     for _ in range(turn.content.count(IMAGE_PLACEHOLDER))][:shown]  # fmt: skip
+            texts = [" ".join(turn.content.replace(IMAGE_PLACEHOLDER, " ").split()) for turn in cut.turns
+                     for _ in range(turn.content.count(IMAGE_PLACEHOLDER))]  # fmt: skip
             rows = zip(*self.prompt_ids(texts), strict=True) if texts else ()
             out["qformer_input_ids"] = [row[mask.bool()] for row, mask in rows]
         return out
 
-    @staticmethod
-    def _first_turns(conversation: Conversation, count: int, images: list[Any]) -> Conversation:
-        turns = conversation.turns[:count]
-        shown = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in turns)
-        return dataclasses.replace(conversation, turns=turns, images=images[:shown])
+    def _longest_cut(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor, Conversation]:
+        """The ids, labels and turns of the longest cut after an answer that the template lays out within the LM's
+        context; a ``BadSampleError`` naming the conversation where none does."""
+        length, problem = None, "no answer to train on"
+        for count in range(len(conversation.turns), 0, -1):
+            if conversation.turns[count - 1].role != "assistant":
+                continue
+            turns = conversation.turns[:count]
+            shown = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in turns)
+            cut = dataclasses.replace(conversation, turns=turns, images=conversation.images[:shown])
+            try:
+                ids, labels = tokenize_conversation(cut, self.template, self.tokenizer, self.image_token,
+                                                    self.tokens_per_image)  # fmt: skip
+            except ValueError as error:  # what the template cannot lay out (a system turn, several for "plain", ...)
+                problem = str(error)
+                continue
+            if len(ids) <= self.max_len:
+                return ids, labels, cut
+            length = len(ids)
+        if length is not None:
+            problem = f"{length} tokens for its first exchange; the language model takes {self.max_len}"
+        raise BadSampleError(conversation.name, problem)
+
+
+def _image_separated(conversation: Conversation, separator: str) -> Conversation:
+    """``conversation`` with LLaVA's ``"<image>\n"`` written as the image and ``separator``."""
+    turns = [Turn(turn.role, turn.content.replace(IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER + separator))
+             for turn in conversation.turns]  # fmt: skip
+    return dataclasses.replace(conversation, turns=turns)
 
 
 def _longest_that_fits(
