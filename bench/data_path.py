@@ -35,7 +35,7 @@ from train_step import cpu_description
 from vlkit.data.readers import IMAGE_CACHE_BYTES, ImageTextDataset
 from vlkit.recipes import get_recipe
 from vlkit.tasks.base import RunContext, TrainingInputs
-from vlkit.tasks.vlm import SCENE_CACHE, ShapesInstructionDataset
+from vlkit.tasks.vlm_data import SCENE_CACHE, ShapesInstructionDataset
 
 
 def time_batches(dataset: Any, collate: Callable[[list[Any]], Any], batches: list[list[int]]) -> dict[str, float]:

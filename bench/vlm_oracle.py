@@ -87,6 +87,7 @@ def install(
     """Route every ShapesWorld scene of the vlm task through the oracle, on the tower's ``grid`` (``patch``: how
     attributes are replaced, e.g. pytest's ``monkeypatch.setattr``, which undoes it)."""
     import vlkit.tasks.vlm as task
+    import vlkit.tasks.vlm_data as task_data
 
     generate = shapes.generate
 
@@ -97,7 +98,12 @@ def install(
 
     real_transform = task.ImageTransform
     patch(shapes, "generate", generate_with_objects)
-    patch(task, "ImageTransform", lambda **kwargs: OracleTransform(real_transform(**kwargs), config, grid))
+
+    def oracle(**kwargs: Any) -> OracleTransform:
+        return OracleTransform(real_transform(**kwargs), config, grid)
+
+    patch(task, "ImageTransform", oracle)  # evaluation's images
+    patch(task_data, "ImageTransform", oracle)  # training's
     patch(VisionLanguageModel, "image_tokens", oracle_image_tokens)
 
 

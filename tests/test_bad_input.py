@@ -21,10 +21,10 @@ from vlkit.data.readers import (
     ImageTextDataset,
     ImageTextRecord,
     collate_image_text,
-    make_webdataset,
     read_csv,
     read_manifest,
 )
+from vlkit.data.shards import make_webdataset
 from vlkit.data.transforms import ImageTransform
 
 

@@ -22,12 +22,11 @@ from vlkit.data.readers import (
     ResumableSampler,
     WebDatasetSource,
     collate_image_text,
-    make_webdataset,
     read_csv,
     read_manifest,
     read_records,
-    webdataset_caption_sample,
 )
+from vlkit.data.shards import make_webdataset, webdataset_caption_sample
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 

@@ -203,7 +203,7 @@ def _no_pixels(image: object) -> torch.Tensor:
 
 
 def _stream_on_ranks(rank: int, world_size: int, shard_dir: str, out_dir: str) -> list[list[int]]:
-    from vlkit.data.readers import make_webdataset
+    from vlkit.data.shards import make_webdataset
 
     dataset = make_webdataset(sorted(str(path) for path in Path(shard_dir).glob("*.tar")),
                               _no_pixels, _shard_ids, 2, seed=3)  # fmt: skip

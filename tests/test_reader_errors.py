@@ -20,11 +20,11 @@ from vlkit.data.readers import (
     ReadResult,
     WebDatasetSource,
     collate_image_text,
-    make_webdataset,
     read_csv,
     read_manifest,
     read_records,
 )
+from vlkit.data.shards import make_webdataset
 from vlkit.data.transforms import ImageTransform
 
 

@@ -32,9 +32,8 @@ from vlkit.data.readers import (
     ResumableSampler,
     WebDatasetSource,
     collate_image_text,
-    make_webdataset,
-    webdataset_caption_sample,
 )
+from vlkit.data.shards import make_webdataset, webdataset_caption_sample
 from vlkit.data.specs import DataSpec, Digits, ShapesScenes, image_text_records
 from vlkit.data.transforms import ImageTransform
 from vlkit.encoders import ViTConfig
